@@ -1,0 +1,161 @@
+/**
+ * A promise-based client for any ts-proto service definition: requests are
+ * partial messages (filled with fromPartial, so callers name only the fields
+ * they mean), streams are async iterables, and every call is counted in
+ * go-grpc-prometheus's client families when a registry is given.
+ */
+import * as grpc from "@grpc/grpc-js";
+import { Counter, Histogram, type Registry } from "prom-client";
+import { channelOptions } from "./grpc.js";
+
+type MethodDef = {
+  path: string;
+  requestStream: boolean;
+  responseStream: boolean;
+  requestSerialize: (v: never) => Buffer;
+  responseDeserialize: (b: Buffer) => unknown;
+};
+type ReqOf<M> = M extends { requestSerialize: (v: infer R) => Buffer } ? R : never;
+type ResOf<M> = M extends { responseDeserialize: (b: Buffer) => infer R } ? R : never;
+
+type Builtin = Date | ((...args: never[]) => unknown) | Uint8Array | bigint | number | string | boolean | undefined;
+export type DeepPartial<T> = T extends Builtin
+  ? T
+  : T extends Array<infer U>
+    ? Array<DeepPartial<U>>
+    : T extends object
+      ? { [K in keyof T]?: DeepPartial<T[K]> }
+      : Partial<T>;
+
+export interface CallOptions {
+  /** Milliseconds from now. */
+  deadlineMs?: number;
+  signal?: AbortSignal;
+}
+
+export type PromiseClient<D> = {
+  [K in keyof D]: D[K] extends { requestStream: false; responseStream: false }
+    ? (req: DeepPartial<ReqOf<D[K]>>, opts?: CallOptions) => Promise<ResOf<D[K]>>
+    : D[K] extends { requestStream: false; responseStream: true }
+      ? (req: DeepPartial<ReqOf<D[K]>>, opts?: CallOptions) => AsyncIterable<ResOf<D[K]>>
+      : D[K] extends { requestStream: true; responseStream: false }
+        ? (reqs: AsyncIterable<DeepPartial<ReqOf<D[K]>>> | Iterable<DeepPartial<ReqOf<D[K]>>>, opts?: CallOptions) => Promise<ResOf<D[K]>>
+        : never;
+} & { close(): void; readonly address: string; waitForReady(deadlineMs: number): Promise<void> };
+
+/** go-grpc-prometheus's client families. */
+export class GrpcClientMetrics {
+  readonly started: Counter<string>;
+  readonly handled: Counter<string>;
+  readonly handlingSeconds: Histogram<string>;
+  constructor(registry: Registry) {
+    const labelNames = ["grpc_type", "grpc_service", "grpc_method"];
+    this.started = new Counter({ name: "grpc_client_started_total", help: "Total number of RPCs started on the client.", labelNames, registers: [registry] });
+    this.handled = new Counter({
+      name: "grpc_client_handled_total",
+      help: "Total number of RPCs completed by the client, regardless of success or failure.",
+      labelNames: [...labelNames, "grpc_code"],
+      registers: [registry],
+    });
+    this.handlingSeconds = new Histogram({
+      name: "grpc_client_handling_seconds",
+      help: "Histogram of response latency (seconds) of the gRPC until it is finished by the application.",
+      labelNames,
+      buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+      registers: [registry],
+    });
+  }
+}
+
+type Messages = Record<string, unknown>;
+
+/**
+ * messages is the generated module's namespace; buf's STANDARD lint
+ * guarantees each method's request type is named <Method>Request.
+ */
+export function createClient<D extends Record<string, MethodDef>>(
+  definition: D,
+  messages: Messages,
+  address: string,
+  opts: { metrics?: GrpcClientMetrics } = {},
+): PromiseClient<D> {
+  const raw = new grpc.Client(address, grpc.credentials.createInsecure(), channelOptions);
+  const out: Record<string, unknown> = {
+    address,
+    close: () => raw.close(),
+    waitForReady: (deadlineMs: number) =>
+      new Promise<void>((resolve, reject) => raw.waitForReady(Date.now() + deadlineMs, (e) => (e ? reject(e) : resolve()))),
+  };
+  for (const key of Object.keys(definition)) {
+    const m = definition[key];
+    const [, service, method] = /^\/(.+)\/([^/]+)$/.exec(m.path)!;
+    const type = m.requestStream ? (m.responseStream ? "bidi_stream" : "client_stream") : m.responseStream ? "server_stream" : "unary";
+    const labels = { grpc_type: type, grpc_service: service, grpc_method: method };
+    const msg = messages[`${method}Request`] as { fromPartial(v: unknown): never } | undefined;
+    if (!msg) throw new Error(`no message type ${method}Request for ${m.path}`);
+    const serialize = (v: unknown) => m.requestSerialize(msg.fromPartial(v));
+    const deserialize = (b: Buffer) => m.responseDeserialize(b);
+    const callOpts = (o?: CallOptions): grpc.CallOptions => (o?.deadlineMs ? { deadline: Date.now() + o.deadlineMs } : {});
+    const track = () => {
+      opts.metrics?.started.inc(labels);
+      const t0 = process.hrtime.bigint();
+      return (code: grpc.status) => {
+        opts.metrics?.handled.inc({ ...labels, grpc_code: grpc.status[code] });
+        opts.metrics?.handlingSeconds.observe(labels, Number(process.hrtime.bigint() - t0) / 1e9);
+      };
+    };
+    const codeOf = (e: unknown) => ((e as grpc.ServiceError)?.code ?? grpc.status.UNKNOWN) as grpc.status;
+    if (!m.requestStream && !m.responseStream) {
+      out[key] = (req: unknown, o?: CallOptions) =>
+        new Promise((resolve, reject) => {
+          const done = track();
+          const call = raw.makeUnaryRequest(m.path, serialize, deserialize, req, callOpts(o), (err, res) => {
+            done(err ? codeOf(err) : grpc.status.OK);
+            if (err) reject(err);
+            else resolve(res);
+          });
+          o?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+        });
+    } else if (!m.requestStream && m.responseStream) {
+      out[key] = (req: unknown, o?: CallOptions) => ({
+        async *[Symbol.asyncIterator]() {
+          const done = track();
+          const call = raw.makeServerStreamRequest(m.path, serialize, deserialize, req, callOpts(o));
+          o?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+          try {
+            for await (const r of call) yield r;
+            done(grpc.status.OK);
+          } catch (e) {
+            done(codeOf(e));
+            throw e;
+          } finally {
+            call.cancel();
+          }
+        },
+      });
+    } else if (m.requestStream && !m.responseStream) {
+      out[key] = (reqs: AsyncIterable<unknown> | Iterable<unknown>, o?: CallOptions) =>
+        new Promise((resolve, reject) => {
+          const done = track();
+          const call = raw.makeClientStreamRequest(m.path, serialize, deserialize, callOpts(o), (err, res) => {
+            done(err ? codeOf(err) : grpc.status.OK);
+            if (err) reject(err);
+            else resolve(res);
+          });
+          o?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+          void (async () => {
+            try {
+              for await (const r of reqs) {
+                if (!call.write(r)) await new Promise((res) => call.once("drain", res));
+              }
+              call.end();
+            } catch (e) {
+              call.cancel();
+              reject(e);
+            }
+          })();
+        });
+    }
+  }
+  return out as PromiseClient<D>;
+}

@@ -1,0 +1,260 @@
+/**
+ * gRPC plumbing shared by every server: binds plain async handlers to a
+ * ts-proto service definition, maps domain errors to status codes at this one
+ * boundary, records go-grpc-prometheus RPC metrics, and adds the standard
+ * health and reflection services.
+ */
+import { once } from "node:events";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import { ReflectionService } from "@grpc/reflection";
+import { HealthImplementation } from "grpc-health-check";
+import { Counter, Histogram, type Registry } from "prom-client";
+import { DomainError, type ErrorKind } from "./errors.js";
+import type { Logger } from "./log.js";
+
+const STATUS_OF: Record<ErrorKind, grpc.status> = {
+  "invalid-argument": grpc.status.INVALID_ARGUMENT,
+  "not-found": grpc.status.NOT_FOUND,
+  "already-exists": grpc.status.ALREADY_EXISTS,
+  "failed-precondition": grpc.status.FAILED_PRECONDITION,
+  "resource-exhausted": grpc.status.RESOURCE_EXHAUSTED,
+  "permission-denied": grpc.status.PERMISSION_DENIED,
+  unimplemented: grpc.status.UNIMPLEMENTED,
+  unavailable: grpc.status.UNAVAILABLE,
+  aborted: grpc.status.ABORTED,
+};
+
+/** The one place where errors become gRPC statuses. */
+export function toStatus(err: unknown): { code: grpc.status; details: string } {
+  if (err instanceof DomainError) return { code: STATUS_OF[err.kind], details: err.message };
+  const e = err as Partial<grpc.ServiceError>;
+  if (typeof e?.code === "number" && typeof e.details === "string") return { code: e.code, details: e.details };
+  return { code: grpc.status.INTERNAL, details: `internal error: ${(err as Error)?.message ?? String(err)}` };
+}
+
+type MethodDef = {
+  path: string;
+  requestStream: boolean;
+  responseStream: boolean;
+  requestDeserialize: (b: Buffer) => unknown;
+  responseSerialize: (v: never) => Buffer;
+};
+type ReqOf<M> = M extends { requestDeserialize: (b: Buffer) => infer R } ? R : never;
+type ResOf<M> = M extends { responseSerialize: (v: infer R) => Buffer } ? R : never;
+
+export interface CallContext {
+  /** Aborted when the client cancels or the deadline passes. */
+  signal: AbortSignal;
+  peer: string;
+}
+
+/** What a service implementation provides, derived from the generated definition. */
+export type ServiceHandlers<D> = {
+  [K in keyof D]: D[K] extends { requestStream: false; responseStream: false }
+    ? (req: ReqOf<D[K]>, ctx: CallContext) => Promise<ResOf<D[K]>> | ResOf<D[K]>
+    : D[K] extends { requestStream: false; responseStream: true }
+      ? (req: ReqOf<D[K]>, ctx: CallContext) => AsyncIterable<ResOf<D[K]>> | Iterable<ResOf<D[K]>>
+      : D[K] extends { requestStream: true; responseStream: false }
+        ? (reqs: AsyncIterable<ReqOf<D[K]>>, ctx: CallContext) => Promise<ResOf<D[K]>>
+        : (reqs: AsyncIterable<ReqOf<D[K]>>, ctx: CallContext) => AsyncIterable<ResOf<D[K]>>;
+};
+
+/** go-grpc-prometheus's server families. */
+export class GrpcServerMetrics {
+  readonly started: Counter<string>;
+  readonly handled: Counter<string>;
+  readonly handlingSeconds: Histogram<string>;
+  readonly msgReceived: Counter<string>;
+  readonly msgSent: Counter<string>;
+
+  constructor(registry: Registry) {
+    const labelNames = ["grpc_type", "grpc_service", "grpc_method"];
+    this.started = new Counter({
+      name: "grpc_server_started_total",
+      help: "Total number of RPCs started on the server.",
+      labelNames,
+      registers: [registry],
+    });
+    this.handled = new Counter({
+      name: "grpc_server_handled_total",
+      help: "Total number of RPCs completed on the server, regardless of success or failure.",
+      labelNames: [...labelNames, "grpc_code"],
+      registers: [registry],
+    });
+    this.handlingSeconds = new Histogram({
+      name: "grpc_server_handling_seconds",
+      help: "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+      labelNames,
+      buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+      registers: [registry],
+    });
+    this.msgReceived = new Counter({
+      name: "grpc_server_msg_received_total",
+      help: "Total number of RPC stream messages received on the server.",
+      labelNames,
+      registers: [registry],
+    });
+    this.msgSent = new Counter({
+      name: "grpc_server_msg_sent_total",
+      help: "Total number of gRPC stream messages sent by the server.",
+      labelNames,
+      registers: [registry],
+    });
+  }
+}
+
+const GRPC_TYPE = (m: MethodDef) =>
+  m.requestStream ? (m.responseStream ? "bidi_stream" : "client_stream") : m.responseStream ? "server_stream" : "unary";
+
+function contextOf(call: { cancelled: boolean; once(ev: "cancelled", fn: () => void): unknown; getPeer(): string }): CallContext {
+  const ac = new AbortController();
+  if (call.cancelled) ac.abort();
+  else call.once("cancelled", () => ac.abort());
+  return { signal: ac.signal, peer: call.getPeer() };
+}
+
+async function* counted<T>(stream: AsyncIterable<T>, onMessage: () => void): AsyncIterable<T> {
+  for await (const m of stream) {
+    onMessage();
+    yield m;
+  }
+}
+
+/**
+ * Turns plain handlers into grpc-js handlers: errors thrown anywhere become a
+ * precise status (never a crash), and every call is counted and timed.
+ */
+export function bindService<D extends Record<string, MethodDef>>(
+  definition: D,
+  handlers: ServiceHandlers<D>,
+  opts: { metrics?: GrpcServerMetrics; logger?: Logger } = {},
+): grpc.UntypedServiceImplementation {
+  const out: grpc.UntypedServiceImplementation = {};
+  for (const key of Object.keys(definition)) {
+    const m = definition[key];
+    const [, service, method] = /^\/(.+)\/([^/]+)$/.exec(m.path)!;
+    const labels = { grpc_type: GRPC_TYPE(m), grpc_service: service, grpc_method: method };
+    const metrics = opts.metrics;
+    const fn = handlers[key as keyof D] as unknown as (a: unknown, ctx: CallContext) => unknown;
+    const finish = (startNs: bigint, code: grpc.status, err?: unknown) => {
+      metrics?.handled.inc({ ...labels, grpc_code: grpc.status[code] });
+      metrics?.handlingSeconds.observe(labels, Number(process.hrtime.bigint() - startNs) / 1e9);
+      if (code === grpc.status.INTERNAL) opts.logger?.error({ err, method: m.path }, "RPC failed with an internal error");
+    };
+    const fail = (startNs: bigint, err: unknown) => {
+      const s = toStatus(err);
+      finish(startNs, s.code, err);
+      return { code: s.code, details: s.details, metadata: new grpc.Metadata() } as grpc.ServiceError;
+    };
+    if (!m.requestStream && !m.responseStream) {
+      out[key] = (async (call: grpc.ServerUnaryCall<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
+        const t0 = process.hrtime.bigint();
+        metrics?.started.inc(labels);
+        metrics?.msgReceived.inc(labels);
+        try {
+          const res = await fn(call.request, contextOf(call));
+          finish(t0, grpc.status.OK);
+          metrics?.msgSent.inc(labels);
+          callback(null, res);
+        } catch (err) {
+          callback(fail(t0, err));
+        }
+      }) as grpc.handleUnaryCall<unknown, unknown>;
+    } else if (!m.requestStream && m.responseStream) {
+      out[key] = (async (call: grpc.ServerWritableStream<unknown, unknown>) => {
+        const t0 = process.hrtime.bigint();
+        metrics?.started.inc(labels);
+        metrics?.msgReceived.inc(labels);
+        const ctx = contextOf(call);
+        try {
+          for await (const msg of fn(call.request, ctx) as AsyncIterable<unknown>) {
+            if (ctx.signal.aborted) break;
+            metrics?.msgSent.inc(labels);
+            if (!call.write(msg)) await Promise.race([once(call, "drain"), once(ctx.signal, "abort")]);
+          }
+          finish(t0, ctx.signal.aborted ? grpc.status.CANCELLED : grpc.status.OK);
+          call.end();
+        } catch (err) {
+          call.destroy(fail(t0, err));
+        }
+      }) as grpc.handleServerStreamingCall<unknown, unknown>;
+    } else if (m.requestStream && !m.responseStream) {
+      out[key] = (async (call: grpc.ServerReadableStream<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
+        const t0 = process.hrtime.bigint();
+        metrics?.started.inc(labels);
+        try {
+          const reqs = counted(call as AsyncIterable<unknown>, () => metrics?.msgReceived.inc(labels));
+          const res = await fn(reqs, contextOf(call));
+          finish(t0, grpc.status.OK);
+          metrics?.msgSent.inc(labels);
+          callback(null, res);
+        } catch (err) {
+          callback(fail(t0, err));
+        }
+      }) as grpc.handleClientStreamingCall<unknown, unknown>;
+    } else {
+      out[key] = (async (call: grpc.ServerDuplexStream<unknown, unknown>) => {
+        const t0 = process.hrtime.bigint();
+        metrics?.started.inc(labels);
+        const ctx = contextOf(call);
+        try {
+          const reqs = counted(call as AsyncIterable<unknown>, () => metrics?.msgReceived.inc(labels));
+          for await (const msg of fn(reqs, ctx) as AsyncIterable<unknown>) {
+            metrics?.msgSent.inc(labels);
+            if (!call.write(msg)) await Promise.race([once(call, "drain"), once(ctx.signal, "abort")]);
+          }
+          finish(t0, grpc.status.OK);
+          call.end();
+        } catch (err) {
+          call.destroy(fail(t0, err));
+        }
+      }) as grpc.handleBidiStreamingCall<unknown, unknown>;
+    }
+  }
+  return out;
+}
+
+/** Large bitmaps and page batches travel in single messages; 64 MiB leaves room for a 256 GiB slot's bitmap. */
+export const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+
+export const channelOptions: grpc.ChannelOptions = {
+  "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+  "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+};
+
+/**
+ * Adds grpc.health.v1 (SERVING for each named service and for "") and server
+ * reflection over the project's .proto files, so grpcurl and
+ * grpc_health_probe work against every server.
+ */
+export function addStandardServices(server: grpc.Server, protoFiles: string[], serviceNames: string[]) {
+  const health = new HealthImplementation(Object.fromEntries(["", ...serviceNames].map((n) => [n, "SERVING"])));
+  health.addToServer(server);
+  const pkg = protoLoader.loadSync(protoFiles, { includeDirs: [PROTO_ROOT], longs: String, keepCase: true });
+  new ReflectionService(pkg).addToServer(server);
+  return health;
+}
+
+export const PROTO_ROOT = new URL("../proto/", import.meta.url).pathname;
+
+export async function bindServer(server: grpc.Server, host: string, port: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    server.bindAsync(`${host}:${port}`, grpc.ServerCredentials.createInsecure(), (err, bound) =>
+      err ? reject(err) : resolve(bound),
+    );
+  });
+}
+
+export async function shutdownServer(server: grpc.Server, graceMs = 2000): Promise<void> {
+  await new Promise<void>((resolve) => {
+    const timer = setTimeout(() => {
+      server.forceShutdown();
+      resolve();
+    }, graceMs);
+    server.tryShutdown(() => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+}

@@ -1,0 +1,87 @@
+/**
+ * The cost model: what each simulated event costs, in nanoseconds. Costs
+ * charged to a vCPU slow the guest; costs charged to the host lengthen the
+ * call that incurred them. Every default names its source; a user replaces
+ * any of them with a JSON file of the same keys (HYPERVISOR_COST_MODEL).
+ *
+ * Sources:
+ *  [KVM-HERE] shared/reference/real-kvm-measurements.md: /dev/kvm driven
+ *             directly on this project's machine kind (1 GiB slot, medians).
+ *  [LIT]      shared/reference/kvm-dirty-tracking.md section 7 (literature).
+ *  [ASSUMED]  no published or measured figure; the value is an estimate.
+ */
+import { readFileSync } from "node:fs";
+import { ConfigError } from "../../../common/config.js";
+
+export interface CostModel {
+  /** A guest write through a writable, mapped page. */
+  writeNs: number;
+  /** A stage-2 permission fault and its fix-up (write-protected page, first write while logging). */
+  writeFaultNs: number;
+  /** A stage-2 translation fault that maps the page (first touch). */
+  translationFaultNs: number;
+  /** One fixed cost per dirty-log ioctl (syscall entry, slots_lock). */
+  ioctlNs: number;
+  /** Scanning one 64-bit word of a dirty bitmap. */
+  bitmapWordScanNs: number;
+  /** Copying one 64-bit bitmap word out to userspace. */
+  bitmapWordCopyNs: number;
+  /** Snapshot, clear and re-protect of one dirty page inside GET_DIRTY_LOG. */
+  getPageWriteProtectNs: number;
+  /** Clearing and re-protecting one dirty page inside CLEAR_DIRTY_LOG. */
+  clearPageWriteProtectNs: number;
+  /** Write-protecting one page when logging is enabled on a slot. */
+  enableLoggingPageNs: number;
+  /** Turning logging off, per page of the slot. */
+  disableLoggingPageNs: number;
+  /** Enabling logging with INITIALLY_SET (a fixed cost per slot: the bitmap is set, nothing is protected). */
+  enableLoggingInitiallySetNs: number;
+  /** Splitting one 2 MiB block into 512 page descriptors. */
+  splitBlockNs: number;
+  /** A VMID-wide TLB invalidation (TLBI VMALLS12E1IS + DSB). */
+  tlbFlushNs: number;
+  /** Reading or writing one page's contents on the host (VMM memcpy of 4 KiB). */
+  pageCopyNs: number;
+}
+
+export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
+  writeNs: 15, // [KVM-HERE] guest write to a writable, mapped page: 15 ns per page
+  writeFaultNs: 2430, // [KVM-HERE] write-protection fault and fix-up while logging: 2.43 us per page
+  translationFaultNs: 2430, // [ASSUMED] same fault path as a permission fault ([KVM-HERE] 2.43 us)
+  ioctlNs: 740, // [KVM-HERE] derived: CLEAR of one 64-page chunk 2.3 us minus 64 x 24.4 ns per page
+  bitmapWordScanNs: 2.7, // [KVM-HERE] derived: GET with no page dirty 0.011 ms per GiB / 4096 words
+  bitmapWordCopyNs: 3.7, // [KVM-HERE] derived: manual-protect GET, all dirty, 0.015 ms per GiB / 4096 words
+  getPageWriteProtectNs: 30, // [KVM-HERE] derived: GET, every page dirty, 7.9 ms per GiB / 262144 pages
+  clearPageWriteProtectNs: 24.4, // [KVM-HERE] derived: CLEAR of the whole slot, every page dirty, 6.4 ms per GiB
+  enableLoggingPageNs: 39.3, // [KVM-HERE] derived: enable logging 10.3 ms per GiB / 262144 pages
+  disableLoggingPageNs: 42.7, // [KVM-HERE] derived: disable logging 11.2 ms per GiB / 262144 pages
+  enableLoggingInitiallySetNs: 60000, // [KVM-HERE] enable logging with INITIALLY_SET: 0.06 ms per 1 GiB slot
+  splitBlockNs: 31400, // [LIT] derived from Matlack v2: eager split at enable 1.547 s for 96 GiB = 49152 2M blocks
+  tlbFlushNs: 2000, // [ASSUMED] one broadcast TLBI + DSB; Koller (RFC 2022) reports "milliseconds" only for parallel storms
+  pageCopyNs: 400, // [ASSUMED] 4 KiB memcpy at about 10 GB/s
+});
+
+export function loadCostModel(path?: string): CostModel {
+  if (!path) return { ...DEFAULT_COSTS };
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(readFileSync(path, "utf8"));
+  } catch (err) {
+    throw new ConfigError(`cannot read cost model ${path}: ${(err as Error).message}`);
+  }
+  return mergeCostModel(parsed, path);
+}
+
+export function mergeCostModel(overrides: unknown, where = "cost model"): CostModel {
+  if (typeof overrides !== "object" || overrides === null || Array.isArray(overrides)) {
+    throw new ConfigError(`${where}: expected a JSON object of cost names to nanoseconds`);
+  }
+  const out: CostModel = { ...DEFAULT_COSTS };
+  for (const [k, v] of Object.entries(overrides)) {
+    if (k.startsWith("$")) continue; // "$comment", "$source" and the like
+    if (!(k in DEFAULT_COSTS)) throw new ConfigError(`${where}: unknown cost '${k}' (known: ${Object.keys(DEFAULT_COSTS).join(", ")})`);
+    if (typeof v !== "number" || !Number.isFinite(v) || v < 0) throw new ConfigError(`${where}: ${k} must be a number of nanoseconds >= 0`);
+    out[k as keyof CostModel] = v;
+  }
+  return out;
+}

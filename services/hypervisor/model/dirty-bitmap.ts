@@ -1,0 +1,160 @@
+/**
+ * Write protection + dirty bitmap: KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG,
+ * MANUAL_PROTECT and INITIALLY_SET, and what turning LOG_DIRTY_PAGES on and
+ * off does to the stage-2 table (virt/kvm/kvm_main.c, arch/arm64/kvm/mmu.c).
+ *
+ * Ordering (seed 004): snapshot-and-clear each word, write-protect its pages,
+ * flush TLBs, and only then hand the snapshot out. A write that slips through
+ * a stale TLB entry before the flush is already in the snapshot; every write
+ * after the flush faults and is logged for the next round.
+ */
+import type { CostModel } from "./cost-model.js";
+import type { Memslot } from "./memslot.js";
+import { invalidArgument } from "../../../common/errors.js";
+
+export interface DirtyLogVm {
+  readonly costs: CostModel;
+  readonly manualProtect: boolean;
+  readonly initiallySet: boolean;
+  readonly eagerSplit: boolean;
+  /** Flushes every vCPU's TLB after write protection; false when a test switch skipped it. */
+  flushTlbsAfterWriteProtect(): boolean;
+}
+
+export interface GetDirtyLogResult {
+  bitmap: Uint32Array;
+  dirtyPages: number;
+  pagesWriteProtected: number;
+  tlbFlushed: boolean;
+  hostNs: number;
+}
+
+export interface ClearDirtyLogResult {
+  pagesCleared: number;
+  tlbFlushed: boolean;
+  hostNs: number;
+}
+
+export function popcount32(x: number): number {
+  x -= (x >>> 1) & 0x55555555;
+  x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
+  return (((x + (x >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+}
+
+const ctz32 = (x: number) => 31 - Math.clz32(x & -x);
+
+/** Write-protects pages ffs(mask)..fls(mask) of 64-page word w (kvm_arch_mmu_enable_log_dirty_pt_masked). */
+function protectMasked(vm: DirtyLogVm, slot: Memslot, w: number, lo: number, hi: number): number {
+  const base = w * 64;
+  const first = base + (lo !== 0 ? ctz32(lo) : 32 + ctz32(hi));
+  const last = base + (hi !== 0 ? 63 - Math.clz32(hi) : 31 - Math.clz32(lo));
+  slot.s2.writeProtectRange(first, last + 1);
+  // Eager splitting is deferred to CLEAR only when the log started all set; otherwise it happened at enable.
+  if (vm.manualProtect && vm.initiallySet && vm.eagerSplit) return slot.s2.splitRange(first, last + 1);
+  return 0;
+}
+
+export function getDirtyLog(vm: DirtyLogVm, slot: Memslot): GetDirtyLogResult {
+  const bm = slot.dirtyBitmap!;
+  const words = bm.length / 2;
+  const c = vm.costs;
+  const out = new Uint32Array(bm.length);
+  let dirty = 0;
+  if (vm.manualProtect) {
+    out.set(bm);
+    for (let i = 0; i < bm.length; i++) if (bm[i] !== 0) dirty += popcount32(bm[i]);
+    return { bitmap: out, dirtyPages: dirty, pagesWriteProtected: 0, tlbFlushed: false, hostNs: c.ioctlNs + words * c.bitmapWordCopyNs };
+  }
+  let splitUnits = 0;
+  for (let w = 0; w < words; w++) {
+    const lo = bm[2 * w];
+    const hi = bm[2 * w + 1];
+    if ((lo | hi) === 0) continue;
+    out[2 * w] = lo;
+    out[2 * w + 1] = hi;
+    bm[2 * w] = 0;
+    bm[2 * w + 1] = 0;
+    dirty += popcount32(lo) + popcount32(hi);
+    splitUnits += protectMasked(vm, slot, w, lo, hi);
+  }
+  const tlbFlushed = dirty > 0 && vm.flushTlbsAfterWriteProtect();
+  const hostNs =
+    c.ioctlNs +
+    words * (c.bitmapWordScanNs + c.bitmapWordCopyNs) +
+    dirty * c.getPageWriteProtectNs +
+    splitUnits * c.splitBlockNs +
+    (tlbFlushed ? c.tlbFlushNs : 0);
+  return { bitmap: out, dirtyPages: dirty, pagesWriteProtected: dirty, tlbFlushed, hostNs };
+}
+
+/** Validates CLEAR's range as kvm_clear_dirty_log_protect does (first_page's alignment is checked before the slot lookup). */
+export function checkClearRange(slot: Memslot, firstPage: number, numPages: number, bitmapBytes: number): void {
+  if (firstPage > slot.npages || numPages > slot.npages - firstPage) {
+    throw invalidArgument(
+      `CLEAR_DIRTY_LOG: pages [${firstPage}, ${firstPage + numPages}) run past slot ${slot.id}'s ${slot.npages} pages`,
+      "EINVAL",
+    );
+  }
+  if (numPages % 64 !== 0 && firstPage + numPages !== slot.npages) {
+    throw invalidArgument(
+      `CLEAR_DIRTY_LOG: num_pages ${numPages} is not a multiple of 64 and the range does not end at the slot's end (${slot.npages})`,
+      "EINVAL",
+    );
+  }
+  const need = Math.ceil(numPages / 64) * 8;
+  if (bitmapBytes < need) {
+    throw invalidArgument(`CLEAR_DIRTY_LOG: bitmap has ${bitmapBytes} bytes, ${numPages} pages need ${need}`, "EFAULT");
+  }
+}
+
+/** KVM_CLEAR_DIRTY_LOG: clear the set bits that are also set in the log, and re-protect their pages. */
+export function clearDirtyLog(vm: DirtyLogVm, slot: Memslot, firstPage: number, numPages: number, user: Uint32Array): ClearDirtyLogResult {
+  const bm = slot.dirtyBitmap!;
+  const c = vm.costs;
+  const firstWord = firstPage / 64;
+  const words = Math.ceil(numPages / 64);
+  let cleared = 0;
+  let splitUnits = 0;
+  for (let k = 0; k < words; k++) {
+    const w = firstWord + k;
+    const lo = user[2 * k] & bm[2 * w];
+    const hi = user[2 * k + 1] & bm[2 * w + 1];
+    if ((lo | hi) === 0) continue;
+    bm[2 * w] &= ~lo;
+    bm[2 * w + 1] &= ~hi;
+    cleared += popcount32(lo) + popcount32(hi);
+    splitUnits += protectMasked(vm, slot, w, lo, hi);
+  }
+  const tlbFlushed = cleared > 0 && vm.flushTlbsAfterWriteProtect();
+  const hostNs =
+    c.ioctlNs + words * c.bitmapWordScanNs + cleared * c.clearPageWriteProtectNs + splitUnits * c.splitBlockNs + (tlbFlushed ? c.tlbFlushNs : 0);
+  return { pagesCleared: cleared, tlbFlushed, hostNs };
+}
+
+/**
+ * LOG_DIRTY_PAGES turned on (kvm_mmu_slot_apply_flags): allocate the bitmap;
+ * with INITIALLY_SET it starts all ones and nothing is protected (CLEAR arms
+ * protection piece by piece); otherwise write-protect the whole slot, split
+ * its blocks when eager splitting is on, and flush. Returns host ns.
+ */
+export function enableLogging(vm: DirtyLogVm, slot: Memslot): number {
+  const bm = new Uint32Array(2 * Math.ceil(slot.npages / 64));
+  slot.dirtyBitmap = bm;
+  const c = vm.costs;
+  if (vm.manualProtect && vm.initiallySet) {
+    const full = slot.npages >>> 5;
+    bm.fill(0xffffffff, 0, full);
+    if (slot.npages & 31) bm[full] = (2 ** (slot.npages & 31) - 1) >>> 0;
+    return c.enableLoggingInitiallySetNs;
+  }
+  slot.s2.writeProtectAll();
+  const units = vm.eagerSplit ? slot.s2.splitRange(0, slot.npages) : 0;
+  const flushed = vm.flushTlbsAfterWriteProtect();
+  return slot.npages * c.enableLoggingPageNs + units * c.splitBlockNs + (flushed ? c.tlbFlushNs : 0);
+}
+
+/** LOG_DIRTY_PAGES turned off: the bitmap goes; mappings stay split until faults coalesce them. */
+export function disableLogging(vm: DirtyLogVm, slot: Memslot): number {
+  slot.dirtyBitmap = null;
+  return slot.npages * vm.costs.disableLoggingPageNs;
+}

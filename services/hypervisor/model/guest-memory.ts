@@ -1,0 +1,126 @@
+/**
+ * Guest memory as the VMM sees it: reading content words out of a slot (all
+ * pages, a range, or those selected by a bitmap), writing them into another
+ * VM from the host side, and a SHA-256 digest that proves two VMs equal.
+ * Host-side accesses bypass stage-2, so they neither fault nor log.
+ */
+import { createHash } from "node:crypto";
+import { invalidArgument } from "../../../common/errors.js";
+import { popcount32 } from "./dirty-bitmap.js";
+import type { Memslot } from "./memslot.js";
+import type { Vm } from "./vm.js";
+
+export interface MemoryChunk {
+  slot: number;
+  firstPage: number;
+  numPages: number;
+  /** Selection, bit i = page firstPage + i; empty selects every page. */
+  bitmap: Uint8Array;
+  /** 8 bytes per selected page. */
+  contents: Uint8Array;
+}
+
+export const DEFAULT_CHUNK_PAGES = 65536;
+export const MAX_CHUNK_PAGES = 1 << 20;
+
+function checkRange(what: string, slot: Memslot, firstPage: number, numPages: number, bitmap: Uint8Array): void {
+  if (firstPage > slot.npages || numPages > slot.npages - firstPage) {
+    throw invalidArgument(`${what}: pages [${firstPage}, ${firstPage + numPages}) run past slot ${slot.id}'s ${slot.npages} pages`);
+  }
+  if (bitmap.byteLength !== 0 && bitmap.byteLength < Math.ceil(numPages / 8)) {
+    throw invalidArgument(`${what}: selection bitmap has ${bitmap.byteLength} bytes, ${numPages} pages need ${Math.ceil(numPages / 8)}`);
+  }
+}
+
+const selected = (bitmap: Uint8Array, i: number) => (bitmap[i >>> 3] & (1 << (i & 7))) !== 0;
+
+function countSelected(bitmap: Uint8Array, numPages: number): number {
+  let n = 0;
+  const full = numPages >>> 3;
+  for (let i = 0; i < full; i++) if (bitmap[i]) n += popcount32(bitmap[i]);
+  for (let i = full * 8; i < numPages; i++) if (selected(bitmap, i)) n++;
+  return n;
+}
+
+/** Splits a read into chunks of at most chunkPages pages; a chunk with nothing selected is skipped. */
+export function* readMemory(
+  vm: Vm,
+  slotId: number,
+  firstPage: number,
+  numPages: number,
+  bitmap: Uint8Array,
+  chunkPages: number,
+): Generator<MemoryChunk> {
+  const slot = vm.slot(slotId, "read memory");
+  const n = numPages === 0 ? slot.npages - Math.min(firstPage, slot.npages) : numPages;
+  checkRange("read memory", slot, firstPage, n, bitmap);
+  if (!Number.isInteger(chunkPages) || chunkPages < 8 || chunkPages > MAX_CHUNK_PAGES || chunkPages % 8 !== 0) {
+    throw invalidArgument(`read memory: chunk_pages ${chunkPages} must be a multiple of 8 in [8, ${MAX_CHUNK_PAGES}]`);
+  }
+  const words = slot.content;
+  for (let off = 0; off < n; off += chunkPages) {
+    const count = Math.min(chunkPages, n - off);
+    const p0 = firstPage + off;
+    if (bitmap.byteLength === 0) {
+      const bytes = new Uint8Array(words.buffer, words.byteOffset + p0 * 8, count * 8);
+      yield { slot: slotId, firstPage: p0, numPages: count, bitmap: new Uint8Array(0), contents: Buffer.from(bytes) };
+      continue;
+    }
+    const sel = bitmap.subarray(off >>> 3, (off + count + 7) >>> 3);
+    const k = countSelected(sel, count);
+    if (k === 0) continue;
+    const out = new Uint32Array(2 * k);
+    let j = 0;
+    for (let i = 0; i < count; i++) {
+      if (!selected(sel, i)) continue;
+      out[j++] = words[2 * (p0 + i)];
+      out[j++] = words[2 * (p0 + i) + 1];
+    }
+    // The chunk's own selection starts at bit 0; off is a multiple of 8 so the bytes line up.
+    const chunkSel = new Uint8Array(sel.byteLength);
+    chunkSel.set(sel);
+    if (count & 7) chunkSel[chunkSel.length - 1] &= (1 << (count & 7)) - 1;
+    yield { slot: slotId, firstPage: p0, numPages: count, bitmap: chunkSel, contents: new Uint8Array(out.buffer) };
+  }
+}
+
+/** Writes one chunk's content words; returns pages written. */
+export function writeMemory(vm: Vm, chunk: MemoryChunk): number {
+  const slot = vm.slot(chunk.slot, "write memory");
+  checkRange("write memory", slot, chunk.firstPage, chunk.numPages, chunk.bitmap);
+  const all = chunk.bitmap.byteLength === 0;
+  const k = all ? chunk.numPages : countSelected(chunk.bitmap, chunk.numPages);
+  if (chunk.contents.byteLength !== k * 8) {
+    throw invalidArgument(`write memory: ${k} selected pages need ${k * 8} content bytes, got ${chunk.contents.byteLength}`);
+  }
+  const src = new Uint32Array(k * 2);
+  new Uint8Array(src.buffer).set(chunk.contents);
+  const dst = slot.content;
+  if (all) {
+    dst.set(src, 2 * chunk.firstPage);
+    return k;
+  }
+  let j = 0;
+  for (let i = 0; i < chunk.numPages; i++) {
+    if (!selected(chunk.bitmap, i)) continue;
+    dst[2 * (chunk.firstPage + i)] = src[j++];
+    dst[2 * (chunk.firstPage + i) + 1] = src[j++];
+  }
+  return k;
+}
+
+/** SHA-256 over each slot's (id, base GPA, pages) and content words, in slot-id order. */
+export function digest(vm: Vm): { sha256: Buffer; pages: number } {
+  const h = createHash("sha256");
+  let pages = 0;
+  for (const s of [...vm.slots.values()].sort((a, b) => a.id - b.id)) {
+    const header = Buffer.alloc(24);
+    header.writeUInt32LE(s.id, 0);
+    header.writeBigUInt64LE(BigInt(s.gpa), 8);
+    header.writeBigUInt64LE(BigInt(s.npages), 16);
+    h.update(header);
+    h.update(new Uint8Array(s.content.buffer, s.content.byteOffset, s.content.byteLength));
+    pages += s.npages;
+  }
+  return { sha256: h.digest(), pages };
+}

@@ -1,0 +1,246 @@
+/**
+ * The hypervisor: the set of VMs on this host, the host's memory budget, VMID
+ * allocation, KVM_SET_USER_MEMORY_REGION's rules and the capabilities
+ * (KVM_CHECK_EXTENSION / KVM_ENABLE_CAP). Validation here mirrors KVM's and
+ * names KVM's errno.
+ */
+import { alreadyExists, failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../../../common/errors.js";
+import { formatBytes } from "../../../common/config.js";
+import type { CostModel } from "./cost-model.js";
+import { PAGE_SIZE } from "./descriptor.js";
+import { KNOWN_FLAGS, KVM_MEM_READONLY, MAX_SLOT_PAGES, Memslot, USER_MEM_SLOTS } from "./memslot.js";
+import { INITIALLY_SET, MANUAL_PROTECT_ENABLE, Vm, type BackingPageSize, type ClockDrive } from "./vm.js";
+import type { WorkloadSpec } from "./workload.js";
+
+export const CAP = {
+  MANUAL_DIRTY_LOG_PROTECT2: 168,
+  ARM_EAGER_SPLIT_CHUNK_SIZE: 228,
+  ARM_SUPPORTED_BLOCK_SIZES: 229,
+} as const;
+
+/** KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES with a 4 KiB granule: 4 KiB, 2 MiB, 1 GiB. */
+export const SUPPORTED_BLOCK_SIZES = 2 ** 12 + 2 ** 21 + 2 ** 30;
+export const MAX_VCPUS = 512;
+export const DEFAULT_IPA_BITS = 40;
+export const DEFAULT_TLB_ENTRIES = 1024;
+
+export interface MemslotSpec {
+  slot: number;
+  gpa: number;
+  size: number;
+  flags: number;
+}
+
+export interface CreateVmSpec {
+  name: string;
+  vcpus: number;
+  memslots: MemslotSpec[];
+  backing: BackingPageSize;
+  ipaBits: number;
+  eagerSplitChunkSize: number;
+  clock: ClockDrive;
+  realtimeSpeed: number;
+  seed: bigint;
+  workload: WorkloadSpec | null;
+  startPaused: boolean;
+  tlbEntries: number;
+}
+
+export interface HypervisorOptions {
+  /** Guest memory this host may hold across all VMs, in bytes. */
+  memoryBudgetBytes: number;
+  costs: CostModel;
+  /** Allows SetFaultInjection (test-only bug switches). */
+  allowFaultInjection: boolean;
+}
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+
+export class Hypervisor {
+  readonly vms = new Map<string, Vm>();
+  private nextVmid = 1;
+  /** Host physical addresses are handed out linearly; they only label descriptors. */
+  private nextHostAddress = 0x80000000;
+
+  constructor(readonly options: HypervisorOptions) {}
+
+  get memoryInUse(): number {
+    let n = 0;
+    for (const vm of this.vms.values()) n += vm.memoryBytes;
+    return n;
+  }
+
+  vm(name: string): Vm {
+    if (!name) throw invalidArgument("vm name is empty");
+    const vm = this.vms.get(name);
+    if (!vm) throw notFound(`no VM named '${name}'`);
+    return vm;
+  }
+
+  createVm(spec: CreateVmSpec): Vm {
+    if (!NAME_RE.test(spec.name)) throw invalidArgument(`VM name '${spec.name}' must be 1-63 letters, digits, '.', '_' or '-'`);
+    if (this.vms.has(spec.name)) throw alreadyExists(`a VM named '${spec.name}' already exists`, "EEXIST");
+    if (!Number.isInteger(spec.vcpus) || spec.vcpus < 1 || spec.vcpus > MAX_VCPUS) {
+      throw invalidArgument(`vcpus ${spec.vcpus} must be in [1, ${MAX_VCPUS}] (KVM_MAX_VCPUS)`, "EINVAL");
+    }
+    const ipaBits = spec.ipaBits || DEFAULT_IPA_BITS;
+    if (ipaBits < 32 || ipaBits > 48) throw invalidArgument(`ipa_bits ${ipaBits} must be in [32, 48] (KVM_VM_TYPE_ARM_IPA_SIZE)`, "EINVAL");
+    const tlbEntries = spec.tlbEntries || DEFAULT_TLB_ENTRIES;
+    if (tlbEntries > 65536 || (tlbEntries & (tlbEntries - 1)) !== 0) {
+      throw invalidArgument(`tlb_entries ${tlbEntries} must be a power of two up to 65536`);
+    }
+    const speed = spec.realtimeSpeed || 1;
+    if (!(speed > 0 && speed <= 1000)) throw invalidArgument(`realtime_speed ${spec.realtimeSpeed} must be in (0, 1000]`);
+    const total = spec.memslots.reduce((n, s) => n + s.size, 0);
+    this.checkBudget(total);
+    const vm = new Vm({
+      name: spec.name,
+      vmid: this.nextVmid,
+      vcpus: spec.vcpus,
+      backing: spec.backing,
+      ipaBits,
+      clock: spec.clock,
+      realtimeSpeed: speed,
+      seed: spec.seed,
+      tlbEntries,
+      costs: this.options.costs,
+    });
+    if (spec.eagerSplitChunkSize !== 0) this.enableCap(vm, CAP.ARM_EAGER_SPLIT_CHUNK_SIZE, 0, [BigInt(spec.eagerSplitChunkSize)]);
+    for (const s of spec.memslots) this.setUserMemoryRegion(vm, s);
+    if (spec.workload) this.validateWorkload(vm, spec.workload);
+    this.nextVmid++;
+    this.vms.set(vm.name, vm);
+    if (spec.workload) vm.setWorkload(undefined, spec.workload);
+    if (spec.startPaused) for (const v of vm.vcpus) v.paused = true;
+    return vm;
+  }
+
+  destroyVm(name: string): void {
+    this.vm(name);
+    this.vms.delete(name);
+  }
+
+  private checkBudget(extra: number): void {
+    const budget = this.options.memoryBudgetBytes;
+    if (this.memoryInUse + extra > budget) {
+      throw resourceExhausted(
+        `guest memory would reach ${formatBytes(this.memoryInUse + extra)}, over this host's budget of ${formatBytes(budget)}`,
+        "ENOMEM",
+      );
+    }
+  }
+
+  /** KVM_SET_USER_MEMORY_REGION: create, change flags, or delete (size 0). Returns host ns. */
+  setUserMemoryRegion(vm: Vm, m: MemslotSpec): number {
+    const what = "SET_USER_MEMORY_REGION";
+    if (m.flags & ~KNOWN_FLAGS) throw invalidArgument(`${what}: unknown flags 0x${(m.flags & ~KNOWN_FLAGS).toString(16)}`, "EINVAL");
+    const as = m.slot >>> 16;
+    const id = m.slot & 0xffff;
+    if (as !== 0) throw invalidArgument(`${what}: address space ${as} does not exist on arm64`, "EINVAL");
+    if (id >= USER_MEM_SLOTS) throw invalidArgument(`${what}: slot id ${id} >= KVM_USER_MEM_SLOTS (${USER_MEM_SLOTS})`, "EINVAL");
+    if (m.gpa % PAGE_SIZE !== 0) throw invalidArgument(`${what}: guest_phys_addr 0x${m.gpa.toString(16)} is not 4 KiB aligned`, "EINVAL");
+    if (m.size % PAGE_SIZE !== 0) throw invalidArgument(`${what}: memory_size ${m.size} is not a multiple of 4 KiB`, "EINVAL");
+    const old = vm.slots.get(m.slot);
+    if (m.size === 0) {
+      if (!old) throw notFound(`${what}: cannot delete slot ${m.slot}: VM ${vm.name} has no such slot`, "EINVAL");
+      vm.deleteSlot(old);
+      return 0;
+    }
+    if (m.size / PAGE_SIZE > MAX_SLOT_PAGES) {
+      throw invalidArgument(`${what}: memory_size ${formatBytes(m.size)} exceeds KVM_MEM_MAX_NR_PAGES (2^31 - 1 pages)`, "EINVAL");
+    }
+    if (m.gpa + m.size > 2 ** vm.config.ipaBits) {
+      throw invalidArgument(
+        `${what}: slot [0x${m.gpa.toString(16)}, 0x${(m.gpa + m.size).toString(16)}) is beyond the VM's ${vm.config.ipaBits}-bit IPA space`,
+        "EFAULT",
+      );
+    }
+    if (old) {
+      if (old.size !== m.size) throw invalidArgument(`${what}: slot ${m.slot} cannot change size (${old.size} -> ${m.size})`, "EINVAL");
+      if (old.gpa !== m.gpa) {
+        throw invalidArgument(`${what}: moving slot ${m.slot} (KVM_MR_MOVE) is not modelled; delete and recreate it`, "EINVAL");
+      }
+      if ((old.flags ^ m.flags) & KVM_MEM_READONLY) throw invalidArgument(`${what}: READONLY cannot change on a live slot`, "EINVAL");
+      return vm.setSlotFlags(old, m.flags);
+    }
+    for (const s of vm.slots.values()) {
+      if (m.gpa < s.endGpa && s.gpa < m.gpa + m.size) {
+        throw invalidArgument(
+          `${what}: slot ${m.slot} [0x${m.gpa.toString(16)}, 0x${(m.gpa + m.size).toString(16)}) overlaps slot ${s.id} [0x${s.gpa.toString(16)}, 0x${s.endGpa.toString(16)})`,
+          "EEXIST",
+        );
+      }
+    }
+    if (this.vms.get(vm.name) === vm) this.checkBudget(m.size);
+    const hostBase = this.nextHostAddress;
+    // Align host backing like the guest so that blocks are possible (KVM checks userspace_addr vs GPA alignment).
+    this.nextHostAddress += Math.ceil(m.size / 2 ** 30) * 2 ** 30;
+    return vm.addSlot(new Memslot(m.slot, m.gpa, m.size, m.flags, hostBase + (m.gpa % 2 ** 30)));
+  }
+
+  /** KVM_CHECK_EXTENSION; vm is null for the system-wide query. */
+  checkExtension(_vm: Vm | null, cap: number): number {
+    switch (cap) {
+      case CAP.MANUAL_DIRTY_LOG_PROTECT2:
+        return Number(MANUAL_PROTECT_ENABLE | INITIALLY_SET);
+      case CAP.ARM_EAGER_SPLIT_CHUNK_SIZE:
+        return 1;
+      case CAP.ARM_SUPPORTED_BLOCK_SIZES:
+        return SUPPORTED_BLOCK_SIZES;
+      default:
+        return 0;
+    }
+  }
+
+  /** KVM_ENABLE_CAP on a VM. */
+  enableCap(vm: Vm, cap: number, flags: number, args: bigint[]): void {
+    const what = `ENABLE_CAP(${cap})`;
+    const arg0 = args[0] ?? 0n;
+    switch (cap) {
+      case CAP.MANUAL_DIRTY_LOG_PROTECT2: {
+        const allowed = arg0 & MANUAL_PROTECT_ENABLE ? MANUAL_PROTECT_ENABLE | INITIALLY_SET : MANUAL_PROTECT_ENABLE;
+        if (flags !== 0) throw invalidArgument(`${what}: flags must be 0`, "EINVAL");
+        if (arg0 & ~allowed) {
+          throw invalidArgument(
+            arg0 & INITIALLY_SET && !(arg0 & MANUAL_PROTECT_ENABLE)
+              ? `${what}: INITIALLY_SET requires MANUAL_PROTECT_ENABLE`
+              : `${what}: unknown bits in args[0] = 0x${arg0.toString(16)}`,
+            "EINVAL",
+          );
+        }
+        vm.manualProtectFlags = arg0;
+        return;
+      }
+      case CAP.ARM_EAGER_SPLIT_CHUNK_SIZE: {
+        if (flags !== 0) throw invalidArgument(`${what}: flags must be 0`, "EINVAL");
+        const size = Number(arg0);
+        if (size !== 0 && !(size === 2 ** 12 || size === 2 ** 21 || size === 2 ** 30)) {
+          throw invalidArgument(`${what}: chunk size ${size} is not 0 or a supported block size (4 KiB, 2 MiB, 1 GiB)`, "EINVAL");
+        }
+        if (vm.slots.size > 0) throw failedPrecondition(`${what}: the eager split chunk size can only be set before any memslot exists`, "EINVAL");
+        vm.eagerSplitChunk = size;
+        return;
+      }
+      case CAP.ARM_SUPPORTED_BLOCK_SIZES:
+        throw invalidArgument(`${what}: KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES can only be queried`, "EINVAL");
+      default:
+        throw invalidArgument(`${what}: capability ${cap} is not supported`, "EINVAL");
+    }
+  }
+
+  validateWorkload(vm: Vm, w: WorkloadSpec): void {
+    if (!Number.isFinite(w.writesPerSecond) || w.writesPerSecond < 0 || w.writesPerSecond > 1e9) {
+      throw invalidArgument(`workload writes_per_second ${w.writesPerSecond} must be in [0, 1e9]`);
+    }
+    const total = vm.totalWritablePages;
+    if (w.pattern !== "idle" && total === 0) throw invalidArgument("workload: the VM has no writable memslot to write to");
+    if (w.firstPage > total || w.pages > total - w.firstPage) {
+      throw invalidArgument(`workload: working set [${w.firstPage}, ${w.firstPage + w.pages}) runs past the VM's ${total} writable pages`);
+    }
+    if (!(w.hotFraction > 0 && w.hotFraction <= 1)) throw invalidArgument(`workload hot_fraction ${w.hotFraction} must be in (0, 1]`);
+    if (!(w.hotWriteFraction >= 0 && w.hotWriteFraction <= 1)) {
+      throw invalidArgument(`workload hot_write_fraction ${w.hotWriteFraction} must be in [0, 1]`);
+    }
+  }
+}
+

@@ -1,0 +1,77 @@
+/**
+ * A memslot: a range of guest physical memory with its backing contents, its
+ * stage-2 descriptors, and its dirty bitmap while logging. Per-page state
+ * lives in typed arrays: 8 bytes of content and 8 of descriptor per page, plus
+ * one bit of dirty log.
+ */
+import { PAGE_SHIFT } from "./descriptor.js";
+import { Stage2 } from "./stage2.js";
+
+export const KVM_MEM_LOG_DIRTY_PAGES = 1 << 0;
+export const KVM_MEM_READONLY = 1 << 1;
+export const KNOWN_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY;
+/** KVM_MEM_MAX_NR_PAGES: (1 << 31) - 1. */
+export const MAX_SLOT_PAGES = 2 ** 31 - 1;
+/** arm64 has one address space and no internal slots: KVM_USER_MEM_SLOTS = SHRT_MAX. */
+export const USER_MEM_SLOTS = 32767;
+
+export class Memslot {
+  readonly npages: number;
+  readonly baseGfn: number;
+  /** Content word of every page, lo/hi interleaved (little-endian u64 in the buffer). */
+  readonly content: Uint32Array;
+  readonly s2: Stage2;
+  /** The dirty log while LOG_DIRTY_PAGES is on: one bit per page, 64-bit words as lo/hi u32 pairs. */
+  dirtyBitmap: Uint32Array | null = null;
+  /** Pages whose dirty-log bit went from 0 to 1 (the dirty-rate counter). */
+  pagesDirtied = 0;
+
+  constructor(
+    readonly id: number,
+    readonly gpa: number,
+    readonly size: number,
+    public flags: number,
+    hostBase: number,
+  ) {
+    this.npages = size / 4096;
+    this.baseGfn = gpa / 4096;
+    this.content = new Uint32Array(2 * this.npages);
+    this.s2 = new Stage2(this.baseGfn, this.npages, hostBase);
+  }
+
+  get readonly(): boolean {
+    return (this.flags & KVM_MEM_READONLY) !== 0;
+  }
+  get logging(): boolean {
+    return this.dirtyBitmap !== null;
+  }
+  get endGpa(): number {
+    return this.gpa + this.size;
+  }
+  /** Bytes of the dirty bitmap: ALIGN(npages, 64) / 8. */
+  get bitmapBytes(): number {
+    return Math.ceil(this.npages / 64) * 8;
+  }
+
+  containsGfn(gfn: number): boolean {
+    return gfn >= this.baseGfn && gfn < this.baseGfn + this.npages;
+  }
+
+  /** Sets page p's bit in the dirty log; true when it was clear. */
+  markDirty(p: number): boolean {
+    const bm = this.dirtyBitmap;
+    if (!bm) return false;
+    const w = p >>> 5;
+    const bit = 1 << (p & 31);
+    if (bm[w] & bit) return false;
+    bm[w] |= bit;
+    this.pagesDirtied++;
+    return true;
+  }
+
+  contentAt(p: number): bigint {
+    return (BigInt(this.content[2 * p + 1]) << 32n) | BigInt(this.content[2 * p]);
+  }
+}
+
+export const gfnOf = (gpa: number) => Math.floor(gpa / 2 ** PAGE_SHIFT);

@@ -1,0 +1,408 @@
+/**
+ * The hypervisor's gRPC API over the model: converts messages to model calls
+ * and back. All validation errors come from the model as domain errors; the
+ * binding in common/grpc.ts turns them into statuses.
+ */
+import * as grpc from "@grpc/grpc-js";
+import type { FastifyInstance } from "fastify";
+import { Registry, collectDefaultMetrics } from "prom-client";
+import { addStandardServices, bindServer, bindService, channelOptions, GrpcServerMetrics, shutdownServer, type ServiceHandlers } from "../../common/grpc.js";
+import { createOpsServer } from "../../common/http.js";
+import { invalidArgument, permissionDenied, failedPrecondition } from "../../common/errors.js";
+import type { Logger } from "../../common/log.js";
+import {
+  BackingPageSize,
+  ClockDrive,
+  ExitReason,
+  FaultKind,
+  HypervisorServiceService,
+  WorkloadPattern,
+  WriteValue,
+  type VmInfo,
+  type Workload,
+} from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { HypervisorMetrics } from "./metrics.js";
+import { RealtimeDriver } from "./model/clock.js";
+import { toU64, outputAddressOf, AF, HI_DBM, S2AP_R, S2AP_W } from "./model/descriptor.js";
+import { DEFAULT_CHUNK_PAGES, digest, readMemory, writeMemory } from "./model/guest-memory.js";
+import type { Hypervisor } from "./model/hypervisor.js";
+import { Level } from "./model/stage2.js";
+import type { Vm, BackingPageSize as Backing } from "./model/vm.js";
+import type { Pattern, WorkloadSpec } from "./model/workload.js";
+
+export const HYPERVISOR_PROTO = "dirtytrack/hypervisor/v1/hypervisor.proto";
+export const HYPERVISOR_SERVICE = "dirtytrack.hypervisor.v1.HypervisorService";
+
+/** Longest single AdvanceVm: an hour of guest time. */
+const MAX_ADVANCE_NS = 3600e9;
+
+/** A uint64 from the wire as a JS number, refusing values past 2^53. */
+function num(v: bigint, what: string): number {
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw invalidArgument(`${what} ${v} is too large`);
+  return Number(v);
+}
+
+const asBuffer = (a: Uint8Array | Uint32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+
+const BACKING: Record<number, Backing> = {
+  [BackingPageSize.BACKING_PAGE_SIZE_UNSPECIFIED]: "4K",
+  [BackingPageSize.BACKING_PAGE_SIZE_4K]: "4K",
+  [BackingPageSize.BACKING_PAGE_SIZE_2M]: "2M",
+  [BackingPageSize.BACKING_PAGE_SIZE_1G]: "1G",
+};
+const BACKING_OUT: Record<Backing, BackingPageSize> = {
+  "4K": BackingPageSize.BACKING_PAGE_SIZE_4K,
+  "2M": BackingPageSize.BACKING_PAGE_SIZE_2M,
+  "1G": BackingPageSize.BACKING_PAGE_SIZE_1G,
+};
+const PATTERN: Record<number, Pattern> = {
+  [WorkloadPattern.WORKLOAD_PATTERN_UNSPECIFIED]: "idle",
+  [WorkloadPattern.WORKLOAD_PATTERN_IDLE]: "idle",
+  [WorkloadPattern.WORKLOAD_PATTERN_UNIFORM]: "uniform",
+  [WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD]: "hot-cold",
+  [WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL]: "sequential",
+};
+const PATTERN_OUT: Record<Pattern, WorkloadPattern> = {
+  idle: WorkloadPattern.WORKLOAD_PATTERN_IDLE,
+  uniform: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM,
+  "hot-cold": WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD,
+  sequential: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL,
+};
+
+export function workloadFromProto(w: Workload): WorkloadSpec {
+  const pattern = PATTERN[w.pattern];
+  if (!pattern) throw invalidArgument(`unknown workload pattern ${w.pattern}`);
+  if (w.value !== WriteValue.WRITE_VALUE_UNSPECIFIED && w.value !== WriteValue.WRITE_VALUE_SEQUENCE && w.value !== WriteValue.WRITE_VALUE_EPOCH) {
+    throw invalidArgument(`unknown write value mode ${w.value}`);
+  }
+  return {
+    pattern,
+    writesPerSecond: w.writesPerSecond,
+    firstPage: num(w.workingSetFirstPage, "working_set_first_page"),
+    pages: num(w.workingSetPages, "working_set_pages"),
+    hotFraction: w.hotFraction || 0.1,
+    hotWriteFraction: w.hotWriteFraction || 0.9,
+    value: w.value === WriteValue.WRITE_VALUE_EPOCH ? "epoch" : "sequence",
+    epoch: w.epoch,
+    seed: w.seed,
+  };
+}
+
+function workloadToProto(s: WorkloadSpec): Workload {
+  return {
+    pattern: PATTERN_OUT[s.pattern],
+    writesPerSecond: s.writesPerSecond,
+    workingSetFirstPage: BigInt(s.firstPage),
+    workingSetPages: BigInt(s.pages),
+    hotFraction: s.hotFraction,
+    hotWriteFraction: s.hotWriteFraction,
+    value: s.value === "epoch" ? WriteValue.WRITE_VALUE_EPOCH : WriteValue.WRITE_VALUE_SEQUENCE,
+    epoch: s.epoch,
+    seed: s.seed,
+  };
+}
+
+export function vmInfo(vm: Vm): VmInfo {
+  return {
+    vm: vm.name,
+    vmid: vm.config.vmid,
+    clock: vm.config.clock === "realtime" ? ClockDrive.CLOCK_DRIVE_REALTIME : ClockDrive.CLOCK_DRIVE_STEPPED,
+    realtimeSpeed: vm.config.realtimeSpeed,
+    clockNs: BigInt(Math.round(vm.clockNs)),
+    backingPageSize: BACKING_OUT[vm.config.backing],
+    ipaBits: vm.config.ipaBits,
+    eagerSplitChunkSize: BigInt(vm.eagerSplitChunk),
+    manualDirtyLogProtect: vm.manualProtectFlags,
+    vcpus: vm.vcpus.map((v) => ({
+      index: v.index,
+      paused: v.paused,
+      workload: workloadToProto(vm.workloadOf(v.index)),
+      writes: BigInt(v.total.writes),
+      writeFaults: BigInt(v.total.writeFaults),
+      trackingOverheadNs: BigInt(Math.round(v.total.overheadNs)),
+      achievedWritesPerSecond: v.achievedWritesPerSecond,
+    })),
+    memslots: vm.sortedSlots().map((s) => ({
+      memslot: { slot: s.id, guestPhysAddr: BigInt(s.gpa), memorySize: BigInt(s.size), flags: s.flags },
+      numPages: BigInt(s.npages),
+      logging: s.logging,
+      mappedPages4k: BigInt(s.s2.pages4k),
+      mappedBlocks2m: BigInt(s.s2.blocks2m),
+      mappedBlocks1g: BigInt(s.s2.blocks1g),
+    })),
+    memoryBytes: BigInt(vm.memoryBytes),
+    tlbFlushes: BigInt(vm.tlbFlushes),
+    tlbEntries: vm.config.tlbEntries,
+    seed: vm.config.seed,
+  };
+}
+
+const FAULT_OUT = { none: FaultKind.FAULT_KIND_UNSPECIFIED, translation: FaultKind.FAULT_KIND_TRANSLATION, permission: FaultKind.FAULT_KIND_PERMISSION };
+
+function vcpuList(vm: Vm, list: number[], what: string): number[] {
+  if (list.length === 0) return vm.vcpus.map((v) => v.index);
+  for (const i of list) vm.vcpu(i, what);
+  return list;
+}
+
+export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics): ServiceHandlers<typeof HypervisorServiceService> {
+  const stepped = (vm: Vm, what: string) => {
+    if (vm.config.clock !== "stepped") throw failedPrecondition(`${what}: VM ${vm.name}'s clock is driven in real time`);
+  };
+  return {
+    createVm(req) {
+      if (req.clock !== ClockDrive.CLOCK_DRIVE_UNSPECIFIED && req.clock !== ClockDrive.CLOCK_DRIVE_STEPPED && req.clock !== ClockDrive.CLOCK_DRIVE_REALTIME) {
+        throw invalidArgument(`unknown clock drive ${req.clock}`);
+      }
+      const backing = BACKING[req.backingPageSize];
+      if (!backing) throw invalidArgument(`unknown backing page size ${req.backingPageSize}`);
+      const vm = hv.createVm({
+        name: req.vm,
+        vcpus: req.vcpus,
+        memslots: req.memslots.map((m) => ({
+          slot: m.slot,
+          gpa: num(m.guestPhysAddr, "guest_phys_addr"),
+          size: num(m.memorySize, "memory_size"),
+          flags: m.flags,
+        })),
+        backing,
+        ipaBits: req.ipaBits,
+        eagerSplitChunkSize: num(req.eagerSplitChunkSize, "eager_split_chunk_size"),
+        clock: req.clock === ClockDrive.CLOCK_DRIVE_REALTIME ? "realtime" : "stepped",
+        realtimeSpeed: req.realtimeSpeed,
+        seed: req.seed,
+        workload: req.workload ? workloadFromProto(req.workload) : null,
+        startPaused: req.startPaused,
+        tlbEntries: req.tlbEntries,
+      });
+      return { vm: vmInfo(vm) };
+    },
+    getVm: (req) => ({ vm: vmInfo(hv.vm(req.vm)) }),
+    listVms: () => ({ vms: [...hv.vms.values()].map(vmInfo) }),
+    destroyVm(req) {
+      hv.destroyVm(req.vm);
+      return {};
+    },
+    pauseVm(req) {
+      const vm = hv.vm(req.vm);
+      for (const i of vcpuList(vm, req.vcpus, "pause")) vm.vcpus[i].paused = true;
+      return { vm: vmInfo(vm) };
+    },
+    resumeVm(req) {
+      const vm = hv.vm(req.vm);
+      for (const i of vcpuList(vm, req.vcpus, "resume")) {
+        const v = vm.vcpus[i];
+        // A resumed vCPU picks up at the VM's present time; time spent paused is not owed.
+        if (v.paused) v.time = Math.max(v.time, vm.clockNs);
+        v.paused = false;
+      }
+      return { vm: vmInfo(vm) };
+    },
+    setUserMemoryRegion(req) {
+      const vm = hv.vm(req.vm);
+      if (!req.memslot) throw invalidArgument("SET_USER_MEMORY_REGION: memslot is missing");
+      const m = req.memslot;
+      const hostNs = hv.setUserMemoryRegion(vm, {
+        slot: m.slot,
+        gpa: num(m.guestPhysAddr, "guest_phys_addr"),
+        size: num(m.memorySize, "memory_size"),
+        flags: m.flags,
+      });
+      return { hostNs: BigInt(Math.round(hostNs)), vm: vmInfo(vm) };
+    },
+    checkExtension(req) {
+      if (req.capability === 0) throw invalidArgument("CHECK_EXTENSION: capability is unspecified");
+      const vm = req.vm ? hv.vm(req.vm) : null;
+      return { value: BigInt(hv.checkExtension(vm, req.capability)) };
+    },
+    enableCap(req) {
+      if (req.capability === 0) throw invalidArgument("ENABLE_CAP: capability is unspecified");
+      hv.enableCap(hv.vm(req.vm), req.capability, req.flags, req.args);
+      return {};
+    },
+    getDirtyLog(req) {
+      const vm = hv.vm(req.vm);
+      const r = vm.getDirtyLog(req.slot);
+      metrics.syncHostSeconds.observe({ vm: vm.name, interface: "get" }, r.hostNs / 1e9);
+      return {
+        bitmap: asBuffer(r.bitmap),
+        numPages: BigInt(r.numPages),
+        dirtyPages: BigInt(r.dirtyPages),
+        pagesWriteProtected: BigInt(r.pagesWriteProtected),
+        tlbFlushed: r.tlbFlushed,
+        hostNs: BigInt(Math.round(r.hostNs)),
+      };
+    },
+    clearDirtyLog(req) {
+      const vm = hv.vm(req.vm);
+      const r = vm.clearDirtyLog(req.slot, num(req.firstPage, "first_page"), req.numPages, req.bitmap);
+      metrics.syncHostSeconds.observe({ vm: vm.name, interface: "clear" }, r.hostNs / 1e9);
+      return { pagesCleared: BigInt(r.pagesCleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)) };
+    },
+    setWorkload(req) {
+      const vm = hv.vm(req.vm);
+      if (!req.workload) throw invalidArgument("set workload: workload is missing");
+      if (req.vcpu !== undefined) vm.vcpu(req.vcpu, "set workload");
+      const spec = workloadFromProto(req.workload);
+      hv.validateWorkload(vm, spec);
+      vm.setWorkload(req.vcpu, spec);
+      return { vm: vmInfo(vm) };
+    },
+    advanceVm(req) {
+      const vm = hv.vm(req.vm);
+      stepped(vm, "advance");
+      const d = num(req.durationNs, "duration_ns");
+      if (d === 0 || d > MAX_ADVANCE_NS) throw invalidArgument(`advance: duration_ns ${d} must be in (0, ${MAX_ADVANCE_NS}] (one hour)`);
+      vm.advance(d);
+      let writes = 0;
+      let faults = 0;
+      const vcpus = vm.vcpus.map((v) => {
+        writes += v.step.writes;
+        faults += v.step.writeFaults;
+        return {
+          vcpu: v.index,
+          writes: BigInt(v.step.writes),
+          writeFaults: BigInt(v.step.writeFaults),
+          trackingOverheadNs: BigInt(Math.round(v.step.overheadNs)),
+          achievedWritesPerSecond: v.achievedWritesPerSecond,
+          exits: v.step.mmioExits ? [{ reason: ExitReason.EXIT_REASON_MMIO, count: BigInt(v.step.mmioExits) }] : [],
+        };
+      });
+      return { clockNs: BigInt(Math.round(vm.clockNs)), vcpus, writes: BigInt(writes), writeFaults: BigInt(faults) };
+    },
+    guestWrite(req) {
+      const vm = hv.vm(req.vm);
+      const results = req.writes.map((w) => {
+        const r = vm.guestWrite(w.vcpu, num(w.gpa, "gpa"), w.value);
+        return {
+          fault: FAULT_OUT[r.fault],
+          logged: r.logged,
+          exit: r.mmio ? ExitReason.EXIT_REASON_MMIO : ExitReason.EXIT_REASON_UNSPECIFIED,
+          costNs: BigInt(Math.round(r.costNs)),
+        };
+      });
+      return { results };
+    },
+    translateGpa(req) {
+      const vm = hv.vm(req.vm);
+      const gpa = num(req.gpa, "gpa");
+      const slot = vm.slotOfGpa(gpa);
+      if (!slot) throw invalidArgument(`translate: GPA 0x${gpa.toString(16)} is outside every memslot of VM ${vm.name}`);
+      const p = Math.floor((gpa - slot.gpa) / 4096);
+      const gfn = slot.baseGfn + p;
+      const level = slot.s2.leafLevel(p);
+      const base = {
+        slot: slot.id,
+        content: slot.contentAt(p),
+        tlbWritableVcpus: vm.vcpus.filter((v) => v.tlb.holds(gfn)).map((v) => v.index),
+      };
+      if (level === Level.Unmapped) {
+        return { ...base, mapped: false, level: 0, descriptor: 0n, readable: false, writable: false, accessFlag: false, dbm: false, outputAddress: 0n };
+      }
+      const [arr, idx] = slot.s2.leafRef(p, level);
+      const lo = arr[idx];
+      const hi = arr[idx + 1];
+      return {
+        ...base,
+        mapped: true,
+        level,
+        descriptor: toU64(lo, hi),
+        readable: (lo & S2AP_R) !== 0,
+        writable: (lo & S2AP_W) !== 0,
+        accessFlag: (lo & AF) !== 0,
+        dbm: (hi & HI_DBM) !== 0,
+        outputAddress: BigInt(outputAddressOf(lo, hi)),
+      };
+    },
+    async *readMemory(req) {
+      const vm = hv.vm(req.vm);
+      const chunks = readMemory(
+        vm,
+        req.slot,
+        num(req.firstPage, "first_page"),
+        num(req.numPages, "num_pages"),
+        req.bitmap,
+        req.chunkPages || DEFAULT_CHUNK_PAGES,
+      );
+      for (const c of chunks) {
+        yield { chunk: { slot: c.slot, firstPage: BigInt(c.firstPage), numPages: c.numPages, bitmap: asBuffer(c.bitmap), contents: asBuffer(c.contents) } };
+      }
+    },
+    async writeMemory(reqs) {
+      let vm: Vm | null = null;
+      let pages = 0;
+      for await (const r of reqs) {
+        if (!vm) vm = hv.vm(r.vm);
+        else if (r.vm && r.vm !== vm.name) throw invalidArgument(`write memory: stream started on VM ${vm.name} and then named ${r.vm}`);
+        if (!r.chunk) throw invalidArgument("write memory: a message has no chunk");
+        pages += writeMemory(vm, {
+          slot: r.chunk.slot,
+          firstPage: num(r.chunk.firstPage, "first_page"),
+          numPages: r.chunk.numPages,
+          bitmap: r.chunk.bitmap,
+          contents: r.chunk.contents,
+        });
+      }
+      return { pagesWritten: BigInt(pages) };
+    },
+    getMemoryDigest(req) {
+      const d = digest(hv.vm(req.vm));
+      return { sha256: d.sha256, sha256Hex: d.sha256.toString("hex"), pages: BigInt(d.pages) };
+    },
+    setFaultInjection(req) {
+      if (!hv.options.allowFaultInjection) {
+        throw permissionDenied("fault injection is disabled on this hypervisor (start it with HYPERVISOR_ALLOW_FAULT_INJECTION=1)");
+      }
+      hv.vm(req.vm).skipTlbFlushAfterWriteProtect = req.skipTlbFlushAfterWriteProtect;
+      return {};
+    },
+  };
+}
+
+export interface HypervisorServerDeps {
+  hypervisor: Hypervisor;
+  logger: Logger;
+  registry?: Registry;
+  /** Real-time drive tick; 0 disables the driver (tests of stepped VMs). */
+  realtimeTickMs?: number;
+}
+
+export interface HypervisorServer {
+  grpc: grpc.Server;
+  ops: FastifyInstance;
+  registry: Registry;
+  listen(opts: { host: string; grpcPort: number; httpPort: number }): Promise<{ grpcPort: number; httpPort: number }>;
+  close(): Promise<void>;
+}
+
+export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorServer {
+  const registry = deps.registry ?? new Registry();
+  collectDefaultMetrics({ register: registry });
+  const rpcMetrics = new GrpcServerMetrics(registry);
+  const metrics = new HypervisorMetrics(registry, deps.hypervisor);
+  const server = new grpc.Server(channelOptions);
+  server.addService(
+    HypervisorServiceService,
+    bindService(HypervisorServiceService, hypervisorHandlers(deps.hypervisor, metrics), { metrics: rpcMetrics, logger: deps.logger }),
+  );
+  addStandardServices(server, [HYPERVISOR_PROTO], [HYPERVISOR_SERVICE]);
+  const ops = createOpsServer({ registry, health: () => ({ ok: true, detail: { vms: deps.hypervisor.vms.size } }) });
+  const driver = new RealtimeDriver(() => deps.hypervisor.vms.values(), deps.realtimeTickMs ?? 20);
+  return {
+    grpc: server,
+    ops,
+    registry,
+    async listen({ host, grpcPort, httpPort }) {
+      const g = await bindServer(server, host, grpcPort);
+      await ops.listen({ host, port: httpPort });
+      const addr = ops.server.address();
+      if (deps.realtimeTickMs !== 0) driver.start();
+      return { grpcPort: g, httpPort: typeof addr === "object" && addr ? addr.port : httpPort };
+    },
+    async close() {
+      driver.stop();
+      await shutdownServer(server);
+      await ops.close();
+    },
+  };
+}
