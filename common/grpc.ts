@@ -176,7 +176,8 @@ export function bindService<D extends Record<string, MethodDef>>(
           finish(t0, ctx.signal.aborted ? grpc.status.CANCELLED : grpc.status.OK);
           call.end();
         } catch (err) {
-          call.destroy(fail(t0, err));
+          // grpc-js turns an "error" event into the stream's final status.
+          call.emit("error", fail(t0, err));
         }
       }) as grpc.handleServerStreamingCall<unknown, unknown>;
     } else if (m.requestStream && !m.responseStream) {
@@ -207,7 +208,8 @@ export function bindService<D extends Record<string, MethodDef>>(
           finish(t0, grpc.status.OK);
           call.end();
         } catch (err) {
-          call.destroy(fail(t0, err));
+          // grpc-js turns an "error" event into the stream's final status.
+          call.emit("error", fail(t0, err));
         }
       }) as grpc.handleBidiStreamingCall<unknown, unknown>;
     }

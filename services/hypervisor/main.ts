@@ -10,7 +10,7 @@
  *   HYPERVISOR_ALLOW_FAULT_INJECTION  1 enables test-only bug switches
  *   LOG_LEVEL                  pino level (info)
  */
-import { envBool, envNumber, envString, parseBytes } from "../../common/config.js";
+import { ConfigError, envBool, envNumber, envString, parseBytes } from "../../common/config.js";
 import { createLogger } from "../../common/log.js";
 import { loadCostModel } from "./model/cost-model.js";
 import { Hypervisor } from "./model/hypervisor.js";
@@ -47,6 +47,7 @@ try {
   process.on("SIGTERM", () => void stop("SIGTERM"));
   process.on("SIGINT", () => void stop("SIGINT"));
 } catch (err) {
-  logger.fatal({ err }, (err as Error).message);
+  // A configuration mistake is the user's to fix: say what, without a stack trace.
+  logger.fatal(err instanceof ConfigError ? {} : { err }, (err as Error).message);
   process.exit(1);
 }

@@ -52,7 +52,8 @@ export function* readMemory(
   chunkPages: number,
 ): Generator<MemoryChunk> {
   const slot = vm.slot(slotId, "read memory");
-  const n = numPages === 0 ? slot.npages - Math.min(firstPage, slot.npages) : numPages;
+  if (firstPage > slot.npages) throw invalidArgument(`read memory: first_page ${firstPage} is past the end of slot ${slotId} (${slot.npages} pages)`);
+  const n = numPages === 0 ? slot.npages - firstPage : numPages;
   checkRange("read memory", slot, firstPage, n, bitmap);
   if (!Number.isInteger(chunkPages) || chunkPages < 8 || chunkPages > MAX_CHUNK_PAGES || chunkPages % 8 !== 0) {
     throw invalidArgument(`read memory: chunk_pages ${chunkPages} must be a multiple of 8 in [8, ${MAX_CHUNK_PAGES}]`);

@@ -380,8 +380,6 @@ export enum FaultKind {
   FAULT_KIND_TRANSLATION = 1,
   /** FAULT_KIND_PERMISSION - write-protected descriptor: made writable by the fault */
   FAULT_KIND_PERMISSION = 2,
-  /** FAULT_KIND_SPURIOUS - a stale read-only TLB entry; the descriptor was already writable */
-  FAULT_KIND_SPURIOUS = 3,
   UNRECOGNIZED = -1,
 }
 
@@ -396,9 +394,6 @@ export function faultKindFromJSON(object: any): FaultKind {
     case 2:
     case "FAULT_KIND_PERMISSION":
       return FaultKind.FAULT_KIND_PERMISSION;
-    case 3:
-    case "FAULT_KIND_SPURIOUS":
-      return FaultKind.FAULT_KIND_SPURIOUS;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -414,8 +409,6 @@ export function faultKindToJSON(object: FaultKind): string {
       return "FAULT_KIND_TRANSLATION";
     case FaultKind.FAULT_KIND_PERMISSION:
       return "FAULT_KIND_PERMISSION";
-    case FaultKind.FAULT_KIND_SPURIOUS:
-      return "FAULT_KIND_SPURIOUS";
     case FaultKind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

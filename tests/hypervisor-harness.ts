@@ -1,0 +1,44 @@
+/** Starts a real hypervisor server on 127.0.0.1 port 0 with a real client, for tests and benchmarks. */
+import { createLogger } from "../common/log.js";
+import { connectHypervisor, type HypervisorClient } from "../services/hypervisor/client.js";
+import { DEFAULT_COSTS, type CostModel } from "../services/hypervisor/model/cost-model.js";
+import { Hypervisor } from "../services/hypervisor/model/hypervisor.js";
+import { createHypervisorServer } from "../services/hypervisor/server.js";
+
+export interface RunningHypervisor {
+  hypervisor: Hypervisor;
+  client: HypervisorClient;
+  address: string;
+  httpPort: number;
+  close(): Promise<void>;
+}
+
+export async function startHypervisor(
+  opts: { memoryBudgetBytes?: number; allowFaultInjection?: boolean; costs?: Partial<CostModel>; realtimeTickMs?: number } = {},
+): Promise<RunningHypervisor> {
+  const hypervisor = new Hypervisor({
+    memoryBudgetBytes: opts.memoryBudgetBytes ?? 2 ** 40,
+    costs: { ...DEFAULT_COSTS, ...opts.costs },
+    allowFaultInjection: opts.allowFaultInjection ?? true,
+  });
+  const app = createHypervisorServer({ hypervisor, logger: createLogger("hypervisor", "silent"), realtimeTickMs: opts.realtimeTickMs ?? 0 });
+  const { grpcPort, httpPort } = await app.listen({ host: "127.0.0.1", grpcPort: 0, httpPort: 0 });
+  const address = `127.0.0.1:${grpcPort}`;
+  const client = connectHypervisor(address);
+  return {
+    hypervisor,
+    client,
+    address,
+    httpPort,
+    async close() {
+      client.close();
+      await app.close();
+    },
+  };
+}
+
+/** Bit i of a little-endian bitmap. */
+export const bit = (bm: Uint8Array, i: number) => (bm[i >>> 3] >> (i & 7)) & 1;
+
+export const GiB = 2 ** 30;
+export const MiB = 2 ** 20;

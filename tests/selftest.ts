@@ -1,0 +1,98 @@
+/**
+ * The kernel's dirty_log_test invariant (tools/testing/selftests/kvm/dirty_log_test.c),
+ * driven over gRPC: the guest writes the iteration number into random pages;
+ * each iteration collects once mid-run, then stops the vCPU and collects
+ * again; every page reported dirty must hold the current iteration and every
+ * other page less. The collect step is the mechanism under test.
+ */
+import type { HypervisorClient } from "../services/hypervisor/client.js";
+import { ManualProtectFlag, Capability, MemslotFlag, WorkloadPattern, WriteValue } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { bit, GiB } from "./hypervisor-harness.js";
+
+export type Collect = (c: HypervisorClient, vm: string, slot: number, numPages: number) => Promise<Uint8Array>;
+
+/** dirty-log mode: one GET (snapshot, clear, re-protect). */
+export const collectDirtyLog: Collect = async (c, vm, slot) => (await c.getDirtyLog({ vm, slot })).bitmap;
+
+/** clear-log mode: GET with manual protect, then CLEAR of the whole slot with what GET returned. */
+export const collectClearLog: Collect = async (c, vm, slot, numPages) => {
+  const { bitmap } = await c.getDirtyLog({ vm, slot });
+  await c.clearDirtyLog({ vm, slot, firstPage: 0n, numPages, bitmap: Buffer.from(bitmap) });
+  return bitmap;
+};
+
+export interface SelftestResult {
+  iterations: number;
+  pages: number;
+  /** Pages reported dirty that do not hold the iteration (beyond the selftest's allowed exceptions). */
+  falseDirty: number;
+  /** Pages that hold the iteration but were not reported dirty: lost dirty pages. */
+  lost: number;
+  dirtyPerIteration: number[];
+}
+
+export async function runSelftest(
+  c: HypervisorClient,
+  opts: {
+    vm: string;
+    collect: Collect;
+    initiallySet?: boolean;
+    iterations?: number;
+    skipTlbFlush?: boolean;
+    /** Guest time per half iteration. */
+    halfNs?: bigint;
+    writesPerSecond?: number;
+  },
+): Promise<SelftestResult> {
+  const slot = 1;
+  const pages = GiB / 4096 + 3; // 1 GiB + 3 pages, deliberately not a multiple of 64
+  const iterations = opts.iterations ?? 6;
+  await c.createVm({ vm: opts.vm, vcpus: 1, seed: 0x5eedn });
+  if (opts.initiallySet) {
+    const flags = ManualProtectFlag.MANUAL_PROTECT_FLAG_MANUAL_PROTECT_ENABLE | ManualProtectFlag.MANUAL_PROTECT_FLAG_INITIALLY_SET;
+    await c.enableCap({ vm: opts.vm, capability: Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2, args: [BigInt(flags)] });
+  }
+  if (opts.skipTlbFlush) await c.setFaultInjection({ vm: opts.vm, skipTlbFlushAfterWriteProtect: true });
+  await c.setUserMemoryRegion({
+    vm: opts.vm,
+    memslot: { slot, guestPhysAddr: BigInt(GiB), memorySize: BigInt(pages * 4096), flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES },
+  });
+  const result: SelftestResult = { iterations, pages, falseDirty: 0, lost: 0, dirtyPerIteration: [] };
+  for (let it = 1; it <= iterations; it++) {
+    await c.setWorkload({
+      vm: opts.vm,
+      workload: {
+        pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM,
+        writesPerSecond: opts.writesPerSecond ?? 2e6,
+        value: WriteValue.WRITE_VALUE_EPOCH,
+        epoch: BigInt(it),
+        seed: BigInt(it),
+      },
+    });
+    await c.advanceVm({ vm: opts.vm, durationNs: opts.halfNs ?? 5_000_000n });
+    const mid = await opts.collect(c, opts.vm, slot, pages);
+    await c.advanceVm({ vm: opts.vm, durationNs: opts.halfNs ?? 5_000_000n });
+    await c.pauseVm({ vm: opts.vm });
+    const end = await opts.collect(c, opts.vm, slot, pages);
+    const values = new BigUint64Array(pages);
+    let off = 0;
+    for await (const ch of c.readMemory({ vm: opts.vm, slot })) {
+      const bytes = ch.chunk!.contents;
+      new Uint8Array(values.buffer).set(bytes, off);
+      off += bytes.length;
+    }
+    let dirtyCount = 0;
+    for (let p = 0; p < pages; p++) {
+      const v = values[p];
+      if (bit(mid, p) | bit(end, p)) {
+        dirtyCount++;
+        const initiallySetZero = opts.initiallySet && it === 1 && v === 0n;
+        if (v !== BigInt(it) && !initiallySetZero) result.falseDirty++;
+      } else if (v >= BigInt(it)) result.lost++;
+    }
+    result.dirtyPerIteration.push(dirtyCount);
+    await c.resumeVm({ vm: opts.vm });
+  }
+  await c.destroyVm({ vm: opts.vm });
+  return result;
+}
