@@ -42,7 +42,7 @@ function num(v: bigint, what: string): number {
   return Number(v);
 }
 
-const asBuffer = (a: Uint8Array | Uint32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+const asBuffer = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
 
 const BACKING: Record<number, Backing> = {
   [BackingPageSize.BACKING_PAGE_SIZE_UNSPECIFIED]: "4K",
@@ -299,9 +299,9 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics): 
       if (level === Level.Unmapped) {
         return { ...base, mapped: false, level: 0, descriptor: 0n, readable: false, writable: false, accessFlag: false, dbm: false, outputAddress: 0n };
       }
-      const [arr, idx] = slot.s2.leafRef(p, level);
-      const lo = arr[idx];
-      const hi = arr[idx + 1];
+      const [pl, i] = slot.s2.leafRef(p, level);
+      const lo = pl.lo[i];
+      const hi = pl.hi[i];
       return {
         ...base,
         mapped: true,

@@ -1,7 +1,8 @@
 /**
- * arm64 stage-2 descriptor bits. A descriptor is 64 bits, kept as two u32
- * words (lo = bits 0..31, hi = bits 32..63) in a Uint32Array so that hot
- * paths never touch BigInt.
+ * arm64 stage-2 descriptor bits. A descriptor is 64 bits, kept as two 32-bit
+ * words (lo = bits 0..31, hi = bits 32..63) so that hot paths never touch
+ * BigInt. The words live in Int32Arrays: a load is always a small integer to
+ * the JIT, where a Uint32Array load with bit 31 set becomes a double.
  */
 export const VALID = 1 << 0;
 /** At levels 1 and 2: a table (clear: a block). At level 3 it must be set for a page. */

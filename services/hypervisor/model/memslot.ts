@@ -22,7 +22,7 @@ export class Memslot {
   readonly content: Uint32Array;
   readonly s2: Stage2;
   /** The dirty log while LOG_DIRTY_PAGES is on: one bit per page, 64-bit words as lo/hi u32 pairs. */
-  dirtyBitmap: Uint32Array | null = null;
+  dirtyBitmap: Int32Array | null = null;
   /** Pages whose dirty-log bit went from 0 to 1 (the dirty-rate counter). */
   pagesDirtied = 0;
 

@@ -1,7 +1,12 @@
 /**
  * The stage-2 translation table of one memslot's range: level-1 (1 GiB),
- * level-2 (2 MiB) and level-3 (4 KiB) descriptors in flat typed arrays
- * (structure of arrays, 8 bytes per guest page at level 3).
+ * level-2 (2 MiB) and level-3 (4 KiB) descriptors in flat typed arrays.
+ *
+ * Each level keeps its 64-bit descriptors as two planes, the low words
+ * (valid, type, S2AP, AF, output address 31:12) and the high words (output
+ * address 47:32, DBM at bit 51): 8 bytes per guest page at level 3. Write
+ * protection and dirty-state scans only read or write the low plane, so they
+ * stream half the memory.
  *
  * Invariant: a level-3 descriptor is valid only when its level-2 and level-1
  * entries are tables, and a block's subordinate entries are all zero. The walk
@@ -10,19 +15,14 @@
  *
  * Blocks are only ever installed for 2 MiB / 1 GiB regions lying wholly inside
  * the slot (as KVM requires); edge regions are tables or empty.
+ *
+ * Beside the descriptors this class keeps `writable`, one bit per page that
+ * mirrors "level-3 descriptor valid with S2AP_W" (a walk cache, as cores keep
+ * for their own page tables). Every level-3 update goes through this class
+ * and updates both; the guest write path reads the 2 MiB bit array instead of
+ * the descriptors, so a random write costs one cache miss.
  */
-import {
-  PAGE_RO,
-  PAGES_1G,
-  PAGES_2M,
-  PAGE_SIZE,
-  S2AP_W,
-  TABLE,
-  VALID,
-  TABLE_OR_PAGE,
-  descHi,
-  descLo,
-} from "./descriptor.js";
+import { PAGE_RO, PAGES_1G, PAGES_2M, PAGE_SIZE, S2AP_W, TABLE, VALID, TABLE_OR_PAGE, descHi, descLo } from "./descriptor.js";
 
 export enum Level {
   Unmapped = 0,
@@ -31,15 +31,24 @@ export enum Level {
   Page = 3,
 }
 
+/** One level's descriptors: low and high 32-bit words at the same index. */
+export interface Plane {
+  readonly lo: Int32Array;
+  readonly hi: Int32Array;
+}
+
+const plane = (n: number): Plane => ({ lo: new Int32Array(n), hi: new Int32Array(n) });
 const NOT_W = ~S2AP_W;
 
 export class Stage2 {
-  /** Level-3 descriptors, lo/hi interleaved, indexed by page of the slot. */
-  readonly pte: Uint32Array;
+  /** Level-3 descriptors, indexed by page of the slot. */
+  readonly pte: Plane;
   /** Level-2 entries of the 2 MiB regions the slot overlaps. */
-  readonly pmd: Uint32Array;
+  readonly pmd: Plane;
   /** Level-1 entries of the 1 GiB regions the slot overlaps. */
-  readonly pud: Uint32Array;
+  readonly pud: Plane;
+  /** Bit p set iff page p has a valid, writable level-3 descriptor. */
+  readonly writable: Int32Array;
   /** Index of the slot's first 2 MiB / 1 GiB region in the IPA space. */
   private readonly r2Base: number;
   private readonly r1Base: number;
@@ -53,12 +62,13 @@ export class Stage2 {
     /** Host physical address backing the slot's first page. */
     readonly hostBase: number,
   ) {
-    this.pte = new Uint32Array(2 * npages);
+    this.pte = plane(npages);
+    this.writable = new Int32Array(Math.ceil(npages / 32));
     this.r2Base = Math.floor(baseGfn / PAGES_2M);
     this.r1Base = Math.floor(baseGfn / PAGES_1G);
     const last = baseGfn + npages - 1;
-    this.pmd = new Uint32Array(2 * (Math.floor(last / PAGES_2M) - this.r2Base + 1));
-    this.pud = new Uint32Array(2 * (Math.floor(last / PAGES_1G) - this.r1Base + 1));
+    this.pmd = plane(Math.floor(last / PAGES_2M) - this.r2Base + 1);
+    this.pud = plane(Math.floor(last / PAGES_1G) - this.r1Base + 1);
   }
 
   get hasBlocks(): boolean {
@@ -79,52 +89,71 @@ export class Stage2 {
   private firstPageOf1g(i1: number): number {
     return (this.r1Base + i1) * PAGES_1G - this.baseGfn;
   }
+  /** First page past the block of the given size that contains page p. */
+  private endOfBlock(p: number, pagesPerBlock: number): number {
+    return Math.floor((this.baseGfn + p) / pagesPerBlock) * pagesPerBlock - this.baseGfn + pagesPerBlock;
+  }
 
   /** Can page p be mapped by a block of the given size (region wholly inside the slot)? */
   blockFits(p: number, pagesPerBlock: number): boolean {
-    const start = Math.floor((this.baseGfn + p) / pagesPerBlock) * pagesPerBlock - this.baseGfn;
+    const start = this.endOfBlock(p, pagesPerBlock) - pagesPerBlock;
     return start >= 0 && start + pagesPerBlock <= this.npages;
   }
 
   /** The level of the leaf mapping page p. */
   leafLevel(p: number): Level {
-    if (this.pte[2 * p] & VALID) return Level.Page;
-    const l1 = this.pud[2 * this.i1(p)];
+    if (this.pte.lo[p] & VALID) return Level.Page;
+    const l1 = this.pud.lo[this.i1(p)];
     if (l1 & VALID) {
       if (!(l1 & TABLE_OR_PAGE)) return Level.Block1G;
-      const l2 = this.pmd[2 * this.i2(p)];
-      if ((l2 & VALID) && !(l2 & TABLE_OR_PAGE)) return Level.Block2M;
+      const l2 = this.pmd.lo[this.i2(p)];
+      if (l2 & VALID && !(l2 & TABLE_OR_PAGE)) return Level.Block2M;
     }
     return Level.Unmapped;
   }
 
-  /** Array and index of page p's leaf descriptor (lo word at idx, hi at idx + 1). */
-  leafRef(p: number, level: Level): [Uint32Array, number] {
-    if (level === Level.Page) return [this.pte, 2 * p];
-    if (level === Level.Block2M) return [this.pmd, 2 * this.i2(p)];
-    return [this.pud, 2 * this.i1(p)];
+  /** The plane and index of page p's leaf descriptor at the given level. */
+  leafRef(p: number, level: Level): [Plane, number] {
+    if (level === Level.Page) return [this.pte, p];
+    if (level === Level.Block2M) return [this.pmd, this.i2(p)];
+    return [this.pud, this.i1(p)];
   }
 
   private pageAddress(p: number): number {
     return this.hostBase + p * PAGE_SIZE;
   }
 
+  private mirror(p: number, attrs: number): void {
+    if ((attrs & (VALID | S2AP_W)) === (VALID | S2AP_W)) this.writable[p >>> 5] |= 1 << (p & 31);
+    else this.writable[p >>> 5] &= ~(1 << (p & 31));
+  }
+
+  /** Clears the writable mirror of pages [p0, p1). */
+  private unmirrorRange(p0: number, p1: number): void {
+    const w = this.writable;
+    let p = p0;
+    for (; p < p1 && p & 31; p++) w[p >>> 5] &= ~(1 << (p & 31));
+    for (; p + 32 <= p1; p += 32) w[p >>> 5] = 0;
+    for (; p < p1; p++) w[p >>> 5] &= ~(1 << (p & 31));
+  }
+
   /** Installs a level-3 page descriptor; parents must not be blocks. */
   mapPage(p: number, attrs: number, hiBits = 0): void {
-    const i1 = 2 * this.i1(p);
-    const i2 = 2 * this.i2(p);
-    if (this.pud[i1] === 0) this.pud[i1] = TABLE;
-    if (this.pmd[i2] === 0) this.pmd[i2] = TABLE;
+    const i1 = this.i1(p);
+    const i2 = this.i2(p);
+    if (this.pud.lo[i1] === 0) this.pud.lo[i1] = TABLE;
+    if (this.pmd.lo[i2] === 0) this.pmd.lo[i2] = TABLE;
     const pa = this.pageAddress(p);
-    if (!(this.pte[2 * p] & VALID)) this.pages4k++;
-    this.pte[2 * p] = descLo(pa, attrs);
-    this.pte[2 * p + 1] = descHi(pa, hiBits);
+    if (!(this.pte.lo[p] & VALID)) this.pages4k++;
+    this.pte.lo[p] = descLo(pa, attrs);
+    this.pte.hi[p] = descHi(pa, hiBits);
+    this.mirror(p, attrs);
   }
 
   /** Sets the attribute bits of page p's existing level-3 descriptor. */
   setPageAttrs(p: number, attrs: number): void {
-    const lo = this.pte[2 * p];
-    this.pte[2 * p] = ((lo & 0xfffff000) | attrs) >>> 0;
+    this.pte.lo[p] = ((this.pte.lo[p] & 0xfffff000) | attrs) >>> 0;
+    this.mirror(p, attrs);
   }
 
   /**
@@ -136,33 +165,35 @@ export class Stage2 {
       const i1 = this.i1(p);
       const first = this.firstPageOf1g(i1);
       this.clearRange(first, first + PAGES_1G);
-      this.pud[2 * i1] = descLo(this.pageAddress(first), attrs);
-      this.pud[2 * i1 + 1] = descHi(this.pageAddress(first));
+      this.pud.lo[i1] = descLo(this.pageAddress(first), attrs);
+      this.pud.hi[i1] = descHi(this.pageAddress(first));
       this.blocks1g++;
     } else {
-      const i1 = 2 * this.i1(p);
-      if (this.pud[i1] === 0) this.pud[i1] = TABLE;
+      const i1 = this.i1(p);
+      if (this.pud.lo[i1] === 0) this.pud.lo[i1] = TABLE;
       const i2 = this.i2(p);
       const first = this.firstPageOf2m(i2);
       this.clearRange(first, first + PAGES_2M);
-      this.pmd[2 * i2] = descLo(this.pageAddress(first), attrs);
-      this.pmd[2 * i2 + 1] = descHi(this.pageAddress(first));
+      this.pmd.lo[i2] = descLo(this.pageAddress(first), attrs);
+      this.pmd.hi[i2] = descHi(this.pageAddress(first));
       this.blocks2m++;
     }
   }
 
-  /** Zeroes every level-3 and level-2 entry under [p0, p1) (aligned to whole regions by the callers). */
+  /** Zeroes every level-3 and level-2 entry under [p0, p1) (whole regions, from the callers). */
   private clearRange(p0: number, p1: number): void {
+    this.unmirrorRange(p0, p1);
+    const { lo, hi } = this.pte;
     for (let p = p0; p < p1; p++) {
-      if (this.pte[2 * p] & VALID) this.pages4k--;
-      this.pte[2 * p] = 0;
-      this.pte[2 * p + 1] = 0;
+      if (lo[p] & VALID) this.pages4k--;
+      lo[p] = 0;
+      hi[p] = 0;
     }
     for (let i2 = this.i2(p0); i2 <= this.i2(p1 - 1); i2++) {
-      const l2 = this.pmd[2 * i2];
-      if ((l2 & VALID) && !(l2 & TABLE_OR_PAGE)) this.blocks2m--;
-      this.pmd[2 * i2] = 0;
-      this.pmd[2 * i2 + 1] = 0;
+      const l2 = this.pmd.lo[i2];
+      if (l2 & VALID && !(l2 & TABLE_OR_PAGE)) this.blocks2m--;
+      this.pmd.lo[i2] = 0;
+      this.pmd.hi[i2] = 0;
     }
   }
 
@@ -177,22 +208,20 @@ export class Stage2 {
     const level = this.leafLevel(p);
     if (level === Level.Block1G) {
       const i1 = this.i1(p);
-      const attrs = (this.pud[2 * i1] & 0xfff) | 0;
-      this.pud[2 * i1] = TABLE;
-      this.pud[2 * i1 + 1] = 0;
+      const attrs = this.pud.lo[i1] & 0xfff;
+      this.pud.lo[i1] = TABLE;
+      this.pud.hi[i1] = 0;
       this.blocks1g--;
       const first = this.firstPageOf1g(i1);
-      if (fill) {
-        for (let q = first; q < first + PAGES_1G; q += PAGES_2M) this.fillTable(q, attrs);
-        return PAGES_1G / PAGES_2M;
-      }
-      return 1;
+      if (!fill) return 1;
+      for (let q = first; q < first + PAGES_1G; q += PAGES_2M) this.fillTable(q, attrs);
+      return PAGES_1G / PAGES_2M;
     }
     if (level === Level.Block2M) {
       const i2 = this.i2(p);
-      const attrs = (this.pmd[2 * i2] & 0xfff) | 0;
-      this.pmd[2 * i2] = TABLE;
-      this.pmd[2 * i2 + 1] = 0;
+      const attrs = this.pmd.lo[i2] & 0xfff;
+      this.pmd.lo[i2] = TABLE;
+      this.pmd.hi[i2] = 0;
       this.blocks2m--;
       if (fill) this.fillTable(this.firstPageOf2m(i2), attrs);
       return 1;
@@ -201,7 +230,7 @@ export class Stage2 {
   }
 
   private fillTable(first: number, blockAttrs: number): void {
-    this.pmd[2 * this.i2(first)] = TABLE;
+    this.pmd.lo[this.i2(first)] = TABLE;
     const attrs = (blockAttrs | TABLE_OR_PAGE) & (PAGE_RO | S2AP_W);
     for (let q = first; q < first + PAGES_2M; q++) this.mapPage(q, attrs);
   }
@@ -215,9 +244,9 @@ export class Stage2 {
       if (level === Level.Block1G || level === Level.Block2M) {
         const size = level === Level.Block1G ? PAGES_1G : PAGES_2M;
         units += this.splitBlockAt(p, true);
-        p = Math.floor((this.baseGfn + p) / size) * size - this.baseGfn + size;
+        p = this.endOfBlock(p, size);
       } else {
-        p = Math.floor((this.baseGfn + p) / PAGES_2M) * PAGES_2M - this.baseGfn + PAGES_2M;
+        p = this.endOfBlock(p, PAGES_2M);
       }
     }
     return units;
@@ -228,20 +257,20 @@ export class Stage2 {
    * (stage2_wp_range). Blocks lose it whole.
    */
   writeProtectRange(p0: number, p1: number): void {
-    const pte = this.pte;
+    const lo = this.pte.lo;
+    this.unmirrorRange(p0, p1);
     if (!this.hasBlocks) {
-      for (let i = 2 * p0, end = 2 * p1; i < end; i += 2) pte[i] &= NOT_W;
+      for (let p = p0; p < p1; p++) lo[p] &= NOT_W;
       return;
     }
     for (let p = p0; p < p1; ) {
       const level = this.leafLevel(p);
       if (level === Level.Block1G || level === Level.Block2M) {
-        const [arr, idx] = this.leafRef(p, level);
-        arr[idx] &= NOT_W;
-        const size = level === Level.Block1G ? PAGES_1G : PAGES_2M;
-        p = Math.floor((this.baseGfn + p) / size) * size - this.baseGfn + size;
+        const [pl, i] = this.leafRef(p, level);
+        pl.lo[i] &= NOT_W;
+        p = this.endOfBlock(p, level === Level.Block1G ? PAGES_1G : PAGES_2M);
       } else {
-        pte[2 * p] &= NOT_W;
+        lo[p] &= NOT_W;
         p++;
       }
     }
@@ -252,4 +281,3 @@ export class Stage2 {
     this.writeProtectRange(0, this.npages);
   }
 }
-

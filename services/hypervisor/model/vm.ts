@@ -5,7 +5,7 @@
  */
 import { failedPrecondition, invalidArgument, notFound } from "../../../common/errors.js";
 import type { CostModel } from "./cost-model.js";
-import { BLOCK_RW, PAGES_1G, PAGES_2M, PAGE_RW, S2AP_W, VALID } from "./descriptor.js";
+import { BLOCK_RW, PAGES_1G, PAGES_2M, PAGE_RW, S2AP_W } from "./descriptor.js";
 import * as bitmapLog from "./dirty-bitmap.js";
 import { KVM_MEM_LOG_DIRTY_PAGES, Memslot } from "./memslot.js";
 import { deriveSeed } from "./rng.js";
@@ -223,7 +223,9 @@ export class Vm {
     const mask = v.tlb.mask;
     const batch = gen.batch;
     let seg = this.segments[0];
-    let pte = seg.slot.s2.pte;
+    let segStart = seg.start;
+    let segEnd = seg.end;
+    let writable = seg.slot.s2.writable;
     let content = seg.slot.content;
     let base = seg.slot.baseGfn;
     let t = v.time;
@@ -231,20 +233,27 @@ export class Vm {
     let writes = 0;
     let faults = 0;
     let overhead = 0;
+    // The batch cursor lives in a local: writeMiss() cannot move it, but the JIT cannot know that.
+    let cur = gen.cursor;
     while (t < until) {
-      if (gen.cursor === BATCH) gen.refill();
-      const vp = batch[gen.cursor++];
-      if (vp < seg.start || vp >= seg.end) {
+      if (cur === BATCH) {
+        gen.refill();
+        cur = 0;
+      }
+      const vp = batch[cur++];
+      if (vp < segStart || vp >= segEnd) {
         seg = this.segmentOf(vp);
-        pte = seg.slot.s2.pte;
+        segStart = seg.start;
+        segEnd = seg.end;
+        writable = seg.slot.s2.writable;
         content = seg.slot.content;
         base = seg.slot.baseGfn;
       }
-      const p = vp - seg.start;
+      const p = vp - segStart;
       const gfn = base + p;
       const ti = gfn & mask;
       if (tlb[ti] !== gfn) {
-        if ((pte[2 * p] & (VALID | S2AP_W)) === (VALID | S2AP_W)) tlb[ti] = gfn;
+        if ((writable[p >>> 5] >>> (p & 31)) & 1) tlb[ti] = gfn;
         else {
           const cost = this.writeMiss(v, seg.slot, p, gfn);
           if (cost > 0) {
@@ -259,12 +268,13 @@ export class Vm {
         content[2 * p + 1] = eHi;
       } else {
         seq++;
-        content[2 * p] = seq % TWO32;
+        content[2 * p] = seq >>> 0; // ToUint32 is seq mod 2^32, without fmod
         content[2 * p + 1] = seq < TWO32 ? 0 : Math.floor(seq / TWO32);
       }
       t += interval;
       writes++;
     }
+    gen.cursor = cur;
     this.writeSeq = seq;
     v.time = t;
     v.count(writes, faults, overhead);
@@ -290,8 +300,8 @@ export class Vm {
   private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number): number {
     const level = slot.s2.leafLevel(p);
     if (level === Level.Block2M || level === Level.Block1G) {
-      const [arr, idx] = slot.s2.leafRef(p, level);
-      if (arr[idx] & S2AP_W) {
+      const [pl, i] = slot.s2.leafRef(p, level);
+      if (pl.lo[i] & S2AP_W) {
         v.tlb.fill(gfn);
         return 0;
       }
@@ -322,8 +332,8 @@ export class Vm {
         if (level === Level.Page) s2.setPageAttrs(p, PAGE_RW);
         else s2.mapPage(p, PAGE_RW);
       } else if (level === target) {
-        const [arr, idx] = s2.leafRef(p, level);
-        arr[idx] |= S2AP_W;
+        const [pl, i] = s2.leafRef(p, level);
+        pl.lo[i] |= S2AP_W;
       } else {
         const pages = target === Level.Block1G ? PAGES_1G : PAGES_2M;
         s2.mapBlock(p, target, BLOCK_RW);
@@ -357,8 +367,8 @@ export class Vm {
     let out: WriteOutcome = { fault: "none", logged: false, mmio: false, costNs: 0 };
     if (!v.tlb.holds(gfn)) {
       const level = slot.s2.leafLevel(p);
-      const [arr, idx] = slot.s2.leafRef(p, level);
-      if (level !== Level.Unmapped && arr[idx] & S2AP_W) v.tlb.fill(gfn);
+      const [pl, i] = slot.s2.leafRef(p, level);
+      if (level !== Level.Unmapped && pl.lo[i] & S2AP_W) v.tlb.fill(gfn);
       else out = this.fault(v, slot, p, gfn, level);
     }
     slot.content[2 * p] = Number(value & 0xffffffffn);
@@ -394,7 +404,7 @@ export class Vm {
     const slot = this.loggingSlot(slotId, "CLEAR_DIRTY_LOG");
     bitmapLog.checkClearRange(slot, firstPage, numPages, bitmap.byteLength);
     const words = Math.ceil(numPages / 64);
-    const user = new Uint32Array(2 * words);
+    const user = new Int32Array(2 * words);
     new Uint8Array(user.buffer).set(bitmap.subarray(0, words * 8));
     return bitmapLog.clearDirtyLog(this, slot, firstPage, numPages, user);
   }

@@ -37,7 +37,8 @@ export const IDLE: WorkloadSpec = Object.freeze({
 export const BATCH = 1024;
 
 export class WorkloadGen {
-  readonly batch = new Float64Array(BATCH);
+  /** Page indices; a VM holds at most 2^32 writable pages (16 TiB). */
+  readonly batch = new Uint32Array(BATCH);
   /** Next unread index in batch; BATCH means empty. */
   cursor = BATCH;
   private readonly rng: Rng;
@@ -62,12 +63,6 @@ export class WorkloadGen {
 
   get active(): boolean {
     return this.spec.pattern !== "idle" && this.spec.writesPerSecond > 0 && this.size > 0;
-  }
-
-  /** The next page index, refilling the batch when it runs out. */
-  next(): number {
-    if (this.cursor === BATCH) this.refill();
-    return this.batch[this.cursor++];
   }
 
   refill(): void {

@@ -1,0 +1,158 @@
+/**
+ * npm run bench: wall-clock throughput of the simulator's hot paths, printed
+ * as a table with the issue's targets. Not a test: figures vary by machine.
+ *
+ *   --only NAME[,NAME]   run only some sections (hypervisor)
+ *   --gib N              guest size for the hypervisor section (default 64)
+ */
+import { parseArgs } from "node:util";
+import { MemslotFlag, WorkloadPattern } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { DEFAULT_COSTS } from "../services/hypervisor/model/cost-model.js";
+import { Hypervisor } from "../services/hypervisor/model/hypervisor.js";
+import type { Vm } from "../services/hypervisor/model/vm.js";
+import type { WorkloadSpec } from "../services/hypervisor/model/workload.js";
+import { startHypervisor } from "../tests/hypervisor-harness.js";
+
+const { values: args } = parseArgs({
+  options: { only: { type: "string" }, gib: { type: "string", default: "64" }, help: { type: "boolean" } },
+});
+if (args.help) {
+  console.log("usage: npm run bench -- [--only hypervisor] [--gib 64]");
+  process.exit(0);
+}
+const only = args.only?.split(",");
+const want = (name: string) => !only || only.includes(name);
+
+const rows: { what: string; value: string; target: string }[] = [];
+function report(what: string, value: string, target = "") {
+  rows.push({ what, value, target });
+  console.log(`  ${what.padEnd(64)} ${value.padStart(16)}  ${target}`);
+}
+const ms = (t0: bigint) => Number(process.hrtime.bigint() - t0) / 1e6;
+const fmt = (n: number, digits = 1) => n.toLocaleString("en-US", { maximumFractionDigits: digits });
+
+function workload(pattern: WorkloadSpec["pattern"], writesPerSecond: number, seed = 1n): WorkloadSpec {
+  return { pattern, writesPerSecond, firstPage: 0, pages: 0, hotFraction: 0.1, hotWriteFraction: 0.9, value: "sequence", epoch: 0n, seed };
+}
+
+/**
+ * Runs the VM's single vCPU for about `writes` writes at the fastest rate the
+ * cost model allows (guestNsPerWrite of guest time each); returns writes per
+ * second of wall time: the simulator's throughput.
+ */
+function timeWrites(vm: Vm, writes: number, guestNsPerWrite: number): { perSecond: number; faults: number } {
+  const t0 = process.hrtime.bigint();
+  vm.advance(writes * guestNsPerWrite);
+  const elapsed = ms(t0);
+  const v = vm.vcpus[0];
+  return { perSecond: (v.step.writes / elapsed) * 1e3, faults: v.step.writeFaults };
+}
+
+/** The median of n runs (this machine shares its cores; single runs swing by 30%). */
+function median<T>(n: number, run: () => T, key: (t: T) => number): T {
+  const rs = Array.from({ length: n }, run).sort((x, y) => key(x) - key(y));
+  return rs[n >> 1];
+}
+
+async function hypervisorBench(gib: number) {
+  console.log(`\nhypervisor: ${gib} GiB guest (${fmt((gib * 2 ** 30) / 4096, 0)} pages), one vCPU`);
+  const pages = (gib * 2 ** 30) / 4096;
+  const hv = new Hypervisor({ memoryBudgetBytes: 2 ** 41, costs: { ...DEFAULT_COSTS }, allowFaultInjection: false });
+  global.gc?.();
+  const rss0 = process.memoryUsage().rss;
+  const vm = hv.createVm({
+    name: "bench",
+    vcpus: 1,
+    memslots: [{ slot: 0, gpa: 2 ** 30, size: gib * 2 ** 30, flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES }],
+    backing: "4K",
+    ipaBits: 48,
+    eagerSplitChunkSize: 0,
+    clock: "stepped",
+    realtimeSpeed: 1,
+    seed: 1n,
+    workload: null,
+    startPaused: false,
+    tlbEntries: 1024,
+  });
+  // Touch every page once (sequential): maps and logs all of them.
+  vm.setWorkload(0, workload("sequential", 1e9 / DEFAULT_COSTS.writeNs));
+  let t0 = process.hrtime.bigint();
+  vm.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.translationFaultNs) + 1);
+  const populateMs = ms(t0);
+  report("populate: first write to every page (translation faults)", `${fmt(pages / populateMs / 1e3)} M/s`);
+  global.gc?.();
+  const rssPerPage = (process.memoryUsage().rss - rss0) / pages;
+  report("resident bytes per guest page", `${fmt(rssPerPage, 2)} B`, "target <= 24");
+
+  const all = median(
+    3,
+    () => {
+      vm.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs) + 1);
+      const t = process.hrtime.bigint();
+      const r = vm.getDirtyLog(0);
+      return { ms: ms(t), dirty: r.dirtyPages };
+    },
+    (r) => r.ms,
+  );
+  report("GET_DIRTY_LOG in process, all pages dirty (median of 3)", `${fmt(all.ms)} ms`, `(${fmt(all.dirty, 0)} pages; includes re-protecting them)`);
+
+  // (b) right after write protection: every first write to a page faults.
+  vm.setWorkload(0, workload("uniform", 1e9 / DEFAULT_COSTS.writeNs, 2n));
+  const b = timeWrites(vm, 2_000_000, DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs);
+  report("guest writes/s, logging on, right after write protection", `${fmt(b.perSecond / 1e6, 2)} M/s`, `(${fmt(b.faults, 0)} faults)`);
+
+  // (a) no write faults: make every page writable again (all dirty), then write uniformly.
+  vm.setWorkload(0, workload("sequential", 1e9 / DEFAULT_COSTS.writeNs));
+  vm.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs) + 1);
+  vm.setWorkload(0, workload("uniform", 1e9 / DEFAULT_COSTS.writeNs, 3n));
+  const a = median(5, () => timeWrites(vm, 20_000_000, DEFAULT_COSTS.writeNs), (r) => r.perSecond);
+  report("guest writes/s, logging on, no write faults (median of 5)", `${fmt(a.perSecond / 1e6, 2)} M/s`, `target >= 25 M/s (${fmt(a.faults, 0)} faults)`);
+
+  vm.getDirtyLog(0);
+  vm.setWorkload(0, workload("uniform", 1e9 / DEFAULT_COSTS.writeNs, 4n));
+  vm.advance(Math.round(pages * 0.01) * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs));
+  t0 = process.hrtime.bigint();
+  const some = vm.getDirtyLog(0);
+  report("GET_DIRTY_LOG in process, ~1% dirty", `${fmt(ms(t0), 2)} ms`, `(${fmt(some.dirtyPages, 0)} pages)`);
+
+  hv.destroyVm("bench");
+  global.gc?.();
+
+  // Over gRPC: the same slot size in a server on 127.0.0.1 (in this process), client on a real channel.
+  const h = await startHypervisor({ memoryBudgetBytes: 2 ** 41 });
+  try {
+    const c = h.client;
+    await c.createVm({
+      vm: "g",
+      vcpus: 1,
+      ipaBits: 48,
+      memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(gib * 2 ** 30), flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES }],
+      workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e9 / DEFAULT_COSTS.writeNs },
+    });
+    // One pass of the sequential workload over the slot dirties every page (a fault each).
+    const pass = BigInt(Math.ceil(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs)));
+    const samples: number[] = [];
+    let dirty = 0n;
+    for (let i = 0; i < 5; i++) {
+      await c.advanceVm({ vm: "g", durationNs: pass });
+      t0 = process.hrtime.bigint();
+      const r = await c.getDirtyLog({ vm: "g", slot: 0 });
+      samples.push(ms(t0));
+      dirty = r.dirtyPages;
+    }
+    samples.sort((x, y) => x - y);
+    report(`GET_DIRTY_LOG over gRPC, all pages dirty (median of 5)`, `${fmt(samples[2])} ms`, `target < 60 ms (${fmt(Number(dirty), 0)} pages, ${fmt((pages / 8) / 2 ** 20, 0)} MiB bitmap)`);
+    await c.setWorkload({ vm: "g", workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 1e9 / DEFAULT_COSTS.writeNs, seed: 9n } });
+    await c.advanceVm({ vm: "g", durationNs: BigInt(Math.round(pages * 0.01 * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs))) });
+    t0 = process.hrtime.bigint();
+    const r = await c.getDirtyLog({ vm: "g", slot: 0 });
+    report("GET_DIRTY_LOG over gRPC, ~1% dirty", `${fmt(ms(t0))} ms`, `(${fmt(Number(r.dirtyPages), 0)} pages)`);
+  } finally {
+    await h.close();
+  }
+}
+
+console.log(`npm run bench on node ${process.version}, ${process.arch}`);
+if (want("hypervisor")) await hypervisorBench(Number(args.gib));
+console.log("\nsummary (JSON):");
+console.log(JSON.stringify(rows));
