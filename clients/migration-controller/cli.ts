@@ -1,0 +1,280 @@
+/**
+ * The migration controller's command line: `migrate` a VM between two
+ * hypervisors, or run the embedded `demo` (two hypervisors on 127.0.0.1, a
+ * demo VM, a verified migration, a report). Returns an exit code; never
+ * prints a stack trace for a user's mistake or a failed migration.
+ */
+import { writeFile } from "node:fs/promises";
+import { parseArgs } from "node:util";
+import { parseBytes } from "../../common/config.js";
+import { spawnService, type SpawnedService } from "../../common/spawn.js";
+import { WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { connectHypervisor, type HypervisorClient } from "../../services/hypervisor/client.js";
+import { DEFAULT_CONFIG, migrate, MigrationError, type FailureKind, type MigrationConfig, type MigrationReport } from "./migrate.js";
+import { progressPrinter } from "./progress.js";
+import { htmlReport, jsonReport, textReport } from "./report.js";
+import { isMechanism, MECHANISMS } from "./trackers/index.js";
+import { parseBandwidth } from "./units.js";
+
+export const EXIT: Record<FailureKind | "ok", number> = {
+  ok: 0,
+  failed: 1,
+  usage: 2,
+  unreachable: 3,
+  "not-found": 3,
+  precondition: 3,
+  "not-converged": 4,
+  verification: 5,
+};
+
+const HELP = `usage:
+  migration-controller demo [options]                       run the embedded default: two hypervisors on
+                                                            127.0.0.1, a demo VM, a verified migration, a report
+  migration-controller migrate --vm NAME [options]          migrate a VM between running hypervisors
+
+migrate options:
+  --source ADDR              source hypervisor (env MIGRATION_SOURCE; default 127.0.0.1:50051)
+  --destination ADDR         destination hypervisor (env MIGRATION_DESTINATION; default: the source)
+  --vm NAME                  the VM to migrate (required)
+  --dest-vm NAME             name of the VM created on the destination (default NAME-migrated)
+
+demo options:
+  --memory SIZE              guest memory (default 4GiB)
+  --vcpus N                  vCPUs (default 4)
+  --workload PATTERN         hot-cold | uniform | sequential | idle (default hot-cold)
+  --write-rate N             guest writes per second per vCPU (default 100000)
+  --hot-fraction F           hot share of memory (default 0.05)
+  --hot-write-fraction F     share of writes to hot pages (default 0.9)
+  --seed N                   workload seed (default 1)
+
+policy and link (both commands):
+  --mechanism M              ${Object.keys(MECHANISMS).join(" | ")} (default bitmap)
+  --bandwidth RATE           link bandwidth, e.g. 10Gbit, 800Mbit, 1.25GB/s (default 10Gbit)
+  --latency MS               link latency in ms (default 0.1)
+  --downtime-limit MS        switch over when the dirty bytes fit in bandwidth x this (default 300, as QEMU)
+  --max-rounds N             force the switchover after N syncs (Xen-style cap; default none, as QEMU)
+  --progress-timeout S       fail when remaining bytes make no new low for S guest seconds (default 150)
+  --completion-timeout-per-gib S   fail past S guest seconds per GiB of memory (default 150)
+  --chunk-pages N            pages per copy chunk, a multiple of 64 (default 65536)
+
+output:
+  --json FILE                write the report as JSON (QEMU query-migrate names, units in "units")
+  --report FILE              write a self-contained HTML report with charts
+  --quiet                    no progress lines
+  -h, --help                 this text
+
+exit codes: 0 migrated and verified; 1 other failure; 2 bad usage; 3 unreachable hypervisor, unknown VM
+or a precondition (destination exists, slot already logging); 4 did not converge (timeout);
+5 verification failed (destination differs from source).`;
+
+export interface Io {
+  out: { write(s: string): unknown; isTTY?: boolean };
+  err: { write(s: string): unknown; isTTY?: boolean };
+  env: Record<string, string | undefined>;
+}
+
+class UsageError extends Error {}
+
+const OPTIONS = {
+  source: { type: "string" },
+  destination: { type: "string" },
+  vm: { type: "string" },
+  "dest-vm": { type: "string" },
+  memory: { type: "string" },
+  vcpus: { type: "string" },
+  workload: { type: "string" },
+  "write-rate": { type: "string" },
+  "hot-fraction": { type: "string" },
+  "hot-write-fraction": { type: "string" },
+  seed: { type: "string" },
+  mechanism: { type: "string" },
+  bandwidth: { type: "string" },
+  latency: { type: "string" },
+  "downtime-limit": { type: "string" },
+  "max-rounds": { type: "string" },
+  "progress-timeout": { type: "string" },
+  "completion-timeout-per-gib": { type: "string" },
+  "chunk-pages": { type: "string" },
+  json: { type: "string" },
+  report: { type: "string" },
+  quiet: { type: "boolean" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+type Values = ReturnType<typeof parseArgs<{ options: typeof OPTIONS; allowPositionals: true }>>["values"];
+
+function number(v: string | undefined, name: string, fallback: number, check: (n: number) => boolean, what: string): number {
+  if (v === undefined) return fallback;
+  const n = Number(v);
+  if (!Number.isFinite(n) || !check(n)) throw new UsageError(`--${name} ${v}: must be ${what}`);
+  return n;
+}
+
+function policy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> {
+  const mechanism = v.mechanism ?? DEFAULT_CONFIG.mechanism;
+  if (!isMechanism(mechanism)) throw new UsageError(`--mechanism ${mechanism}: must be one of ${Object.keys(MECHANISMS).join(", ")}`);
+  let bandwidth = DEFAULT_CONFIG.bandwidthBitsPerSecond;
+  if (v.bandwidth !== undefined) {
+    try {
+      bandwidth = parseBandwidth(v.bandwidth);
+    } catch (e) {
+      throw new UsageError(`--bandwidth: ${(e as Error).message}`);
+    }
+  }
+  const pos = (n: number) => n > 0;
+  return {
+    mechanism,
+    bandwidthBitsPerSecond: bandwidth,
+    latencyNs: number(v.latency, "latency", DEFAULT_CONFIG.latencyNs / 1e6, (n) => n >= 0, "a number of ms >= 0") * 1e6,
+    downtimeLimitMs: number(v["downtime-limit"], "downtime-limit", DEFAULT_CONFIG.downtimeLimitMs, pos, "a number of ms > 0"),
+    maxRounds: v["max-rounds"] === undefined ? null : number(v["max-rounds"], "max-rounds", 0, (n) => Number.isInteger(n) && n >= 1, "a whole number >= 1"),
+    progressTimeoutS: number(v["progress-timeout"], "progress-timeout", DEFAULT_CONFIG.progressTimeoutS, pos, "a number of seconds > 0"),
+    completionTimeoutPerGiBS: number(v["completion-timeout-per-gib"], "completion-timeout-per-gib", DEFAULT_CONFIG.completionTimeoutPerGiBS, pos, "a number of seconds > 0"),
+    chunkPages: number(v["chunk-pages"], "chunk-pages", DEFAULT_CONFIG.chunkPages, (n) => Number.isInteger(n) && n >= 64 && n % 64 === 0 && n <= 1 << 20, "a multiple of 64 up to 1048576"),
+  };
+}
+
+const PATTERNS: Record<string, WorkloadPattern> = {
+  "hot-cold": WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD,
+  uniform: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM,
+  sequential: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL,
+  idle: WorkloadPattern.WORKLOAD_PATTERN_IDLE,
+};
+
+async function writeOutputs(v: Values, report: MigrationReport, io: Io) {
+  if (v.json) await writeFile(v.json, JSON.stringify(jsonReport(report), null, 2) + "\n");
+  if (v.report) await writeFile(v.report, htmlReport(report));
+  const files = [v.json && `JSON: ${v.json}`, v.report && `HTML: ${v.report}`].filter(Boolean);
+  if (files.length) io.err.write(`report written (${files.join(", ")})\n`);
+}
+
+/** Runs one migration with progress and reports; returns the exit code. */
+async function runMigration(
+  v: Values,
+  io: Io,
+  cfg: Omit<MigrationConfig, "sourceVm" | "destinationVm">,
+  vms: { source: string; destination: string },
+  clients: { source: HypervisorClient; destination: HypervisorClient },
+): Promise<number> {
+  const printer = progressPrinter(io.err, Boolean(v.quiet));
+  try {
+    const report = await migrate({ ...cfg, sourceVm: vms.source, destinationVm: vms.destination }, { ...clients, onProgress: printer.onProgress });
+    printer.end();
+    io.out.write(textReport(report) + "\n");
+    await writeOutputs(v, report, io);
+    return EXIT.ok;
+  } catch (err) {
+    printer.end();
+    if (!(err instanceof MigrationError)) throw err;
+    if (err.report) {
+      io.out.write(textReport(err.report) + "\n");
+      await writeOutputs(v, err.report, io);
+    }
+    io.err.write(`migration failed: ${err.message}\n`);
+    if (err.kind !== "usage" && err.report) io.err.write(`the source VM '${vms.source}' is running and no longer logging; the destination VM was removed\n`);
+    return EXIT[err.kind];
+  }
+}
+
+async function runMigrate(v: Values, io: Io): Promise<number> {
+  if (!v.vm) throw new UsageError("--vm NAME is required (the VM to migrate)");
+  const cfg = policy(v);
+  const source = connectHypervisor(v.source ?? io.env.MIGRATION_SOURCE ?? "127.0.0.1:50051");
+  const destination = connectHypervisor(v.destination ?? io.env.MIGRATION_DESTINATION ?? source.address);
+  try {
+    return await runMigration(v, io, cfg, { source: v.vm, destination: v["dest-vm"] ?? `${v.vm}-migrated` }, { source, destination });
+  } finally {
+    source.close();
+    destination.close();
+  }
+}
+
+async function runDemo(v: Values, io: Io): Promise<number> {
+  const cfg = policy(v);
+  let memory: number;
+  try {
+    memory = parseBytes(v.memory ?? "4GiB");
+  } catch (e) {
+    throw new UsageError(`--memory: ${(e as Error).message}`);
+  }
+  if (memory < 2 ** 20 || memory % 4096 !== 0) throw new UsageError(`--memory ${v.memory}: must be a multiple of 4 KiB and at least 1 MiB`);
+  const vcpus = number(v.vcpus, "vcpus", 4, (n) => Number.isInteger(n) && n >= 1 && n <= 512, "a whole number in [1, 512]");
+  const pattern = PATTERNS[v.workload ?? "hot-cold"];
+  if (pattern === undefined) throw new UsageError(`--workload ${v.workload}: must be one of ${Object.keys(PATTERNS).join(", ")}`);
+  const rate = number(v["write-rate"], "write-rate", 100_000, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]");
+  const hot = number(v["hot-fraction"], "hot-fraction", 0.05, (n) => n > 0 && n <= 1, "in (0, 1]");
+  const hotWrites = number(v["hot-write-fraction"], "hot-write-fraction", 0.9, (n) => n > 0 && n <= 1, "in (0, 1]");
+  const seed = number(v.seed, "seed", 1, (n) => Number.isInteger(n) && n >= 0, "a whole number >= 0");
+
+  const say = (s: string) => v.quiet || io.err.write(`${s}\n`);
+  const services: SpawnedService[] = [];
+  const stopAll = () => Promise.all(services.map((s) => s.stop()));
+  const onSignal = () => void stopAll().then(() => process.exit(130));
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
+  try {
+    say("starting two hypervisors on 127.0.0.1 (source and destination)");
+    const env = { HYPERVISOR_GRPC_PORT: "0", HYPERVISOR_HTTP_PORT: "0", HYPERVISOR_ANNOUNCE: "1", HYPERVISOR_HOST: "127.0.0.1" };
+    const [src, dst] = await Promise.all([spawnService("services/hypervisor/main.ts", env), spawnService("services/hypervisor/main.ts", env)]);
+    services.push(src, dst);
+    const source = connectHypervisor(src.address);
+    const destination = connectHypervisor(dst.address);
+    try {
+      say(`source ${src.address}, destination ${dst.address}; creating VM 'demo' (${memory / 2 ** 30} GiB, ${vcpus} vCPUs)`);
+      await source.createVm({
+        vm: "demo",
+        vcpus,
+        seed: BigInt(seed),
+        memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(memory) }],
+        // First the guest touches all of its memory, as a booted OS with a page cache would have.
+        workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e8 },
+      });
+      const pagesPerVcpu = Math.ceil(memory / 4096 / vcpus);
+      await source.advanceVm({ vm: "demo", durationNs: BigInt(Math.ceil(pagesPerVcpu * (10 + 2430) + 1e6)) });
+      await source.setWorkload({ vm: "demo", workload: { pattern, writesPerSecond: rate, hotFraction: hot, hotWriteFraction: hotWrites } });
+      await source.advanceVm({ vm: "demo", durationNs: 1_000_000_000n });
+      say(`migrating 'demo' with ${cfg.mechanism} over ${cfg.bandwidthBitsPerSecond / 1e9} Gbit/s, downtime limit ${cfg.downtimeLimitMs} ms`);
+      return await runMigration(v, io, cfg, { source: "demo", destination: "demo" }, { source, destination });
+    } finally {
+      source.close();
+      destination.close();
+    }
+  } finally {
+    await stopAll();
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+  }
+}
+
+export async function runCli(argv: string[], io: Io): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true, strict: true });
+  } catch (e) {
+    io.err.write(`${(e as Error).message}\n\n${HELP}\n`);
+    return EXIT.usage;
+  }
+  const { values: v, positionals } = parsed;
+  if (v.help) {
+    io.out.write(HELP + "\n");
+    return EXIT.ok;
+  }
+  const command = positionals[0] ?? "migrate";
+  try {
+    if (positionals.length > 1) throw new UsageError(`unexpected argument '${positionals[1]}'`);
+    if (command === "demo") return await runDemo(v, io);
+    if (command === "migrate") return await runMigrate(v, io);
+    throw new UsageError(`unknown command '${command}' (use demo or migrate)`);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      io.err.write(`${err.message}\nrun with --help for usage\n`);
+      return EXIT.usage;
+    }
+    if (err instanceof MigrationError) {
+      io.err.write(`${err.message}\n`);
+      return EXIT[err.kind];
+    }
+    io.err.write(`error: ${(err as Error)?.message ?? String(err)}\n`);
+    return EXIT.failed;
+  }
+}

@@ -1,0 +1,497 @@
+/**
+ * Pre-copy live migration between two VMs, following QEMU's contract
+ * (migration/migration.c, ram.c):
+ *  - round 0 sends every page; each later round begins with a sync of the
+ *    dirty state (dirty-sync-count is the round counter) and sends what it
+ *    found, while the guest keeps running and dirtying;
+ *  - switch over when the bytes still dirty fit in bandwidth x downtime limit
+ *    (threshold_size = bw_bytes_per_ms x downtime_limit_ms);
+ *  - expected downtime = dirty bytes at the last sync / bandwidth;
+ *  - stop-and-copy: pause the source, final sync, send the rest, verify,
+ *    resume the destination; downtime is the guest time from pause to resume.
+ * There is no round cap unless asked (Xen-style, forcing the switchover); the
+ * progress and completion timeouts are KubeVirt's, in guest time.
+ *
+ * On any failure the source is resumed if we paused it, logging is turned off,
+ * the destination we created is destroyed, and a MigrationError says why.
+ */
+import { status as GrpcStatus } from "@grpc/grpc-js";
+import { ClockDrive, type VmInfo, type WriteMemoryRequest } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import type { HypervisorClient } from "../../services/hypervisor/client.js";
+import { RealtimeClock, SteppedClock, type MigrationClock } from "./clock.js";
+import { Link, PAGE_SIZE } from "./link.js";
+import { createTracker, type Mechanism } from "./trackers/index.js";
+import { CHUNK_ALIGN, type DirtyTracker } from "./trackers/tracker.js";
+
+export interface MigrationConfig {
+  sourceVm: string;
+  destinationVm: string;
+  mechanism: Mechanism;
+  bandwidthBitsPerSecond: number;
+  latencyNs: number;
+  downtimeLimitMs: number;
+  /** null: no cap (QEMU). A number forces the switchover after that many syncs (Xen's last iteration). */
+  maxRounds: number | null;
+  /** Fail when the remaining bytes have not reached a new low for this long (KubeVirt: 150 s). */
+  progressTimeoutS: number;
+  /** Fail when the migration takes longer than this many seconds per GiB of guest memory (KubeVirt: 150 s). */
+  completionTimeoutPerGiBS: number;
+  /** Pages per read/write/CLEAR chunk; a multiple of 64. */
+  chunkPages: number;
+}
+
+export const DEFAULT_CONFIG: Omit<MigrationConfig, "sourceVm" | "destinationVm"> = {
+  mechanism: "bitmap",
+  bandwidthBitsPerSecond: 10e9,
+  latencyNs: 100_000,
+  downtimeLimitMs: 300,
+  maxRounds: null,
+  progressTimeoutS: 150,
+  completionTimeoutPerGiBS: 150,
+  chunkPages: 65536,
+};
+
+export interface RoundReport {
+  /** 0 is the full copy; round i >= 1 sends what sync i found. */
+  round: number;
+  /** Pages the sync that opened this round found dirty (round 0: every page). */
+  dirtyPages: number;
+  pagesSent: number;
+  normalPages: number;
+  zeroPages: number;
+  bytesSent: number;
+  /** Guest time the round took, sync included. */
+  durationMs: number;
+  syncHostMs: number;
+  /** Pages dirtied per second of guest time since the previous sync (QEMU's dirty-pages-rate). */
+  dirtyRatePagesPerSecond: number;
+  remainingBytes: number;
+  thresholdBytes: number;
+  expectedDowntimeMs: number;
+  /** Writes per second the guest achieved during the round (its slowdown shows here). */
+  guestWritesPerSecond: number;
+  /** The stop-and-copy round: the source was paused. */
+  stopAndCopy: boolean;
+}
+
+export interface MigrationReport {
+  status: "completed" | "failed";
+  error?: string;
+  source: { address: string; vm: string };
+  destination: { address: string; vm: string };
+  mechanism: Mechanism;
+  drive: "stepped" | "realtime";
+  config: Omit<MigrationConfig, "sourceVm" | "destinationVm">;
+  memoryBytes: number;
+  setupTimeMs: number;
+  totalTimeMs: number;
+  downtimeMs: number | null;
+  expectedDowntimeMs: number | null;
+  /** Syncs of the dirty state (QEMU's dirty-sync-count), the final one included. */
+  dirtySyncCount: number;
+  transferredBytes: number;
+  precopyBytes: number;
+  downtimeBytes: number;
+  normalPages: number;
+  zeroPages: number;
+  /** Dirty rate at the last sync, pages per second. */
+  dirtyRatePagesPerSecond: number;
+  mbps: number;
+  rounds: RoundReport[];
+  switchover: { round: number; remainingBytes: number; thresholdBytes: number; forced: boolean } | null;
+  verification: { sourceSha256: string; destinationSha256: string; match: boolean } | null;
+  tracker: Record<string, number>;
+  wallTimeMs: number;
+}
+
+export type FailureKind = "usage" | "unreachable" | "not-found" | "precondition" | "not-converged" | "verification" | "failed";
+
+export class MigrationError extends Error {
+  override name = "MigrationError";
+  constructor(
+    readonly kind: FailureKind,
+    message: string,
+    readonly report?: MigrationReport,
+  ) {
+    super(message);
+  }
+}
+
+export interface ProgressEvent {
+  phase: "setup" | "round" | "switchover" | "verify" | "done";
+  round: number;
+  dirtyPages: number;
+  remainingBytes: number;
+  dirtyRatePagesPerSecond: number;
+  expectedDowntimeMs: number;
+  elapsedMs: number;
+  transferredBytes: number;
+}
+
+export interface Endpoints {
+  source: HypervisorClient;
+  destination: HypervisorClient;
+  onProgress?: (e: ProgressEvent) => void;
+}
+
+/** Explains a gRPC failure of a call to one hypervisor in the user's terms. */
+function explain(err: unknown, who: string, address: string): MigrationError {
+  if (err instanceof MigrationError) return err;
+  const e = err as { code?: number; details?: string; message?: string };
+  if (e.code === GrpcStatus.UNAVAILABLE || e.code === GrpcStatus.DEADLINE_EXCEEDED) {
+    return new MigrationError("unreachable", `cannot reach the ${who} hypervisor at ${address}: ${e.details ?? e.message}`);
+  }
+  if (e.code === GrpcStatus.NOT_FOUND) return new MigrationError("not-found", `${who} hypervisor at ${address}: ${e.details}`);
+  if (e.code === GrpcStatus.FAILED_PRECONDITION || e.code === GrpcStatus.ALREADY_EXISTS || e.code === GrpcStatus.RESOURCE_EXHAUSTED) {
+    return new MigrationError("precondition", `${who} hypervisor at ${address}: ${e.details}`);
+  }
+  if (typeof e.code === "number") return new MigrationError("failed", `${who} hypervisor at ${address} failed: ${e.details ?? e.message}`);
+  return new MigrationError("failed", `${who}: ${(err as Error)?.message ?? String(err)}`);
+}
+
+/** Runs fn against one side, turning its errors into MigrationErrors that name that side. */
+async function on<T>(who: "source" | "destination", client: HypervisorClient, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    throw explain(err, who, client.address);
+  }
+}
+
+function popcount(bytes: Uint8Array, numPages: number): number {
+  let n = 0;
+  const full = numPages >>> 3;
+  for (let i = 0; i < full; i++) {
+    let b = bytes[i];
+    while (b) {
+      b &= b - 1;
+      n++;
+    }
+  }
+  for (let i = full * 8; i < numPages; i++) n += (bytes[i >>> 3] >> (i & 7)) & 1;
+  return n;
+}
+
+function countZeroWords(contents: Uint8Array): number {
+  const aligned = contents.byteOffset % 4 === 0 ? contents : new Uint8Array(contents);
+  const w = new Int32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4);
+  let zero = 0;
+  for (let i = 0; i < w.length; i += 2) if ((w[i] | w[i + 1]) === 0) zero++;
+  return zero;
+}
+
+function orBitmaps(a: Map<number, Uint8Array>, b: Map<number, Uint8Array>): Map<number, Uint8Array> {
+  const out = new Map<number, Uint8Array>();
+  for (const [slot, x] of a) {
+    const y = b.get(slot);
+    const z = new Uint8Array(x);
+    if (y) for (let i = 0; i < z.length; i++) z[i] |= y[i];
+    out.set(slot, z);
+  }
+  return out;
+}
+
+/** Creates the destination with the source's layout, paused, logging off. */
+async function createDestination(dst: HypervisorClient, name: string, src: VmInfo): Promise<void> {
+  await dst.createVm({
+    vm: name,
+    vcpus: src.vcpus.length,
+    memslots: src.memslots.map((s) => ({ ...s.memslot!, flags: s.memslot!.flags & ~1 })),
+    backingPageSize: src.backingPageSize,
+    ipaBits: src.ipaBits,
+    clock: src.clock,
+    realtimeSpeed: src.realtimeSpeed,
+    seed: src.seed,
+    startPaused: true,
+    tlbEntries: src.tlbEntries,
+  });
+}
+
+export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationConfig, "sourceVm" | "destinationVm">, ep: Endpoints): Promise<MigrationReport> {
+  const cfg: MigrationConfig = { ...DEFAULT_CONFIG, ...cfgIn };
+  validate(cfg);
+  const wall0 = performance.now();
+  const { source, destination } = ep;
+  const link = new Link(cfg.bandwidthBitsPerSecond, cfg.latencyNs);
+  const src = (await on("source", source, () => source.getVm({ vm: cfg.sourceVm }))).vm!;
+  if (src.vcpus.every((v) => v.paused)) {
+    throw new MigrationError("precondition", `source VM '${cfg.sourceVm}' is paused; pre-copy migrates a running VM (resume it first)`);
+  }
+  for (const s of src.memslots) {
+    if (s.logging) {
+      throw new MigrationError(
+        "precondition",
+        `slot ${s.memslot!.slot} of source VM '${cfg.sourceVm}' is already logging dirty pages (another migration or tool is using it)`,
+      );
+    }
+  }
+  const clock: MigrationClock = src.clock === ClockDrive.CLOCK_DRIVE_REALTIME ? new RealtimeClock(src.realtimeSpeed || 1) : new SteppedClock(source, cfg.sourceVm);
+  const memoryBytes = Number(src.memoryBytes);
+  const report: MigrationReport = {
+    status: "failed",
+    source: { address: source.address, vm: cfg.sourceVm },
+    destination: { address: destination.address, vm: cfg.destinationVm },
+    mechanism: cfg.mechanism,
+    drive: clock.drive,
+    config: { ...cfg },
+    memoryBytes,
+    setupTimeMs: 0,
+    totalTimeMs: 0,
+    downtimeMs: null,
+    expectedDowntimeMs: null,
+    dirtySyncCount: 0,
+    transferredBytes: 0,
+    precopyBytes: 0,
+    downtimeBytes: 0,
+    normalPages: 0,
+    zeroPages: 0,
+    dirtyRatePagesPerSecond: 0,
+    mbps: 0,
+    rounds: [],
+    switchover: null,
+    verification: null,
+    tracker: {},
+    wallTimeMs: 0,
+  };
+  delete (report.config as Partial<MigrationConfig>).sourceVm;
+  delete (report.config as Partial<MigrationConfig>).destinationVm;
+
+  await on("destination", destination, () => createDestination(destination, cfg.destinationVm, src));
+  const tracker = createTracker(cfg.mechanism, source, src);
+  let trackerStarted = false;
+  let paused = false;
+  const bwBytesPerMs = link.bytesPerSecond / 1000;
+  const thresholdBytes = bwBytesPerMs * cfg.downtimeLimitMs;
+  const completionLimitNs = (cfg.completionTimeoutPerGiBS * 1e9 * memoryBytes) / 2 ** 30;
+  const progress = (phase: ProgressEvent["phase"], r: Partial<ProgressEvent> = {}) =>
+    ep.onProgress?.({
+      phase,
+      round: report.dirtySyncCount,
+      dirtyPages: 0,
+      remainingBytes: 0,
+      dirtyRatePagesPerSecond: report.dirtyRatePagesPerSecond,
+      expectedDowntimeMs: report.expectedDowntimeMs ?? 0,
+      elapsedMs: clock.now() / 1e6,
+      transferredBytes: report.transferredBytes,
+      ...r,
+    });
+
+  const guestWrites = async () => {
+    const v = (await on("source", source, () => source.getVm({ vm: cfg.sourceVm }))).vm!;
+    return v.vcpus.reduce((n, c) => n + Number(c.writes), 0);
+  };
+
+  /** Reads one chunk from the source and writes it into the destination; returns its zero and normal pages. */
+  const copyChunk = async (slot: number, first: number, count: number, sel: Uint8Array | null) => {
+    const chunks: WriteMemoryRequest[] = [];
+    let zero = 0;
+    let normal = 0;
+    try {
+      const stream = source.readMemory({
+        vm: cfg.sourceVm,
+        slot,
+        firstPage: BigInt(first),
+        numPages: BigInt(count),
+        bitmap: sel ? Buffer.from(sel.buffer, sel.byteOffset, sel.byteLength) : undefined,
+        chunkPages: count,
+      });
+      for await (const r of stream) {
+        const z = countZeroWords(r.chunk!.contents);
+        zero += z;
+        normal += r.chunk!.contents.length / 8 - z;
+        chunks.push({ vm: cfg.destinationVm, chunk: r.chunk });
+      }
+    } catch (err) {
+      throw explain(err, "source", source.address);
+    }
+    await on("destination", destination, () => destination.writeMemory(chunks));
+    return { zero, normal };
+  };
+
+  /**
+   * Sends the selected pages of every slot (select null: all pages), chunk by
+   * chunk; the guest runs for each chunk's time on the link (and the host time
+   * of its CLEAR, with manual protect). Returns what was sent.
+   */
+  const sendPages = async (select: Map<number, Uint8Array> | null) => {
+    const out = { normal: 0, zero: 0, bytes: 0 };
+    for (const s of src.memslots) {
+      const slot = s.memslot!.slot;
+      const n = Number(s.numPages);
+      const bitmap = select ? select.get(slot) : undefined;
+      if (select && !bitmap) continue; // not logged (read-only): unchanged since round 0
+      for (let first = 0; first < n; first += cfg.chunkPages) {
+        const count = Math.min(cfg.chunkPages, n - first);
+        const sel = bitmap ? bitmap.subarray(first >>> 3, (first + count + 7) >>> 3) : null;
+        if (sel && popcount(sel, count) === 0) continue;
+        const all = new Uint8Array(Math.ceil(count / 8)).fill(0xff);
+        const hostNs = await on("source", source, () => tracker.beforeSend(slot, first, count, sel ?? all));
+        const c = await copyChunk(slot, first, count, sel);
+        const bytes = Link.bytesFor(c.normal, c.zero);
+        out.normal += c.normal;
+        out.zero += c.zero;
+        out.bytes += bytes;
+        await on("source", source, () => clock.elapse(hostNs + link.transmitNs(bytes)));
+      }
+    }
+    await on("source", source, () => clock.elapse(link.latencyNs));
+    report.normalPages += out.normal;
+    report.zeroPages += out.zero;
+    report.transferredBytes += out.bytes;
+    return out;
+  };
+
+  const finish = () => {
+    report.totalTimeMs = clock.now() / 1e6;
+    report.mbps = report.totalTimeMs > 0 ? (report.transferredBytes * 8) / (report.totalTimeMs / 1e3) / 1e6 : 0;
+    report.tracker = tracker.stats();
+    report.wallTimeMs = performance.now() - wall0;
+  };
+
+  try {
+    progress("setup");
+    const setupNs = await on("source", source, () => tracker.start());
+    trackerStarted = true;
+    await on("source", source, () => clock.elapse(setupNs));
+    report.setupTimeMs = clock.now() / 1e6;
+
+    // Round 0: every page, while the guest runs.
+    const totalPages = src.memslots.reduce((n, s) => n + Number(s.numPages), 0);
+    progress("round", { dirtyPages: totalPages, remainingBytes: totalPages * PAGE_SIZE });
+    let roundStart = clock.now();
+    let writesAtStart = await guestWrites();
+    let lastSyncAt = clock.now();
+    let sent = await sendPages(null);
+    report.precopyBytes += sent.bytes;
+    const pushRound = async (round: number, dirtyPages: number, syncHostNs: number, rate: number, remaining: number, stopAndCopy = false) => {
+      const now = clock.now();
+      const writes = await guestWrites();
+      report.rounds.push({
+        round,
+        dirtyPages,
+        pagesSent: sent.normal + sent.zero,
+        normalPages: sent.normal,
+        zeroPages: sent.zero,
+        bytesSent: sent.bytes,
+        durationMs: (now - roundStart) / 1e6,
+        syncHostMs: syncHostNs / 1e6,
+        dirtyRatePagesPerSecond: rate,
+        remainingBytes: remaining,
+        thresholdBytes,
+        expectedDowntimeMs: remaining / bwBytesPerMs,
+        guestWritesPerSecond: now > roundStart ? ((writes - writesAtStart) * 1e9) / (now - roundStart) : 0,
+        stopAndCopy,
+      });
+      roundStart = now;
+      writesAtStart = writes;
+    };
+    await pushRound(0, totalPages, 0, 0, totalPages * PAGE_SIZE);
+
+    let best = Infinity;
+    let bestAt = clock.now();
+    for (;;) {
+      const sync = await on("source", source, () => tracker.sync());
+      report.dirtySyncCount++;
+      await on("source", source, () => clock.elapse(sync.hostNs));
+      const now = clock.now();
+      const rate = now > lastSyncAt ? (sync.dirtyPages * 1e9) / (now - lastSyncAt) : 0;
+      lastSyncAt = now;
+      const remaining = sync.dirtyPages * PAGE_SIZE;
+      report.dirtyRatePagesPerSecond = rate;
+      report.expectedDowntimeMs = remaining / bwBytesPerMs;
+      progress("round", { dirtyPages: sync.dirtyPages, remainingBytes: remaining, dirtyRatePagesPerSecond: rate, expectedDowntimeMs: report.expectedDowntimeMs });
+
+      const forced = cfg.maxRounds !== null && report.dirtySyncCount >= cfg.maxRounds && remaining > thresholdBytes;
+      if (remaining <= thresholdBytes || forced) {
+        report.switchover = { round: report.dirtySyncCount, remainingBytes: remaining, thresholdBytes, forced };
+        // Stop and copy.
+        progress("switchover", { dirtyPages: sync.dirtyPages, remainingBytes: remaining });
+        const pauseAt = clock.now();
+        await on("source", source, () => source.pauseVm({ vm: cfg.sourceVm }));
+        paused = true;
+        const last = await on("source", source, () => tracker.sync());
+        report.dirtySyncCount++;
+        await on("source", source, () => clock.elapse(last.hostNs));
+        const before = report.transferredBytes;
+        const union = orBitmaps(sync.bitmaps, last.bitmaps);
+        sent = await sendPages(union);
+        report.downtimeBytes = report.transferredBytes - before;
+        const unionPages = [...union.values()].reduce((n, b) => n + popcount(b, b.length * 8), 0);
+        await pushRound(report.rounds.length, unionPages, sync.hostNs + last.hostNs, rate, remaining, true);
+        progress("verify");
+        const [a, b] = await Promise.all([
+          on("source", source, () => source.getMemoryDigest({ vm: cfg.sourceVm })),
+          on("destination", destination, () => destination.getMemoryDigest({ vm: cfg.destinationVm })),
+        ]);
+        report.verification = { sourceSha256: a.sha256Hex, destinationSha256: b.sha256Hex, match: a.sha256Hex === b.sha256Hex };
+        if (!report.verification.match) {
+          throw new MigrationError(
+            "verification",
+            `verification failed: the destination's memory (sha256 ${b.sha256Hex.slice(0, 16)}…) differs from the source's (${a.sha256Hex.slice(0, 16)}…): dirty pages were lost`,
+          );
+        }
+        await on("destination", destination, () => destination.resumeVm({ vm: cfg.destinationVm }));
+        report.downtimeMs = (clock.now() - pauseAt) / 1e6;
+        await tracker.stop();
+        trackerStarted = false;
+        report.status = "completed";
+        finish();
+        progress("done", { remainingBytes: 0 });
+        return report;
+      }
+
+      if (remaining < best) {
+        best = remaining;
+        bestAt = now;
+      }
+      if (now > completionLimitNs) {
+        throw new MigrationError(
+          "not-converged",
+          `did not converge: ${(now / 1e9).toFixed(1)} s exceeds the completion timeout of ${cfg.completionTimeoutPerGiBS} s per GiB ` +
+            `(${(completionLimitNs / 1e9).toFixed(1)} s for ${(memoryBytes / 2 ** 30).toFixed(2)} GiB); ` +
+            `${formatMiB(remaining)} still dirty against a threshold of ${formatMiB(thresholdBytes)} (dirty rate ${Math.round(rate)} pages/s)`,
+        );
+      }
+      if (now - bestAt > cfg.progressTimeoutS * 1e9) {
+        throw new MigrationError(
+          "not-converged",
+          `did not converge: no progress for ${cfg.progressTimeoutS} s (remaining bytes have not gone below ${formatMiB(best)}; ` +
+            `threshold ${formatMiB(thresholdBytes)}, dirty rate ${Math.round(rate)} pages/s = ${formatMiB(rate * PAGE_SIZE)}/s ` +
+            `against a link of ${formatMiB(link.bytesPerSecond)}/s)`,
+        );
+      }
+      sent = await sendPages(sync.bitmaps);
+      report.precopyBytes += sent.bytes;
+      await pushRound(report.dirtySyncCount, sync.dirtyPages, sync.hostNs, rate, remaining);
+    }
+  } catch (err) {
+    const e = err instanceof MigrationError ? err : explain(err, "migration", "");
+    report.error = e.message;
+    // Leave the source as we found it: running, not logging; the destination gone.
+    if (paused) await source.resumeVm({ vm: cfg.sourceVm }).catch(() => undefined);
+    if (trackerStarted) await tracker.stop().catch(() => undefined);
+    await destination.destroyVm({ vm: cfg.destinationVm }).catch(() => undefined);
+    finish();
+    throw new MigrationError(e.kind, e.message, report);
+  }
+}
+
+function formatMiB(bytes: number): string {
+  return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+}
+
+function validate(cfg: MigrationConfig): void {
+  const bad = (m: string) => new MigrationError("usage", m);
+  if (!(cfg.bandwidthBitsPerSecond > 0) || !Number.isFinite(cfg.bandwidthBitsPerSecond)) throw bad(`bandwidth must be a positive number of bits/s (got ${cfg.bandwidthBitsPerSecond})`);
+  if (!(cfg.latencyNs >= 0)) throw bad(`latency must be >= 0 (got ${cfg.latencyNs} ns)`);
+  if (!(cfg.downtimeLimitMs > 0)) throw bad(`downtime limit must be > 0 ms (got ${cfg.downtimeLimitMs})`);
+  if (cfg.maxRounds !== null && !(Number.isInteger(cfg.maxRounds) && cfg.maxRounds >= 1)) throw bad(`max rounds must be a whole number >= 1 (got ${cfg.maxRounds})`);
+  if (!(cfg.progressTimeoutS > 0)) throw bad(`progress timeout must be > 0 s (got ${cfg.progressTimeoutS})`);
+  if (!(cfg.completionTimeoutPerGiBS > 0)) throw bad(`completion timeout must be > 0 s per GiB (got ${cfg.completionTimeoutPerGiBS})`);
+  if (!Number.isInteger(cfg.chunkPages) || cfg.chunkPages < CHUNK_ALIGN || cfg.chunkPages % CHUNK_ALIGN !== 0 || cfg.chunkPages > 1 << 20) {
+    throw bad(`chunk pages must be a multiple of ${CHUNK_ALIGN} up to 1048576 (got ${cfg.chunkPages})`);
+  }
+  if (!cfg.sourceVm || !cfg.destinationVm) throw bad("source and destination VM names are required");
+}
+
+export { PAGE_SIZE };

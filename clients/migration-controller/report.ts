@@ -1,0 +1,210 @@
+/**
+ * What the user sees at the end: a text table per round with totals, the
+ * machine-readable JSON (QEMU query-migrate's names, with every unit spelled
+ * out in a "units" map), and a self-contained HTML page with charts of the
+ * dirty rate and the remaining bytes per round.
+ */
+import type { MigrationReport, RoundReport } from "./migrate.js";
+
+const MiB = 2 ** 20;
+const fmt = (n: number, d = 1) => n.toLocaleString("en-US", { maximumFractionDigits: d, minimumFractionDigits: 0 });
+
+export function formatBytes(n: number): string {
+  if (n >= 2 ** 30) return `${fmt(n / 2 ** 30, 2)} GiB`;
+  if (n >= MiB) return `${fmt(n / MiB, 1)} MiB`;
+  return `${fmt(n / 1024, 1)} KiB`;
+}
+
+const COLUMNS: [string, (r: RoundReport) => string][] = [
+  ["round", (r) => `${r.round}${r.stopAndCopy ? "*" : ""}`],
+  ["dirty pages", (r) => fmt(r.dirtyPages, 0)],
+  ["pages sent", (r) => fmt(r.pagesSent, 0)],
+  ["MiB sent", (r) => fmt(r.bytesSent / MiB)],
+  ["time ms", (r) => fmt(r.durationMs)],
+  ["dirty rate pages/s", (r) => fmt(r.dirtyRatePagesPerSecond, 0)],
+  ["remaining MiB", (r) => fmt(r.remainingBytes / MiB)],
+  ["exp. downtime ms", (r) => fmt(r.expectedDowntimeMs)],
+  ["guest writes/s", (r) => fmt(r.guestWritesPerSecond, 0)],
+];
+
+export function textReport(r: MigrationReport): string {
+  const lines: string[] = [];
+  const verdict =
+    r.status === "completed"
+      ? `completed, verified: sha256 ${r.verification!.sourceSha256.slice(0, 16)}… on both sides`
+      : `FAILED: ${r.error}`;
+  lines.push(`migration ${r.source.vm}@${r.source.address} -> ${r.destination.vm}@${r.destination.address} (${r.mechanism}, ${r.drive} clock): ${verdict}`);
+  const rows = r.rounds.map((x) => COLUMNS.map(([, f]) => f(x)));
+  const widths = COLUMNS.map(([h], i) => Math.max(h.length, ...rows.map((row) => row[i].length)));
+  lines.push(COLUMNS.map(([h], i) => h.padStart(widths[i])).join("  "));
+  for (const row of rows) lines.push(row.map((c, i) => c.padStart(widths[i])).join("  "));
+  const so = r.switchover;
+  if (r.rounds.some((x) => x.stopAndCopy)) lines.push("* stop-and-copy: the source was paused (downtime)");
+  lines.push(
+    [
+      `total time ${fmt(r.totalTimeMs / 1e3, 2)} s`,
+      `downtime ${r.downtimeMs === null ? "-" : `${fmt(r.downtimeMs)} ms`} (limit ${r.config.downtimeLimitMs} ms)`,
+      `syncs ${r.dirtySyncCount}`,
+      `transferred ${formatBytes(r.transferredBytes)} of ${formatBytes(r.memoryBytes)}`,
+      `${fmt(r.mbps, 0)} Mbit/s`,
+    ].join(", "),
+  );
+  if (so) {
+    lines.push(
+      `switchover after sync ${so.round}: ${formatBytes(so.remainingBytes)} dirty ${so.forced ? "> (forced by --max-rounds)" : "<="} threshold ${formatBytes(so.thresholdBytes)} = bandwidth x downtime limit`,
+    );
+  }
+  const speedup = r.wallTimeMs > 0 ? r.totalTimeMs / r.wallTimeMs : 0;
+  lines.push(`wall clock ${fmt(r.wallTimeMs / 1e3, 2)} s for ${fmt(r.totalTimeMs / 1e3, 2)} s of guest time (${fmt(speedup)}x real time)`);
+  const t = Object.entries(r.tracker);
+  if (t.length) lines.push(`tracker: ${t.map(([k, v]) => `${k} ${fmt(v, 0)}`).join(", ")}`);
+  return lines.join("\n");
+}
+
+/** The report as QEMU's query-migrate names it; units in "units". */
+export function jsonReport(r: MigrationReport): object {
+  const totalPages = r.memoryBytes / 4096;
+  return {
+    status: r.status,
+    ...(r.error ? { error: r.error } : {}),
+    "total-time": r.totalTimeMs,
+    "setup-time": r.setupTimeMs,
+    downtime: r.downtimeMs,
+    "expected-downtime": r.expectedDowntimeMs,
+    ram: {
+      transferred: r.transferredBytes,
+      remaining: r.status === "completed" ? 0 : (r.rounds.at(-1)?.remainingBytes ?? r.memoryBytes),
+      total: r.memoryBytes,
+      duplicate: r.zeroPages,
+      normal: r.normalPages,
+      "normal-bytes": r.normalPages * 4096,
+      "dirty-pages-rate": r.dirtyRatePagesPerSecond,
+      mbps: r.mbps,
+      "dirty-sync-count": r.dirtySyncCount,
+      "page-size": 4096,
+      "precopy-bytes": r.precopyBytes,
+      "downtime-bytes": r.downtimeBytes,
+      "total-pages": totalPages,
+    },
+    rounds: r.rounds.map((x) => ({
+      round: x.round,
+      "dirty-pages": x.dirtyPages,
+      "pages-sent": x.pagesSent,
+      normal: x.normalPages,
+      duplicate: x.zeroPages,
+      transferred: x.bytesSent,
+      duration: x.durationMs,
+      "sync-host-time": x.syncHostMs,
+      "dirty-pages-rate": x.dirtyRatePagesPerSecond,
+      "dirty-bytes-rate": x.dirtyRatePagesPerSecond * 4096,
+      remaining: x.remainingBytes,
+      threshold: x.thresholdBytes,
+      "expected-downtime": x.expectedDowntimeMs,
+      "guest-writes-rate": x.guestWritesPerSecond,
+      "stop-and-copy": x.stopAndCopy,
+    })),
+    switchover: r.switchover,
+    verification: r.verification && {
+      "source-sha256": r.verification.sourceSha256,
+      "destination-sha256": r.verification.destinationSha256,
+      match: r.verification.match,
+    },
+    source: r.source,
+    destination: r.destination,
+    mechanism: r.mechanism,
+    drive: r.drive,
+    config: r.config,
+    tracker: r.tracker,
+    "wall-time": r.wallTimeMs,
+    units: {
+      "total-time": "ms (guest time)",
+      "setup-time": "ms (guest time)",
+      downtime: "ms (guest time from pausing the source to resuming the destination)",
+      "expected-downtime": "ms (dirty bytes at the last sync / bandwidth)",
+      "ram.transferred": "bytes",
+      "ram.remaining": "bytes",
+      "ram.total": "bytes",
+      "ram.duplicate": "pages (zero pages)",
+      "ram.normal": "pages",
+      "ram.normal-bytes": "bytes",
+      "ram.dirty-pages-rate": "pages/s",
+      "ram.mbps": "Mbit/s",
+      "ram.dirty-sync-count": "count",
+      "ram.page-size": "bytes",
+      "ram.precopy-bytes": "bytes",
+      "ram.downtime-bytes": "bytes",
+      "ram.total-pages": "pages",
+      "rounds[].dirty-pages": "pages",
+      "rounds[].pages-sent": "pages",
+      "rounds[].transferred": "bytes",
+      "rounds[].duration": "ms (guest time)",
+      "rounds[].sync-host-time": "ms (host time)",
+      "rounds[].dirty-pages-rate": "pages/s",
+      "rounds[].dirty-bytes-rate": "bytes/s",
+      "rounds[].remaining": "bytes",
+      "rounds[].threshold": "bytes",
+      "rounds[].expected-downtime": "ms",
+      "rounds[].guest-writes-rate": "writes/s (guest time)",
+      "config.bandwidthBitsPerSecond": "bit/s",
+      "config.latencyNs": "ns",
+      "config.downtimeLimitMs": "ms",
+      "wall-time": "ms (wall clock)",
+    },
+  };
+}
+
+const esc = (s: string) => s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]!);
+
+/** A bar chart as inline SVG, with an optional dashed reference line. */
+function barChart(title: string, unit: string, values: number[], ref?: { value: number; label: string }): string {
+  const W = 640;
+  const H = 220;
+  const pad = { l: 70, r: 10, t: 28, b: 30 };
+  const max = Math.max(1, ...values, ref?.value ?? 0) * 1.1;
+  const bw = (W - pad.l - pad.r) / Math.max(1, values.length);
+  const y = (v: number) => pad.t + (H - pad.t - pad.b) * (1 - v / max);
+  const bars = values
+    .map((v, i) => {
+      const x = pad.l + i * bw + bw * 0.15;
+      return `<rect x="${x.toFixed(1)}" y="${y(v).toFixed(1)}" width="${(bw * 0.7).toFixed(1)}" height="${(H - pad.b - y(v)).toFixed(1)}" fill="#3b82f6"><title>round ${i}: ${fmt(v)} ${esc(unit)}</title></rect>` +
+        `<text x="${(x + bw * 0.35).toFixed(1)}" y="${H - pad.b + 14}" font-size="11" text-anchor="middle">${i}</text>`;
+    })
+    .join("");
+  const ticks = [0, 0.5, 1]
+    .map((f) => `<text x="${pad.l - 6}" y="${(y(max * f / 1.1) + 4).toFixed(1)}" font-size="11" text-anchor="end">${fmt((max * f) / 1.1, 0)}</text>`)
+    .join("");
+  const refLine = ref
+    ? `<line x1="${pad.l}" x2="${W - pad.r}" y1="${y(ref.value).toFixed(1)}" y2="${y(ref.value).toFixed(1)}" stroke="#dc2626" stroke-dasharray="6 4"/>` +
+      `<text x="${W - pad.r}" y="${(y(ref.value) - 4).toFixed(1)}" font-size="11" text-anchor="end" fill="#dc2626">${esc(ref.label)}</text>`
+    : "";
+  return `<figure><svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" role="img" aria-label="${esc(title)}">` +
+    `<text x="${pad.l}" y="16" font-size="13" font-weight="bold">${esc(title)} (${esc(unit)})</text>` +
+    `<line x1="${pad.l}" x2="${pad.l}" y1="${pad.t}" y2="${H - pad.b}" stroke="#888"/><line x1="${pad.l}" x2="${W - pad.r}" y1="${H - pad.b}" y2="${H - pad.b}" stroke="#888"/>` +
+    `${ticks}${bars}${refLine}<text x="${(W + pad.l) / 2}" y="${H - 2}" font-size="11" text-anchor="middle">round</text></svg></figure>`;
+}
+
+export function htmlReport(r: MigrationReport): string {
+  const rows = r.rounds.map((x) => `<tr>${COLUMNS.map(([, f]) => `<td>${esc(f(x))}</td>`).join("")}</tr>`).join("\n");
+  const status = r.status === "completed" ? `<p class="ok">Completed and verified: SHA-256 ${esc(r.verification!.sourceSha256)} on both sides.</p>` : `<p class="bad">Failed: ${esc(r.error ?? "")}</p>`;
+  const threshold = r.rounds[0]?.thresholdBytes ?? 0;
+  return `<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Migration ${esc(r.source.vm)} -> ${esc(r.destination.vm)}</title>
+<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
+.ok{color:#166534}.bad{color:#b91c1c}figure{margin:1em 0}dl{display:grid;grid-template-columns:max-content auto;gap:2px 1em}dt{font-weight:bold}</style></head>
+<body><h1>Migration ${esc(r.source.vm)} → ${esc(r.destination.vm)}</h1>
+${status}
+<dl><dt>mechanism</dt><dd>${esc(r.mechanism)} (${esc(r.drive)} clock)</dd>
+<dt>source</dt><dd>${esc(r.source.vm)} @ ${esc(r.source.address)}</dd><dt>destination</dt><dd>${esc(r.destination.vm)} @ ${esc(r.destination.address)}</dd>
+<dt>guest memory</dt><dd>${esc(formatBytes(r.memoryBytes))}</dd>
+<dt>link</dt><dd>${fmt(r.config.bandwidthBitsPerSecond / 1e9, 2)} Gbit/s, ${fmt(r.config.latencyNs / 1e6, 3)} ms latency</dd>
+<dt>total time</dt><dd>${fmt(r.totalTimeMs)} ms</dd><dt>downtime</dt><dd>${r.downtimeMs === null ? "-" : `${fmt(r.downtimeMs)} ms`} (limit ${r.config.downtimeLimitMs} ms)</dd>
+<dt>syncs</dt><dd>${r.dirtySyncCount}</dd><dt>transferred</dt><dd>${esc(formatBytes(r.transferredBytes))}</dd></dl>
+${barChart("Dirty rate at each sync", "pages/s", r.rounds.map((x) => x.dirtyRatePagesPerSecond))}
+${barChart("Remaining (dirty) at each sync", "MiB", r.rounds.map((x) => x.remainingBytes / MiB), { value: threshold / MiB, label: "switchover threshold = bandwidth x downtime limit" })}
+<table><thead><tr>${COLUMNS.map(([h]) => `<th>${esc(h)}</th>`).join("")}</tr></thead><tbody>
+${rows}
+</tbody></table>
+<p>All times are guest (simulated) time. Generated by the migration controller.</p>
+</body></html>
+`;
+}

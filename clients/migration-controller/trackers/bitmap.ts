@@ -1,0 +1,82 @@
+/**
+ * Write protection + dirty bitmap, as QEMU drives it: GET_DIRTY_LOG per slot
+ * at every sync. With manual protect, GET only copies the log and each chunk
+ * of pages is CLEARed (re-protected) just before it is read for sending, as
+ * QEMU's clear-bitmap does; INITIALLY_SET additionally skips protecting the
+ * whole slot at enable time (round 0 sends every page anyway).
+ */
+import { Capability, MemslotFlag, type VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import type { HypervisorClient } from "../../../services/hypervisor/client.js";
+import type { DirtyTracker, SyncResult } from "./tracker.js";
+
+export type BitmapMode = "bitmap" | "bitmap-manual" | "bitmap-initially-set";
+
+const MANUAL_PROTECT_ENABLE = 1n;
+const INITIALLY_SET = 2n;
+
+export class BitmapTracker implements DirtyTracker {
+  private enabled: number[] = [];
+  private previousManual = 0n;
+  private gets = 0;
+  private clears = 0;
+
+  constructor(
+    readonly name: BitmapMode,
+    private readonly client: HypervisorClient,
+    private readonly vm: VmInfo,
+  ) {}
+
+  private get manual(): boolean {
+    return this.name !== "bitmap";
+  }
+
+  async start(): Promise<number> {
+    const want = this.name === "bitmap" ? 0n : this.name === "bitmap-manual" ? MANUAL_PROTECT_ENABLE : MANUAL_PROTECT_ENABLE | INITIALLY_SET;
+    this.previousManual = this.vm.manualDirtyLogProtect;
+    await this.client.enableCap({ vm: this.vm.vm, capability: Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2, args: [want] });
+    let hostNs = 0;
+    for (const s of this.vm.memslots) {
+      const m = s.memslot!;
+      if (m.flags & MemslotFlag.MEMSLOT_FLAG_READONLY) continue;
+      const r = await this.client.setUserMemoryRegion({ vm: this.vm.vm, memslot: { ...m, flags: m.flags | MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES } });
+      this.enabled.push(m.slot);
+      hostNs += Number(r.hostNs);
+    }
+    return hostNs;
+  }
+
+  async sync(): Promise<SyncResult> {
+    const bitmaps = new Map<number, Uint8Array>();
+    let dirtyPages = 0;
+    let hostNs = 0;
+    for (const slot of this.enabled) {
+      const r = await this.client.getDirtyLog({ vm: this.vm.vm, slot });
+      bitmaps.set(slot, r.bitmap);
+      dirtyPages += Number(r.dirtyPages);
+      hostNs += Number(r.hostNs);
+    }
+    this.gets += this.enabled.length;
+    return { bitmaps, dirtyPages, hostNs };
+  }
+
+  async beforeSend(slot: number, firstPage: number, numPages: number, bitmap: Uint8Array): Promise<number> {
+    if (!this.manual || !this.enabled.includes(slot)) return 0;
+    const r = await this.client.clearDirtyLog({ vm: this.vm.vm, slot, firstPage: BigInt(firstPage), numPages, bitmap: Buffer.from(bitmap.buffer, bitmap.byteOffset, bitmap.byteLength) });
+    this.clears++;
+    return Number(r.hostNs);
+  }
+
+  async stop(): Promise<void> {
+    for (const s of this.vm.memslots) {
+      const m = s.memslot!;
+      if (!this.enabled.includes(m.slot)) continue;
+      await this.client.setUserMemoryRegion({ vm: this.vm.vm, memslot: { ...m, flags: m.flags & ~MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES } });
+    }
+    this.enabled = [];
+    await this.client.enableCap({ vm: this.vm.vm, capability: Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2, args: [this.previousManual] });
+  }
+
+  stats(): Record<string, number> {
+    return { get_dirty_log_calls: this.gets, clear_dirty_log_calls: this.clears };
+  }
+}

@@ -1,0 +1,26 @@
+/** The mechanisms the controller can migrate with, by name. */
+import type { VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import type { HypervisorClient } from "../../../services/hypervisor/client.js";
+import { BitmapTracker } from "./bitmap.js";
+import type { DirtyTracker } from "./tracker.js";
+
+export const MECHANISMS = {
+  bitmap: "write protection + GET_DIRTY_LOG (snapshot and clear at every sync)",
+  "bitmap-manual": "MANUAL_DIRTY_LOG_PROTECT2: GET copies, CLEAR re-protects each chunk just before it is sent",
+  "bitmap-initially-set": "manual protect with INITIALLY_SET: no write-protection pass at enable; CLEAR arms it chunk by chunk",
+} as const;
+
+export type Mechanism = keyof typeof MECHANISMS;
+
+export function isMechanism(name: string): name is Mechanism {
+  return Object.hasOwn(MECHANISMS, name);
+}
+
+export function createTracker(mechanism: Mechanism, client: HypervisorClient, vm: VmInfo): DirtyTracker {
+  switch (mechanism) {
+    case "bitmap":
+    case "bitmap-manual":
+    case "bitmap-initially-set":
+      return new BitmapTracker(mechanism, client, vm);
+  }
+}

@@ -1,0 +1,38 @@
+/**
+ * A dirty-tracking mechanism as the migration thread drives it (QEMU's
+ * memory_global_dirty_log_start / migration_bitmap_sync / _stop). Each
+ * mechanism lives in a file of its own beside this one.
+ */
+export interface SlotLayout {
+  slot: number;
+  numPages: number;
+}
+
+export interface SyncResult {
+  /** Dirty bitmap per slot id, one little-endian bit per page. */
+  bitmaps: Map<number, Uint8Array>;
+  dirtyPages: number;
+  /** Host time the sync cost (the guest keeps running meanwhile). */
+  hostNs: number;
+}
+
+export interface DirtyTracker {
+  readonly name: string;
+  /** Turns logging on for every slot; returns host ns. */
+  start(): Promise<number>;
+  /** Collects what was dirtied since the last sync. */
+  sync(): Promise<SyncResult>;
+  /**
+   * Called before the pages selected in `bitmap` (relative to firstPage) are
+   * read for sending, so that writes after the read are caught (manual
+   * protect's CLEAR). Returns host ns.
+   */
+  beforeSend(slot: number, firstPage: number, numPages: number, bitmap: Uint8Array): Promise<number>;
+  /** Turns logging off and restores what start() changed; safe to call after a failure. */
+  stop(): Promise<void>;
+  /** Counters the report shows (e.g. ring-full exits), mechanism-specific. */
+  stats(): Record<string, number>;
+}
+
+/** Chunks sent to CLEAR_DIRTY_LOG and the wire must start on a 64-page boundary. */
+export const CHUNK_ALIGN = 64;
