@@ -55,7 +55,7 @@ policy and link (both commands):
   --max-rounds N             force the switchover after N syncs (Xen-style cap; default none, as QEMU)
   --progress-timeout S       fail when remaining bytes make no new low for S guest seconds (default 150)
   --completion-timeout-per-gib S   fail past S guest seconds per GiB of memory (default 150)
-  --chunk-pages N            pages per copy chunk, a multiple of 64 (default 65536)
+  --chunk-pages N            pages per copy chunk, a multiple of 64 (default 262144 = 1 GiB)
 
 output:
   --json FILE                write the report as JSON (QEMU query-migrate names, units in "units")
@@ -251,7 +251,7 @@ export async function runCli(argv: string[], io: Io): Promise<number> {
   try {
     parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true, strict: true });
   } catch (e) {
-    io.err.write(`${(e as Error).message}\n\n${HELP}\n`);
+    io.err.write(`${(e as Error).message}\nrun with --help for usage\n`);
     return EXIT.usage;
   }
   const { values: v, positionals } = parsed;

@@ -48,7 +48,7 @@ export const DEFAULT_CONFIG: Omit<MigrationConfig, "sourceVm" | "destinationVm">
   maxRounds: null,
   progressTimeoutS: 150,
   completionTimeoutPerGiBS: 150,
-  chunkPages: 65536,
+  chunkPages: 262144,
 };
 
 export interface RoundReport {
@@ -281,7 +281,13 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
     return v.vcpus.reduce((n, c) => n + Number(c.writes), 0);
   };
 
-  /** Reads one chunk from the source and writes it into the destination; returns its zero and normal pages. */
+  /**
+   * Reads one chunk from the source and starts writing it into the
+   * destination; returns its zero and normal pages and the pending write, which
+   * overlaps the guest time the controller lets pass next. Chunks of a round
+   * are disjoint, so two writes may be in flight; a round awaits all of its
+   * writes before it ends, so a page re-sent in a later round always lands last.
+   */
   const copyChunk = async (slot: number, first: number, count: number, sel: Uint8Array | null) => {
     const chunks: WriteMemoryRequest[] = [];
     let zero = 0;
@@ -304,8 +310,9 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
     } catch (err) {
       throw explain(err, "source", source.address);
     }
-    await on("destination", destination, () => destination.writeMemory(chunks));
-    return { zero, normal };
+    const written = on("destination", destination, () => destination.writeMemory(chunks));
+    written.catch(() => undefined); // awaited by the caller; this only keeps an early failure from going unhandled
+    return { zero, normal, written };
   };
 
   /**
@@ -315,6 +322,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
    */
   const sendPages = async (select: Map<number, Uint8Array> | null) => {
     const out = { normal: 0, zero: 0, bytes: 0 };
+    let pending: Promise<unknown> = Promise.resolve();
     for (const s of src.memslots) {
       const slot = s.memslot!.slot;
       const n = Number(s.numPages);
@@ -327,6 +335,8 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         const all = new Uint8Array(Math.ceil(count / 8)).fill(0xff);
         const hostNs = await on("source", source, () => tracker.beforeSend(slot, first, count, sel ?? all));
         const c = await copyChunk(slot, first, count, sel);
+        await pending;
+        pending = c.written;
         const bytes = Link.bytesFor(c.normal, c.zero);
         out.normal += c.normal;
         out.zero += c.zero;
@@ -334,6 +344,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         await on("source", source, () => clock.elapse(hostNs + link.transmitNs(bytes)));
       }
     }
+    await pending;
     await on("source", source, () => clock.elapse(link.latencyNs));
     report.normalPages += out.normal;
     report.zeroPages += out.zero;

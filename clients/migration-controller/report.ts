@@ -136,6 +136,8 @@ export function jsonReport(r: MigrationReport): object {
       "ram.total-pages": "pages",
       "rounds[].dirty-pages": "pages",
       "rounds[].pages-sent": "pages",
+      "rounds[].normal": "pages",
+      "rounds[].duplicate": "pages (zero pages)",
       "rounds[].transferred": "bytes",
       "rounds[].duration": "ms (guest time)",
       "rounds[].sync-host-time": "ms (host time)",

@@ -34,7 +34,8 @@ const TWO32 = 4294967296;
 
 /** Low word of a leaf descriptor with the output address and attributes. */
 export function descLo(outputAddress: number, attrs: number): number {
-  return ((outputAddress % TWO32) & 0xfffff000 | attrs) >>> 0;
+  // ToUint32 (>>> 0) takes the address modulo 2^32 without a floating-point fmod.
+  return (((outputAddress >>> 0) & 0xfffff000) | attrs) >>> 0;
 }
 export function descHi(outputAddress: number, hiBits = 0): number {
   return (Math.floor(outputAddress / TWO32) & 0xffff | hiBits) >>> 0;

@@ -217,8 +217,8 @@ export class Vm {
     }
     const interval = Math.max(1e9 / gen.spec.writesPerSecond, this.costs.writeNs);
     const epochMode = gen.spec.value === "epoch";
-    const eLo = Number(gen.spec.epoch & 0xffffffffn);
-    const eHi = Number((gen.spec.epoch >> 32n) & 0xffffffffn);
+    const eLo = gen.epochLo;
+    const eHi = gen.epochHi;
     const tlb = v.tlb.entries;
     const mask = v.tlb.mask;
     const batch = gen.batch;
@@ -306,26 +306,27 @@ export class Vm {
         return 0;
       }
     }
-    return this.fault(v, slot, p, gfn, level).costNs;
+    this.fault(v, slot, p, gfn, level);
+    return level === Level.Unmapped ? this.costs.translationFaultNs : this.costs.writeFaultNs;
   }
 
   /**
    * user_mem_abort for a write: while the slot is logging, map a 4 KiB page
    * (breaking a block first, its other pages to fault back in), make it
    * writable and mark it dirty; otherwise map the largest block the backing
-   * allows, coalescing any table below it.
+   * allows, coalescing any table below it. Returns whether the write was
+   * logged (its dirty bit went from clear to set).
    */
-  private fault(v: Vcpu, slot: Memslot, p: number, gfn: number, level: Level): WriteOutcome {
-    const kind: FaultKind = level === Level.Unmapped ? "translation" : "permission";
-    const costNs = kind === "translation" ? this.costs.translationFaultNs : this.costs.writeFaultNs;
+  private fault(v: Vcpu, slot: Memslot, p: number, gfn: number, level: Level): boolean {
     const s2 = slot.s2;
     if (slot.logging) {
       if (level === Level.Block2M || level === Level.Block1G) {
         const pages = level === Level.Block1G ? PAGES_1G : PAGES_2M;
         s2.splitBlockAt(p, false);
         this.invalidateRangeAll(Math.floor(gfn / pages) * pages, pages);
-      }
-      s2.mapPage(p, PAGE_RW);
+        s2.mapPage(p, PAGE_RW);
+      } else if (level === Level.Page) s2.setPageAttrs(p, PAGE_RW);
+      else s2.mapPage(p, PAGE_RW);
     } else {
       const target = this.blockLevelFor(slot, p);
       if (target === Level.Page) {
@@ -340,9 +341,8 @@ export class Vm {
         this.invalidateRangeAll(Math.floor(gfn / pages) * pages, pages);
       }
     }
-    const logged = slot.markDirty(p);
     v.tlb.fill(gfn);
-    return { fault: kind, logged, mmio: false, costNs };
+    return slot.markDirty(p);
   }
 
   private blockLevelFor(slot: Memslot, p: number): Level.Page | Level.Block2M | Level.Block1G {
@@ -364,12 +364,16 @@ export class Vm {
     }
     const p = slot.npages === 0 ? 0 : Math.floor((gpa - slot.gpa) / 4096);
     const gfn = slot.baseGfn + p;
-    let out: WriteOutcome = { fault: "none", logged: false, mmio: false, costNs: 0 };
+    const out: WriteOutcome = { fault: "none", logged: false, mmio: false, costNs: 0 };
     if (!v.tlb.holds(gfn)) {
       const level = slot.s2.leafLevel(p);
       const [pl, i] = slot.s2.leafRef(p, level);
       if (level !== Level.Unmapped && pl.lo[i] & S2AP_W) v.tlb.fill(gfn);
-      else out = this.fault(v, slot, p, gfn, level);
+      else {
+        out.fault = level === Level.Unmapped ? "translation" : "permission";
+        out.costNs = out.fault === "translation" ? this.costs.translationFaultNs : this.costs.writeFaultNs;
+        out.logged = this.fault(v, slot, p, gfn, level);
+      }
     }
     slot.content[2 * p] = Number(value & 0xffffffffn);
     slot.content[2 * p + 1] = Number(value >> 32n);

@@ -46,6 +46,9 @@ export class WorkloadGen {
   private readonly size: number;
   private readonly hotSize: number;
   private seqPos: number;
+  /** EPOCH mode's value as the two 32-bit words a write stores. */
+  readonly epochLo: number;
+  readonly epochHi: number;
 
   constructor(
     readonly spec: WorkloadSpec,
@@ -59,6 +62,8 @@ export class WorkloadGen {
     this.size = spec.pages || totalPages - spec.firstPage;
     this.hotSize = Math.max(1, Math.floor(this.size * spec.hotFraction));
     this.seqPos = Math.floor((this.size * vcpuIndex) / Math.max(1, vcpuCount));
+    this.epochLo = Number(spec.epoch & 0xffffffffn) | 0;
+    this.epochHi = Number((spec.epoch >> 32n) & 0xffffffffn) | 0;
   }
 
   get active(): boolean {

@@ -1,0 +1,138 @@
+import assert from "node:assert/strict";
+import { mkdtemp, readFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { spawnService } from "../../../common/spawn.js";
+import { WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { connectHypervisor } from "../../../services/hypervisor/client.js";
+import { GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
+import { EXIT, runCli } from "../cli.js";
+
+/** Runs the CLI in process with captured output. */
+async function cli(args: string[]) {
+  let out = "";
+  let err = "";
+  const code = await runCli(args, { out: { write: (s: string) => (out += s) }, err: { write: (s: string) => (err += s) }, env: {} });
+  return { code, out, err };
+}
+
+const noStack = (s: string) => assert.doesNotMatch(s, /\n\s+at .+:\d+:\d+/, "no stack trace");
+
+describe("migration controller CLI", () => {
+  let h: RunningHypervisor;
+  let dir: string;
+  before(async () => {
+    h = await startHypervisor();
+    dir = await mkdtemp(join(tmpdir(), "mc-"));
+    await h.client.createVm({
+      vm: "web",
+      vcpus: 2,
+      memslots: [{ slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(64 * MiB) }],
+      workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD, writesPerSecond: 50_000 },
+    });
+    await h.client.advanceVm({ vm: "web", durationNs: 100_000_000n });
+  });
+  after(() => h.close());
+
+  test("--help documents the commands, options and exit codes", async () => {
+    const r = await cli(["--help"]);
+    assert.equal(r.code, 0);
+    for (const s of ["demo", "migrate", "--mechanism", "--bandwidth", "--downtime-limit", "--max-rounds", "--json", "--report", "exit codes"]) assert.ok(r.out.includes(s), s);
+  });
+
+  test("migrate within one hypervisor writes JSON with QEMU's names and explicit units, and an HTML report", async () => {
+    const json = join(dir, "r.json");
+    const html = join(dir, "r.html");
+    const r = await cli(["migrate", "--source", h.address, "--vm", "web", "--mechanism", "bitmap-manual", "--json", json, "--report", html, "--quiet"]);
+    assert.equal(r.code, 0, r.err);
+    assert.match(r.out, /completed, verified: sha256 [0-9a-f]{16}… on both sides/);
+    assert.match(r.out, /switchover after sync \d+: .* <= threshold .* = bandwidth x downtime limit/);
+    const j = JSON.parse(await readFile(json, "utf8"));
+    assert.equal(j.status, "completed");
+    for (const k of ["total-time", "setup-time", "downtime", "expected-downtime"]) assert.equal(typeof j[k], "number", k);
+    for (const k of ["transferred", "remaining", "total", "duplicate", "normal", "normal-bytes", "dirty-pages-rate", "mbps", "dirty-sync-count", "page-size", "precopy-bytes", "downtime-bytes"]) {
+      assert.equal(typeof j.ram[k], "number", `ram.${k}`);
+      assert.ok(j.units[`ram.${k}`], `unit of ram.${k}`);
+    }
+    assert.equal(j.ram.total, 64 * MiB);
+    assert.equal(j.ram["page-size"], 4096);
+    assert.equal(j.ram.transferred, j.ram["precopy-bytes"] + j.ram["downtime-bytes"]);
+    assert.equal(j.ram["dirty-sync-count"], j.rounds.length, "one sync per round after round 0, plus the final one");
+    assert.equal(j.units["ram.dirty-pages-rate"], "pages/s");
+    assert.equal(j.units.downtime.split(" ")[0], "ms");
+    assert.equal(j.verification.match, true);
+    assert.equal(j.mechanism, "bitmap-manual");
+    for (const k of Object.keys(j.rounds[0])) assert.ok(["round", "stop-and-copy"].includes(k) || j.units[`rounds[].${k}`], `unit of rounds[].${k}`);
+    const page = await readFile(html, "utf8");
+    assert.match(page, /<svg[^>]*aria-label="Dirty rate at each sync"/);
+    assert.match(page, /<svg[^>]*aria-label="Remaining \(dirty\) at each sync"/);
+    assert.doesNotMatch(page, /<script|<link|src="http/, "self-contained");
+  });
+
+  test("bad usage exits 2 with a message", async () => {
+    for (const [args, re] of [
+      [["migrate", "--vm", "web", "--bandwidth", "0"], /bandwidth '0' must be greater than zero/],
+      [["migrate", "--vm", "web", "--bandwidth", "fast"], /'fast' is not a bandwidth/],
+      [["migrate"], /--vm NAME is required/],
+      [["migrate", "--vm", "web", "--mechanism", "magic"], /--mechanism magic: must be one of/],
+      [["migrate", "--vm", "web", "--downtime-limit=-1"], /--downtime-limit -1/],
+      [["teleport"], /unknown command 'teleport'/],
+      [["--frobnicate"], /Unknown option '--frobnicate'/],
+    ] as [string[], RegExp][]) {
+      const r = await cli(args);
+      assert.equal(r.code, EXIT.usage, `${args.join(" ")}: ${r.err}`);
+      assert.match(r.err, re);
+      noStack(r.err);
+    }
+  });
+
+  test("unreachable hypervisor, unknown VM and an existing destination exit 3 with a clear message", async () => {
+    const unreachable = await cli(["migrate", "--source", "127.0.0.1:1", "--vm", "web", "--quiet"]);
+    assert.equal(unreachable.code, 3);
+    assert.match(unreachable.err, /cannot reach the source hypervisor at 127\.0\.0\.1:1/);
+    noStack(unreachable.err);
+    const unknown = await cli(["migrate", "--source", h.address, "--vm", "nope", "--quiet"]);
+    assert.equal(unknown.code, 3);
+    assert.match(unknown.err, /no VM named 'nope'/);
+    await h.client.resumeVm({ vm: "web" }); // the earlier migration left it paused, as QEMU leaves a migrated source
+    const exists = await cli(["migrate", "--source", h.address, "--vm", "web", "--dest-vm", "web", "--quiet"]);
+    assert.equal(exists.code, 3);
+    assert.match(exists.err, /already exists/);
+  });
+
+  test("a destination hypervisor that dies mid-migration: clear failure, exit 3, the source resumed and not logging", async () => {
+    const dst = await spawnService("services/hypervisor/main.ts", { HYPERVISOR_GRPC_PORT: "0", HYPERVISOR_HTTP_PORT: "0", HYPERVISOR_ANNOUNCE: "1" });
+    await h.client.createVm({
+      vm: "victim",
+      vcpus: 2,
+      memslots: [{ slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(256 * MiB) }],
+      workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e8 },
+    });
+    await h.client.advanceVm({ vm: "victim", durationNs: 400_000_000n });
+    await h.client.setWorkload({ vm: "victim", workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 100_000 } });
+    // Small chunks at a slow link: the kill lands while pages are being copied.
+    const run = cli(["migrate", "--source", h.address, "--destination", dst.address, "--vm", "victim", "--bandwidth", "1Gbit", "--chunk-pages", "1024", "--quiet"]);
+    const dstClient = connectHypervisor(dst.address);
+    for (;;) {
+      const vms = await dstClient.listVms({}).catch(() => ({ vms: [] }));
+      if (vms.vms.length > 0) break;
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    dstClient.close();
+    dst.proc.kill("SIGKILL");
+    const r = await run;
+    assert.equal(r.code, 3, r.err);
+    assert.match(r.err, /cannot reach the destination hypervisor/);
+    noStack(r.err + r.out);
+    const s = (await h.client.getVm({ vm: "victim" })).vm!;
+    assert.ok(s.vcpus.every((v) => !v.paused) && s.memslots.every((m) => !m.logging));
+  });
+});
+
+test("the embedded demo runs a verified migration between two hypervisor processes", async () => {
+  const r = await cli(["demo", "--memory", "256MiB", "--vcpus", "2", "--quiet"]);
+  assert.equal(r.code, 0, r.err);
+  assert.match(r.out, /migration demo@127\.0\.0\.1:\d+ -> demo@127\.0\.0\.1:\d+ \(bitmap, stepped clock\): completed, verified/);
+  assert.match(r.out, /downtime [\d.]+ ms \(limit 300 ms\)/);
+});

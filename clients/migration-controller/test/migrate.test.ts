@@ -1,0 +1,158 @@
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+import { WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
+import { NORMAL_PAGE_BYTES } from "../link.js";
+import { migrate, MigrationError } from "../migrate.js";
+import { MECHANISMS, type Mechanism } from "../trackers/index.js";
+
+/** A running VM whose memory is all written once, then a workload. */
+async function createVm(h: RunningHypervisor, vm: string, opts: { bytes: number; vcpus: number; workload: object; populate?: boolean }) {
+  await h.client.createVm({
+    vm,
+    vcpus: opts.vcpus,
+    seed: 11n,
+    memslots: [{ slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(opts.bytes) }],
+    workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e8 },
+  });
+  if (opts.populate !== false) {
+    const pages = opts.bytes / 4096 / opts.vcpus;
+    await h.client.advanceVm({ vm, durationNs: BigInt(Math.ceil(pages * 2500)) });
+  }
+  await h.client.setWorkload({ vm, workload: opts.workload });
+}
+
+describe("migration controller", () => {
+  let src: RunningHypervisor;
+  let dst: RunningHypervisor;
+  before(async () => {
+    src = await startHypervisor();
+    dst = await startHypervisor();
+  });
+  after(async () => {
+    await src.close();
+    await dst.close();
+  });
+  const ends = () => ({ source: src.client, destination: dst.client });
+
+  for (const mechanism of Object.keys(MECHANISMS) as Mechanism[]) {
+    test(`${mechanism}: a converging hot/cold workload migrates and verifies`, async () => {
+      const vm = `conv-${mechanism}`;
+      await createVm(src, vm, {
+        bytes: 256 * MiB,
+        vcpus: 2,
+        workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD, writesPerSecond: 100_000, hotFraction: 0.02, hotWriteFraction: 0.95 },
+      });
+      const r = await migrate({ sourceVm: vm, destinationVm: vm, mechanism, bandwidthBitsPerSecond: 1e9, downtimeLimitMs: 100 }, ends());
+      assert.equal(r.status, "completed");
+      assert.equal(r.verification?.match, true);
+      assert.ok(r.downtimeMs! > 0 && r.downtimeMs! < 100 * 1.5, `downtime ${r.downtimeMs} ms`);
+      assert.ok(r.rounds.length >= 2);
+      assert.equal(r.rounds[0].pagesSent, 65536);
+      assert.ok(r.rounds.at(-1)!.stopAndCopy);
+      // The destination runs; the source stays paused (QEMU's postmigrate) and no longer logs.
+      const d = (await dst.client.getVm({ vm })).vm!;
+      assert.ok(d.vcpus.every((v) => !v.paused));
+      const s = (await src.client.getVm({ vm })).vm!;
+      assert.ok(s.vcpus.every((v) => v.paused));
+      assert.ok(s.memslots.every((m) => !m.logging));
+      assert.equal(s.manualDirtyLogProtect, 0n, "the manual-protect capability is restored");
+    });
+  }
+
+  test("switchover happens at the round QEMU's rule predicts (sequential workload, dirty pages halve each round)", async () => {
+    const pages = 65536;
+    const bandwidth = 1e9; // bits/s
+    const linkPagesPerSecond = bandwidth / 8 / NORMAL_PAGE_BYTES;
+    const rate = linkPagesPerSecond / 2;
+    await createVm(src, "rule", { bytes: pages * 4096, vcpus: 1, workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: rate } });
+    const r = await migrate({ sourceVm: "rule", destinationVm: "rule", bandwidthBitsPerSecond: bandwidth, latencyNs: 0, downtimeLimitMs: 300 }, ends());
+    // Each write while logging is a first write to its page and takes a fault, which slows the guest.
+    const effective = 1 / (1 / rate + 2430e-9);
+    const ratio = effective / linkPagesPerSecond;
+    const threshold = (bandwidth / 8) * 0.3;
+    let expected = 1;
+    while (pages * ratio ** expected * 4096 > threshold) expected++;
+    assert.equal(r.switchover?.round, expected, JSON.stringify(r.rounds.map((x) => x.dirtyPages)));
+    for (let i = 1; i <= expected; i++) {
+      const predicted = pages * ratio ** i;
+      const seen = r.rounds[i].dirtyPages;
+      assert.ok(Math.abs(seen - predicted) / predicted < 0.02, `sync ${i}: ${seen} dirty pages, the model predicts ${predicted.toFixed(0)}`);
+    }
+    for (const x of r.rounds.slice(1, -1)) assert.ok(x.remainingBytes > threshold, "no earlier sync fitted the threshold");
+    assert.ok(r.switchover!.remainingBytes <= threshold);
+    assert.equal(r.expectedDowntimeMs, r.switchover!.remainingBytes / (bandwidth / 8 / 1000));
+  });
+
+  test("a workload dirtying faster than the link fails cleanly on the progress timeout; the source keeps running", async () => {
+    await createVm(src, "hot", {
+      bytes: 64 * MiB,
+      vcpus: 4,
+      workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 50_000 },
+    });
+    await assert.rejects(
+      migrate({ sourceVm: "hot", destinationVm: "hot", bandwidthBitsPerSecond: 1e8, progressTimeoutS: 3, completionTimeoutPerGiBS: 1e4 }, ends()),
+      (e: MigrationError) => {
+        assert.equal(e.kind, "not-converged");
+        assert.match(e.message, /did not converge: no progress for 3 s/);
+        assert.equal(e.report?.status, "failed");
+        return true;
+      },
+    );
+    const s = (await src.client.getVm({ vm: "hot" })).vm!;
+    assert.ok(s.vcpus.every((v) => !v.paused), "source running");
+    assert.ok(s.memslots.every((m) => !m.logging), "source no longer logging");
+    await assert.rejects(dst.client.getVm({ vm: "hot" }), /no VM named/);
+    const before = Number(s.clockNs);
+    await src.client.advanceVm({ vm: "hot", durationNs: 1_000_000n });
+    assert.ok((await src.client.getVm({ vm: "hot" })).vm!.vcpus[0].writes > 0n);
+    assert.ok(before > 0);
+  });
+
+  test("the completion timeout per GiB also ends a migration that does not converge", async () => {
+    await createVm(src, "slow", { bytes: 64 * MiB, vcpus: 4, workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 50_000 } });
+    await assert.rejects(
+      migrate({ sourceVm: "slow", destinationVm: "slow", bandwidthBitsPerSecond: 1e8, completionTimeoutPerGiBS: 100 }, ends()),
+      /completion timeout of 100 s per GiB \(6\.3 s for 0\.06 GiB\)/,
+    );
+  });
+
+  test("skipping the TLB flush loses dirty pages and the verification catches it", async () => {
+    await createVm(src, "noflush", {
+      bytes: 64 * MiB,
+      vcpus: 2,
+      workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD, writesPerSecond: 200_000, hotFraction: 0.005, hotWriteFraction: 0.99 },
+    });
+    await src.client.setFaultInjection({ vm: "noflush", skipTlbFlushAfterWriteProtect: true });
+    await assert.rejects(migrate({ sourceVm: "noflush", destinationVm: "noflush" }, ends()), (e: MigrationError) => {
+      assert.equal(e.kind, "verification");
+      assert.match(e.message, /differs from the source's .*dirty pages were lost/);
+      assert.equal(e.report?.verification?.match, false);
+      return true;
+    });
+    const s = (await src.client.getVm({ vm: "noflush" })).vm!;
+    assert.ok(s.vcpus.every((v) => !v.paused), "the source is resumed after a failed verification");
+  });
+
+  test("the max-rounds cap forces the switchover (Xen-style) and says so", async () => {
+    await createVm(src, "capped", { bytes: 64 * MiB, vcpus: 4, workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 50_000 } });
+    const r = await migrate({ sourceVm: "capped", destinationVm: "capped", bandwidthBitsPerSecond: 1e8, maxRounds: 3, completionTimeoutPerGiBS: 1e4 }, ends());
+    assert.deepEqual([r.switchover?.round, r.switchover?.forced, r.verification?.match], [3, true, true]);
+    assert.ok(r.downtimeMs! > 300, "a forced switchover overshoots the downtime limit");
+  });
+
+  test("preconditions: unknown VM, paused source, slot already logging, destination exists", async () => {
+    await assert.rejects(migrate({ sourceVm: "ghost", destinationVm: "g" }, ends()), (e: MigrationError) => e.kind === "not-found" && /no VM named 'ghost'/.test(e.message));
+    await createVm(src, "busy", { bytes: 4 * MiB, vcpus: 1, workload: {}, populate: false });
+    await src.client.pauseVm({ vm: "busy" });
+    await assert.rejects(migrate({ sourceVm: "busy", destinationVm: "busy" }, ends()), /is paused/);
+    await src.client.resumeVm({ vm: "busy" });
+    await src.client.setUserMemoryRegion({ vm: "busy", memslot: { slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(4 * MiB), flags: 1 } });
+    await assert.rejects(migrate({ sourceVm: "busy", destinationVm: "busy" }, ends()), /already logging dirty pages/);
+    await src.client.setUserMemoryRegion({ vm: "busy", memslot: { slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(4 * MiB), flags: 0 } });
+    await dst.client.createVm({ vm: "taken", vcpus: 1 });
+    await assert.rejects(migrate({ sourceVm: "busy", destinationVm: "taken" }, ends()), (e: MigrationError) => e.kind === "precondition" && /already exists/.test(e.message));
+    assert.ok((await dst.client.getVm({ vm: "taken" })).vm, "an existing destination VM is never touched");
+    await assert.rejects(migrate({ sourceVm: "busy", destinationVm: "x", bandwidthBitsPerSecond: 0 }, ends()), (e: MigrationError) => e.kind === "usage");
+  });
+});
