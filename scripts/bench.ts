@@ -76,6 +76,7 @@ async function hypervisorBench(gib: number) {
     workload: null,
     startPaused: false,
     tlbEntries: 1024,
+    dirtyRing: null,
   });
   // Touch every page once (sequential): maps and logs all of them.
   vm.setWorkload(0, workload("sequential", 1e9 / DEFAULT_COSTS.writeNs));

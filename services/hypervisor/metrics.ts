@@ -8,6 +8,7 @@ import type { Hypervisor } from "./model/hypervisor.js";
 
 export class HypervisorMetrics {
   readonly syncHostSeconds: Histogram<"vm" | "interface">;
+  readonly ringHarvested: Counter<"vm">;
 
   constructor(registry: Registry, hv: Hypervisor) {
     const registers = [registry];
@@ -73,7 +74,8 @@ export class HypervisorMetrics {
       collect() {
         this.reset();
         for (const vm of hv.vms.values()) {
-          for (const s of vm.slots.values()) this.inc({ vm: vm.name, slot: String(s.id), mechanism: "bitmap" }, s.pagesDirtied);
+          const mechanism = vm.ringEnabled ? "ring" : "bitmap";
+          for (const s of vm.slots.values()) this.inc({ vm: vm.name, slot: String(s.id), mechanism }, s.pagesDirtied);
         }
       },
     });
@@ -87,9 +89,52 @@ export class HypervisorMetrics {
         for (const vm of hv.vms.values()) this.inc({ vm: vm.name }, vm.tlbFlushes);
       },
     });
+    const perVcpuRing = (name: string, help: string, pick: (v: { ring: { pushed: number; harvested: number } | null; total: { ringFullExits: number; ringStallNs: number } }) => number) =>
+      new Counter({
+        name,
+        help,
+        labelNames: ["vm", "vcpu"],
+        registers,
+        collect() {
+          this.reset();
+          for (const vm of hv.vms.values()) {
+            if (!vm.ringEnabled) continue;
+            for (const v of vm.vcpus) this.inc({ vm: vm.name, vcpu: String(v.index) }, pick(v));
+          }
+        },
+      });
+    perVcpuRing("hypervisor_dirty_ring_pushes_total", "Entries KVM pushed to each vCPU's dirty ring.", (v) => v.ring!.pushed);
+    perVcpuRing("hypervisor_dirty_ring_full_exits_total", "KVM_EXIT_DIRTY_RING_FULL exits of each vCPU.", (v) => v.total.ringFullExits);
+    perVcpuRing("hypervisor_dirty_ring_stall_seconds_total", "Guest time each vCPU spent out of the guest on a full ring.", (v) => v.total.ringStallNs / 1e9);
+    this.ringHarvested = new Counter({
+      name: "hypervisor_dirty_ring_harvested_entries_total",
+      help: "Dirty-ring entries collected through HarvestDirtyRing.",
+      labelNames: ["vm"],
+      registers,
+    });
+    new Counter({
+      name: "hypervisor_write_track_events_total",
+      help: "track_write and track_remove_region events delivered to write-tracking notifiers.",
+      labelNames: ["vm"],
+      registers,
+      collect() {
+        this.reset();
+        for (const vm of hv.vms.values()) this.inc({ vm: vm.name }, vm.writeTrack.events);
+      },
+    });
+    new Counter({
+      name: "hypervisor_write_track_dropped_subscribers_total",
+      help: "Write-tracking subscribers disconnected for falling too far behind.",
+      labelNames: ["vm"],
+      registers,
+      collect() {
+        this.reset();
+        for (const vm of hv.vms.values()) this.inc({ vm: vm.name }, vm.writeTrack.droppedSubscribers);
+      },
+    });
     this.syncHostSeconds = new Histogram({
       name: "hypervisor_dirty_log_sync_host_seconds",
-      help: "Simulated host time of each dirty-log sync call, by interface (get, clear).",
+      help: "Simulated host time of each dirty-log sync call, by interface (get, clear, ring_reset).",
       labelNames: ["vm", "interface"],
       buckets: [1e-6, 1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5],
       registers,

@@ -8,7 +8,7 @@ import type { FastifyInstance } from "fastify";
 import { Registry, collectDefaultMetrics } from "prom-client";
 import { addStandardServices, bindServer, bindService, channelOptions, GrpcServerMetrics, shutdownServer, type ServiceHandlers } from "../../common/grpc.js";
 import { createOpsServer } from "../../common/http.js";
-import { invalidArgument, permissionDenied, failedPrecondition } from "../../common/errors.js";
+import { invalidArgument, permissionDenied, failedPrecondition, notFound } from "../../common/errors.js";
 import type { Logger } from "../../common/log.js";
 import {
   BackingPageSize,
@@ -16,6 +16,7 @@ import {
   ExitReason,
   FaultKind,
   HypervisorServiceService,
+  LogTarget as ProtoLogTarget,
   WorkloadPattern,
   WriteValue,
   type VmInfo,
@@ -27,7 +28,8 @@ import { toU64, outputAddressOf, AF, HI_DBM, S2AP_R, S2AP_W } from "./model/desc
 import { DEFAULT_CHUNK_PAGES, digest, readMemory, writeMemory } from "./model/guest-memory.js";
 import type { Hypervisor } from "./model/hypervisor.js";
 import { Level } from "./model/stage2.js";
-import type { Vm, BackingPageSize as Backing } from "./model/vm.js";
+import type { StepStats } from "./model/vcpu.js";
+import type { Vm, BackingPageSize as Backing, LogTarget } from "./model/vm.js";
 import type { Pattern, WorkloadSpec } from "./model/workload.js";
 
 export const HYPERVISOR_PROTO = "dirtytrack/hypervisor/v1/hypervisor.proto";
@@ -121,6 +123,9 @@ export function vmInfo(vm: Vm): VmInfo {
       writeFaults: BigInt(v.total.writeFaults),
       trackingOverheadNs: BigInt(Math.round(v.total.overheadNs)),
       achievedWritesPerSecond: v.achievedWritesPerSecond,
+      dirtyRingFullExits: BigInt(v.total.ringFullExits),
+      dirtyRingStallNs: BigInt(Math.round(v.total.ringStallNs)),
+      dirtyRingEntries: v.ring?.used ?? 0,
     })),
     memslots: vm.sortedSlots().map((s) => ({
       memslot: { slot: s.id, guestPhysAddr: BigInt(s.gpa), memorySize: BigInt(s.size), flags: s.flags },
@@ -134,10 +139,33 @@ export function vmInfo(vm: Vm): VmInfo {
     tlbFlushes: BigInt(vm.tlbFlushes),
     tlbEntries: vm.config.tlbEntries,
     seed: vm.config.seed,
+    dirtyRingBytes: BigInt(vm.config.ringBytes),
+    dirtyRingSoftLimit: vm.vcpus[0]?.ring?.softLimit ?? 0,
+    dirtyRingWithBitmap: vm.ringWithBitmap,
+    writeTrackedPages: vm.writeTrack.trackedPages,
+    writeTrackSubscribers: vm.writeTrack.subscribers.size,
   };
 }
 
-const FAULT_OUT = { none: FaultKind.FAULT_KIND_UNSPECIFIED, translation: FaultKind.FAULT_KIND_TRANSLATION, permission: FaultKind.FAULT_KIND_PERMISSION };
+const FAULT_OUT = {
+  none: FaultKind.FAULT_KIND_UNSPECIFIED,
+  translation: FaultKind.FAULT_KIND_TRANSLATION,
+  permission: FaultKind.FAULT_KIND_PERMISSION,
+  tracked: FaultKind.FAULT_KIND_TRACKED,
+};
+const LOG_TARGET_OUT: Record<LogTarget, ProtoLogTarget> = {
+  none: ProtoLogTarget.LOG_TARGET_UNSPECIFIED,
+  bitmap: ProtoLogTarget.LOG_TARGET_BITMAP,
+  "backup-bitmap": ProtoLogTarget.LOG_TARGET_BACKUP_BITMAP,
+  ring: ProtoLogTarget.LOG_TARGET_RING,
+};
+
+function exitsOf(s: StepStats) {
+  const out = [];
+  if (s.mmioExits) out.push({ reason: ExitReason.EXIT_REASON_MMIO, count: BigInt(s.mmioExits) });
+  if (s.ringFullExits) out.push({ reason: ExitReason.EXIT_REASON_DIRTY_RING_FULL, count: BigInt(s.ringFullExits) });
+  return out;
+}
 
 function vcpuList(vm: Vm, list: number[], what: string): number[] {
   if (list.length === 0) return vm.vcpus.map((v) => v.index);
@@ -174,12 +202,16 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics): 
         workload: req.workload ? workloadFromProto(req.workload) : null,
         startPaused: req.startPaused,
         tlbEntries: req.tlbEntries,
+        dirtyRing: req.dirtyRing
+          ? { capability: req.dirtyRing.capability, bytes: req.dirtyRing.bytes, withBitmap: req.dirtyRing.withBitmap }
+          : null,
       });
       return { vm: vmInfo(vm) };
     },
     getVm: (req) => ({ vm: vmInfo(hv.vm(req.vm)) }),
     listVms: () => ({ vms: [...hv.vms.values()].map(vmInfo) }),
     destroyVm(req) {
+      hv.vm(req.vm).writeTrack.closeAll(notFound(`VM ${req.vm} was destroyed`));
       hv.destroyVm(req.vm);
       return {};
     },
@@ -265,7 +297,8 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics): 
           writeFaults: BigInt(v.step.writeFaults),
           trackingOverheadNs: BigInt(Math.round(v.step.overheadNs)),
           achievedWritesPerSecond: v.achievedWritesPerSecond,
-          exits: v.step.mmioExits ? [{ reason: ExitReason.EXIT_REASON_MMIO, count: BigInt(v.step.mmioExits) }] : [],
+          exits: exitsOf(v.step),
+          dirtyRingStallNs: BigInt(Math.round(v.step.ringStallNs)),
         };
       });
       return { clockNs: BigInt(Math.round(vm.clockNs)), vcpus, writes: BigInt(writes), writeFaults: BigInt(faults) };
@@ -348,6 +381,68 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics): 
     getMemoryDigest(req) {
       const d = digest(hv.vm(req.vm));
       return { sha256: d.sha256, sha256Hex: d.sha256.toString("hex"), pages: BigInt(d.pages) };
+    },
+    harvestDirtyRing(req) {
+      const r = hv.vm(req.vm).harvestRing(req.vcpu, req.maxEntries);
+      metrics.ringHarvested.inc({ vm: req.vm }, r.count);
+      return { entries: asBuffer(r.entries), count: r.count, hostNs: BigInt(Math.round(r.hostNs)) };
+    },
+    resetDirtyRings(req) {
+      const vm = hv.vm(req.vm);
+      const r = vm.resetRings();
+      metrics.syncHostSeconds.observe({ vm: vm.name, interface: "ring_reset" }, r.hostNs / 1e9);
+      return { cleared: BigInt(r.cleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)) };
+    },
+    hostWrite(req) {
+      const vm = hv.vm(req.vm);
+      const targets = vm.hostWrite(req.writes.map((w) => ({ gpa: num(w.gpa, "gpa"), value: w.value })));
+      return { logged: targets.map((t) => LOG_TARGET_OUT[t]) };
+    },
+    addWriteTracking(req) {
+      return { count: hv.vm(req.vm).addWriteTracking(num(req.gfn, "gfn")) };
+    },
+    removeWriteTracking(req) {
+      return { count: hv.vm(req.vm).removeWriteTracking(num(req.gfn, "gfn")) };
+    },
+    async *watchWriteTracking(req, ctx) {
+      const tracker = hv.vm(req.vm).writeTrack;
+      const sub = tracker.subscribe();
+      const onAbort = () => {
+        if (tracker.subscribers.has(sub.id)) tracker.unsubscribe(sub.id);
+      };
+      ctx.signal.addEventListener("abort", onAbort, { once: true });
+      try {
+        let seq = 1;
+        yield { seq: BigInt(seq++), subscriptionId: BigInt(sub.id) };
+        for (;;) {
+          await sub.wait();
+          while (sub.queue.length) {
+            const e = sub.queue.shift()!;
+            yield e.kind === "write"
+              ? {
+                  seq: BigInt(seq++),
+                  trackWrite: {
+                    gpa: BigInt(e.gpa),
+                    newValue: (BigInt(e.valueHi >>> 0) << 32n) | BigInt(e.valueLo >>> 0),
+                    vcpu: e.vcpu,
+                    timeNs: BigInt(Math.round(e.timeNs)),
+                  },
+                }
+              : { seq: BigInt(seq++), trackRemoveRegion: { gfn: BigInt(e.gfn), nrPages: BigInt(e.nrPages) } };
+          }
+          if (sub.closed) {
+            if (sub.closed.error) throw sub.closed.error;
+            return;
+          }
+        }
+      } finally {
+        ctx.signal.removeEventListener("abort", onAbort);
+        onAbort();
+      }
+    },
+    unwatchWriteTracking(req) {
+      hv.vm(req.vm).writeTrack.unsubscribe(num(req.subscriptionId, "subscription_id"));
+      return {};
     },
     setFaultInjection(req) {
       if (!hv.options.allowFaultInjection) {

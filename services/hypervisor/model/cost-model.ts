@@ -42,6 +42,12 @@ export interface CostModel {
   tlbFlushNs: number;
   /** Reading or writing one page's contents on the host (VMM memcpy of 4 KiB). */
   pageCopyNs: number;
+  /** The VMM collecting one dirty-ring entry. */
+  ringHarvestEntryNs: number;
+  /** KVM_RESET_DIRTY_RINGS, per entry (re-protection included). */
+  ringResetEntryNs: number;
+  /** Emulating one write to a write-tracked page and calling the notifiers (on top of the fault). */
+  emulatedWriteNs: number;
 }
 
 export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
@@ -59,6 +65,9 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   splitBlockNs: 31400, // [LIT] derived from Matlack v2: eager split at enable 1.547 s for 96 GiB = 49152 2M blocks
   tlbFlushNs: 2000, // [ASSUMED] one broadcast TLBI + DSB; Koller (RFC 2022) reports "milliseconds" only for parallel storms
   pageCopyNs: 400, // [ASSUMED] 4 KiB memcpy at about 10 GB/s
+  ringHarvestEntryNs: 2.5, // [KVM-HERE] dirty ring: userspace harvest about 2.5 ns per entry
+  ringResetEntryNs: 33, // [KVM-HERE] dirty ring: KVM_RESET_DIRTY_RINGS about 33 ns per entry
+  emulatedWriteNs: 1000, // [ASSUMED] instruction emulation plus one notifier call
 });
 
 export function loadCostModel(path?: string): CostModel {

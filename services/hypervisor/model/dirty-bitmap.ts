@@ -17,6 +17,10 @@ export interface DirtyLogVm {
   readonly manualProtect: boolean;
   readonly initiallySet: boolean;
   readonly eagerSplit: boolean;
+  /** A dirty ring is configured (pages are pushed to rings, not set in the bitmap). */
+  readonly ringEnabled: boolean;
+  /** DIRTY_LOG_RING_WITH_BITMAP: the slots keep a backup bitmap beside the rings. */
+  readonly ringWithBitmap: boolean;
   /** Flushes every vCPU's TLB after write protection; false when a test switch skipped it. */
   flushTlbsAfterWriteProtect(): boolean;
 }
@@ -164,20 +168,25 @@ export function clearDirtyLog(vm: DirtyLogVm, slot: Memslot, firstPage: number, 
 }
 
 /**
- * LOG_DIRTY_PAGES turned on (kvm_mmu_slot_apply_flags): allocate the bitmap;
- * with INITIALLY_SET it starts all ones and nothing is protected (CLEAR arms
+ * LOG_DIRTY_PAGES turned on (kvm_alloc_dirty_bitmap, kvm_mmu_slot_apply_flags):
+ * allocate the bitmap (with a ring, only WITH_BITMAP's backup bitmap); with
+ * INITIALLY_SET it starts all ones and nothing is protected (CLEAR arms
  * protection piece by piece); otherwise write-protect the whole slot, split
  * its blocks when eager splitting is on, and flush. Returns host ns.
  */
 export function enableLogging(vm: DirtyLogVm, slot: Memslot): number {
-  const bm = new Int32Array(2 * Math.ceil(slot.npages / 64));
-  slot.dirtyBitmap = bm;
+  const words = 2 * Math.ceil(slot.npages / 64);
   const c = vm.costs;
-  if (vm.manualProtect && vm.initiallySet) {
-    const full = slot.npages >>> 5;
-    bm.fill(-1, 0, full);
-    if (slot.npages & 31) bm[full] = (2 ** (slot.npages & 31) - 1) >>> 0;
-    return c.enableLoggingInitiallySetNs;
+  if (vm.ringEnabled) slot.ringPending = new Int32Array(words);
+  if (!vm.ringEnabled || vm.ringWithBitmap) {
+    const bm = new Int32Array(words);
+    slot.dirtyBitmap = bm;
+    if (vm.manualProtect && vm.initiallySet) {
+      const full = slot.npages >>> 5;
+      bm.fill(-1, 0, full);
+      if (slot.npages & 31) bm[full] = (2 ** (slot.npages & 31) - 1) >>> 0;
+      return c.enableLoggingInitiallySetNs;
+    }
   }
   slot.s2.writeProtectAll();
   const units = vm.eagerSplit ? slot.s2.splitRange(0, slot.npages) : 0;
@@ -188,5 +197,6 @@ export function enableLogging(vm: DirtyLogVm, slot: Memslot): number {
 /** LOG_DIRTY_PAGES turned off: the bitmap goes; mappings stay split until faults coalesce them. */
 export function disableLogging(vm: DirtyLogVm, slot: Memslot): number {
   slot.dirtyBitmap = null;
+  slot.ringPending = null;
   return slot.npages * vm.costs.disableLoggingPageNs;
 }

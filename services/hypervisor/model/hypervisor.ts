@@ -8,12 +8,16 @@ import { alreadyExists, failedPrecondition, invalidArgument, notFound, resourceE
 import { formatBytes } from "../../../common/config.js";
 import type { CostModel } from "./cost-model.js";
 import { PAGE_SIZE } from "./descriptor.js";
+import { checkRingBytes, ENTRY_BYTES, MAX_ENTRIES } from "./dirty-ring.js";
 import { KNOWN_FLAGS, KVM_MEM_READONLY, MAX_SLOT_PAGES, Memslot, USER_MEM_SLOTS } from "./memslot.js";
 import { INITIALLY_SET, MANUAL_PROTECT_ENABLE, Vm, type BackingPageSize, type ClockDrive } from "./vm.js";
 import type { WorkloadSpec } from "./workload.js";
 
 export const CAP = {
   MANUAL_DIRTY_LOG_PROTECT2: 168,
+  DIRTY_LOG_RING: 192,
+  DIRTY_LOG_RING_ACQ_REL: 223,
+  DIRTY_LOG_RING_WITH_BITMAP: 225,
   ARM_EAGER_SPLIT_CHUNK_SIZE: 228,
   ARM_SUPPORTED_BLOCK_SIZES: 229,
 } as const;
@@ -44,6 +48,7 @@ export interface CreateVmSpec {
   workload: WorkloadSpec | null;
   startPaused: boolean;
   tlbEntries: number;
+  dirtyRing: { capability: number; bytes: bigint; withBitmap: boolean } | null;
 }
 
 export interface HypervisorOptions {
@@ -93,6 +98,12 @@ export class Hypervisor {
     if (!(speed > 0 && speed <= 1000)) throw invalidArgument(`realtime_speed ${spec.realtimeSpeed} must be in (0, 1000]`);
     const total = spec.memslots.reduce((n, s) => n + s.size, 0);
     this.checkBudget(total);
+    // KVM's order: the ring before any vCPU exists, its backup bitmap before any memslot.
+    let ringBytes = 0;
+    if (spec.dirtyRing) {
+      ringBytes = this.ringSize(spec.dirtyRing.capability, spec.dirtyRing.bytes);
+      checkRingBytes(ringBytes, false, false);
+    }
     const vm = new Vm({
       name: spec.name,
       vmid: this.nextVmid,
@@ -104,7 +115,9 @@ export class Hypervisor {
       seed: spec.seed,
       tlbEntries,
       costs: this.options.costs,
+      ringBytes,
     });
+    if (spec.dirtyRing?.withBitmap) this.enableCap(vm, CAP.DIRTY_LOG_RING_WITH_BITMAP, 0, []);
     if (spec.eagerSplitChunkSize !== 0) this.enableCap(vm, CAP.ARM_EAGER_SPLIT_CHUNK_SIZE, 0, [BigInt(spec.eagerSplitChunkSize)]);
     for (const s of spec.memslots) this.setUserMemoryRegion(vm, s);
     if (spec.workload) this.validateWorkload(vm, spec.workload);
@@ -178,9 +191,28 @@ export class Hypervisor {
     return vm.addSlot(new Memslot(m.slot, m.gpa, m.size, m.flags, hostBase + (m.gpa % 2 ** 30)));
   }
 
+  /** The ring capability's size argument (u32 in the kernel); arm64, weakly ordered, offers only ACQ_REL. */
+  private ringSize(cap: number, arg: bigint): number {
+    if (cap !== CAP.DIRTY_LOG_RING_ACQ_REL) {
+      throw invalidArgument(
+        cap === CAP.DIRTY_LOG_RING
+          ? "ENABLE_CAP(DIRTY_LOG_RING): arm64 is weakly ordered and offers only DIRTY_LOG_RING_ACQ_REL"
+          : `dirty ring: capability ${cap} is not a dirty-ring capability`,
+        "EINVAL",
+      );
+    }
+    return Number(arg & 0xffffffffn);
+  }
+
   /** KVM_CHECK_EXTENSION; vm is null for the system-wide query. */
   checkExtension(_vm: Vm | null, cap: number): number {
     switch (cap) {
+      case CAP.DIRTY_LOG_RING:
+        return 0;
+      case CAP.DIRTY_LOG_RING_ACQ_REL:
+        return MAX_ENTRIES * ENTRY_BYTES;
+      case CAP.DIRTY_LOG_RING_WITH_BITMAP:
+        return 1;
       case CAP.MANUAL_DIRTY_LOG_PROTECT2:
         return Number(MANUAL_PROTECT_ENABLE | INITIALLY_SET);
       case CAP.ARM_EAGER_SPLIT_CHUNK_SIZE:
@@ -223,6 +255,16 @@ export class Hypervisor {
       }
       case CAP.ARM_SUPPORTED_BLOCK_SIZES:
         throw invalidArgument(`${what}: KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES can only be queried`, "EINVAL");
+      case CAP.DIRTY_LOG_RING:
+      case CAP.DIRTY_LOG_RING_ACQ_REL:
+        checkRingBytes(this.ringSize(cap, arg0), vm.ringEnabled, vm.vcpus.length > 0);
+        return;
+      case CAP.DIRTY_LOG_RING_WITH_BITMAP:
+        if (!vm.ringEnabled) throw failedPrecondition(`${what}: DIRTY_LOG_RING_WITH_BITMAP needs a dirty ring first`, "EINVAL");
+        if (flags !== 0) throw invalidArgument(`${what}: flags must be 0`, "EINVAL");
+        if (vm.slots.size > 0) throw failedPrecondition(`${what}: DIRTY_LOG_RING_WITH_BITMAP can only be enabled before any memslot exists`, "EINVAL");
+        vm.ringWithBitmap = true;
+        return;
       default:
         throw invalidArgument(`${what}: capability ${cap} is not supported`, "EINVAL");
     }

@@ -21,8 +21,18 @@ export class Memslot {
   /** Content word of every page, lo/hi interleaved (little-endian u64 in the buffer). */
   readonly content: Uint32Array;
   readonly s2: Stage2;
-  /** The dirty log while LOG_DIRTY_PAGES is on: one bit per page, 64-bit words as lo/hi u32 pairs. */
+  /**
+   * The dirty bitmap while LOG_DIRTY_PAGES is on (with a dirty ring, only
+   * WITH_BITMAP's backup bitmap): one bit per page, 64-bit words as lo/hi pairs.
+   */
   dirtyBitmap: Int32Array | null = null;
+  /**
+   * With a dirty ring: pages pushed to a ring and not yet reset. A page is
+   * pushed once until its entry is reset; write protection ensures that for
+   * ordinary pages, this also covers write-tracked pages, whose writes are
+   * emulated and never make the page writable.
+   */
+  ringPending: Int32Array | null = null;
   /** Pages whose dirty-log bit went from 0 to 1 (the dirty-rate counter). */
   pagesDirtied = 0;
 
@@ -43,7 +53,7 @@ export class Memslot {
     return (this.flags & KVM_MEM_READONLY) !== 0;
   }
   get logging(): boolean {
-    return this.dirtyBitmap !== null;
+    return (this.flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0;
   }
   get endGpa(): number {
     return this.gpa + this.size;
@@ -65,6 +75,16 @@ export class Memslot {
     const bit = 1 << (p & 31);
     if (bm[w] & bit) return false;
     bm[w] |= bit;
+    this.pagesDirtied++;
+    return true;
+  }
+
+  /** Marks page p pushed to a ring; false when it already was (its entry not reset yet). */
+  markRingPending(p: number): boolean {
+    const rp = this.ringPending!;
+    const bit = 1 << (p & 31);
+    if (rp[p >>> 5] & bit) return false;
+    rp[p >>> 5] |= bit;
     this.pagesDirtied++;
     return true;
   }

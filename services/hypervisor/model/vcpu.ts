@@ -1,4 +1,5 @@
 /** A vCPU: its TLB, its workload, its local clock and what it achieved. */
+import type { DirtyRing } from "./dirty-ring.js";
 import { Tlb } from "./tlb.js";
 import { WorkloadGen } from "./workload.js";
 
@@ -7,9 +8,12 @@ export interface StepStats {
   writeFaults: number;
   overheadNs: number;
   mmioExits: number;
+  ringFullExits: number;
+  /** Guest time stalled on a full dirty ring. */
+  ringStallNs: number;
 }
 
-const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0 });
+const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0 });
 
 export class Vcpu {
   paused = false;
@@ -20,11 +24,14 @@ export class Vcpu {
   /** What the last AdvanceVm (or real-time tick) did. */
   step: StepStats = zero();
   stepDurationNs = 0;
+  /** Out of the guest with KVM_EXIT_DIRTY_RING_FULL until a reset brings the ring under its soft limit. */
+  ringFull = false;
 
   constructor(
     readonly index: number,
     readonly tlb: Tlb,
     public gen: WorkloadGen,
+    readonly ring: DirtyRing | null,
   ) {}
 
   beginStep(): void {
@@ -36,14 +43,16 @@ export class Vcpu {
     return this.stepDurationNs > 0 ? (this.step.writes * 1e9) / this.stepDurationNs : 0;
   }
 
-  count(writes: number, faults: number, overheadNs: number, mmio = 0): void {
-    this.step.writes += writes;
-    this.total.writes += writes;
-    this.step.writeFaults += faults;
-    this.total.writeFaults += faults;
-    this.step.overheadNs += overheadNs;
-    this.total.overheadNs += overheadNs;
-    this.step.mmioExits += mmio;
-    this.total.mmioExits += mmio;
+  count(d: Partial<StepStats>): void {
+    for (const k of Object.keys(d) as (keyof StepStats)[]) {
+      this.step[k] += d[k]!;
+      this.total[k] += d[k]!;
+    }
+  }
+
+  /** Stalls on a full ring from `from` to `until` (guest time passes, no guest work). */
+  stall(from: number, until: number): void {
+    if (until > from) this.count({ ringStallNs: until - from });
+    this.time = Math.max(this.time, until);
   }
 }

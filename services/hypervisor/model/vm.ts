@@ -5,14 +5,16 @@
  */
 import { failedPrecondition, invalidArgument, notFound } from "../../../common/errors.js";
 import type { CostModel } from "./cost-model.js";
-import { BLOCK_RW, PAGES_1G, PAGES_2M, PAGE_RW, S2AP_W } from "./descriptor.js";
+import { BLOCK_RW, PAGES_1G, PAGES_2M, PAGE_RO, PAGE_RW, S2AP_W } from "./descriptor.js";
 import * as bitmapLog from "./dirty-bitmap.js";
+import { DirtyRing, ENTRY_BYTES } from "./dirty-ring.js";
 import { KVM_MEM_LOG_DIRTY_PAGES, Memslot } from "./memslot.js";
 import { deriveSeed } from "./rng.js";
 import { Level } from "./stage2.js";
 import { Tlb } from "./tlb.js";
 import { Vcpu } from "./vcpu.js";
 import { BATCH, IDLE, WorkloadGen, type WorkloadSpec } from "./workload.js";
+import { WriteTracker } from "./write-track.js";
 
 export type BackingPageSize = "4K" | "2M" | "1G";
 export type ClockDrive = "stepped" | "realtime";
@@ -31,9 +33,13 @@ export interface VmConfig {
   seed: bigint;
   tlbEntries: number;
   costs: CostModel;
+  /** Dirty ring size in bytes, set before the vCPUs are created; 0 for none. */
+  ringBytes: number;
 }
 
-export type FaultKind = "none" | "translation" | "permission";
+export type FaultKind = "none" | "translation" | "permission" | "tracked";
+/** Where mark_page_dirty_in_slot recorded a page. */
+export type LogTarget = "none" | "bitmap" | "backup-bitmap" | "ring";
 
 export interface WriteOutcome {
   fault: FaultKind;
@@ -63,6 +69,9 @@ export class Vm {
   eagerSplitChunk = 0;
   tlbFlushes = 0;
   skipTlbFlushAfterWriteProtect = false;
+  /** DIRTY_LOG_RING_WITH_BITMAP. */
+  ringWithBitmap = false;
+  readonly writeTrack = new WriteTracker();
   /** The VM's write sequence: the value of SEQUENCE writes. */
   private writeSeq = 0;
   private segments: Segment[] = [];
@@ -71,7 +80,12 @@ export class Vm {
 
   constructor(readonly config: VmConfig) {
     this.specs = Array.from({ length: config.vcpus }, () => IDLE);
-    this.vcpus = this.specs.map((s, i) => new Vcpu(i, new Tlb(config.tlbEntries), this.makeGen(s, i)));
+    const entries = config.ringBytes / ENTRY_BYTES;
+    this.vcpus = this.specs.map((s, i) => new Vcpu(i, new Tlb(config.tlbEntries), this.makeGen(s, i), entries ? new DirtyRing(entries) : null));
+  }
+
+  get ringEnabled(): boolean {
+    return this.config.ringBytes > 0;
   }
 
   get name(): string {
@@ -123,6 +137,7 @@ export class Vm {
   }
 
   deleteSlot(slot: Memslot): void {
+    this.writeTrack.removeSlot(slot);
     this.slots.delete(slot.id);
     this.flushAllTlbs();
     this.layoutChanged();
@@ -211,6 +226,7 @@ export class Vm {
   /** Runs vCPU v's workload until its local clock reaches until. The hot loop: typed arrays only. */
   private run(v: Vcpu, until: number): void {
     const gen = v.gen;
+    if (v.ringFull) return v.stall(v.time, until);
     if (!gen.active || this.segments.length === 0) {
       v.time = until;
       return;
@@ -251,11 +267,18 @@ export class Vm {
       }
       const p = vp - segStart;
       const gfn = base + p;
+      let lo = eLo;
+      let hi = eHi;
+      if (!epochMode) {
+        seq++;
+        lo = seq >>> 0; // ToUint32 is seq mod 2^32, without fmod
+        hi = seq < TWO32 ? 0 : Math.floor(seq / TWO32);
+      }
       const ti = gfn & mask;
       if (tlb[ti] !== gfn) {
         if ((writable[p >>> 5] >>> (p & 31)) & 1) tlb[ti] = gfn;
         else {
-          const cost = this.writeMiss(v, seg.slot, p, gfn);
+          const cost = this.writeMiss(v, seg.slot, p, gfn, lo, hi, t);
           if (cost > 0) {
             faults++;
             if (seg.slot.logging) overhead += cost;
@@ -263,21 +286,21 @@ export class Vm {
           }
         }
       }
-      if (epochMode) {
-        content[2 * p] = eLo;
-        content[2 * p + 1] = eHi;
-      } else {
-        seq++;
-        content[2 * p] = seq >>> 0; // ToUint32 is seq mod 2^32, without fmod
-        content[2 * p + 1] = seq < TWO32 ? 0 : Math.floor(seq / TWO32);
-      }
+      content[2 * p] = lo;
+      content[2 * p + 1] = hi;
       t += interval;
       writes++;
+      // The push that filled the ring completed this write; the next guest entry exits.
+      if (v.ringFull) break;
     }
     gen.cursor = cur;
     this.writeSeq = seq;
     v.time = t;
-    v.count(writes, faults, overhead);
+    v.count({ writes, writeFaults: faults, overheadNs: overhead });
+    if (v.ringFull) {
+      v.count({ ringFullExits: 1 });
+      v.stall(t, until);
+    }
   }
 
   private segmentOf(vp: number): Segment {
@@ -297,7 +320,7 @@ export class Vm {
    * for a writable block, or take a stage-2 fault. Returns the fault's cost
    * (0 when the walk found a writable leaf).
    */
-  private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number): number {
+  private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number, lo: number, hi: number, t: number): number {
     const level = slot.s2.leafLevel(p);
     if (level === Level.Block2M || level === Level.Block1G) {
       const [pl, i] = slot.s2.leafRef(p, level);
@@ -306,19 +329,26 @@ export class Vm {
         return 0;
       }
     }
-    this.fault(v, slot, p, gfn, level);
-    return level === Level.Unmapped ? this.costs.translationFaultNs : this.costs.writeFaultNs;
+    return this.fault(v, slot, p, gfn, level, lo, hi, t).costNs;
   }
 
   /**
-   * user_mem_abort for a write: while the slot is logging, map a 4 KiB page
-   * (breaking a block first, its other pages to fault back in), make it
-   * writable and mark it dirty; otherwise map the largest block the backing
-   * allows, coalescing any table below it. Returns whether the write was
-   * logged (its dirty bit went from clear to set).
+   * user_mem_abort for a write. A write-tracked page is never made writable:
+   * the write is emulated, logged and notified. Otherwise, while the slot is
+   * logging, map a 4 KiB page (breaking a block first, its other pages to
+   * fault back in), make it writable and mark it dirty; with logging off, map
+   * the largest block the backing (and write tracking) allows, coalescing
+   * any table below it. (lo, hi) is the value being written, t its time.
    */
-  private fault(v: Vcpu, slot: Memslot, p: number, gfn: number, level: Level): boolean {
+  private fault(v: Vcpu, slot: Memslot, p: number, gfn: number, level: Level, lo: number, hi: number, t: number): WriteOutcome {
     const s2 = slot.s2;
+    const c = this.costs;
+    if (this.writeTrack.isTracked(slot, p)) {
+      if (level === Level.Unmapped) s2.mapPage(p, PAGE_RO);
+      const logged = this.markPageDirty(v, slot, p) !== "none";
+      this.writeTrack.emit({ kind: "write", gpa: gfn * 4096, valueLo: lo, valueHi: hi, vcpu: v.index, timeNs: t });
+      return { fault: "tracked", logged, mmio: false, costNs: c.writeFaultNs + c.emulatedWriteNs };
+    }
     if (slot.logging) {
       if (level === Level.Block2M || level === Level.Block1G) {
         const pages = level === Level.Block1G ? PAGES_1G : PAGES_2M;
@@ -342,13 +372,35 @@ export class Vm {
       }
     }
     v.tlb.fill(gfn);
-    return slot.markDirty(p);
+    const logged = this.markPageDirty(v, slot, p) !== "none";
+    const kind = level === Level.Unmapped ? "translation" : "permission";
+    return { fault: kind, logged, mmio: false, costNs: kind === "translation" ? c.translationFaultNs : c.writeFaultNs };
+  }
+
+  /**
+   * mark_page_dirty_in_slot: a write with a vCPU goes to that vCPU's ring when
+   * a ring is configured, otherwise (and for writes without a vCPU) to the
+   * slot's bitmap. A page is never recorded in both. Callers make sure a
+   * write without a vCPU has a bitmap to go to.
+   */
+  private markPageDirty(v: Vcpu | null, slot: Memslot, p: number): LogTarget {
+    if (!slot.logging) return "none";
+    if (v?.ring) {
+      if (slot.markRingPending(p)) {
+        v.ring.push(slot.id, p);
+        if (v.ring.softFull) v.ringFull = true;
+      }
+      return "ring";
+    }
+    slot.markDirty(p);
+    return this.ringEnabled ? "backup-bitmap" : "bitmap";
   }
 
   private blockLevelFor(slot: Memslot, p: number): Level.Page | Level.Block2M | Level.Block1G {
     const b = this.config.backing;
-    if (b === "1G" && slot.s2.blockFits(p, PAGES_1G)) return Level.Block1G;
-    if (b !== "4K" && slot.s2.blockFits(p, PAGES_2M)) return Level.Block2M;
+    const wt = this.writeTrack;
+    if (b === "1G" && slot.s2.blockFits(p, PAGES_1G) && !wt.blocksDisallowed(slot, p, PAGES_1G)) return Level.Block1G;
+    if (b !== "4K" && slot.s2.blockFits(p, PAGES_2M) && !wt.blocksDisallowed(slot, p, PAGES_2M)) return Level.Block2M;
     return Level.Page;
   }
 
@@ -356,31 +408,61 @@ export class Vm {
   guestWrite(vcpu: number, gpa: number, value: bigint): WriteOutcome {
     const v = this.vcpu(vcpu, "guest write");
     if (v.paused) throw failedPrecondition(`guest write: vCPU ${vcpu} of VM ${this.name} is paused`);
+    if (v.ringFull) {
+      throw failedPrecondition(`guest write: vCPU ${vcpu} of VM ${this.name} is out with DIRTY_RING_FULL; harvest its ring and reset first`);
+    }
     const slot = this.slotOfGpa(gpa);
     if (!slot) throw invalidArgument(`guest write: GPA 0x${gpa.toString(16)} is outside every memslot of VM ${this.name}`);
     if (slot.readonly) {
-      v.count(0, 0, 0, 1);
+      v.count({ mmioExits: 1 });
       return { fault: "none", logged: false, mmio: true, costNs: 0 };
     }
-    const p = slot.npages === 0 ? 0 : Math.floor((gpa - slot.gpa) / 4096);
+    const p = Math.floor((gpa - slot.gpa) / 4096);
     const gfn = slot.baseGfn + p;
-    const out: WriteOutcome = { fault: "none", logged: false, mmio: false, costNs: 0 };
+    const lo = Number(value & 0xffffffffn) | 0;
+    const hi = Number(value >> 32n) | 0;
+    let out: WriteOutcome = { fault: "none", logged: false, mmio: false, costNs: 0 };
     if (!v.tlb.holds(gfn)) {
       const level = slot.s2.leafLevel(p);
       const [pl, i] = slot.s2.leafRef(p, level);
       if (level !== Level.Unmapped && pl.lo[i] & S2AP_W) v.tlb.fill(gfn);
-      else {
-        out.fault = level === Level.Unmapped ? "translation" : "permission";
-        out.costNs = out.fault === "translation" ? this.costs.translationFaultNs : this.costs.writeFaultNs;
-        out.logged = this.fault(v, slot, p, gfn, level);
-      }
+      else out = this.fault(v, slot, p, gfn, level, lo, hi, v.time);
     }
-    slot.content[2 * p] = Number(value & 0xffffffffn);
-    slot.content[2 * p + 1] = Number(value >> 32n);
+    slot.content[2 * p] = lo;
+    slot.content[2 * p + 1] = hi;
+    const faultNs = out.costNs;
     out.costNs += this.costs.writeNs;
     v.time += out.costNs;
-    v.count(1, out.fault === "none" ? 0 : 1, out.fault !== "none" && slot.logging ? out.costNs - this.costs.writeNs : 0);
+    v.count({ writes: 1, writeFaults: out.fault === "none" ? 0 : 1, overheadNs: slot.logging ? faultNs : 0 });
+    if (v.ringFull) v.count({ ringFullExits: 1 });
     return out;
+  }
+
+  /**
+   * Writes with no vCPU context (kvm_write_guest from device emulation): the
+   * contents change behind stage 2, and the page is logged in the bitmap
+   * (with a ring, WITH_BITMAP's backup bitmap). Without a bitmap to go to,
+   * KVM would WARN and drop the dirty bit: refused before anything is written.
+   */
+  hostWrite(writes: { gpa: number; value: bigint }[]): LogTarget[] {
+    const targets = writes.map(({ gpa }) => {
+      const slot = this.slotOfGpa(gpa);
+      if (!slot) throw invalidArgument(`host write: GPA 0x${gpa.toString(16)} is outside every memslot of VM ${this.name}`, "EFAULT");
+      if (slot.readonly) throw invalidArgument(`host write: GPA 0x${gpa.toString(16)} is in read-only slot ${slot.id}`, "EFAULT");
+      if (slot.logging && this.ringEnabled && !this.ringWithBitmap) {
+        throw failedPrecondition(
+          `host write: slot ${slot.id} logs to dirty rings and a write without a vCPU has no ring; enable DIRTY_LOG_RING_WITH_BITMAP (KVM would WARN and lose the dirty bit)`,
+        );
+      }
+      return slot;
+    });
+    return writes.map(({ gpa, value }, k) => {
+      const slot = targets[k];
+      const p = Math.floor((gpa - slot.gpa) / 4096);
+      slot.content[2 * p] = Number(value & 0xffffffffn) | 0;
+      slot.content[2 * p + 1] = Number(value >> 32n) | 0;
+      return this.markPageDirty(null, slot, p);
+    });
   }
 
   vcpu(index: number, what: string): Vcpu {
@@ -391,25 +473,104 @@ export class Vm {
 
   // ---- dirty log ------------------------------------------------------------------------------
 
-  private loggingSlot(id: number, what: string): Memslot {
+  /** The checks GET and CLEAR share, in KVM's order (ENXIO, then the slot id). */
+  private checkLogAccess(id: number, what: string): void {
+    if (this.ringEnabled && !this.ringWithBitmap) {
+      throw failedPrecondition(`${what}: VM ${this.name} logs to dirty rings; the bitmap interface needs DIRTY_LOG_RING_WITH_BITMAP`, "ENXIO");
+    }
     if (id >>> 16 === 0 && (id & 0xffff) >= 32767) throw invalidArgument(`${what}: slot id ${id} >= KVM_USER_MEM_SLOTS`, "EINVAL");
+  }
+
+  private bitmapSlot(id: number, what: string): Memslot {
     const slot = this.slot(id, what);
-    if (!slot.logging) throw failedPrecondition(`${what}: dirty logging is off for slot ${id} of VM ${this.name}`, "ENOENT");
+    if (!slot.dirtyBitmap) throw failedPrecondition(`${what}: dirty logging is off for slot ${id} of VM ${this.name}`, "ENOENT");
     return slot;
   }
 
   getDirtyLog(slotId: number): bitmapLog.GetDirtyLogResult & { numPages: number } {
-    const slot = this.loggingSlot(slotId, "GET_DIRTY_LOG");
+    this.checkLogAccess(slotId, "GET_DIRTY_LOG");
+    const slot = this.bitmapSlot(slotId, "GET_DIRTY_LOG");
     return { ...bitmapLog.getDirtyLog(this, slot), numPages: slot.npages };
   }
 
   clearDirtyLog(slotId: number, firstPage: number, numPages: number, bitmap: Uint8Array): bitmapLog.ClearDirtyLogResult {
+    this.checkLogAccess(slotId, "CLEAR_DIRTY_LOG");
     if (firstPage % 64 !== 0) throw invalidArgument(`CLEAR_DIRTY_LOG: first_page ${firstPage} is not a multiple of 64`, "EINVAL");
-    const slot = this.loggingSlot(slotId, "CLEAR_DIRTY_LOG");
+    const slot = this.bitmapSlot(slotId, "CLEAR_DIRTY_LOG");
     bitmapLog.checkClearRange(slot, firstPage, numPages, bitmap.byteLength);
     const words = Math.ceil(numPages / 64);
     const user = new Int32Array(2 * words);
     new Uint8Array(user.buffer).set(bitmap.subarray(0, words * 8));
     return bitmapLog.clearDirtyLog(this, slot, firstPage, numPages, user);
+  }
+
+  // ---- dirty rings ----------------------------------------------------------------------------
+
+  private ringOf(vcpu: number, what: string) {
+    const v = this.vcpu(vcpu, what);
+    if (!v.ring) throw failedPrecondition(`${what}: VM ${this.name} has no dirty ring`, "EINVAL");
+    return v.ring;
+  }
+
+  /** The VMM reading vCPU vcpu's ring: up to max entries as struct kvm_dirty_gfn. */
+  harvestRing(vcpu: number, max: number): { entries: Uint8Array; count: number; hostNs: number } {
+    const ring = this.ringOf(vcpu, "harvest dirty ring");
+    const n = Math.min(max || ring.size, ring.pending);
+    const entries = new Uint8Array(n * ENTRY_BYTES);
+    const count = ring.harvest(n, new DataView(entries.buffer));
+    return { entries, count, hostNs: count * this.costs.ringHarvestEntryNs };
+  }
+
+  /**
+   * KVM_RESET_DIRTY_RINGS: every vCPU's harvested entries are freed and their
+   * pages re-protected (entries naming a missing slot or an offset past its
+   * end are skipped, as the kernel does); one VM-wide TLB flush if any.
+   */
+  resetRings(): { cleared: number; tlbFlushed: boolean; hostNs: number } {
+    if (!this.ringEnabled) throw failedPrecondition(`RESET_DIRTY_RINGS: VM ${this.name} has no dirty ring`, "EINVAL");
+    let cleared = 0;
+    const protect = (slotId: number, first: number, last: number) => {
+      const slot = this.slots.get(slotId);
+      if (!slot || last >= slot.npages) return;
+      slot.s2.writeProtectRange(first, last + 1);
+      const rp = slot.ringPending;
+      if (rp) for (let p = first; p <= last; p++) rp[p >>> 5] &= ~(1 << (p & 31));
+    };
+    for (const v of this.vcpus) {
+      cleared += v.ring!.reset(protect);
+      if (v.ringFull && !v.ring!.softFull) v.ringFull = false;
+    }
+    const tlbFlushed = cleared > 0 && this.flushTlbsAfterWriteProtect();
+    const c = this.costs;
+    return { cleared, tlbFlushed, hostNs: c.ioctlNs + cleared * c.ringResetEntryNs + (tlbFlushed ? c.tlbFlushNs : 0) };
+  }
+
+  // ---- write tracking -------------------------------------------------------------------------
+
+  private slotOfGfn(gfn: number, what: string): Memslot {
+    for (const s of this.slots.values()) if (s.containsGfn(gfn)) return s;
+    throw invalidArgument(`${what}: GFN 0x${gfn.toString(16)} is not in any memslot of VM ${this.name}`, "EINVAL");
+  }
+
+  /**
+   * kvm_write_track_add_gfn: the first reference write-protects the page; a
+   * block holding it is split so that the page is mapped on its own.
+   */
+  addWriteTracking(gfn: number): number {
+    const slot = this.slotOfGfn(gfn, "write track add");
+    const p = gfn - slot.baseGfn;
+    const n = this.writeTrack.add(slot, p);
+    if (n === 1) {
+      const level = slot.s2.leafLevel(p);
+      if (level === Level.Block1G || level === Level.Block2M) slot.s2.splitBlockAt(p, true);
+      if (slot.s2.leafLevel(p) === Level.Page) slot.s2.setPageAttrs(p, PAGE_RO);
+      this.flushAllTlbs();
+    }
+    return n;
+  }
+
+  removeWriteTracking(gfn: number): number {
+    const slot = this.slotOfGfn(gfn, "write track remove");
+    return this.writeTrack.remove(slot, gfn - slot.baseGfn);
   }
 }

@@ -68,6 +68,9 @@ export function memslotFlagToJSON(object: MemslotFlag): string {
 export enum Capability {
   CAPABILITY_UNSPECIFIED = 0,
   CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2 = 168,
+  CAPABILITY_DIRTY_LOG_RING = 192,
+  CAPABILITY_DIRTY_LOG_RING_ACQ_REL = 223,
+  CAPABILITY_DIRTY_LOG_RING_WITH_BITMAP = 225,
   CAPABILITY_ARM_EAGER_SPLIT_CHUNK_SIZE = 228,
   CAPABILITY_ARM_SUPPORTED_BLOCK_SIZES = 229,
   UNRECOGNIZED = -1,
@@ -81,6 +84,15 @@ export function capabilityFromJSON(object: any): Capability {
     case 168:
     case "CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2":
       return Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2;
+    case 192:
+    case "CAPABILITY_DIRTY_LOG_RING":
+      return Capability.CAPABILITY_DIRTY_LOG_RING;
+    case 223:
+    case "CAPABILITY_DIRTY_LOG_RING_ACQ_REL":
+      return Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL;
+    case 225:
+    case "CAPABILITY_DIRTY_LOG_RING_WITH_BITMAP":
+      return Capability.CAPABILITY_DIRTY_LOG_RING_WITH_BITMAP;
     case 228:
     case "CAPABILITY_ARM_EAGER_SPLIT_CHUNK_SIZE":
       return Capability.CAPABILITY_ARM_EAGER_SPLIT_CHUNK_SIZE;
@@ -100,6 +112,12 @@ export function capabilityToJSON(object: Capability): string {
       return "CAPABILITY_UNSPECIFIED";
     case Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2:
       return "CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2";
+    case Capability.CAPABILITY_DIRTY_LOG_RING:
+      return "CAPABILITY_DIRTY_LOG_RING";
+    case Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL:
+      return "CAPABILITY_DIRTY_LOG_RING_ACQ_REL";
+    case Capability.CAPABILITY_DIRTY_LOG_RING_WITH_BITMAP:
+      return "CAPABILITY_DIRTY_LOG_RING_WITH_BITMAP";
     case Capability.CAPABILITY_ARM_EAGER_SPLIT_CHUNK_SIZE:
       return "CAPABILITY_ARM_EAGER_SPLIT_CHUNK_SIZE";
     case Capability.CAPABILITY_ARM_SUPPORTED_BLOCK_SIZES:
@@ -343,6 +361,8 @@ export enum ExitReason {
   EXIT_REASON_UNSPECIFIED = 0,
   /** EXIT_REASON_MMIO - KVM_EXIT_MMIO: a write to a read-only slot */
   EXIT_REASON_MMIO = 6,
+  /** EXIT_REASON_DIRTY_RING_FULL - KVM_EXIT_DIRTY_RING_FULL: the vCPU's ring reached its soft limit */
+  EXIT_REASON_DIRTY_RING_FULL = 31,
   UNRECOGNIZED = -1,
 }
 
@@ -354,6 +374,9 @@ export function exitReasonFromJSON(object: any): ExitReason {
     case 6:
     case "EXIT_REASON_MMIO":
       return ExitReason.EXIT_REASON_MMIO;
+    case 31:
+    case "EXIT_REASON_DIRTY_RING_FULL":
+      return ExitReason.EXIT_REASON_DIRTY_RING_FULL;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -367,6 +390,8 @@ export function exitReasonToJSON(object: ExitReason): string {
       return "EXIT_REASON_UNSPECIFIED";
     case ExitReason.EXIT_REASON_MMIO:
       return "EXIT_REASON_MMIO";
+    case ExitReason.EXIT_REASON_DIRTY_RING_FULL:
+      return "EXIT_REASON_DIRTY_RING_FULL";
     case ExitReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -380,6 +405,8 @@ export enum FaultKind {
   FAULT_KIND_TRANSLATION = 1,
   /** FAULT_KIND_PERMISSION - write-protected descriptor: made writable by the fault */
   FAULT_KIND_PERMISSION = 2,
+  /** FAULT_KIND_TRACKED - a write-tracked page: the write was emulated and notified, the page stays protected */
+  FAULT_KIND_TRACKED = 3,
   UNRECOGNIZED = -1,
 }
 
@@ -394,6 +421,9 @@ export function faultKindFromJSON(object: any): FaultKind {
     case 2:
     case "FAULT_KIND_PERMISSION":
       return FaultKind.FAULT_KIND_PERMISSION;
+    case 3:
+    case "FAULT_KIND_TRACKED":
+      return FaultKind.FAULT_KIND_TRACKED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -409,7 +439,58 @@ export function faultKindToJSON(object: FaultKind): string {
       return "FAULT_KIND_TRANSLATION";
     case FaultKind.FAULT_KIND_PERMISSION:
       return "FAULT_KIND_PERMISSION";
+    case FaultKind.FAULT_KIND_TRACKED:
+      return "FAULT_KIND_TRACKED";
     case FaultKind.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+export enum LogTarget {
+  /** LOG_TARGET_UNSPECIFIED - not logged: the slot is not logging */
+  LOG_TARGET_UNSPECIFIED = 0,
+  /** LOG_TARGET_BITMAP - the slot's dirty bitmap */
+  LOG_TARGET_BITMAP = 1,
+  /** LOG_TARGET_BACKUP_BITMAP - the ring's backup bitmap (DIRTY_LOG_RING_WITH_BITMAP) */
+  LOG_TARGET_BACKUP_BITMAP = 2,
+  /** LOG_TARGET_RING - a vCPU's dirty ring */
+  LOG_TARGET_RING = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function logTargetFromJSON(object: any): LogTarget {
+  switch (object) {
+    case 0:
+    case "LOG_TARGET_UNSPECIFIED":
+      return LogTarget.LOG_TARGET_UNSPECIFIED;
+    case 1:
+    case "LOG_TARGET_BITMAP":
+      return LogTarget.LOG_TARGET_BITMAP;
+    case 2:
+    case "LOG_TARGET_BACKUP_BITMAP":
+      return LogTarget.LOG_TARGET_BACKUP_BITMAP;
+    case 3:
+    case "LOG_TARGET_RING":
+      return LogTarget.LOG_TARGET_RING;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return LogTarget.UNRECOGNIZED;
+  }
+}
+
+export function logTargetToJSON(object: LogTarget): string {
+  switch (object) {
+    case LogTarget.LOG_TARGET_UNSPECIFIED:
+      return "LOG_TARGET_UNSPECIFIED";
+    case LogTarget.LOG_TARGET_BITMAP:
+      return "LOG_TARGET_BITMAP";
+    case LogTarget.LOG_TARGET_BACKUP_BITMAP:
+      return "LOG_TARGET_BACKUP_BITMAP";
+    case LogTarget.LOG_TARGET_RING:
+      return "LOG_TARGET_RING";
+    case LogTarget.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
   }
@@ -463,6 +544,20 @@ export interface CreateVmRequest {
   startPaused: boolean;
   /** Entries of each vCPU's TLB (a power of two); 0 means 1024. */
   tlbEntries: number;
+  /**
+   * Dirty rings, enabled in KVM's order: the ring before any vCPU, the
+   * backup bitmap before any memslot.
+   */
+  dirtyRing: DirtyRingConfig | undefined;
+}
+
+export interface DirtyRingConfig {
+  /** CAPABILITY_DIRTY_LOG_RING_ACQ_REL (arm64 offers only this variant) or CAPABILITY_DIRTY_LOG_RING. */
+  capability: Capability;
+  /** Ring size in bytes: a power of two, at least 4096 (and 64 entries of 16 bytes), at most 1 MiB. */
+  bytes: bigint;
+  /** Also enable CAPABILITY_DIRTY_LOG_RING_WITH_BITMAP. */
+  withBitmap: boolean;
 }
 
 export interface CreateVmResponse {
@@ -479,6 +574,11 @@ export interface VcpuInfo {
   trackingOverheadNs: bigint;
   /** Writes per second of guest time over the last AdvanceVm or real-time tick. */
   achievedWritesPerSecond: number;
+  dirtyRingFullExits: bigint;
+  /** Guest time the vCPU spent stalled on a full ring. */
+  dirtyRingStallNs: bigint;
+  /** Entries pushed and not yet reset. */
+  dirtyRingEntries: number;
 }
 
 export interface MemslotInfo {
@@ -507,6 +607,12 @@ export interface VmInfo {
   tlbFlushes: bigint;
   tlbEntries: number;
   seed: bigint;
+  /** Dirty ring size in bytes (0: no ring), its entries and soft limit. */
+  dirtyRingBytes: bigint;
+  dirtyRingSoftLimit: number;
+  dirtyRingWithBitmap: boolean;
+  writeTrackedPages: number;
+  writeTrackSubscribers: number;
 }
 
 export interface GetVmRequest {
@@ -644,6 +750,7 @@ export interface VcpuStep {
   trackingOverheadNs: bigint;
   achievedWritesPerSecond: number;
   exits: ExitCount[];
+  dirtyRingStallNs: bigint;
 }
 
 export interface AdvanceVmResponse {
@@ -666,7 +773,7 @@ export interface GuestWriteOp {
 
 export interface GuestWriteResult {
   fault: FaultKind;
-  /** The write set the page's bit in the dirty log. */
+  /** The write recorded the page in the dirty log (bitmap bit set or ring entry pushed). */
   logged: boolean;
   exit: ExitReason;
   costNs: bigint;
@@ -753,6 +860,103 @@ export interface SetFaultInjectionRequest {
 }
 
 export interface SetFaultInjectionResponse {
+}
+
+export interface HarvestDirtyRingRequest {
+  vm: string;
+  vcpu: number;
+  /** At most this many entries; 0 means the whole ring. */
+  maxEntries: number;
+}
+
+export interface HarvestDirtyRingResponse {
+  /**
+   * struct kvm_dirty_gfn, 16 little-endian bytes each: u32 flags, u32 slot, u64 offset.
+   * The flags are as userspace leaves them: DIRTY | RESET.
+   */
+  entries: Buffer;
+  count: number;
+  /** Host (userspace) time of the harvest. */
+  hostNs: bigint;
+}
+
+export interface ResetDirtyRingsRequest {
+  vm: string;
+}
+
+export interface ResetDirtyRingsResponse {
+  /** Entries reset across every vCPU: the ioctl's return value. */
+  cleared: bigint;
+  tlbFlushed: boolean;
+  hostNs: bigint;
+}
+
+export interface HostWriteOp {
+  gpa: bigint;
+  value: bigint;
+}
+
+export interface HostWriteRequest {
+  vm: string;
+  writes: HostWriteOp[];
+}
+
+export interface HostWriteResponse {
+  logged: LogTarget[];
+}
+
+export interface AddWriteTrackingRequest {
+  vm: string;
+  gfn: bigint;
+}
+
+export interface AddWriteTrackingResponse {
+  /** The page's reference count after the call. */
+  count: number;
+}
+
+export interface RemoveWriteTrackingRequest {
+  vm: string;
+  gfn: bigint;
+}
+
+export interface RemoveWriteTrackingResponse {
+  count: number;
+}
+
+export interface WatchWriteTrackingRequest {
+  vm: string;
+}
+
+export interface TrackWrite {
+  gpa: bigint;
+  /** The page's content word after the write. */
+  newValue: bigint;
+  vcpu: number;
+  /** Guest time of the write. */
+  timeNs: bigint;
+}
+
+export interface TrackRemoveRegion {
+  gfn: bigint;
+  nrPages: bigint;
+}
+
+export interface WatchWriteTrackingResponse {
+  /** Per subscriber, from 1 without gaps. */
+  seq: bigint;
+  /** The first message: the id UnwatchWriteTracking takes. */
+  subscriptionId?: bigint | undefined;
+  trackWrite?: TrackWrite | undefined;
+  trackRemoveRegion?: TrackRemoveRegion | undefined;
+}
+
+export interface UnwatchWriteTrackingRequest {
+  vm: string;
+  subscriptionId: bigint;
+}
+
+export interface UnwatchWriteTrackingResponse {
 }
 
 function createBaseMemslot(): Memslot {
@@ -1147,6 +1351,7 @@ function createBaseCreateVmRequest(): CreateVmRequest {
     workload: undefined,
     startPaused: false,
     tlbEntries: 0,
+    dirtyRing: undefined,
   };
 }
 
@@ -1193,6 +1398,9 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
     }
     if (message.tlbEntries !== 0) {
       writer.uint32(96).uint32(message.tlbEntries);
+    }
+    if (message.dirtyRing !== undefined) {
+      DirtyRingConfig.encode(message.dirtyRing, writer.uint32(106).fork()).join();
     }
     return writer;
   },
@@ -1306,6 +1514,14 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
             message.tlbEntries = reader.uint32();
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.dirtyRing = DirtyRingConfig.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1356,6 +1572,11 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
         : isSet(object.tlb_entries)
         ? globalThis.Number(object.tlb_entries)
         : 0,
+      dirtyRing: isSet(object.dirtyRing)
+        ? DirtyRingConfig.fromJSON(object.dirtyRing)
+        : isSet(object.dirty_ring)
+        ? DirtyRingConfig.fromJSON(object.dirty_ring)
+        : undefined,
     };
   },
 
@@ -1397,6 +1618,9 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
     if (message.tlbEntries !== 0) {
       obj.tlbEntries = Math.round(message.tlbEntries);
     }
+    if (message.dirtyRing !== undefined) {
+      obj.dirtyRing = DirtyRingConfig.toJSON(message.dirtyRing);
+    }
     return obj;
   },
 
@@ -1421,6 +1645,117 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
       : undefined;
     message.startPaused = object.startPaused ?? false;
     message.tlbEntries = object.tlbEntries ?? 0;
+    message.dirtyRing = (object.dirtyRing !== undefined && object.dirtyRing !== null)
+      ? DirtyRingConfig.fromPartial(object.dirtyRing)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseDirtyRingConfig(): DirtyRingConfig {
+  return { capability: 0, bytes: 0n, withBitmap: false };
+}
+
+export const DirtyRingConfig: MessageFns<DirtyRingConfig> = {
+  encode(message: DirtyRingConfig, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.capability !== 0) {
+      writer.uint32(8).int32(message.capability);
+    }
+    if (message.bytes !== 0n) {
+      if (BigInt.asUintN(64, message.bytes) !== message.bytes) {
+        throw new globalThis.Error("value provided for field message.bytes of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.bytes);
+    }
+    if (message.withBitmap !== false) {
+      writer.uint32(24).bool(message.withBitmap);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DirtyRingConfig {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDirtyRingConfig();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.capability = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.bytes = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.withBitmap = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DirtyRingConfig {
+    return {
+      capability: isSet(object.capability) ? capabilityFromJSON(object.capability) : 0,
+      bytes: isSet(object.bytes) ? BigInt(object.bytes) : 0n,
+      withBitmap: isSet(object.withBitmap)
+        ? globalThis.Boolean(object.withBitmap)
+        : isSet(object.with_bitmap)
+        ? globalThis.Boolean(object.with_bitmap)
+        : false,
+    };
+  },
+
+  toJSON(message: DirtyRingConfig): unknown {
+    const obj: any = {};
+    if (message.capability !== 0) {
+      obj.capability = capabilityToJSON(message.capability);
+    }
+    if (message.bytes !== 0n) {
+      obj.bytes = message.bytes.toString();
+    }
+    if (message.withBitmap !== false) {
+      obj.withBitmap = message.withBitmap;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DirtyRingConfig>): DirtyRingConfig {
+    return DirtyRingConfig.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DirtyRingConfig>): DirtyRingConfig {
+    const message = createBaseDirtyRingConfig();
+    message.capability = object.capability ?? 0;
+    message.bytes = (object.bytes !== undefined && object.bytes !== null) ? BigInt(object.bytes) : 0n;
+    message.withBitmap = object.withBitmap ?? false;
     return message;
   },
 };
@@ -1501,6 +1836,9 @@ function createBaseVcpuInfo(): VcpuInfo {
     writeFaults: 0n,
     trackingOverheadNs: 0n,
     achievedWritesPerSecond: 0,
+    dirtyRingFullExits: 0n,
+    dirtyRingStallNs: 0n,
+    dirtyRingEntries: 0,
   };
 }
 
@@ -1535,6 +1873,21 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
     }
     if (message.achievedWritesPerSecond !== 0) {
       writer.uint32(57).double(message.achievedWritesPerSecond);
+    }
+    if (message.dirtyRingFullExits !== 0n) {
+      if (BigInt.asUintN(64, message.dirtyRingFullExits) !== message.dirtyRingFullExits) {
+        throw new globalThis.Error("value provided for field message.dirtyRingFullExits of type uint64 too large");
+      }
+      writer.uint32(64).uint64(message.dirtyRingFullExits);
+    }
+    if (message.dirtyRingStallNs !== 0n) {
+      if (BigInt.asUintN(64, message.dirtyRingStallNs) !== message.dirtyRingStallNs) {
+        throw new globalThis.Error("value provided for field message.dirtyRingStallNs of type uint64 too large");
+      }
+      writer.uint32(72).uint64(message.dirtyRingStallNs);
+    }
+    if (message.dirtyRingEntries !== 0) {
+      writer.uint32(80).uint32(message.dirtyRingEntries);
     }
     return writer;
   },
@@ -1608,6 +1961,30 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
             message.achievedWritesPerSecond = reader.double();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.dirtyRingFullExits = reader.uint64() as bigint;
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.dirtyRingStallNs = reader.uint64() as bigint;
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.dirtyRingEntries = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1641,6 +2018,21 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
         : isSet(object.achieved_writes_per_second)
         ? globalThis.Number(object.achieved_writes_per_second)
         : 0,
+      dirtyRingFullExits: isSet(object.dirtyRingFullExits)
+        ? BigInt(object.dirtyRingFullExits)
+        : isSet(object.dirty_ring_full_exits)
+        ? BigInt(object.dirty_ring_full_exits)
+        : 0n,
+      dirtyRingStallNs: isSet(object.dirtyRingStallNs)
+        ? BigInt(object.dirtyRingStallNs)
+        : isSet(object.dirty_ring_stall_ns)
+        ? BigInt(object.dirty_ring_stall_ns)
+        : 0n,
+      dirtyRingEntries: isSet(object.dirtyRingEntries)
+        ? globalThis.Number(object.dirtyRingEntries)
+        : isSet(object.dirty_ring_entries)
+        ? globalThis.Number(object.dirty_ring_entries)
+        : 0,
     };
   },
 
@@ -1667,6 +2059,15 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
     if (message.achievedWritesPerSecond !== 0) {
       obj.achievedWritesPerSecond = floatToJson(message.achievedWritesPerSecond);
     }
+    if (message.dirtyRingFullExits !== 0n) {
+      obj.dirtyRingFullExits = message.dirtyRingFullExits.toString();
+    }
+    if (message.dirtyRingStallNs !== 0n) {
+      obj.dirtyRingStallNs = message.dirtyRingStallNs.toString();
+    }
+    if (message.dirtyRingEntries !== 0) {
+      obj.dirtyRingEntries = Math.round(message.dirtyRingEntries);
+    }
     return obj;
   },
 
@@ -1688,6 +2089,13 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
       ? BigInt(object.trackingOverheadNs)
       : 0n;
     message.achievedWritesPerSecond = object.achievedWritesPerSecond ?? 0;
+    message.dirtyRingFullExits = (object.dirtyRingFullExits !== undefined && object.dirtyRingFullExits !== null)
+      ? BigInt(object.dirtyRingFullExits)
+      : 0n;
+    message.dirtyRingStallNs = (object.dirtyRingStallNs !== undefined && object.dirtyRingStallNs !== null)
+      ? BigInt(object.dirtyRingStallNs)
+      : 0n;
+    message.dirtyRingEntries = object.dirtyRingEntries ?? 0;
     return message;
   },
 };
@@ -1901,6 +2309,11 @@ function createBaseVmInfo(): VmInfo {
     tlbFlushes: 0n,
     tlbEntries: 0,
     seed: 0n,
+    dirtyRingBytes: 0n,
+    dirtyRingSoftLimit: 0,
+    dirtyRingWithBitmap: false,
+    writeTrackedPages: 0,
+    writeTrackSubscribers: 0,
   };
 }
 
@@ -1968,6 +2381,24 @@ export const VmInfo: MessageFns<VmInfo> = {
         throw new globalThis.Error("value provided for field message.seed of type uint64 too large");
       }
       writer.uint32(120).uint64(message.seed);
+    }
+    if (message.dirtyRingBytes !== 0n) {
+      if (BigInt.asUintN(64, message.dirtyRingBytes) !== message.dirtyRingBytes) {
+        throw new globalThis.Error("value provided for field message.dirtyRingBytes of type uint64 too large");
+      }
+      writer.uint32(128).uint64(message.dirtyRingBytes);
+    }
+    if (message.dirtyRingSoftLimit !== 0) {
+      writer.uint32(136).uint32(message.dirtyRingSoftLimit);
+    }
+    if (message.dirtyRingWithBitmap !== false) {
+      writer.uint32(144).bool(message.dirtyRingWithBitmap);
+    }
+    if (message.writeTrackedPages !== 0) {
+      writer.uint32(152).uint32(message.writeTrackedPages);
+    }
+    if (message.writeTrackSubscribers !== 0) {
+      writer.uint32(160).uint32(message.writeTrackSubscribers);
     }
     return writer;
   },
@@ -2105,6 +2536,46 @@ export const VmInfo: MessageFns<VmInfo> = {
             message.seed = reader.uint64() as bigint;
             continue;
           }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.dirtyRingBytes = reader.uint64() as bigint;
+            continue;
+          }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.dirtyRingSoftLimit = reader.uint32();
+            continue;
+          }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.dirtyRingWithBitmap = reader.bool();
+            continue;
+          }
+          case 19: {
+            if (tag !== 152) {
+              break;
+            }
+
+            message.writeTrackedPages = reader.uint32();
+            continue;
+          }
+          case 20: {
+            if (tag !== 160) {
+              break;
+            }
+
+            message.writeTrackSubscribers = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2170,6 +2641,31 @@ export const VmInfo: MessageFns<VmInfo> = {
         ? globalThis.Number(object.tlb_entries)
         : 0,
       seed: isSet(object.seed) ? BigInt(object.seed) : 0n,
+      dirtyRingBytes: isSet(object.dirtyRingBytes)
+        ? BigInt(object.dirtyRingBytes)
+        : isSet(object.dirty_ring_bytes)
+        ? BigInt(object.dirty_ring_bytes)
+        : 0n,
+      dirtyRingSoftLimit: isSet(object.dirtyRingSoftLimit)
+        ? globalThis.Number(object.dirtyRingSoftLimit)
+        : isSet(object.dirty_ring_soft_limit)
+        ? globalThis.Number(object.dirty_ring_soft_limit)
+        : 0,
+      dirtyRingWithBitmap: isSet(object.dirtyRingWithBitmap)
+        ? globalThis.Boolean(object.dirtyRingWithBitmap)
+        : isSet(object.dirty_ring_with_bitmap)
+        ? globalThis.Boolean(object.dirty_ring_with_bitmap)
+        : false,
+      writeTrackedPages: isSet(object.writeTrackedPages)
+        ? globalThis.Number(object.writeTrackedPages)
+        : isSet(object.write_tracked_pages)
+        ? globalThis.Number(object.write_tracked_pages)
+        : 0,
+      writeTrackSubscribers: isSet(object.writeTrackSubscribers)
+        ? globalThis.Number(object.writeTrackSubscribers)
+        : isSet(object.write_track_subscribers)
+        ? globalThis.Number(object.write_track_subscribers)
+        : 0,
     };
   },
 
@@ -2220,6 +2716,21 @@ export const VmInfo: MessageFns<VmInfo> = {
     if (message.seed !== 0n) {
       obj.seed = message.seed.toString();
     }
+    if (message.dirtyRingBytes !== 0n) {
+      obj.dirtyRingBytes = message.dirtyRingBytes.toString();
+    }
+    if (message.dirtyRingSoftLimit !== 0) {
+      obj.dirtyRingSoftLimit = Math.round(message.dirtyRingSoftLimit);
+    }
+    if (message.dirtyRingWithBitmap !== false) {
+      obj.dirtyRingWithBitmap = message.dirtyRingWithBitmap;
+    }
+    if (message.writeTrackedPages !== 0) {
+      obj.writeTrackedPages = Math.round(message.writeTrackedPages);
+    }
+    if (message.writeTrackSubscribers !== 0) {
+      obj.writeTrackSubscribers = Math.round(message.writeTrackSubscribers);
+    }
     return obj;
   },
 
@@ -2252,6 +2763,13 @@ export const VmInfo: MessageFns<VmInfo> = {
       : 0n;
     message.tlbEntries = object.tlbEntries ?? 0;
     message.seed = (object.seed !== undefined && object.seed !== null) ? BigInt(object.seed) : 0n;
+    message.dirtyRingBytes = (object.dirtyRingBytes !== undefined && object.dirtyRingBytes !== null)
+      ? BigInt(object.dirtyRingBytes)
+      : 0n;
+    message.dirtyRingSoftLimit = object.dirtyRingSoftLimit ?? 0;
+    message.dirtyRingWithBitmap = object.dirtyRingWithBitmap ?? false;
+    message.writeTrackedPages = object.writeTrackedPages ?? 0;
+    message.writeTrackSubscribers = object.writeTrackSubscribers ?? 0;
     return message;
   },
 };
@@ -4363,7 +4881,15 @@ export const ExitCount: MessageFns<ExitCount> = {
 };
 
 function createBaseVcpuStep(): VcpuStep {
-  return { vcpu: 0, writes: 0n, writeFaults: 0n, trackingOverheadNs: 0n, achievedWritesPerSecond: 0, exits: [] };
+  return {
+    vcpu: 0,
+    writes: 0n,
+    writeFaults: 0n,
+    trackingOverheadNs: 0n,
+    achievedWritesPerSecond: 0,
+    exits: [],
+    dirtyRingStallNs: 0n,
+  };
 }
 
 export const VcpuStep: MessageFns<VcpuStep> = {
@@ -4394,6 +4920,12 @@ export const VcpuStep: MessageFns<VcpuStep> = {
     }
     for (const v of message.exits) {
       ExitCount.encode(v!, writer.uint32(50).fork()).join();
+    }
+    if (message.dirtyRingStallNs !== 0n) {
+      if (BigInt.asUintN(64, message.dirtyRingStallNs) !== message.dirtyRingStallNs) {
+        throw new globalThis.Error("value provided for field message.dirtyRingStallNs of type uint64 too large");
+      }
+      writer.uint32(56).uint64(message.dirtyRingStallNs);
     }
     return writer;
   },
@@ -4459,6 +4991,14 @@ export const VcpuStep: MessageFns<VcpuStep> = {
             message.exits.push(ExitCount.decode(reader, reader.uint32()));
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.dirtyRingStallNs = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4493,6 +5033,11 @@ export const VcpuStep: MessageFns<VcpuStep> = {
       exits: globalThis.Array.isArray(object?.exits)
         ? object.exits.map((e: any) => ExitCount.fromJSON(e))
         : [],
+      dirtyRingStallNs: isSet(object.dirtyRingStallNs)
+        ? BigInt(object.dirtyRingStallNs)
+        : isSet(object.dirty_ring_stall_ns)
+        ? BigInt(object.dirty_ring_stall_ns)
+        : 0n,
     };
   },
 
@@ -4516,6 +5061,9 @@ export const VcpuStep: MessageFns<VcpuStep> = {
     if (message.exits?.length) {
       obj.exits = message.exits.map((e) => ExitCount.toJSON(e));
     }
+    if (message.dirtyRingStallNs !== 0n) {
+      obj.dirtyRingStallNs = message.dirtyRingStallNs.toString();
+    }
     return obj;
   },
 
@@ -4534,6 +5082,9 @@ export const VcpuStep: MessageFns<VcpuStep> = {
       : 0n;
     message.achievedWritesPerSecond = object.achievedWritesPerSecond ?? 0;
     message.exits = object.exits?.map((e) => ExitCount.fromPartial(e)) || [];
+    message.dirtyRingStallNs = (object.dirtyRingStallNs !== undefined && object.dirtyRingStallNs !== null)
+      ? BigInt(object.dirtyRingStallNs)
+      : 0n;
     return message;
   },
 };
@@ -6282,6 +6833,1534 @@ export const SetFaultInjectionResponse: MessageFns<SetFaultInjectionResponse> = 
   },
 };
 
+function createBaseHarvestDirtyRingRequest(): HarvestDirtyRingRequest {
+  return { vm: "", vcpu: 0, maxEntries: 0 };
+}
+
+export const HarvestDirtyRingRequest: MessageFns<HarvestDirtyRingRequest> = {
+  encode(message: HarvestDirtyRingRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.vcpu !== 0) {
+      writer.uint32(16).uint32(message.vcpu);
+    }
+    if (message.maxEntries !== 0) {
+      writer.uint32(24).uint32(message.maxEntries);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HarvestDirtyRingRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHarvestDirtyRingRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.vcpu = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.maxEntries = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HarvestDirtyRingRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      vcpu: isSet(object.vcpu) ? globalThis.Number(object.vcpu) : 0,
+      maxEntries: isSet(object.maxEntries)
+        ? globalThis.Number(object.maxEntries)
+        : isSet(object.max_entries)
+        ? globalThis.Number(object.max_entries)
+        : 0,
+    };
+  },
+
+  toJSON(message: HarvestDirtyRingRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.vcpu !== 0) {
+      obj.vcpu = Math.round(message.vcpu);
+    }
+    if (message.maxEntries !== 0) {
+      obj.maxEntries = Math.round(message.maxEntries);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HarvestDirtyRingRequest>): HarvestDirtyRingRequest {
+    return HarvestDirtyRingRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HarvestDirtyRingRequest>): HarvestDirtyRingRequest {
+    const message = createBaseHarvestDirtyRingRequest();
+    message.vm = object.vm ?? "";
+    message.vcpu = object.vcpu ?? 0;
+    message.maxEntries = object.maxEntries ?? 0;
+    return message;
+  },
+};
+
+function createBaseHarvestDirtyRingResponse(): HarvestDirtyRingResponse {
+  return { entries: Buffer.alloc(0), count: 0, hostNs: 0n };
+}
+
+export const HarvestDirtyRingResponse: MessageFns<HarvestDirtyRingResponse> = {
+  encode(message: HarvestDirtyRingResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.entries.length !== 0) {
+      writer.uint32(10).bytes(message.entries);
+    }
+    if (message.count !== 0) {
+      writer.uint32(16).uint32(message.count);
+    }
+    if (message.hostNs !== 0n) {
+      if (BigInt.asUintN(64, message.hostNs) !== message.hostNs) {
+        throw new globalThis.Error("value provided for field message.hostNs of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.hostNs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HarvestDirtyRingResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHarvestDirtyRingResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.entries = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.count = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.hostNs = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HarvestDirtyRingResponse {
+    return {
+      entries: isSet(object.entries) ? Buffer.from(bytesFromBase64(object.entries)) : Buffer.alloc(0),
+      count: isSet(object.count) ? globalThis.Number(object.count) : 0,
+      hostNs: isSet(object.hostNs) ? BigInt(object.hostNs) : isSet(object.host_ns) ? BigInt(object.host_ns) : 0n,
+    };
+  },
+
+  toJSON(message: HarvestDirtyRingResponse): unknown {
+    const obj: any = {};
+    if (message.entries.length !== 0) {
+      obj.entries = base64FromBytes(message.entries);
+    }
+    if (message.count !== 0) {
+      obj.count = Math.round(message.count);
+    }
+    if (message.hostNs !== 0n) {
+      obj.hostNs = message.hostNs.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HarvestDirtyRingResponse>): HarvestDirtyRingResponse {
+    return HarvestDirtyRingResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HarvestDirtyRingResponse>): HarvestDirtyRingResponse {
+    const message = createBaseHarvestDirtyRingResponse();
+    message.entries = object.entries ?? Buffer.alloc(0);
+    message.count = object.count ?? 0;
+    message.hostNs = (object.hostNs !== undefined && object.hostNs !== null) ? BigInt(object.hostNs) : 0n;
+    return message;
+  },
+};
+
+function createBaseResetDirtyRingsRequest(): ResetDirtyRingsRequest {
+  return { vm: "" };
+}
+
+export const ResetDirtyRingsRequest: MessageFns<ResetDirtyRingsRequest> = {
+  encode(message: ResetDirtyRingsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ResetDirtyRingsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseResetDirtyRingsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ResetDirtyRingsRequest {
+    return { vm: isSet(object.vm) ? globalThis.String(object.vm) : "" };
+  },
+
+  toJSON(message: ResetDirtyRingsRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ResetDirtyRingsRequest>): ResetDirtyRingsRequest {
+    return ResetDirtyRingsRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ResetDirtyRingsRequest>): ResetDirtyRingsRequest {
+    const message = createBaseResetDirtyRingsRequest();
+    message.vm = object.vm ?? "";
+    return message;
+  },
+};
+
+function createBaseResetDirtyRingsResponse(): ResetDirtyRingsResponse {
+  return { cleared: 0n, tlbFlushed: false, hostNs: 0n };
+}
+
+export const ResetDirtyRingsResponse: MessageFns<ResetDirtyRingsResponse> = {
+  encode(message: ResetDirtyRingsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.cleared !== 0n) {
+      if (BigInt.asUintN(64, message.cleared) !== message.cleared) {
+        throw new globalThis.Error("value provided for field message.cleared of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.cleared);
+    }
+    if (message.tlbFlushed !== false) {
+      writer.uint32(16).bool(message.tlbFlushed);
+    }
+    if (message.hostNs !== 0n) {
+      if (BigInt.asUintN(64, message.hostNs) !== message.hostNs) {
+        throw new globalThis.Error("value provided for field message.hostNs of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.hostNs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ResetDirtyRingsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseResetDirtyRingsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.cleared = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.tlbFlushed = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.hostNs = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ResetDirtyRingsResponse {
+    return {
+      cleared: isSet(object.cleared) ? BigInt(object.cleared) : 0n,
+      tlbFlushed: isSet(object.tlbFlushed)
+        ? globalThis.Boolean(object.tlbFlushed)
+        : isSet(object.tlb_flushed)
+        ? globalThis.Boolean(object.tlb_flushed)
+        : false,
+      hostNs: isSet(object.hostNs) ? BigInt(object.hostNs) : isSet(object.host_ns) ? BigInt(object.host_ns) : 0n,
+    };
+  },
+
+  toJSON(message: ResetDirtyRingsResponse): unknown {
+    const obj: any = {};
+    if (message.cleared !== 0n) {
+      obj.cleared = message.cleared.toString();
+    }
+    if (message.tlbFlushed !== false) {
+      obj.tlbFlushed = message.tlbFlushed;
+    }
+    if (message.hostNs !== 0n) {
+      obj.hostNs = message.hostNs.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ResetDirtyRingsResponse>): ResetDirtyRingsResponse {
+    return ResetDirtyRingsResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ResetDirtyRingsResponse>): ResetDirtyRingsResponse {
+    const message = createBaseResetDirtyRingsResponse();
+    message.cleared = (object.cleared !== undefined && object.cleared !== null) ? BigInt(object.cleared) : 0n;
+    message.tlbFlushed = object.tlbFlushed ?? false;
+    message.hostNs = (object.hostNs !== undefined && object.hostNs !== null) ? BigInt(object.hostNs) : 0n;
+    return message;
+  },
+};
+
+function createBaseHostWriteOp(): HostWriteOp {
+  return { gpa: 0n, value: 0n };
+}
+
+export const HostWriteOp: MessageFns<HostWriteOp> = {
+  encode(message: HostWriteOp, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.gpa !== 0n) {
+      if (BigInt.asUintN(64, message.gpa) !== message.gpa) {
+        throw new globalThis.Error("value provided for field message.gpa of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.gpa);
+    }
+    if (message.value !== 0n) {
+      if (BigInt.asUintN(64, message.value) !== message.value) {
+        throw new globalThis.Error("value provided for field message.value of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HostWriteOp {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHostWriteOp();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.gpa = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.value = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HostWriteOp {
+    return { gpa: isSet(object.gpa) ? BigInt(object.gpa) : 0n, value: isSet(object.value) ? BigInt(object.value) : 0n };
+  },
+
+  toJSON(message: HostWriteOp): unknown {
+    const obj: any = {};
+    if (message.gpa !== 0n) {
+      obj.gpa = message.gpa.toString();
+    }
+    if (message.value !== 0n) {
+      obj.value = message.value.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HostWriteOp>): HostWriteOp {
+    return HostWriteOp.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HostWriteOp>): HostWriteOp {
+    const message = createBaseHostWriteOp();
+    message.gpa = (object.gpa !== undefined && object.gpa !== null) ? BigInt(object.gpa) : 0n;
+    message.value = (object.value !== undefined && object.value !== null) ? BigInt(object.value) : 0n;
+    return message;
+  },
+};
+
+function createBaseHostWriteRequest(): HostWriteRequest {
+  return { vm: "", writes: [] };
+}
+
+export const HostWriteRequest: MessageFns<HostWriteRequest> = {
+  encode(message: HostWriteRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    for (const v of message.writes) {
+      HostWriteOp.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HostWriteRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHostWriteRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.writes.push(HostWriteOp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HostWriteRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      writes: globalThis.Array.isArray(object?.writes) ? object.writes.map((e: any) => HostWriteOp.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: HostWriteRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.writes?.length) {
+      obj.writes = message.writes.map((e) => HostWriteOp.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HostWriteRequest>): HostWriteRequest {
+    return HostWriteRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HostWriteRequest>): HostWriteRequest {
+    const message = createBaseHostWriteRequest();
+    message.vm = object.vm ?? "";
+    message.writes = object.writes?.map((e) => HostWriteOp.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseHostWriteResponse(): HostWriteResponse {
+  return { logged: [] };
+}
+
+export const HostWriteResponse: MessageFns<HostWriteResponse> = {
+  encode(message: HostWriteResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.logged.length !== 0) {
+      writer.uint32(10).fork();
+      for (const v of message.logged) {
+        writer.int32(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HostWriteResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHostWriteResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag === 8) {
+              message.logged.push(reader.int32() as any);
+
+              continue;
+            }
+
+            if (tag === 10) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.logged.push(reader.int32() as any);
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HostWriteResponse {
+    return {
+      logged: globalThis.Array.isArray(object?.logged) ? object.logged.map((e: any) => logTargetFromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: HostWriteResponse): unknown {
+    const obj: any = {};
+    if (message.logged?.length) {
+      obj.logged = message.logged.map((e) => logTargetToJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HostWriteResponse>): HostWriteResponse {
+    return HostWriteResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HostWriteResponse>): HostWriteResponse {
+    const message = createBaseHostWriteResponse();
+    message.logged = object.logged?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseAddWriteTrackingRequest(): AddWriteTrackingRequest {
+  return { vm: "", gfn: 0n };
+}
+
+export const AddWriteTrackingRequest: MessageFns<AddWriteTrackingRequest> = {
+  encode(message: AddWriteTrackingRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.gfn !== 0n) {
+      if (BigInt.asUintN(64, message.gfn) !== message.gfn) {
+        throw new globalThis.Error("value provided for field message.gfn of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.gfn);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AddWriteTrackingRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAddWriteTrackingRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.gfn = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AddWriteTrackingRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      gfn: isSet(object.gfn) ? BigInt(object.gfn) : 0n,
+    };
+  },
+
+  toJSON(message: AddWriteTrackingRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.gfn !== 0n) {
+      obj.gfn = message.gfn.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AddWriteTrackingRequest>): AddWriteTrackingRequest {
+    return AddWriteTrackingRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AddWriteTrackingRequest>): AddWriteTrackingRequest {
+    const message = createBaseAddWriteTrackingRequest();
+    message.vm = object.vm ?? "";
+    message.gfn = (object.gfn !== undefined && object.gfn !== null) ? BigInt(object.gfn) : 0n;
+    return message;
+  },
+};
+
+function createBaseAddWriteTrackingResponse(): AddWriteTrackingResponse {
+  return { count: 0 };
+}
+
+export const AddWriteTrackingResponse: MessageFns<AddWriteTrackingResponse> = {
+  encode(message: AddWriteTrackingResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.count !== 0) {
+      writer.uint32(8).uint32(message.count);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AddWriteTrackingResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAddWriteTrackingResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.count = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AddWriteTrackingResponse {
+    return { count: isSet(object.count) ? globalThis.Number(object.count) : 0 };
+  },
+
+  toJSON(message: AddWriteTrackingResponse): unknown {
+    const obj: any = {};
+    if (message.count !== 0) {
+      obj.count = Math.round(message.count);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AddWriteTrackingResponse>): AddWriteTrackingResponse {
+    return AddWriteTrackingResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AddWriteTrackingResponse>): AddWriteTrackingResponse {
+    const message = createBaseAddWriteTrackingResponse();
+    message.count = object.count ?? 0;
+    return message;
+  },
+};
+
+function createBaseRemoveWriteTrackingRequest(): RemoveWriteTrackingRequest {
+  return { vm: "", gfn: 0n };
+}
+
+export const RemoveWriteTrackingRequest: MessageFns<RemoveWriteTrackingRequest> = {
+  encode(message: RemoveWriteTrackingRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.gfn !== 0n) {
+      if (BigInt.asUintN(64, message.gfn) !== message.gfn) {
+        throw new globalThis.Error("value provided for field message.gfn of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.gfn);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RemoveWriteTrackingRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRemoveWriteTrackingRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.gfn = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RemoveWriteTrackingRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      gfn: isSet(object.gfn) ? BigInt(object.gfn) : 0n,
+    };
+  },
+
+  toJSON(message: RemoveWriteTrackingRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.gfn !== 0n) {
+      obj.gfn = message.gfn.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RemoveWriteTrackingRequest>): RemoveWriteTrackingRequest {
+    return RemoveWriteTrackingRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RemoveWriteTrackingRequest>): RemoveWriteTrackingRequest {
+    const message = createBaseRemoveWriteTrackingRequest();
+    message.vm = object.vm ?? "";
+    message.gfn = (object.gfn !== undefined && object.gfn !== null) ? BigInt(object.gfn) : 0n;
+    return message;
+  },
+};
+
+function createBaseRemoveWriteTrackingResponse(): RemoveWriteTrackingResponse {
+  return { count: 0 };
+}
+
+export const RemoveWriteTrackingResponse: MessageFns<RemoveWriteTrackingResponse> = {
+  encode(message: RemoveWriteTrackingResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.count !== 0) {
+      writer.uint32(8).uint32(message.count);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RemoveWriteTrackingResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRemoveWriteTrackingResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.count = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RemoveWriteTrackingResponse {
+    return { count: isSet(object.count) ? globalThis.Number(object.count) : 0 };
+  },
+
+  toJSON(message: RemoveWriteTrackingResponse): unknown {
+    const obj: any = {};
+    if (message.count !== 0) {
+      obj.count = Math.round(message.count);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RemoveWriteTrackingResponse>): RemoveWriteTrackingResponse {
+    return RemoveWriteTrackingResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RemoveWriteTrackingResponse>): RemoveWriteTrackingResponse {
+    const message = createBaseRemoveWriteTrackingResponse();
+    message.count = object.count ?? 0;
+    return message;
+  },
+};
+
+function createBaseWatchWriteTrackingRequest(): WatchWriteTrackingRequest {
+  return { vm: "" };
+}
+
+export const WatchWriteTrackingRequest: MessageFns<WatchWriteTrackingRequest> = {
+  encode(message: WatchWriteTrackingRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): WatchWriteTrackingRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWatchWriteTrackingRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): WatchWriteTrackingRequest {
+    return { vm: isSet(object.vm) ? globalThis.String(object.vm) : "" };
+  },
+
+  toJSON(message: WatchWriteTrackingRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WatchWriteTrackingRequest>): WatchWriteTrackingRequest {
+    return WatchWriteTrackingRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WatchWriteTrackingRequest>): WatchWriteTrackingRequest {
+    const message = createBaseWatchWriteTrackingRequest();
+    message.vm = object.vm ?? "";
+    return message;
+  },
+};
+
+function createBaseTrackWrite(): TrackWrite {
+  return { gpa: 0n, newValue: 0n, vcpu: 0, timeNs: 0n };
+}
+
+export const TrackWrite: MessageFns<TrackWrite> = {
+  encode(message: TrackWrite, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.gpa !== 0n) {
+      if (BigInt.asUintN(64, message.gpa) !== message.gpa) {
+        throw new globalThis.Error("value provided for field message.gpa of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.gpa);
+    }
+    if (message.newValue !== 0n) {
+      if (BigInt.asUintN(64, message.newValue) !== message.newValue) {
+        throw new globalThis.Error("value provided for field message.newValue of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.newValue);
+    }
+    if (message.vcpu !== 0) {
+      writer.uint32(24).uint32(message.vcpu);
+    }
+    if (message.timeNs !== 0n) {
+      if (BigInt.asUintN(64, message.timeNs) !== message.timeNs) {
+        throw new globalThis.Error("value provided for field message.timeNs of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.timeNs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TrackWrite {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTrackWrite();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.gpa = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.newValue = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.vcpu = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.timeNs = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TrackWrite {
+    return {
+      gpa: isSet(object.gpa) ? BigInt(object.gpa) : 0n,
+      newValue: isSet(object.newValue)
+        ? BigInt(object.newValue)
+        : isSet(object.new_value)
+        ? BigInt(object.new_value)
+        : 0n,
+      vcpu: isSet(object.vcpu) ? globalThis.Number(object.vcpu) : 0,
+      timeNs: isSet(object.timeNs) ? BigInt(object.timeNs) : isSet(object.time_ns) ? BigInt(object.time_ns) : 0n,
+    };
+  },
+
+  toJSON(message: TrackWrite): unknown {
+    const obj: any = {};
+    if (message.gpa !== 0n) {
+      obj.gpa = message.gpa.toString();
+    }
+    if (message.newValue !== 0n) {
+      obj.newValue = message.newValue.toString();
+    }
+    if (message.vcpu !== 0) {
+      obj.vcpu = Math.round(message.vcpu);
+    }
+    if (message.timeNs !== 0n) {
+      obj.timeNs = message.timeNs.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<TrackWrite>): TrackWrite {
+    return TrackWrite.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<TrackWrite>): TrackWrite {
+    const message = createBaseTrackWrite();
+    message.gpa = (object.gpa !== undefined && object.gpa !== null) ? BigInt(object.gpa) : 0n;
+    message.newValue = (object.newValue !== undefined && object.newValue !== null) ? BigInt(object.newValue) : 0n;
+    message.vcpu = object.vcpu ?? 0;
+    message.timeNs = (object.timeNs !== undefined && object.timeNs !== null) ? BigInt(object.timeNs) : 0n;
+    return message;
+  },
+};
+
+function createBaseTrackRemoveRegion(): TrackRemoveRegion {
+  return { gfn: 0n, nrPages: 0n };
+}
+
+export const TrackRemoveRegion: MessageFns<TrackRemoveRegion> = {
+  encode(message: TrackRemoveRegion, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.gfn !== 0n) {
+      if (BigInt.asUintN(64, message.gfn) !== message.gfn) {
+        throw new globalThis.Error("value provided for field message.gfn of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.gfn);
+    }
+    if (message.nrPages !== 0n) {
+      if (BigInt.asUintN(64, message.nrPages) !== message.nrPages) {
+        throw new globalThis.Error("value provided for field message.nrPages of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.nrPages);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TrackRemoveRegion {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTrackRemoveRegion();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.gfn = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.nrPages = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TrackRemoveRegion {
+    return {
+      gfn: isSet(object.gfn) ? BigInt(object.gfn) : 0n,
+      nrPages: isSet(object.nrPages) ? BigInt(object.nrPages) : isSet(object.nr_pages) ? BigInt(object.nr_pages) : 0n,
+    };
+  },
+
+  toJSON(message: TrackRemoveRegion): unknown {
+    const obj: any = {};
+    if (message.gfn !== 0n) {
+      obj.gfn = message.gfn.toString();
+    }
+    if (message.nrPages !== 0n) {
+      obj.nrPages = message.nrPages.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<TrackRemoveRegion>): TrackRemoveRegion {
+    return TrackRemoveRegion.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<TrackRemoveRegion>): TrackRemoveRegion {
+    const message = createBaseTrackRemoveRegion();
+    message.gfn = (object.gfn !== undefined && object.gfn !== null) ? BigInt(object.gfn) : 0n;
+    message.nrPages = (object.nrPages !== undefined && object.nrPages !== null) ? BigInt(object.nrPages) : 0n;
+    return message;
+  },
+};
+
+function createBaseWatchWriteTrackingResponse(): WatchWriteTrackingResponse {
+  return { seq: 0n, subscriptionId: undefined, trackWrite: undefined, trackRemoveRegion: undefined };
+}
+
+export const WatchWriteTrackingResponse: MessageFns<WatchWriteTrackingResponse> = {
+  encode(message: WatchWriteTrackingResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.seq !== 0n) {
+      if (BigInt.asUintN(64, message.seq) !== message.seq) {
+        throw new globalThis.Error("value provided for field message.seq of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.seq);
+    }
+    if (message.subscriptionId !== undefined) {
+      if (BigInt.asUintN(64, message.subscriptionId) !== message.subscriptionId) {
+        throw new globalThis.Error("value provided for field message.subscriptionId of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.subscriptionId);
+    }
+    if (message.trackWrite !== undefined) {
+      TrackWrite.encode(message.trackWrite, writer.uint32(26).fork()).join();
+    }
+    if (message.trackRemoveRegion !== undefined) {
+      TrackRemoveRegion.encode(message.trackRemoveRegion, writer.uint32(34).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): WatchWriteTrackingResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWatchWriteTrackingResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.seq = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.subscriptionId = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.trackWrite = TrackWrite.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.trackRemoveRegion = TrackRemoveRegion.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): WatchWriteTrackingResponse {
+    return {
+      seq: isSet(object.seq) ? BigInt(object.seq) : 0n,
+      subscriptionId: isSet(object.subscriptionId)
+        ? BigInt(object.subscriptionId)
+        : isSet(object.subscription_id)
+        ? BigInt(object.subscription_id)
+        : undefined,
+      trackWrite: isSet(object.trackWrite)
+        ? TrackWrite.fromJSON(object.trackWrite)
+        : isSet(object.track_write)
+        ? TrackWrite.fromJSON(object.track_write)
+        : undefined,
+      trackRemoveRegion: isSet(object.trackRemoveRegion)
+        ? TrackRemoveRegion.fromJSON(object.trackRemoveRegion)
+        : isSet(object.track_remove_region)
+        ? TrackRemoveRegion.fromJSON(object.track_remove_region)
+        : undefined,
+    };
+  },
+
+  toJSON(message: WatchWriteTrackingResponse): unknown {
+    const obj: any = {};
+    if (message.seq !== 0n) {
+      obj.seq = message.seq.toString();
+    }
+    if (message.subscriptionId !== undefined) {
+      obj.subscriptionId = message.subscriptionId.toString();
+    }
+    if (message.trackWrite !== undefined) {
+      obj.trackWrite = TrackWrite.toJSON(message.trackWrite);
+    }
+    if (message.trackRemoveRegion !== undefined) {
+      obj.trackRemoveRegion = TrackRemoveRegion.toJSON(message.trackRemoveRegion);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WatchWriteTrackingResponse>): WatchWriteTrackingResponse {
+    return WatchWriteTrackingResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WatchWriteTrackingResponse>): WatchWriteTrackingResponse {
+    const message = createBaseWatchWriteTrackingResponse();
+    message.seq = (object.seq !== undefined && object.seq !== null) ? BigInt(object.seq) : 0n;
+    message.subscriptionId = (object.subscriptionId !== undefined && object.subscriptionId !== null)
+      ? BigInt(object.subscriptionId)
+      : undefined;
+    message.trackWrite = (object.trackWrite !== undefined && object.trackWrite !== null)
+      ? TrackWrite.fromPartial(object.trackWrite)
+      : undefined;
+    message.trackRemoveRegion = (object.trackRemoveRegion !== undefined && object.trackRemoveRegion !== null)
+      ? TrackRemoveRegion.fromPartial(object.trackRemoveRegion)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseUnwatchWriteTrackingRequest(): UnwatchWriteTrackingRequest {
+  return { vm: "", subscriptionId: 0n };
+}
+
+export const UnwatchWriteTrackingRequest: MessageFns<UnwatchWriteTrackingRequest> = {
+  encode(message: UnwatchWriteTrackingRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.subscriptionId !== 0n) {
+      if (BigInt.asUintN(64, message.subscriptionId) !== message.subscriptionId) {
+        throw new globalThis.Error("value provided for field message.subscriptionId of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.subscriptionId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnwatchWriteTrackingRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnwatchWriteTrackingRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.subscriptionId = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnwatchWriteTrackingRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      subscriptionId: isSet(object.subscriptionId)
+        ? BigInt(object.subscriptionId)
+        : isSet(object.subscription_id)
+        ? BigInt(object.subscription_id)
+        : 0n,
+    };
+  },
+
+  toJSON(message: UnwatchWriteTrackingRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.subscriptionId !== 0n) {
+      obj.subscriptionId = message.subscriptionId.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UnwatchWriteTrackingRequest>): UnwatchWriteTrackingRequest {
+    return UnwatchWriteTrackingRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UnwatchWriteTrackingRequest>): UnwatchWriteTrackingRequest {
+    const message = createBaseUnwatchWriteTrackingRequest();
+    message.vm = object.vm ?? "";
+    message.subscriptionId = (object.subscriptionId !== undefined && object.subscriptionId !== null)
+      ? BigInt(object.subscriptionId)
+      : 0n;
+    return message;
+  },
+};
+
+function createBaseUnwatchWriteTrackingResponse(): UnwatchWriteTrackingResponse {
+  return {};
+}
+
+export const UnwatchWriteTrackingResponse: MessageFns<UnwatchWriteTrackingResponse> = {
+  encode(_: UnwatchWriteTrackingResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnwatchWriteTrackingResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnwatchWriteTrackingResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): UnwatchWriteTrackingResponse {
+    return {};
+  },
+
+  toJSON(_: UnwatchWriteTrackingResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<UnwatchWriteTrackingResponse>): UnwatchWriteTrackingResponse {
+    return UnwatchWriteTrackingResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<UnwatchWriteTrackingResponse>): UnwatchWriteTrackingResponse {
+    const message = createBaseUnwatchWriteTrackingResponse();
+    return message;
+  },
+};
+
 export type HypervisorServiceService = typeof HypervisorServiceService;
 export const HypervisorServiceService = {
   /** KVM_CREATE_VM + KVM_CREATE_VCPU + KVM_SET_USER_MEMORY_REGION for each slot. */
@@ -6489,6 +8568,93 @@ export const HypervisorServiceService = {
       Buffer.from(SetFaultInjectionResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): SetFaultInjectionResponse => SetFaultInjectionResponse.decode(value),
   },
+  /**
+   * The userspace side of the dirty-ring mmap protocol: collects one vCPU's
+   * published entries in order and marks them RESET (flags 01 -> 1X).
+   */
+  harvestDirtyRing: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/HarvestDirtyRing" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: HarvestDirtyRingRequest): Buffer =>
+      Buffer.from(HarvestDirtyRingRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): HarvestDirtyRingRequest => HarvestDirtyRingRequest.decode(value),
+    responseSerialize: (value: HarvestDirtyRingResponse): Buffer =>
+      Buffer.from(HarvestDirtyRingResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): HarvestDirtyRingResponse => HarvestDirtyRingResponse.decode(value),
+  },
+  /** KVM_RESET_DIRTY_RINGS: re-protects the harvested pages, flushes TLBs once. */
+  resetDirtyRings: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/ResetDirtyRings" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ResetDirtyRingsRequest): Buffer =>
+      Buffer.from(ResetDirtyRingsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ResetDirtyRingsRequest => ResetDirtyRingsRequest.decode(value),
+    responseSerialize: (value: ResetDirtyRingsResponse): Buffer =>
+      Buffer.from(ResetDirtyRingsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ResetDirtyRingsResponse => ResetDirtyRingsResponse.decode(value),
+  },
+  /**
+   * Writes guest memory with no vCPU context (device emulation, kvm_write_guest):
+   * the pages are logged in the bitmap, or the backup bitmap when a ring is on.
+   */
+  hostWrite: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/HostWrite" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: HostWriteRequest): Buffer => Buffer.from(HostWriteRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): HostWriteRequest => HostWriteRequest.decode(value),
+    responseSerialize: (value: HostWriteResponse): Buffer => Buffer.from(HostWriteResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): HostWriteResponse => HostWriteResponse.decode(value),
+  },
+  /** kvm_write_track_add_gfn / _remove_gfn: reference-counted write tracking. */
+  addWriteTracking: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/AddWriteTracking" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AddWriteTrackingRequest): Buffer =>
+      Buffer.from(AddWriteTrackingRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AddWriteTrackingRequest => AddWriteTrackingRequest.decode(value),
+    responseSerialize: (value: AddWriteTrackingResponse): Buffer =>
+      Buffer.from(AddWriteTrackingResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AddWriteTrackingResponse => AddWriteTrackingResponse.decode(value),
+  },
+  removeWriteTracking: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/RemoveWriteTracking" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RemoveWriteTrackingRequest): Buffer =>
+      Buffer.from(RemoveWriteTrackingRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RemoveWriteTrackingRequest => RemoveWriteTrackingRequest.decode(value),
+    responseSerialize: (value: RemoveWriteTrackingResponse): Buffer =>
+      Buffer.from(RemoveWriteTrackingResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): RemoveWriteTrackingResponse => RemoveWriteTrackingResponse.decode(value),
+  },
+  /** A page-track notifier: track_write and track_remove_region events. */
+  watchWriteTracking: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/WatchWriteTracking" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: WatchWriteTrackingRequest): Buffer =>
+      Buffer.from(WatchWriteTrackingRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): WatchWriteTrackingRequest => WatchWriteTrackingRequest.decode(value),
+    responseSerialize: (value: WatchWriteTrackingResponse): Buffer =>
+      Buffer.from(WatchWriteTrackingResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): WatchWriteTrackingResponse => WatchWriteTrackingResponse.decode(value),
+  },
+  /** Unregisters a notifier; its stream ends with OK. */
+  unwatchWriteTracking: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/UnwatchWriteTracking" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UnwatchWriteTrackingRequest): Buffer =>
+      Buffer.from(UnwatchWriteTrackingRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UnwatchWriteTrackingRequest => UnwatchWriteTrackingRequest.decode(value),
+    responseSerialize: (value: UnwatchWriteTrackingResponse): Buffer =>
+      Buffer.from(UnwatchWriteTrackingResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UnwatchWriteTrackingResponse => UnwatchWriteTrackingResponse.decode(value),
+  },
 } as const;
 
 export interface HypervisorServiceServer extends UntypedServiceImplementation {
@@ -6535,6 +8701,25 @@ export interface HypervisorServiceServer extends UntypedServiceImplementation {
   getMemoryDigest: handleUnaryCall<GetMemoryDigestRequest, GetMemoryDigestResponse>;
   /** Test-only switches that inject bugs; refused unless the server allows them. */
   setFaultInjection: handleUnaryCall<SetFaultInjectionRequest, SetFaultInjectionResponse>;
+  /**
+   * The userspace side of the dirty-ring mmap protocol: collects one vCPU's
+   * published entries in order and marks them RESET (flags 01 -> 1X).
+   */
+  harvestDirtyRing: handleUnaryCall<HarvestDirtyRingRequest, HarvestDirtyRingResponse>;
+  /** KVM_RESET_DIRTY_RINGS: re-protects the harvested pages, flushes TLBs once. */
+  resetDirtyRings: handleUnaryCall<ResetDirtyRingsRequest, ResetDirtyRingsResponse>;
+  /**
+   * Writes guest memory with no vCPU context (device emulation, kvm_write_guest):
+   * the pages are logged in the bitmap, or the backup bitmap when a ring is on.
+   */
+  hostWrite: handleUnaryCall<HostWriteRequest, HostWriteResponse>;
+  /** kvm_write_track_add_gfn / _remove_gfn: reference-counted write tracking. */
+  addWriteTracking: handleUnaryCall<AddWriteTrackingRequest, AddWriteTrackingResponse>;
+  removeWriteTracking: handleUnaryCall<RemoveWriteTrackingRequest, RemoveWriteTrackingResponse>;
+  /** A page-track notifier: track_write and track_remove_region events. */
+  watchWriteTracking: handleServerStreamingCall<WatchWriteTrackingRequest, WatchWriteTrackingResponse>;
+  /** Unregisters a notifier; its stream ends with OK. */
+  unwatchWriteTracking: handleUnaryCall<UnwatchWriteTrackingRequest, UnwatchWriteTrackingResponse>;
 }
 
 export interface HypervisorServiceClient extends Client {
@@ -6838,6 +9023,117 @@ export interface HypervisorServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: SetFaultInjectionResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * The userspace side of the dirty-ring mmap protocol: collects one vCPU's
+   * published entries in order and marks them RESET (flags 01 -> 1X).
+   */
+  harvestDirtyRing(
+    request: HarvestDirtyRingRequest,
+    callback: (error: ServiceError | null, response: HarvestDirtyRingResponse) => void,
+  ): ClientUnaryCall;
+  harvestDirtyRing(
+    request: HarvestDirtyRingRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: HarvestDirtyRingResponse) => void,
+  ): ClientUnaryCall;
+  harvestDirtyRing(
+    request: HarvestDirtyRingRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: HarvestDirtyRingResponse) => void,
+  ): ClientUnaryCall;
+  /** KVM_RESET_DIRTY_RINGS: re-protects the harvested pages, flushes TLBs once. */
+  resetDirtyRings(
+    request: ResetDirtyRingsRequest,
+    callback: (error: ServiceError | null, response: ResetDirtyRingsResponse) => void,
+  ): ClientUnaryCall;
+  resetDirtyRings(
+    request: ResetDirtyRingsRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ResetDirtyRingsResponse) => void,
+  ): ClientUnaryCall;
+  resetDirtyRings(
+    request: ResetDirtyRingsRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ResetDirtyRingsResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Writes guest memory with no vCPU context (device emulation, kvm_write_guest):
+   * the pages are logged in the bitmap, or the backup bitmap when a ring is on.
+   */
+  hostWrite(
+    request: HostWriteRequest,
+    callback: (error: ServiceError | null, response: HostWriteResponse) => void,
+  ): ClientUnaryCall;
+  hostWrite(
+    request: HostWriteRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: HostWriteResponse) => void,
+  ): ClientUnaryCall;
+  hostWrite(
+    request: HostWriteRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: HostWriteResponse) => void,
+  ): ClientUnaryCall;
+  /** kvm_write_track_add_gfn / _remove_gfn: reference-counted write tracking. */
+  addWriteTracking(
+    request: AddWriteTrackingRequest,
+    callback: (error: ServiceError | null, response: AddWriteTrackingResponse) => void,
+  ): ClientUnaryCall;
+  addWriteTracking(
+    request: AddWriteTrackingRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AddWriteTrackingResponse) => void,
+  ): ClientUnaryCall;
+  addWriteTracking(
+    request: AddWriteTrackingRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AddWriteTrackingResponse) => void,
+  ): ClientUnaryCall;
+  removeWriteTracking(
+    request: RemoveWriteTrackingRequest,
+    callback: (error: ServiceError | null, response: RemoveWriteTrackingResponse) => void,
+  ): ClientUnaryCall;
+  removeWriteTracking(
+    request: RemoveWriteTrackingRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: RemoveWriteTrackingResponse) => void,
+  ): ClientUnaryCall;
+  removeWriteTracking(
+    request: RemoveWriteTrackingRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: RemoveWriteTrackingResponse) => void,
+  ): ClientUnaryCall;
+  /** A page-track notifier: track_write and track_remove_region events. */
+  watchWriteTracking(
+    request: WatchWriteTrackingRequest,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<WatchWriteTrackingResponse>;
+  watchWriteTracking(
+    request: WatchWriteTrackingRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<WatchWriteTrackingResponse>;
+  /** Unregisters a notifier; its stream ends with OK. */
+  unwatchWriteTracking(
+    request: UnwatchWriteTrackingRequest,
+    callback: (error: ServiceError | null, response: UnwatchWriteTrackingResponse) => void,
+  ): ClientUnaryCall;
+  unwatchWriteTracking(
+    request: UnwatchWriteTrackingRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UnwatchWriteTrackingResponse) => void,
+  ): ClientUnaryCall;
+  unwatchWriteTracking(
+    request: UnwatchWriteTrackingRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UnwatchWriteTrackingResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -1,0 +1,146 @@
+/**
+ * Per-vCPU dirty rings (virt/kvm/dirty_ring.c after the 2025 fixes; seed 001).
+ *
+ * Each entry is struct kvm_dirty_gfn {u32 flags; u32 slot; u64 offset}. Its
+ * life: 00 -> 01 (KVM pushes, DIRTY) -> 1X (userspace harvested it, RESET)
+ * -> 00 (KVM_RESET_DIRTY_RINGS re-protects the page and frees the entry).
+ * A push that brings the ring to its soft limit (entries - 64) makes the vCPU
+ * exit with KVM_EXIT_DIRTY_RING_FULL; it stays out until a reset brings the
+ * ring back under the limit. The harvest side (the VMM reading the mmapped
+ * ring) is modelled here too, with its fetch index.
+ */
+import { invalidArgument, failedPrecondition } from "../../../common/errors.js";
+
+export const DIRTY_GFN_F_DIRTY = 1 << 0;
+export const DIRTY_GFN_F_RESET = 1 << 1;
+export const ENTRY_BYTES = 16;
+/** KVM_DIRTY_RING_RSVD_ENTRIES. */
+export const RSVD_ENTRIES = 64;
+/** KVM_DIRTY_RING_MAX_ENTRIES (1 MiB of entries). */
+export const MAX_ENTRIES = 65536;
+/** cpu_dirty_log_size(): PML's 512 on x86; arm64 has no hardware buffer to drain into the ring. */
+export const CPU_DIRTY_LOG_SIZE = 0;
+
+/**
+ * kvm_vm_ioctl_enable_dirty_log_ring's checks, in its order; size is args[0]
+ * truncated to u32, as the kernel's parameter is.
+ */
+export function checkRingBytes(size: number, ringSet: boolean, vcpusExist: boolean): void {
+  const what = "ENABLE_CAP(DIRTY_LOG_RING)";
+  if (size === 0 || (size & (size - 1)) !== 0) throw invalidArgument(`${what}: ring size ${size} bytes is not a power of two`, "EINVAL");
+  if (size < RSVD_ENTRIES * ENTRY_BYTES || size < 4096) {
+    throw invalidArgument(`${what}: ring size ${size} bytes is smaller than one page or ${RSVD_ENTRIES} entries`, "EINVAL");
+  }
+  if (size > MAX_ENTRIES * ENTRY_BYTES) throw invalidArgument(`${what}: ${size} bytes is more than ${MAX_ENTRIES} entries (1 MiB)`, "E2BIG");
+  if (ringSet) throw failedPrecondition(`${what}: a dirty ring is already configured`, "EINVAL");
+  if (vcpusExist) throw failedPrecondition(`${what}: rings can only be enabled before any vCPU is created`, "EINVAL");
+}
+
+export class DirtyRing {
+  readonly flags: Uint8Array;
+  readonly slot: Int32Array;
+  readonly offset: Int32Array;
+  /** Entries KVM has pushed / reset since creation; their difference is what the ring holds. */
+  dirtyIndex = 0;
+  resetIndex = 0;
+  /** The VMM's harvest position. */
+  fetchIndex = 0;
+  pushed = 0;
+  harvested = 0;
+  readonly softLimit: number;
+
+  constructor(readonly size: number) {
+    this.flags = new Uint8Array(size);
+    this.slot = new Int32Array(size);
+    this.offset = new Int32Array(size);
+    this.softLimit = size - (RSVD_ENTRIES + CPU_DIRTY_LOG_SIZE);
+  }
+
+  get used(): number {
+    return this.dirtyIndex - this.resetIndex;
+  }
+
+  get softFull(): boolean {
+    return this.used >= this.softLimit;
+  }
+
+  /** kvm_dirty_ring_push. The vCPU stops at the soft limit, so the ring can never overflow. */
+  push(slot: number, offset: number): void {
+    if (this.used >= this.size) throw new Error(`dirty ring overflow (${this.used} of ${this.size}): a vCPU ran past its soft limit`);
+    const i = this.dirtyIndex & (this.size - 1);
+    this.slot[i] = slot;
+    this.offset[i] = offset;
+    this.flags[i] = DIRTY_GFN_F_DIRTY;
+    this.dirtyIndex++;
+    this.pushed++;
+  }
+
+  /**
+   * The VMM's harvest: from its fetch index, every entry KVM has published
+   * (DIRTY, not yet RESET), in order, up to max; each is marked RESET and
+   * written as struct kvm_dirty_gfn into out (16 bytes each). Returns the count.
+   */
+  harvest(max: number, out: DataView | null): number {
+    let n = 0;
+    while (n < max) {
+      const i = this.fetchIndex & (this.size - 1);
+      if ((this.flags[i] & (DIRTY_GFN_F_DIRTY | DIRTY_GFN_F_RESET)) !== DIRTY_GFN_F_DIRTY) break;
+      this.flags[i] |= DIRTY_GFN_F_RESET;
+      if (out) {
+        out.setUint32(n * ENTRY_BYTES, this.flags[i], true);
+        out.setUint32(n * ENTRY_BYTES + 4, this.slot[i], true);
+        out.setUint32(n * ENTRY_BYTES + 8, this.offset[i], true);
+        out.setUint32(n * ENTRY_BYTES + 12, 0, true);
+      }
+      this.fetchIndex++;
+      n++;
+    }
+    this.harvested += n;
+    return n;
+  }
+
+  /** Entries published and not yet harvested. */
+  get pending(): number {
+    return this.dirtyIndex - this.fetchIndex;
+  }
+
+  /**
+   * kvm_dirty_ring_reset: frees harvested entries in order, stopping at the
+   * first one userspace has not marked RESET, and coalesces runs of the same
+   * slot within 64 pages (forwards or backwards) into one re-protection of
+   * pages [first, last]. Returns the entries freed.
+   */
+  reset(protect: (slot: number, first: number, last: number) => void): number {
+    let cleared = 0;
+    let curSlot = -1;
+    let base = 0;
+    let last = 0;
+    let open = false;
+    while (this.resetIndex < this.dirtyIndex) {
+      const i = this.resetIndex & (this.size - 1);
+      if (!(this.flags[i] & DIRTY_GFN_F_RESET)) break;
+      const slot = this.slot[i];
+      const off = this.offset[i];
+      this.flags[i] = 0;
+      this.resetIndex++;
+      cleared++;
+      if (open && slot === curSlot) {
+        if (off >= base && off - base < 64) {
+          if (off > last) last = off;
+          continue;
+        }
+        // Backwards: the mask shifted left by (base - off) must not lose its top bit.
+        if (off < base && last - off < 64) {
+          base = off;
+          continue;
+        }
+      }
+      if (open) protect(curSlot, base, last);
+      curSlot = slot;
+      base = last = off;
+      open = true;
+    }
+    if (open) protect(curSlot, base, last);
+    return cleared;
+  }
+}
