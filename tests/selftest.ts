@@ -21,6 +21,29 @@ export const collectClearLog: Collect = async (c, vm, slot, numPages) => {
   return bitmap;
 };
 
+/**
+ * dirty-ring mode: harvest vCPU 0's ring until empty, then reset; like the
+ * selftest, insist that RESET returns exactly the number of entries collected.
+ */
+export const collectDirtyRing: Collect = async (c, vm, slot, numPages) => {
+  const bitmap = new Uint8Array(Math.ceil(numPages / 64) * 8);
+  let harvested = 0;
+  for (;;) {
+    const r = await c.harvestDirtyRing({ vm, vcpu: 0 });
+    if (r.count === 0) break;
+    const dv = new DataView(r.entries.buffer, r.entries.byteOffset, r.entries.byteLength);
+    for (let i = 0; i < r.count; i++) {
+      if (dv.getUint32(i * 16 + 4, true) !== slot) throw new Error("entry for another slot");
+      const off = Number(dv.getBigUint64(i * 16 + 8, true));
+      bitmap[off >>> 3] |= 1 << (off & 7);
+    }
+    harvested += r.count;
+  }
+  const reset = await c.resetDirtyRings({ vm });
+  if (Number(reset.cleared) !== harvested) throw new Error(`RESET cleared ${reset.cleared} entries, ${harvested} were harvested`);
+  return bitmap;
+};
+
 export interface SelftestResult {
   iterations: number;
   pages: number;
@@ -37,6 +60,8 @@ export async function runSelftest(
     vm: string;
     collect: Collect;
     initiallySet?: boolean;
+    /** Create the VM with a dirty ring of this many bytes (ACQ_REL, as arm64 offers). */
+    ringBytes?: number;
     iterations?: number;
     skipTlbFlush?: boolean;
     /** Guest time per half iteration. */
@@ -47,7 +72,12 @@ export async function runSelftest(
   const slot = 1;
   const pages = GiB / 4096 + 3; // 1 GiB + 3 pages, deliberately not a multiple of 64
   const iterations = opts.iterations ?? 6;
-  await c.createVm({ vm: opts.vm, vcpus: 1, seed: 0x5eedn });
+  await c.createVm({
+    vm: opts.vm,
+    vcpus: 1,
+    seed: 0x5eedn,
+    dirtyRing: opts.ringBytes ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: BigInt(opts.ringBytes) } : undefined,
+  });
   if (opts.initiallySet) {
     const flags = ManualProtectFlag.MANUAL_PROTECT_FLAG_MANUAL_PROTECT_ENABLE | ManualProtectFlag.MANUAL_PROTECT_FLAG_INITIALLY_SET;
     await c.enableCap({ vm: opts.vm, capability: Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2, args: [BigInt(flags)] });
