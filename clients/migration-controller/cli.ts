@@ -8,7 +8,7 @@ import { writeFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
 import { parseBytes } from "../../common/config.js";
 import { spawnService, type SpawnedService } from "../../common/spawn.js";
-import { WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { Capability, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor, type HypervisorClient } from "../../services/hypervisor/client.js";
 import { DEFAULT_CONFIG, migrate, MigrationError, type FailureKind, type MigrationConfig, type MigrationReport } from "./migrate.js";
 import { progressPrinter } from "./progress.js";
@@ -46,6 +46,7 @@ demo options:
   --hot-fraction F           hot share of memory (default 0.05)
   --hot-write-fraction F     share of writes to hot pages (default 0.9)
   --seed N                   workload seed (default 1)
+  --ring-entries N           dirty-ring entries per vCPU with --mechanism ring (default 4096, QEMU's advice)
 
 policy and link (both commands):
   --mechanism M              ${Object.keys(MECHANISMS).join(" | ")} (default bitmap)
@@ -87,6 +88,7 @@ const OPTIONS = {
   "hot-fraction": { type: "string" },
   "hot-write-fraction": { type: "string" },
   seed: { type: "string" },
+  "ring-entries": { type: "string" },
   mechanism: { type: "string" },
   bandwidth: { type: "string" },
   latency: { type: "string" },
@@ -205,6 +207,7 @@ async function runDemo(v: Values, io: Io): Promise<number> {
   const hot = number(v["hot-fraction"], "hot-fraction", 0.05, (n) => n > 0 && n <= 1, "in (0, 1]");
   const hotWrites = number(v["hot-write-fraction"], "hot-write-fraction", 0.9, (n) => n > 0 && n <= 1, "in (0, 1]");
   const seed = number(v.seed, "seed", 1, (n) => Number.isInteger(n) && n >= 0, "a whole number >= 0");
+  const ringEntries = number(v["ring-entries"], "ring-entries", 4096, (n) => Number.isInteger(n) && n >= 256 && n <= 65536 && (n & (n - 1)) === 0, "a power of two in [256, 65536]");
 
   const say = (s: string) => v.quiet || io.err.write(`${s}\n`);
   const services: SpawnedService[] = [];
@@ -226,6 +229,8 @@ async function runDemo(v: Values, io: Io): Promise<number> {
         vcpus,
         seed: BigInt(seed),
         memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(memory) }],
+        // Rings exist only if the VM is created with them (KVM enables them before vCPUs).
+        dirtyRing: cfg.mechanism === "ring" ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: BigInt(ringEntries * 16), withBitmap: true } : undefined,
         // First the guest touches all of its memory, as a booted OS with a page cache would have.
         workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e8 },
       });

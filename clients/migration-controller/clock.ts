@@ -5,6 +5,7 @@
  * deterministic). Real time: the VM clocks follow the wall clock, and the
  * controller waits out the simulated time instead.
  */
+import type { AdvanceVmResponse } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import type { HypervisorClient } from "../../services/hypervisor/client.js";
 
 export interface MigrationClock {
@@ -18,6 +19,13 @@ export interface MigrationClock {
 /** AdvanceVm accepts at most an hour per call. */
 const MAX_STEP_NS = 3600e9;
 
+export interface SteppedClockOptions {
+  /** Longest single AdvanceVm; a mechanism that reacts to exits (ring full) asks for short steps. */
+  maxStepNs?: number;
+  /** Called after every step with what the guest did. */
+  onStep?: (r: AdvanceVmResponse, stepNs: number) => Promise<void>;
+}
+
 export class SteppedClock implements MigrationClock {
   readonly drive = "stepped";
   private t = 0;
@@ -25,6 +33,7 @@ export class SteppedClock implements MigrationClock {
   constructor(
     private readonly client: HypervisorClient,
     private readonly vm: string,
+    private readonly opts: SteppedClockOptions = {},
   ) {}
 
   async elapse(ns: number): Promise<void> {
@@ -32,11 +41,13 @@ export class SteppedClock implements MigrationClock {
     this.owed += ns;
     let whole = Math.floor(this.owed);
     this.owed -= whole;
-    this.t += whole;
+    const max = Math.min(this.opts.maxStepNs ?? MAX_STEP_NS, MAX_STEP_NS);
     while (whole > 0) {
-      const step = Math.min(whole, MAX_STEP_NS);
-      await this.client.advanceVm({ vm: this.vm, durationNs: BigInt(step) });
+      const step = Math.min(whole, max);
+      const r = await this.client.advanceVm({ vm: this.vm, durationNs: BigInt(step) });
+      this.t += step;
       whole -= step;
+      await this.opts.onStep?.(r, step);
     }
   }
 

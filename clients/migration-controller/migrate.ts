@@ -16,12 +16,15 @@
  * the destination we created is destroyed, and a MigrationError says why.
  */
 import { status as GrpcStatus } from "@grpc/grpc-js";
-import { ClockDrive, type VmInfo, type WriteMemoryRequest } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { ClockDrive, ExitReason, type VmInfo, type WriteMemoryRequest } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import type { HypervisorClient } from "../../services/hypervisor/client.js";
 import { RealtimeClock, SteppedClock, type MigrationClock } from "./clock.js";
 import { Link, PAGE_SIZE } from "./link.js";
+import { MigrationError, type FailureKind } from "./errors.js";
 import { createTracker, type Mechanism } from "./trackers/index.js";
 import { CHUNK_ALIGN, type DirtyTracker } from "./trackers/tracker.js";
+
+export { MigrationError, type FailureKind };
 
 export interface MigrationConfig {
   sourceVm: string;
@@ -70,6 +73,9 @@ export interface RoundReport {
   expectedDowntimeMs: number;
   /** Writes per second the guest achieved during the round (its slowdown shows here). */
   guestWritesPerSecond: number;
+  /** KVM_EXIT_DIRTY_RING_FULL exits during the round, and the guest time vCPUs spent stalled on them. */
+  ringFullExits: number;
+  ringStallMs: number;
   /** The stop-and-copy round: the source was paused. */
   stopAndCopy: boolean;
 }
@@ -102,19 +108,6 @@ export interface MigrationReport {
   verification: { sourceSha256: string; destinationSha256: string; match: boolean } | null;
   tracker: Record<string, number>;
   wallTimeMs: number;
-}
-
-export type FailureKind = "usage" | "unreachable" | "not-found" | "precondition" | "not-converged" | "verification" | "failed";
-
-export class MigrationError extends Error {
-  override name = "MigrationError";
-  constructor(
-    readonly kind: FailureKind,
-    message: string,
-    readonly report?: MigrationReport,
-  ) {
-    super(message);
-  }
 }
 
 export interface ProgressEvent {
@@ -225,7 +218,17 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
       );
     }
   }
-  const clock: MigrationClock = src.clock === ClockDrive.CLOCK_DRIVE_REALTIME ? new RealtimeClock(src.realtimeSpeed || 1) : new SteppedClock(source, cfg.sourceVm);
+  const tracker = createTracker(cfg.mechanism, source, src);
+  const clock: MigrationClock =
+    src.clock === ClockDrive.CLOCK_DRIVE_REALTIME
+      ? new RealtimeClock(src.realtimeSpeed || 1)
+      : new SteppedClock(source, cfg.sourceVm, {
+          maxStepNs: tracker.maxStepNs,
+          onStep: async (r, stepNs) => {
+            const ringFull = r.vcpus.reduce((n, v) => n + v.exits.reduce((m, e) => m + (e.reason === ExitReason.EXIT_REASON_DIRTY_RING_FULL ? Number(e.count) : 0), 0), 0);
+            await tracker.onGuestStep?.({ ringFull, stepNs });
+          },
+        });
   const memoryBytes = Number(src.memoryBytes);
   const report: MigrationReport = {
     status: "failed",
@@ -257,7 +260,6 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
   delete (report.config as Partial<MigrationConfig>).destinationVm;
 
   await on("destination", destination, () => createDestination(destination, cfg.destinationVm, src));
-  const tracker = createTracker(cfg.mechanism, source, src);
   let trackerStarted = false;
   let paused = false;
   const bwBytesPerMs = link.bytesPerSecond / 1000;
@@ -276,9 +278,14 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
       ...r,
     });
 
-  const guestWrites = async () => {
+  /** The guest's totals: what it wrote and how long it sat out on full rings. */
+  const guestStats = async () => {
     const v = (await on("source", source, () => source.getVm({ vm: cfg.sourceVm }))).vm!;
-    return v.vcpus.reduce((n, c) => n + Number(c.writes), 0);
+    return {
+      writes: v.vcpus.reduce((n, c) => n + Number(c.writes), 0),
+      ringFullExits: v.vcpus.reduce((n, c) => n + Number(c.dirtyRingFullExits), 0),
+      ringStallNs: v.vcpus.reduce((n, c) => n + Number(c.dirtyRingStallNs), 0),
+    };
   };
 
   /**
@@ -370,13 +377,13 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
     const totalPages = src.memslots.reduce((n, s) => n + Number(s.numPages), 0);
     progress("round", { dirtyPages: totalPages, remainingBytes: totalPages * PAGE_SIZE });
     let roundStart = clock.now();
-    let writesAtStart = await guestWrites();
+    let atStart = await guestStats();
     let lastSyncAt = clock.now();
     let sent = await sendPages(null);
     report.precopyBytes += sent.bytes;
     const pushRound = async (round: number, dirtyPages: number, syncHostNs: number, rate: number, remaining: number, stopAndCopy = false) => {
       const now = clock.now();
-      const writes = await guestWrites();
+      const g = await guestStats();
       report.rounds.push({
         round,
         dirtyPages,
@@ -390,18 +397,20 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         remainingBytes: remaining,
         thresholdBytes,
         expectedDowntimeMs: remaining / bwBytesPerMs,
-        guestWritesPerSecond: now > roundStart ? ((writes - writesAtStart) * 1e9) / (now - roundStart) : 0,
+        guestWritesPerSecond: now > roundStart ? ((g.writes - atStart.writes) * 1e9) / (now - roundStart) : 0,
+        ringFullExits: g.ringFullExits - atStart.ringFullExits,
+        ringStallMs: (g.ringStallNs - atStart.ringStallNs) / 1e6,
         stopAndCopy,
       });
       roundStart = now;
-      writesAtStart = writes;
+      atStart = g;
     };
     await pushRound(0, totalPages, 0, 0, totalPages * PAGE_SIZE);
 
     let best = Infinity;
     let bestAt = clock.now();
     for (;;) {
-      const sync = await on("source", source, () => tracker.sync());
+      const sync = await on("source", source, () => tracker.sync(false));
       report.dirtySyncCount++;
       await on("source", source, () => clock.elapse(sync.hostNs));
       const now = clock.now();
@@ -420,7 +429,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         const pauseAt = clock.now();
         await on("source", source, () => source.pauseVm({ vm: cfg.sourceVm }));
         paused = true;
-        const last = await on("source", source, () => tracker.sync());
+        const last = await on("source", source, () => tracker.sync(true));
         report.dirtySyncCount++;
         await on("source", source, () => clock.elapse(last.hostNs));
         const before = report.transferredBytes;

@@ -25,10 +25,16 @@ const COLUMNS: [string, (r: RoundReport) => string][] = [
   ["remaining MiB", (r) => fmt(r.remainingBytes / MiB)],
   ["exp. downtime ms", (r) => fmt(r.expectedDowntimeMs)],
   ["guest writes/s", (r) => fmt(r.guestWritesPerSecond, 0)],
+  ["ring-full exits", (r) => fmt(r.ringFullExits, 0)],
+  ["ring stall ms", (r) => fmt(r.ringStallMs)],
 ];
+
+/** The ring columns only mean something for the ring mechanism. */
+const columnsFor = (r: MigrationReport) => (r.mechanism === "ring" ? COLUMNS : COLUMNS.filter(([h]) => !h.startsWith("ring")));
 
 export function textReport(r: MigrationReport): string {
   const lines: string[] = [];
+  const COLUMNS = columnsFor(r);
   const verdict =
     r.status === "completed"
       ? `completed, verified: sha256 ${r.verification!.sourceSha256.slice(0, 16)}… on both sides`
@@ -101,6 +107,8 @@ export function jsonReport(r: MigrationReport): object {
       threshold: x.thresholdBytes,
       "expected-downtime": x.expectedDowntimeMs,
       "guest-writes-rate": x.guestWritesPerSecond,
+      "ring-full-exits": x.ringFullExits,
+      "ring-stall-time": x.ringStallMs,
       "stop-and-copy": x.stopAndCopy,
     })),
     switchover: r.switchover,
@@ -147,6 +155,8 @@ export function jsonReport(r: MigrationReport): object {
       "rounds[].threshold": "bytes",
       "rounds[].expected-downtime": "ms",
       "rounds[].guest-writes-rate": "writes/s (guest time)",
+      "rounds[].ring-full-exits": "count (KVM_EXIT_DIRTY_RING_FULL)",
+      "rounds[].ring-stall-time": "ms (guest time vCPUs spent out on full rings)",
       "config.bandwidthBitsPerSecond": "bit/s",
       "config.latencyNs": "ns",
       "config.downtimeLimitMs": "ms",
@@ -186,6 +196,7 @@ function barChart(title: string, unit: string, values: number[], ref?: { value: 
 }
 
 export function htmlReport(r: MigrationReport): string {
+  const COLUMNS = columnsFor(r);
   const rows = r.rounds.map((x) => `<tr>${COLUMNS.map(([, f]) => `<td>${esc(f(x))}</td>`).join("")}</tr>`).join("\n");
   const status = r.status === "completed" ? `<p class="ok">Completed and verified: SHA-256 ${esc(r.verification!.sourceSha256)} on both sides.</p>` : `<p class="bad">Failed: ${esc(r.error ?? "")}</p>`;
   const threshold = r.rounds[0]?.thresholdBytes ?? 0;

@@ -1,17 +1,18 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { Capability, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 import { NORMAL_PAGE_BYTES } from "../link.js";
 import { migrate, MigrationError } from "../migrate.js";
 import { MECHANISMS, type Mechanism } from "../trackers/index.js";
 
 /** A running VM whose memory is all written once, then a workload. */
-async function createVm(h: RunningHypervisor, vm: string, opts: { bytes: number; vcpus: number; workload: object; populate?: boolean }) {
+async function createVm(h: RunningHypervisor, vm: string, opts: { bytes: number; vcpus: number; workload: object; populate?: boolean; ringEntries?: number }) {
   await h.client.createVm({
     vm,
     vcpus: opts.vcpus,
     seed: 11n,
+    dirtyRing: opts.ringEntries ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: BigInt(opts.ringEntries * 16), withBitmap: true } : undefined,
     memslots: [{ slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(opts.bytes) }],
     workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e8 },
   });
@@ -42,6 +43,7 @@ describe("migration controller", () => {
         bytes: 256 * MiB,
         vcpus: 2,
         workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD, writesPerSecond: 100_000, hotFraction: 0.02, hotWriteFraction: 0.95 },
+        ringEntries: mechanism === "ring" ? 65536 : undefined,
       });
       const r = await migrate({ sourceVm: vm, destinationVm: vm, mechanism, bandwidthBitsPerSecond: 1e9, downtimeLimitMs: 100 }, ends());
       assert.equal(r.status, "completed");
@@ -139,6 +141,33 @@ describe("migration controller", () => {
     const r = await migrate({ sourceVm: "capped", destinationVm: "capped", bandwidthBitsPerSecond: 1e8, maxRounds: 3, completionTimeoutPerGiBS: 1e4 }, ends());
     assert.deepEqual([r.switchover?.round, r.switchover?.forced, r.verification?.match], [3, true, true]);
     assert.ok(r.downtimeMs! > 300, "a forced switchover overshoots the downtime limit");
+  });
+
+  test("ring: full rings stall the vCPUs, which shows in the report as exits, stall time and a slower guest", async () => {
+    const workload = { pattern: WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD, writesPerSecond: 100_000, hotFraction: 0.05 };
+    await createVm(src, "small-ring", { bytes: 256 * MiB, vcpus: 2, workload, ringEntries: 4096 });
+    await createVm(src, "big-ring", { bytes: 256 * MiB, vcpus: 2, workload, ringEntries: 65536 });
+    const cfg = { mechanism: "ring" as const, bandwidthBitsPerSecond: 1e9, downtimeLimitMs: 1000 };
+    const small = await migrate({ ...cfg, sourceVm: "small-ring", destinationVm: "small-ring" }, ends());
+    const big = await migrate({ ...cfg, sourceVm: "big-ring", destinationVm: "big-ring" }, ends());
+    for (const r of [small, big]) assert.equal(r.verification?.match, true);
+    const r0 = (r: typeof small) => r.rounds[0];
+    assert.ok(r0(small).ringFullExits > 0 && r0(small).ringStallMs > 0, JSON.stringify(r0(small)));
+    assert.equal(r0(big).ringFullExits, 0);
+    assert.ok(r0(small).guestWritesPerSecond < r0(big).guestWritesPerSecond, `${r0(small).guestWritesPerSecond} vs ${r0(big).guestWritesPerSecond}`);
+    assert.ok(small.tracker.reaps_on_ring_full > 0);
+    const s = (await src.client.getVm({ vm: "small-ring" })).vm!;
+    assert.ok(s.vcpus.every((v) => v.dirtyRingEntries === 0), "the rings are drained at the end");
+  });
+
+  test("ring: a VM created without a ring is refused with the reason", async () => {
+    await createVm(src, "no-ring", { bytes: 4 * MiB, vcpus: 1, workload: {}, populate: false });
+    await assert.rejects(migrate({ sourceVm: "no-ring", destinationVm: "no-ring", mechanism: "ring" }, ends()), (e: MigrationError) => {
+      assert.equal(e.kind, "precondition");
+      assert.match(e.message, /has no dirty ring; KVM only enables rings before vCPUs exist/);
+      return true;
+    });
+    await assert.rejects(dst.client.getVm({ vm: "no-ring" }), /no VM named/, "the destination is removed");
   });
 
   test("preconditions: unknown VM, paused source, slot already logging, destination exists", async () => {

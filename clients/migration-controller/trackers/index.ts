@@ -2,12 +2,14 @@
 import type { VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import type { HypervisorClient } from "../../../services/hypervisor/client.js";
 import { BitmapTracker } from "./bitmap.js";
+import { RingTracker } from "./ring.js";
 import type { DirtyTracker } from "./tracker.js";
 
 export const MECHANISMS = {
   bitmap: "write protection + GET_DIRTY_LOG (snapshot and clear at every sync)",
   "bitmap-manual": "MANUAL_DIRTY_LOG_PROTECT2: GET copies, CLEAR re-protects each chunk just before it is sent",
   "bitmap-initially-set": "manual protect with INITIALLY_SET: no write-protection pass at enable; CLEAR arms it chunk by chunk",
+  ring: "per-vCPU dirty rings: reaped while pages are sent and at every sync; the backup bitmap at the end",
 } as const;
 
 export type Mechanism = keyof typeof MECHANISMS;
@@ -22,5 +24,7 @@ export function createTracker(mechanism: Mechanism, client: HypervisorClient, vm
     case "bitmap-manual":
     case "bitmap-initially-set":
       return new BitmapTracker(mechanism, client, vm);
+    case "ring":
+      return new RingTracker(client, vm);
   }
 }

@@ -20,8 +20,15 @@ export interface DirtyTracker {
   readonly name: string;
   /** Turns logging on for every slot; returns host ns. */
   start(): Promise<number>;
-  /** Collects what was dirtied since the last sync. */
-  sync(): Promise<SyncResult>;
+  /** Collects what was dirtied since the last sync; `final` is the stop-and-copy sync. */
+  sync(final: boolean): Promise<SyncResult>;
+  /**
+   * Guest time the stepped clock may advance in one call, for mechanisms that
+   * must react to the guest (a vCPU out on a full ring); undefined: no limit.
+   */
+  readonly maxStepNs?: number;
+  /** Called while pages travel, after each guest step (QEMU's reaper thread). */
+  onGuestStep?(step: { ringFull: number; stepNs: number }): Promise<void>;
   /**
    * Called before the pages selected in `bitmap` (relative to firstPage) are
    * read for sending, so that writes after the read are caught (manual

@@ -1,0 +1,15 @@
+/** How a migration fails: the kind decides the CLI's exit code. */
+import type { MigrationReport } from "./migrate.js";
+
+export type FailureKind = "usage" | "unreachable" | "not-found" | "precondition" | "not-converged" | "verification" | "failed";
+
+export class MigrationError extends Error {
+  override name = "MigrationError";
+  constructor(
+    readonly kind: FailureKind,
+    message: string,
+    readonly report?: MigrationReport,
+  ) {
+    super(message);
+  }
+}

@@ -1,0 +1,129 @@
+/**
+ * Dirty rings, as QEMU drives them (accel/kvm/kvm-all.c): a reaper collects
+ * every vCPU's ring while pages are sent (every second, and at once when a
+ * vCPU exits with DIRTY_RING_FULL, as QEMU's vCPU thread reaps on that exit),
+ * resets the rings, and folds the entries into a bitmap that the next sync
+ * hands over. Every sync reaps first; the final one also collects
+ * WITH_BITMAP's backup bitmap (writes made without a vCPU).
+ */
+import { MemslotFlag, type VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import type { HypervisorClient } from "../../../services/hypervisor/client.js";
+import { MigrationError } from "../errors.js";
+import type { DirtyTracker, SyncResult } from "./tracker.js";
+
+/** QEMU's reaper thread sleeps a second between rounds. */
+const REAP_INTERVAL_NS = 1e9;
+
+export class RingTracker implements DirtyTracker {
+  readonly name = "ring";
+  /**
+   * Short steps, so that a vCPU out on a full ring waits at most one step for
+   * the reaper (QEMU's vCPU thread reaps at once; the stepped drive can only
+   * react between AdvanceVm calls).
+   */
+  readonly maxStepNs = 5_000_000;
+  private enabled: number[] = [];
+  private pending = new Map<number, Uint8Array>();
+  private sinceReapNs = 0;
+  private harvested = 0;
+  private resets = 0;
+  private fullReaps = 0;
+  private hostNs = 0;
+
+  constructor(
+    private readonly client: HypervisorClient,
+    private readonly vm: VmInfo,
+  ) {}
+
+  async start(): Promise<number> {
+    if (this.vm.dirtyRingBytes === 0n) {
+      throw new MigrationError(
+        "precondition",
+        `VM '${this.vm.vm}' has no dirty ring; KVM only enables rings before vCPUs exist, so create it with one (dirty_ring)`,
+      );
+    }
+    let hostNs = 0;
+    for (const s of this.vm.memslots) {
+      const m = s.memslot!;
+      if (m.flags & MemslotFlag.MEMSLOT_FLAG_READONLY) continue;
+      const r = await this.client.setUserMemoryRegion({ vm: this.vm.vm, memslot: { ...m, flags: m.flags | MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES } });
+      this.enabled.push(m.slot);
+      this.pending.set(m.slot, new Uint8Array(Math.ceil(Number(s.numPages) / 64) * 8));
+      hostNs += Number(r.hostNs);
+    }
+    return hostNs;
+  }
+
+  /** Harvests every vCPU's ring, folds the entries into the pending bitmaps, resets. Returns host ns. */
+  private async reap(): Promise<number> {
+    let hostNs = 0;
+    let n = 0;
+    for (const v of this.vm.vcpus) {
+      for (;;) {
+        const r = await this.client.harvestDirtyRing({ vm: this.vm.vm, vcpu: v.index });
+        if (r.count === 0) break;
+        hostNs += Number(r.hostNs);
+        const dv = new DataView(r.entries.buffer, r.entries.byteOffset, r.entries.byteLength);
+        for (let i = 0; i < r.count; i++) {
+          const bm = this.pending.get(dv.getUint32(i * 16 + 4, true));
+          const off = Number(dv.getBigUint64(i * 16 + 8, true));
+          if (bm) bm[off >>> 3] |= 1 << (off & 7);
+        }
+        n += r.count;
+      }
+    }
+    this.harvested += n;
+    if (n > 0) {
+      const r = await this.client.resetDirtyRings({ vm: this.vm.vm });
+      this.resets++;
+      hostNs += Number(r.hostNs);
+    }
+    this.sinceReapNs = 0;
+    this.hostNs += hostNs;
+    return hostNs;
+  }
+
+  async onGuestStep(step: { ringFull: number; stepNs: number }): Promise<void> {
+    this.sinceReapNs += step.stepNs;
+    if (step.ringFull > 0) {
+      this.fullReaps++;
+      await this.reap();
+    } else if (this.sinceReapNs >= REAP_INTERVAL_NS) await this.reap();
+  }
+
+  async sync(final: boolean): Promise<SyncResult> {
+    let hostNs = await this.reap();
+    const bitmaps = this.pending;
+    this.pending = new Map([...bitmaps].map(([slot, b]) => [slot, new Uint8Array(b.length)]));
+    if (final && this.vm.dirtyRingWithBitmap) {
+      for (const slot of this.enabled) {
+        const r = await this.client.getDirtyLog({ vm: this.vm.vm, slot });
+        hostNs += Number(r.hostNs);
+        const bm = bitmaps.get(slot)!;
+        for (let i = 0; i < bm.length; i++) bm[i] |= r.bitmap[i];
+      }
+    }
+    let dirtyPages = 0;
+    for (const bm of bitmaps.values()) for (const b of bm) for (let x = b; x; x &= x - 1) dirtyPages++;
+    return { bitmaps, dirtyPages, hostNs };
+  }
+
+  async beforeSend(): Promise<number> {
+    return 0;
+  }
+
+  async stop(): Promise<void> {
+    // Drain the rings first so that no vCPU is left out on a full ring once nobody reaps.
+    await this.reap();
+    for (const s of this.vm.memslots) {
+      const m = s.memslot!;
+      if (!this.enabled.includes(m.slot)) continue;
+      await this.client.setUserMemoryRegion({ vm: this.vm.vm, memslot: { ...m, flags: m.flags & ~MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES } });
+    }
+    this.enabled = [];
+  }
+
+  stats(): Record<string, number> {
+    return { ring_entries_harvested: this.harvested, ring_resets: this.resets, reaps_on_ring_full: this.fullReaps, reaper_host_ms: this.hostNs / 1e6 };
+  }
+}
