@@ -2,7 +2,7 @@
  * npm run bench: wall-clock throughput of the simulator's hot paths, printed
  * as a table with the issue's targets. Not a test: figures vary by machine.
  *
- *   --only NAME[,NAME]   run only some sections (hypervisor, migration)
+ *   --only NAME[,NAME]   run only some sections (hypervisor, ring, migration)
  *   --gib N              guest size for the hypervisor section (default 64)
  */
 import { parseArgs } from "node:util";
@@ -20,7 +20,7 @@ const { values: args } = parseArgs({
   options: { only: { type: "string" }, gib: { type: "string", default: "64" }, help: { type: "boolean" } },
 });
 if (args.help) {
-  console.log("usage: npm run bench -- [--only hypervisor,migration] [--gib 64]");
+  console.log("usage: npm run bench -- [--only hypervisor,ring,migration] [--gib 64]");
   process.exit(0);
 }
 const only = args.only?.split(",");
@@ -190,8 +190,87 @@ async function migrationBench() {
   }
 }
 
+/**
+ * Dirty rings: push (the fault path included), harvest and reset per entry in
+ * process, and entries harvested per second over gRPC, for 65536-entry rings.
+ */
+async function ringBench() {
+  console.log("\ndirty ring: 65536 entries (1 MiB) per vCPU, one vCPU writing distinct pages");
+  const bytes = 4 * 2 ** 30;
+  const spec = (hv: Hypervisor) =>
+    hv.createVm({
+      name: "ring",
+      vcpus: 1,
+      memslots: [{ slot: 0, gpa: 2 ** 30, size: bytes, flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES }],
+      backing: "4K",
+      ipaBits: 40,
+      eagerSplitChunkSize: 0,
+      clock: "stepped",
+      realtimeSpeed: 1,
+      seed: 1n,
+      workload: workload("sequential", 1e9 / DEFAULT_COSTS.writeNs),
+      startPaused: false,
+      tlbEntries: 1024,
+      dirtyRing: { capability: 223, bytes: 65536n * 16n, withBitmap: false },
+    });
+  const hv = new Hypervisor({ memoryBudgetBytes: 2 ** 41, costs: { ...DEFAULT_COSTS }, allowFaultInjection: false });
+  const vm = spec(hv);
+  const fill = () => vm.advance(65536 * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs) * 2);
+  fill(); // warm up the JIT and map the pages once
+  vm.harvestRing(0, 0);
+  vm.resetRings();
+  const rounds = 5;
+  let push = 0;
+  let harvest = 0;
+  let reset = 0;
+  let entries = 0;
+  for (let i = 0; i < rounds; i++) {
+    let t = process.hrtime.bigint();
+    fill();
+    push += ms(t);
+    t = process.hrtime.bigint();
+    const h = vm.harvestRing(0, 0);
+    harvest += ms(t);
+    t = process.hrtime.bigint();
+    const r = vm.resetRings();
+    reset += ms(t);
+    if (r.cleared !== h.count) throw new Error(`reset ${r.cleared} != harvested ${h.count}`);
+    entries += h.count;
+  }
+  const per = (x: number) => `${fmt((x * 1e6) / entries)} ns`;
+  report(`push per entry (write + fault + push; ${fmt(entries / rounds, 0)} entries to the soft limit)`, per(push));
+  report("harvest per entry (in process)", per(harvest));
+  report("reset per entry (re-protect, coalesced)", per(reset));
+  report("push + harvest + reset per entry", per(push + harvest + reset));
+
+  const h = await startHypervisor({ memoryBudgetBytes: 2 ** 41 });
+  try {
+    await h.client.createVm({
+      vm: "ring",
+      vcpus: 1,
+      dirtyRing: { capability: 223, bytes: 65536n * 16n },
+      memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(bytes), flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES }],
+      workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e9 / DEFAULT_COSTS.writeNs },
+    });
+    let total = 0;
+    let wall = 0;
+    for (let i = 0; i < rounds; i++) {
+      await h.client.advanceVm({ vm: "ring", durationNs: BigInt(65536 * 2 * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs)) });
+      const t = process.hrtime.bigint();
+      const r = await h.client.harvestDirtyRing({ vm: "ring", vcpu: 0 });
+      wall += ms(t);
+      total += r.count;
+      await h.client.resetDirtyRings({ vm: "ring" });
+    }
+    report("entries harvested per second over gRPC (whole ring per call)", `${fmt(total / wall / 1e3, 2)} M/s`, `(${fmt(total / rounds, 0)} entries, 16 B each, per call)`);
+  } finally {
+    await h.close();
+  }
+}
+
 console.log(`npm run bench on node ${process.version}, ${process.arch}`);
 if (want("hypervisor")) await hypervisorBench(Number(args.gib));
+if (want("ring")) await ringBench();
 if (want("migration")) await migrationBench();
 console.log("\nsummary (JSON):");
 console.log(JSON.stringify(rows));
