@@ -40,7 +40,7 @@ export type PromiseClient<D> = {
       ? (req: DeepPartial<ReqOf<D[K]>>, opts?: CallOptions) => AsyncIterable<ResOf<D[K]>>
       : D[K] extends { requestStream: true; responseStream: false }
         ? (reqs: AsyncIterable<DeepPartial<ReqOf<D[K]>>> | Iterable<DeepPartial<ReqOf<D[K]>>>, opts?: CallOptions) => Promise<ResOf<D[K]>>
-        : never;
+        : (opts?: CallOptions) => grpc.ClientDuplexStream<DeepPartial<ReqOf<D[K]>>, ResOf<D[K]>>;
 } & { close(): void; readonly address: string; waitForReady(deadlineMs: number): Promise<void> };
 
 /** go-grpc-prometheus's client families. */
@@ -155,6 +155,13 @@ export function createClient<D extends Record<string, MethodDef>>(
             }
           })();
         });
+    } else {
+      out[key] = (o?: CallOptions) => {
+        const done = track();
+        const call = raw.makeBidiStreamRequest(m.path, serialize, deserialize, callOpts(o));
+        call.on("status", (st: grpc.StatusObject) => done(st.code));
+        return call;
+      };
     }
   }
   return out as PromiseClient<D>;

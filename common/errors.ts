@@ -26,7 +26,8 @@ export type Errno =
   | "EPERM"
   | "ENOSPC"
   | "EOPNOTSUPP"
-  | "ESRCH";
+  | "ESRCH"
+  | "ENODEV";
 
 export class DomainError extends Error {
   constructor(

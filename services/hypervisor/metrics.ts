@@ -9,6 +9,13 @@ import type { Hypervisor } from "./model/hypervisor.js";
 export class HypervisorMetrics {
   readonly syncHostSeconds: Histogram<"vm" | "interface">;
   readonly ringHarvested: Counter<"vm">;
+  readonly deviceLost: Counter<string>;
+  private device: () => { lagBatches: number; batchesSent: number; gpasSent: number; vmCount: number } | null = () => null;
+
+  /** Lets the device-link families read the registered link at scrape time. */
+  watchDevice(get: () => { lagBatches: number; batchesSent: number; gpasSent: number; vmCount: number } | null): void {
+    this.device = get;
+  }
 
   constructor(registry: Registry, hv: Hypervisor) {
     const registers = [registry];
@@ -130,6 +137,47 @@ export class HypervisorMetrics {
       collect() {
         this.reset();
         for (const vm of hv.vms.values()) this.inc({ vm: vm.name }, vm.writeTrack.droppedSubscribers);
+      },
+    });
+    new Counter({
+      name: "hypervisor_hardware_dirty_updates_total",
+      help: "Clean -> dirty descriptor updates done by hardware (DBM), without a fault.",
+      labelNames: ["vm"],
+      registers,
+      collect() {
+        this.reset();
+        for (const vm of hv.vms.values()) this.inc({ vm: vm.name }, vm.hwDirtyUpdates);
+      },
+    });
+    this.deviceLost = new Counter({
+      name: "hypervisor_page_tracking_device_lost_total",
+      help: "Times the page-tracking device failed and every tracked page was marked dirty.",
+      registers,
+    });
+    const self = this;
+    new Gauge({
+      name: "hypervisor_page_tracking_device_registered",
+      help: "1 while a page-tracking device is registered (ARM_PAGE_TRACKING_DEVICE available).",
+      registers,
+      collect() {
+        this.set(hv.deviceRegistered ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: "hypervisor_page_tracking_device_stream_lag_batches",
+      help: "Write batches sent to the device and not yet acknowledged.",
+      registers,
+      collect() {
+        this.set(self.device()?.lagBatches ?? 0);
+      },
+    });
+    new Counter({
+      name: "hypervisor_page_tracking_device_gpas_sent_total",
+      help: "GPAs of fault-free writes streamed to the page-tracking device.",
+      registers,
+      collect() {
+        this.reset();
+        this.inc(self.device()?.gpasSent ?? 0);
       },
     });
     this.syncHostSeconds = new Histogram({

@@ -8,10 +8,11 @@ import type { FastifyInstance } from "fastify";
 import { Registry, collectDefaultMetrics } from "prom-client";
 import { addStandardServices, bindServer, bindService, channelOptions, GrpcServerMetrics, shutdownServer, type ServiceHandlers } from "../../common/grpc.js";
 import { createOpsServer } from "../../common/http.js";
-import { invalidArgument, permissionDenied, failedPrecondition, notFound } from "../../common/errors.js";
+import { alreadyExists, invalidArgument, permissionDenied, failedPrecondition, notFound } from "../../common/errors.js";
 import type { Logger } from "../../common/log.js";
 import {
   BackingPageSize,
+  Capability,
   ClockDrive,
   ExitReason,
   FaultKind,
@@ -22,6 +23,7 @@ import {
   type VmInfo,
   type Workload,
 } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { DeviceLink } from "./device-link.js";
 import { HypervisorMetrics } from "./metrics.js";
 import { RealtimeDriver } from "./model/clock.js";
 import { toU64, outputAddressOf, AF, HI_DBM, S2AP_R, S2AP_W } from "./model/descriptor.js";
@@ -144,6 +146,9 @@ export function vmInfo(vm: Vm): VmInfo {
     dirtyRingWithBitmap: vm.ringWithBitmap,
     writeTrackedPages: vm.writeTrack.trackedPages,
     writeTrackSubscribers: vm.writeTrack.subscribers.size,
+    hardwareDirty: vm.hwDirty !== "off",
+    pageTrackingDevice: vm.hwDirty === "device",
+    hardwareDirtyUpdates: BigInt(vm.hwDirtyUpdates),
   };
 }
 
@@ -173,7 +178,50 @@ function vcpuList(vm: Vm, list: number[], what: string): number[] {
   return list;
 }
 
-export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics): ServiceHandlers<typeof HypervisorServiceService> {
+/** The registered page-tracking device, if any (page_tracking_device_registered()). */
+export class DeviceRegistry {
+  link: DeviceLink | null = null;
+  constructor(
+    private readonly hv: Hypervisor,
+    private readonly logger: Logger,
+    private readonly metrics: HypervisorMetrics,
+  ) {}
+
+  register(address: string): void {
+    if (!/^[^\s:]+:\d{1,5}$/.test(address)) throw invalidArgument(`register device: '${address}' is not host:port`);
+    if (this.link && !this.link.lost) {
+      if (this.link.address === address) return;
+      throw alreadyExists(`register device: a page-tracking device is already registered (${this.link.address})`, "EBUSY");
+    }
+    this.link = new DeviceLink(address, this.logger, {
+      lost: () => {
+        this.hv.deviceRegistered = false;
+        this.metrics.deviceLost.inc();
+      },
+    });
+    this.hv.deviceRegistered = true;
+  }
+
+  async unregister(address: string): Promise<void> {
+    if (!this.link || this.link.address !== address) throw notFound(`unregister device: no device registered at ${address}`);
+    const link = this.link;
+    this.link = null;
+    this.hv.deviceRegistered = false;
+    await link.close();
+  }
+
+  live(what: string): DeviceLink {
+    if (!this.link || this.link.lost) throw failedPrecondition(`${what}: no page-tracking device is registered${this.link?.lost ? ` (the last one was lost: ${this.link.lost})` : ""}`, "EINVAL");
+    return this.link;
+  }
+
+  /** The device's arch sync for vm, when it owns vm's dirty state. */
+  async sync(vm: Vm): Promise<{ pages: number; hostNs: number }> {
+    return this.link?.owns(vm) ? this.link.sync(vm) : { pages: 0, hostNs: 0 };
+  }
+}
+
+export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics, devices: DeviceRegistry): ServiceHandlers<typeof HypervisorServiceService> {
   const stepped = (vm: Vm, what: string) => {
     if (vm.config.clock !== "stepped") throw failedPrecondition(`${what}: VM ${vm.name}'s clock is driven in real time`);
   };
@@ -210,8 +258,10 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics): 
     },
     getVm: (req) => ({ vm: vmInfo(hv.vm(req.vm)) }),
     listVms: () => ({ vms: [...hv.vms.values()].map(vmInfo) }),
-    destroyVm(req) {
-      hv.vm(req.vm).writeTrack.closeAll(notFound(`VM ${req.vm} was destroyed`));
+    async destroyVm(req) {
+      const vm = hv.vm(req.vm);
+      await devices.link?.forget(vm);
+      vm.writeTrack.closeAll(notFound(`VM ${req.vm} was destroyed`));
       hv.destroyVm(req.vm);
       return {};
     },
@@ -247,14 +297,26 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics): 
       const vm = req.vm ? hv.vm(req.vm) : null;
       return { value: BigInt(hv.checkExtension(vm, req.capability)) };
     },
-    enableCap(req) {
+    async enableCap(req) {
       if (req.capability === 0) throw invalidArgument("ENABLE_CAP: capability is unspecified");
-      hv.enableCap(hv.vm(req.vm), req.capability, req.flags, req.args);
+      const vm = hv.vm(req.vm);
+      if (req.capability === Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE) {
+        const what = "ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE)";
+        const on = req.args[0] ?? 0n;
+        if (req.flags !== 0 || on > 1n) throw invalidArgument(`${what}: args[0] must be 1 (on) or 0 (off)`, "EINVAL");
+        if (on === 1n) await devices.live(what).attach(vm);
+        else await devices.link?.detach(vm);
+        return {};
+      }
+      hv.enableCap(vm, req.capability, req.flags, req.args);
       return {};
     },
-    getDirtyLog(req) {
+    async getDirtyLog(req) {
       const vm = hv.vm(req.vm);
+      const dev = await devices.sync(vm);
       const r = vm.getDirtyLog(req.slot);
+      r.hostNs += dev.hostNs;
+      r.pagesSynced += dev.pages;
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "get" }, r.hostNs / 1e9);
       return {
         bitmap: asBuffer(r.bitmap),
@@ -263,11 +325,14 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics): 
         pagesWriteProtected: BigInt(r.pagesWriteProtected),
         tlbFlushed: r.tlbFlushed,
         hostNs: BigInt(Math.round(r.hostNs)),
+        pagesSynced: BigInt(r.pagesSynced),
       };
     },
-    clearDirtyLog(req) {
+    async clearDirtyLog(req) {
       const vm = hv.vm(req.vm);
+      const dev = vm.manualProtect && vm.initiallySet ? { hostNs: 0 } : await devices.sync(vm);
       const r = vm.clearDirtyLog(req.slot, num(req.firstPage, "first_page"), req.numPages, req.bitmap);
+      r.hostNs += dev.hostNs;
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "clear" }, r.hostNs / 1e9);
       return { pagesCleared: BigInt(r.pagesCleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)) };
     },
@@ -286,6 +351,7 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics): 
       const d = num(req.durationNs, "duration_ns");
       if (d === 0 || d > MAX_ADVANCE_NS) throw invalidArgument(`advance: duration_ns ${d} must be in (0, ${MAX_ADVANCE_NS}] (one hour)`);
       vm.advance(d);
+      devices.link?.send();
       let writes = 0;
       let faults = 0;
       const vcpus = vm.vcpus.map((v) => {
@@ -314,6 +380,7 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics): 
           costNs: BigInt(Math.round(r.costNs)),
         };
       });
+      devices.link?.send();
       return { results };
     },
     translateGpa(req) {
@@ -444,6 +511,17 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics): 
       hv.vm(req.vm).writeTrack.unsubscribe(num(req.subscriptionId, "subscription_id"));
       return {};
     },
+    registerPageTrackingDevice(req) {
+      devices.register(req.address);
+      return {};
+    },
+    async unregisterPageTrackingDevice(req) {
+      await devices.unregister(req.address);
+      return {};
+    },
+    unmapGpaRange(req) {
+      return { dirtySaved: BigInt(hv.vm(req.vm).unmapGpaRange(num(req.gpa, "gpa"), num(req.size, "size"))) };
+    },
     setFaultInjection(req) {
       if (!hv.options.allowFaultInjection) {
         throw permissionDenied("fault injection is disabled on this hypervisor (start it with HYPERVISOR_ALLOW_FAULT_INJECTION=1)");
@@ -475,10 +553,12 @@ export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorSe
   collectDefaultMetrics({ register: registry });
   const rpcMetrics = new GrpcServerMetrics(registry);
   const metrics = new HypervisorMetrics(registry, deps.hypervisor);
+  const devices = new DeviceRegistry(deps.hypervisor, deps.logger, metrics);
+  metrics.watchDevice(() => devices.link);
   const server = new grpc.Server(channelOptions);
   server.addService(
     HypervisorServiceService,
-    bindService(HypervisorServiceService, hypervisorHandlers(deps.hypervisor, metrics), { metrics: rpcMetrics, logger: deps.logger }),
+    bindService(HypervisorServiceService, hypervisorHandlers(deps.hypervisor, metrics, devices), { metrics: rpcMetrics, logger: deps.logger }),
   );
   addStandardServices(server, [HYPERVISOR_PROTO], [HYPERVISOR_SERVICE]);
   const ops = createOpsServer({ registry, health: () => ({ ok: true, detail: { vms: deps.hypervisor.vms.size } }) });
@@ -496,6 +576,7 @@ export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorSe
     },
     async close() {
       driver.stop();
+      if (devices.link) await devices.unregister(devices.link.address).catch(() => undefined);
       await shutdownServer(server);
       await ops.close();
     },

@@ -48,6 +48,14 @@ export interface CostModel {
   ringResetEntryNs: number;
   /** Emulating one write to a write-tracked page and calling the notifiers (on top of the fault). */
   emulatedWriteNs: number;
+  /** The hardware's clean -> dirty descriptor update on a write (DBM), charged to the vCPU. */
+  dbmUpdateNs: number;
+  /** Scanning one stage-2 descriptor for hardware dirty state in kvm_arch_sync_dirty_log. */
+  dbmScanPteNs: number;
+  /** One read_dirty_pages call to the page-tracking device driver (up to 512 GPAs). */
+  deviceReadCallNs: number;
+  /** Marking one GPA the device returned dirty. */
+  deviceReadGpaNs: number;
 }
 
 export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
@@ -68,6 +76,10 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   ringHarvestEntryNs: 2.5, // [KVM-HERE] dirty ring: userspace harvest about 2.5 ns per entry
   ringResetEntryNs: 33, // [KVM-HERE] dirty ring: KVM_RESET_DIRTY_RINGS about 33 ns per entry
   emulatedWriteNs: 1000, // [ASSUMED] instruction emulation plus one notifier call
+  dbmUpdateNs: 32, // [LIT] derived from Shameer RFC v2: dirty memory time 0.41 s for 96 vCPUs x 512 MB with DBM (write included)
+  dbmScanPteNs: 2.4, // [LIT] seed 003 / Keqian RFC: scanning the PTEs of 64 GB takes about 40 ms
+  deviceReadCallNs: 1000, // [ASSUMED] one driver call into the device; no public figure for the Graviton PTA
+  deviceReadGpaNs: 5, // [ASSUMED] set_bit per returned GPA
 });
 
 export function loadCostModel(path?: string): CostModel {

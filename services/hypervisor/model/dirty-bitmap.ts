@@ -21,6 +21,10 @@ export interface DirtyLogVm {
   readonly ringEnabled: boolean;
   /** DIRTY_LOG_RING_WITH_BITMAP: the slots keep a backup bitmap beside the rings. */
   readonly ringWithBitmap: boolean;
+  /** Hardware dirty logging with DBM set while write-protecting (seed 003). */
+  readonly dbmOnProtect: boolean;
+  /** kvm_arch_sync_dirty_log: moves hardware dirty state into the slot's bitmap. */
+  archSync(slot: Memslot): { pages: number; hostNs: number };
   /** Flushes every vCPU's TLB after write protection; false when a test switch skipped it. */
   flushTlbsAfterWriteProtect(): boolean;
 }
@@ -28,6 +32,8 @@ export interface DirtyLogVm {
 export interface GetDirtyLogResult {
   bitmap: Int32Array;
   dirtyPages: number;
+  /** Pages the arch sync added. */
+  pagesSynced: number;
   pagesWriteProtected: number;
   tlbFlushed: boolean;
   hostNs: number;
@@ -61,6 +67,7 @@ class Protector {
   constructor(
     private readonly slot: Memslot,
     private readonly split: boolean,
+    private readonly setDbm: boolean,
   ) {}
 
   word(w: number, lo: number, hi: number): void {
@@ -78,7 +85,7 @@ class Protector {
 
   flush(): void {
     if (this.start < 0) return;
-    this.slot.s2.writeProtectRange(this.start, this.end);
+    this.slot.s2.writeProtectRange(this.start, this.end, this.setDbm);
     if (this.split) this.splitUnits += this.slot.s2.splitRange(this.start, this.end);
     this.start = this.end = -1;
   }
@@ -90,14 +97,16 @@ export function getDirtyLog(vm: DirtyLogVm, slot: Memslot): GetDirtyLogResult {
   const bm = slot.dirtyBitmap!;
   const words = bm.length / 2;
   const c = vm.costs;
+  const sync = vm.archSync(slot);
   const out = new Int32Array(bm.length);
   let dirty = 0;
   if (vm.manualProtect) {
     out.set(bm);
     for (let i = 0; i < bm.length; i++) if (bm[i] !== 0) dirty += popcount32(bm[i]);
-    return { bitmap: out, dirtyPages: dirty, pagesWriteProtected: 0, tlbFlushed: false, hostNs: c.ioctlNs + words * c.bitmapWordCopyNs };
+    const hostNs = sync.hostNs + c.ioctlNs + words * c.bitmapWordCopyNs;
+    return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, pagesWriteProtected: 0, tlbFlushed: false, hostNs };
   }
-  const protect = new Protector(slot, splitsInClear(vm));
+  const protect = new Protector(slot, splitsInClear(vm), vm.dbmOnProtect);
   for (let w = 0; w < words; w++) {
     const lo = bm[2 * w];
     const hi = bm[2 * w + 1];
@@ -113,12 +122,13 @@ export function getDirtyLog(vm: DirtyLogVm, slot: Memslot): GetDirtyLogResult {
   const splitUnits = protect.splitUnits;
   const tlbFlushed = dirty > 0 && vm.flushTlbsAfterWriteProtect();
   const hostNs =
+    sync.hostNs +
     c.ioctlNs +
     words * (c.bitmapWordScanNs + c.bitmapWordCopyNs) +
     dirty * c.getPageWriteProtectNs +
     splitUnits * c.splitBlockNs +
     (tlbFlushed ? c.tlbFlushNs : 0);
-  return { bitmap: out, dirtyPages: dirty, pagesWriteProtected: dirty, tlbFlushed, hostNs };
+  return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, pagesWriteProtected: dirty, tlbFlushed, hostNs };
 }
 
 /** Validates CLEAR's range as kvm_clear_dirty_log_protect does (first_page's alignment is checked before the slot lookup). */
@@ -145,10 +155,12 @@ export function checkClearRange(slot: Memslot, firstPage: number, numPages: numb
 export function clearDirtyLog(vm: DirtyLogVm, slot: Memslot, firstPage: number, numPages: number, user: Int32Array): ClearDirtyLogResult {
   const bm = slot.dirtyBitmap!;
   const c = vm.costs;
+  // Seed 003: "omit dirty log sync in log clear if initially all set".
+  const syncNs = vm.manualProtect && vm.initiallySet ? 0 : vm.archSync(slot).hostNs;
   const firstWord = firstPage / 64;
   const words = Math.ceil(numPages / 64);
   let cleared = 0;
-  const protect = new Protector(slot, splitsInClear(vm));
+  const protect = new Protector(slot, splitsInClear(vm), vm.dbmOnProtect);
   for (let k = 0; k < words; k++) {
     const w = firstWord + k;
     const lo = user[2 * k] & bm[2 * w];
@@ -163,7 +175,7 @@ export function clearDirtyLog(vm: DirtyLogVm, slot: Memslot, firstPage: number, 
   const splitUnits = protect.splitUnits;
   const tlbFlushed = cleared > 0 && vm.flushTlbsAfterWriteProtect();
   const hostNs =
-    c.ioctlNs + words * c.bitmapWordScanNs + cleared * c.clearPageWriteProtectNs + splitUnits * c.splitBlockNs + (tlbFlushed ? c.tlbFlushNs : 0);
+    syncNs + c.ioctlNs + words * c.bitmapWordScanNs + cleared * c.clearPageWriteProtectNs + splitUnits * c.splitBlockNs + (tlbFlushed ? c.tlbFlushNs : 0);
   return { pagesCleared: cleared, tlbFlushed, hostNs };
 }
 
@@ -188,7 +200,7 @@ export function enableLogging(vm: DirtyLogVm, slot: Memslot): number {
       return c.enableLoggingInitiallySetNs;
     }
   }
-  slot.s2.writeProtectAll();
+  slot.s2.writeProtectAll(vm.dbmOnProtect);
   const units = vm.eagerSplit ? slot.s2.splitRange(0, slot.npages) : 0;
   const flushed = vm.flushTlbsAfterWriteProtect();
   return slot.npages * c.enableLoggingPageNs + units * c.splitBlockNs + (flushed ? c.tlbFlushNs : 0);

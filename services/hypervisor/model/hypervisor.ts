@@ -18,6 +18,8 @@ export const CAP = {
   DIRTY_LOG_RING: 192,
   DIRTY_LOG_RING_ACQ_REL: 223,
   DIRTY_LOG_RING_WITH_BITMAP: 225,
+  ARM_PAGE_TRACKING_DEVICE: 239,
+  ARM_HW_DIRTY_LOG: 1001,
   ARM_EAGER_SPLIT_CHUNK_SIZE: 228,
   ARM_SUPPORTED_BLOCK_SIZES: 229,
 } as const;
@@ -63,6 +65,8 @@ const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 
 export class Hypervisor {
   readonly vms = new Map<string, Vm>();
+  /** A page-tracking device is registered (page_tracking_device_registered()). */
+  deviceRegistered = false;
   private nextVmid = 1;
   /** Host physical addresses are handed out linearly; they only label descriptors. */
   private nextHostAddress = 0x80000000;
@@ -212,7 +216,10 @@ export class Hypervisor {
       case CAP.DIRTY_LOG_RING_ACQ_REL:
         return MAX_ENTRIES * ENTRY_BYTES;
       case CAP.DIRTY_LOG_RING_WITH_BITMAP:
+      case CAP.ARM_HW_DIRTY_LOG:
         return 1;
+      case CAP.ARM_PAGE_TRACKING_DEVICE:
+        return this.deviceRegistered ? 1 : 0;
       case CAP.MANUAL_DIRTY_LOG_PROTECT2:
         return Number(MANUAL_PROTECT_ENABLE | INITIALLY_SET);
       case CAP.ARM_EAGER_SPLIT_CHUNK_SIZE:
@@ -265,6 +272,12 @@ export class Hypervisor {
         if (vm.slots.size > 0) throw failedPrecondition(`${what}: DIRTY_LOG_RING_WITH_BITMAP can only be enabled before any memslot exists`, "EINVAL");
         vm.ringWithBitmap = true;
         return;
+      case CAP.ARM_HW_DIRTY_LOG:
+        if (flags !== 0 || arg0 > 1n) throw invalidArgument(`${what}: args[0] must be 1 (on) or 0 (off)`, "EINVAL");
+        vm.setHardwareDirtyLogging(arg0 === 1n);
+        return;
+      case CAP.ARM_PAGE_TRACKING_DEVICE:
+        throw failedPrecondition(`${what}: the page-tracking device is enabled through the hypervisor service, which talks to the device`, "EINVAL");
       default:
         throw invalidArgument(`${what}: capability ${cap} is not supported`, "EINVAL");
     }

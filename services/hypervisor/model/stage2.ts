@@ -22,7 +22,7 @@
  * and updates both; the guest write path reads the 2 MiB bit array instead of
  * the descriptors, so a random write costs one cache miss.
  */
-import { PAGE_RO, PAGES_1G, PAGES_2M, PAGE_SIZE, S2AP_W, TABLE, VALID, TABLE_OR_PAGE, descHi, descLo } from "./descriptor.js";
+import { HI_DBM, PAGE_RO, PAGES_1G, PAGES_2M, PAGE_SIZE, S2AP_W, TABLE, VALID, TABLE_OR_PAGE, descHi, descLo } from "./descriptor.js";
 
 export enum Level {
   Unmapped = 0,
@@ -55,6 +55,12 @@ export class Stage2 {
   pages4k = 0;
   blocks2m = 0;
   blocks1g = 0;
+  /**
+   * Called before a hardware-dirtied page descriptor (DBM with S2AP_W set) is
+   * replaced or removed, so that its dirty state reaches the log (seed 003:
+   * "we save the dirty status to underlying bitmap if dirty status is covered").
+   */
+  onDirtyLost: ((p: number) => void) | null = null;
 
   constructor(
     readonly baseGfn: number,
@@ -145,6 +151,7 @@ export class Stage2 {
     if (this.pmd.lo[i2] === 0) this.pmd.lo[i2] = TABLE;
     const pa = this.pageAddress(p);
     if (!(this.pte.lo[p] & VALID)) this.pages4k++;
+    else this.saveIfHwDirty(p);
     this.pte.lo[p] = descLo(pa, attrs);
     this.pte.hi[p] = descHi(pa, hiBits);
     this.mirror(p, attrs);
@@ -180,12 +187,19 @@ export class Stage2 {
     }
   }
 
+  private saveIfHwDirty(p: number): void {
+    if (this.pte.hi[p] & HI_DBM && this.pte.lo[p] & S2AP_W) this.onDirtyLost?.(p);
+  }
+
   /** Zeroes every level-3 and level-2 entry under [p0, p1) (whole regions, from the callers). */
   private clearRange(p0: number, p1: number): void {
     this.unmirrorRange(p0, p1);
     const { lo, hi } = this.pte;
     for (let p = p0; p < p1; p++) {
-      if (lo[p] & VALID) this.pages4k--;
+      if (lo[p] & VALID) {
+        this.pages4k--;
+        this.saveIfHwDirty(p);
+      }
       lo[p] = 0;
       hi[p] = 0;
     }
@@ -254,10 +268,17 @@ export class Stage2 {
 
   /**
    * Removes write permission from every leaf overlapping [p0, p1)
-   * (stage2_wp_range). Blocks lose it whole.
+   * (stage2_wp_range). Blocks lose it whole. With setDbm (hardware dirty
+   * logging on), pages that were writable get DBM first, so that they become
+   * writable-clean: the next write sets S2AP_W in hardware, with no fault.
    */
-  writeProtectRange(p0: number, p1: number): void {
+  writeProtectRange(p0: number, p1: number, setDbm = false): void {
     const lo = this.pte.lo;
+    if (setDbm) {
+      const hi = this.pte.hi;
+      const w = this.writable;
+      for (let p = p0; p < p1; p++) if ((w[p >>> 5] >>> (p & 31)) & 1) hi[p] |= HI_DBM;
+    }
     this.unmirrorRange(p0, p1);
     if (!this.hasBlocks) {
       for (let p = p0; p < p1; p++) lo[p] &= NOT_W;
@@ -277,7 +298,83 @@ export class Stage2 {
   }
 
   /** Removes write permission from every descriptor of the slot. */
-  writeProtectAll(): void {
-    this.writeProtectRange(0, this.npages);
+  writeProtectAll(setDbm = false): void {
+    this.writeProtectRange(0, this.npages, setDbm);
+  }
+
+  /** The hardware's clean -> dirty update of page p's descriptor (DBM set): S2AP_W goes on. */
+  hwSetDirty(p: number): void {
+    this.pte.lo[p] |= S2AP_W;
+    this.writable[p >>> 5] |= 1 << (p & 31);
+  }
+
+  /**
+   * The dirty-state scan of kvm_arch_sync_dirty_log with hardware DBM: every
+   * page whose descriptor has S2AP_W set was written since it was last
+   * protected (by hardware, or by a fault that logged it already), so its bit
+   * goes into the log. It reads `writable`, the bit-sliced S2AP_W of every
+   * level-3 descriptor, 64 times less memory than the descriptors. The bitmap
+   * has the same word layout. Returns the bits newly set.
+   */
+  scanDirtyInto(bitmap: Int32Array): number {
+    const w = this.writable;
+    let added = 0;
+    for (let i = 0; i < w.length; i++) {
+      const d = w[i] & ~bitmap[i];
+      if (d === 0) continue;
+      bitmap[i] |= d;
+      let x = d;
+      x -= (x >>> 1) & 0x55555555;
+      x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
+      added += (((x + (x >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+    }
+    return added;
+  }
+
+  /** The same scan reading the descriptors' low words: the reference the benchmark compares with. */
+  scanDescriptorsInto(bitmap: Int32Array): number {
+    const lo = this.pte.lo;
+    let added = 0;
+    for (let p = 0; p < this.npages; p++) {
+      if (lo[p] & S2AP_W && !((bitmap[p >>> 5] >>> (p & 31)) & 1)) {
+        bitmap[p >>> 5] |= 1 << (p & 31);
+        added++;
+      }
+    }
+    return added;
+  }
+
+  /** Clears DBM from every page descriptor (hardware dirty logging turned off). */
+  clearDbmAll(): void {
+    const hi = this.pte.hi;
+    for (let p = 0; p < this.npages; p++) hi[p] &= ~HI_DBM;
+  }
+
+  /**
+   * Unmaps every leaf overlapping [p0, p1) (kvm_unmap_gfn_range); a block
+   * that overlaps goes whole. Hardware dirty state is saved first.
+   */
+  unmapRange(p0: number, p1: number): void {
+    for (let p = p0; p < p1; ) {
+      const level = this.leafLevel(p);
+      if (level === Level.Block1G || level === Level.Block2M) {
+        const size = level === Level.Block1G ? PAGES_1G : PAGES_2M;
+        const [pl, i] = this.leafRef(p, level);
+        pl.lo[i] = TABLE;
+        pl.hi[i] = 0;
+        if (level === Level.Block1G) this.blocks1g--;
+        else this.blocks2m--;
+        p = this.endOfBlock(p, size);
+      } else {
+        if (this.pte.lo[p] & VALID) {
+          this.saveIfHwDirty(p);
+          this.pages4k--;
+          this.pte.lo[p] = 0;
+          this.pte.hi[p] = 0;
+          this.writable[p >>> 5] &= ~(1 << (p & 31));
+        }
+        p++;
+      }
+    }
   }
 }

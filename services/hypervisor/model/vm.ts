@@ -5,7 +5,7 @@
  */
 import { failedPrecondition, invalidArgument, notFound } from "../../../common/errors.js";
 import type { CostModel } from "./cost-model.js";
-import { BLOCK_RW, PAGES_1G, PAGES_2M, PAGE_RO, PAGE_RW, S2AP_W } from "./descriptor.js";
+import { BLOCK_RW, HI_DBM, PAGES_1G, PAGES_2M, PAGE_RO, PAGE_RW, S2AP_W } from "./descriptor.js";
 import * as bitmapLog from "./dirty-bitmap.js";
 import { DirtyRing, ENTRY_BYTES } from "./dirty-ring.js";
 import { KVM_MEM_LOG_DIRTY_PAGES, Memslot } from "./memslot.js";
@@ -71,6 +71,20 @@ export class Vm {
   skipTlbFlushAfterWriteProtect = false;
   /** DIRTY_LOG_RING_WITH_BITMAP. */
   ringWithBitmap = false;
+  /**
+   * VTCR_EL2.HD, and where the dirty state it produces is collected: "dbm"
+   * scans descriptors at every sync (seed 003); "device" has the
+   * page-tracking device log the hardware updates (seed 000).
+   */
+  hwDirty: "off" | "dbm" | "device" = "off";
+  hwDirtyUpdates = 0;
+  /**
+   * Device mode: receives the GPA of every write that completed without a
+   * fault on a writable-clean page (what the hardware agent observes).
+   */
+  deviceSink: ((vcpu: number, gpa: number) => void) | null = null;
+  /** Set by writeMiss: the miss took a stage-2 fault (as opposed to a walk or a hardware update). */
+  private missFaulted = false;
   readonly writeTrack = new WriteTracker();
   /** The VM's write sequence: the value of SEQUENCE writes. */
   private writeSeq = 0;
@@ -131,6 +145,8 @@ export class Vm {
   }
 
   addSlot(slot: Memslot): number {
+    // Hardware dirty state about to be overwritten goes to the log first (seed 003).
+    slot.s2.onDirtyLost = (p) => slot.markDirty(p);
     this.slots.set(slot.id, slot);
     this.layoutChanged();
     return slot.flags & KVM_MEM_LOG_DIRTY_PAGES ? bitmapLog.enableLogging(this, slot) : 0;
@@ -279,10 +295,10 @@ export class Vm {
         if ((writable[p >>> 5] >>> (p & 31)) & 1) tlb[ti] = gfn;
         else {
           const cost = this.writeMiss(v, seg.slot, p, gfn, lo, hi, t);
-          if (cost > 0) {
+          t += cost;
+          if (this.missFaulted) {
             faults++;
             if (seg.slot.logging) overhead += cost;
-            t += cost;
           }
         }
       }
@@ -321,6 +337,7 @@ export class Vm {
    * (0 when the walk found a writable leaf).
    */
   private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number, lo: number, hi: number, t: number): number {
+    this.missFaulted = false;
     const level = slot.s2.leafLevel(p);
     if (level === Level.Block2M || level === Level.Block1G) {
       const [pl, i] = slot.s2.leafRef(p, level);
@@ -328,8 +345,20 @@ export class Vm {
         v.tlb.fill(gfn);
         return 0;
       }
+    } else if (level === Level.Page && this.hwDirty !== "off" && slot.s2.pte.hi[p] & HI_DBM) {
+      this.hwUpdate(v, slot, p, gfn);
+      return this.costs.dbmUpdateNs;
     }
+    this.missFaulted = true;
     return this.fault(v, slot, p, gfn, level, lo, hi, t).costNs;
+  }
+
+  /** Arm ARM D8.5.2: a write through a writable-clean descriptor with HD set makes it writable-dirty, no fault. */
+  private hwUpdate(v: Vcpu, slot: Memslot, p: number, gfn: number): void {
+    slot.s2.hwSetDirty(p);
+    v.tlb.fill(gfn);
+    this.hwDirtyUpdates++;
+    this.deviceSink?.(v.index, gfn * 4096);
   }
 
   /**
@@ -357,6 +386,8 @@ export class Vm {
         s2.mapPage(p, PAGE_RW);
       } else if (level === Level.Page) s2.setPageAttrs(p, PAGE_RW);
       else s2.mapPage(p, PAGE_RW);
+      // Seed 000: with the device, KVM sets DBM when faulting a page in; later writes are the device's to log.
+      if (this.hwDirty === "device") s2.pte.hi[p] |= HI_DBM;
     } else {
       const target = this.blockLevelFor(slot, p);
       if (target === Level.Page) {
@@ -426,14 +457,17 @@ export class Vm {
       const level = slot.s2.leafLevel(p);
       const [pl, i] = slot.s2.leafRef(p, level);
       if (level !== Level.Unmapped && pl.lo[i] & S2AP_W) v.tlb.fill(gfn);
-      else out = this.fault(v, slot, p, gfn, level, lo, hi, v.time);
+      else if (level === Level.Page && this.hwDirty !== "off" && pl.hi[i] & HI_DBM) {
+        this.hwUpdate(v, slot, p, gfn);
+        out.costNs = this.costs.dbmUpdateNs;
+      } else out = this.fault(v, slot, p, gfn, level, lo, hi, v.time);
     }
     slot.content[2 * p] = lo;
     slot.content[2 * p + 1] = hi;
     const faultNs = out.costNs;
     out.costNs += this.costs.writeNs;
     v.time += out.costNs;
-    v.count({ writes: 1, writeFaults: out.fault === "none" ? 0 : 1, overheadNs: slot.logging ? faultNs : 0 });
+    v.count({ writes: 1, writeFaults: out.fault === "none" ? 0 : 1, overheadNs: slot.logging && out.fault !== "none" ? faultNs : 0 });
     if (v.ringFull) v.count({ ringFullExits: 1 });
     return out;
   }
@@ -502,6 +536,111 @@ export class Vm {
     const user = new Int32Array(2 * words);
     new Uint8Array(user.buffer).set(bitmap.subarray(0, words * 8));
     return bitmapLog.clearDirtyLog(this, slot, firstPage, numPages, user);
+  }
+
+  // ---- hardware dirty state -------------------------------------------------------------------
+
+  get dbmOnProtect(): boolean {
+    return this.hwDirty === "dbm";
+  }
+
+  /**
+   * kvm_arch_sync_dirty_log. With hardware DBM: scan the slot's descriptors
+   * (seed 003: about 40 ms per 64 GB in the kernel). With the device, its
+   * GPAs were marked (markDirtyGpas) by the caller just before.
+   */
+  archSync(slot: Memslot): { pages: number; hostNs: number } {
+    if (this.hwDirty !== "dbm" || !slot.dirtyBitmap) return { pages: 0, hostNs: 0 };
+    const pages = slot.s2.scanDirtyInto(slot.dirtyBitmap);
+    slot.pagesDirtied += pages;
+    return { pages, hostNs: slot.npages * this.costs.dbmScanPteNs };
+  }
+
+  /** Seed 003's KVM_CAP_ARM_HW_DIRTY_LOG, on or off at any time. */
+  setHardwareDirtyLogging(on: boolean): void {
+    if (this.ringEnabled) throw failedPrecondition(`ENABLE_CAP(ARM_HW_DIRTY_LOG): VM ${this.name} logs to dirty rings; hardware dirty state syncs into bitmaps only`, "EINVAL");
+    if (this.hwDirty === "device") throw failedPrecondition(`ENABLE_CAP(ARM_HW_DIRTY_LOG): the page-tracking device owns VM ${this.name}'s dirty state`, "EBUSY");
+    if (on) this.hwDirty = "dbm";
+    else if (this.hwDirty === "dbm") this.stopHardwareDirty();
+  }
+
+  /**
+   * Turning hardware dirty logging off: what the descriptors hold goes to the
+   * logs first, then DBM is cleared and every page write-protected again, so
+   * that writes fault and are logged as before.
+   */
+  private stopHardwareDirty(): void {
+    for (const s of this.slots.values()) {
+      if (s.dirtyBitmap) s.pagesDirtied += s.s2.scanDirtyInto(s.dirtyBitmap);
+      s.s2.clearDbmAll();
+      if (s.logging) s.s2.writeProtectAll();
+    }
+    this.hwDirty = "off";
+    this.flushAllTlbs();
+  }
+
+  enableDeviceMode(sink: (vcpu: number, gpa: number) => void): void {
+    if (this.ringEnabled) throw failedPrecondition(`ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE): VM ${this.name} has a dirty ring, which the device does not support yet`, "EINVAL");
+    if (this.hwDirty === "dbm") throw failedPrecondition(`ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE): hardware dirty logging (DBM scan) is on for VM ${this.name}`, "EBUSY");
+    this.hwDirty = "device";
+    this.deviceSink = sink;
+  }
+
+  /** The device was disabled cleanly (its last pages read): back to plain write protection. */
+  disableDeviceMode(): void {
+    if (this.hwDirty !== "device") return;
+    this.deviceSink = null;
+    this.stopHardwareDirty();
+  }
+
+  /**
+   * The device failed: whatever it had not reported is unknown, so every page
+   * of every logging slot is dirty; DBM goes, and writes fault again.
+   */
+  deviceLost(): number {
+    let pages = 0;
+    for (const s of this.slots.values()) {
+      const bm = s.dirtyBitmap;
+      if (!bm) continue;
+      const full = s.npages >>> 5;
+      bm.fill(-1, 0, full);
+      if (s.npages & 31) bm[full] |= (2 ** (s.npages & 31) - 1) | 0;
+      pages += s.npages;
+    }
+    this.deviceSink = null;
+    if (this.hwDirty === "device") this.stopHardwareDirty();
+    return pages;
+  }
+
+  /** GPAs the device returned: each marked in its slot's bitmap; unknown GPAs are ignored, as KVM does. */
+  markDirtyGpas(gpas: Float64Array | number[]): number {
+    let slot: Memslot | undefined;
+    let added = 0;
+    for (const gpa of gpas) {
+      const gfn = Math.floor(gpa / 4096);
+      if (!slot || !slot.containsGfn(gfn)) slot = [...this.slots.values()].find((s) => s.containsGfn(gfn));
+      if (slot?.dirtyBitmap && slot.markDirty(gfn - slot.baseGfn)) added++;
+    }
+    return added;
+  }
+
+  /** kvm_unmap_gfn_range over [gpa, gpa + size): dirty state saved, mappings gone, TLBs invalidated. */
+  unmapGpaRange(gpa: number, size: number): number {
+    if (gpa % 4096 !== 0 || size % 4096 !== 0 || size === 0) throw invalidArgument(`unmap: range 0x${gpa.toString(16)} + ${size} must be whole, non-empty 4 KiB pages`);
+    let saved = 0;
+    for (const s of this.slots.values()) {
+      const p0 = Math.max(0, Math.floor((gpa - s.gpa) / 4096));
+      const p1 = Math.min(s.npages, Math.ceil((gpa + size - s.gpa) / 4096));
+      if (p0 >= p1) continue;
+      const save = s.s2.onDirtyLost;
+      s.s2.onDirtyLost = (p) => {
+        if (s.markDirty(p)) saved++;
+      };
+      s.s2.unmapRange(p0, p1);
+      s.s2.onDirtyLost = save;
+    }
+    this.flushAllTlbs();
+    return saved;
   }
 
   // ---- dirty rings ----------------------------------------------------------------------------

@@ -73,6 +73,13 @@ export enum Capability {
   CAPABILITY_DIRTY_LOG_RING_WITH_BITMAP = 225,
   CAPABILITY_ARM_EAGER_SPLIT_CHUNK_SIZE = 228,
   CAPABILITY_ARM_SUPPORTED_BLOCK_SIZES = 229,
+  /** CAPABILITY_ARM_PAGE_TRACKING_DEVICE - The page-tracking-device RFC's proposed number. */
+  CAPABILITY_ARM_PAGE_TRACKING_DEVICE = 239,
+  /**
+   * CAPABILITY_ARM_HW_DIRTY_LOG - Seed 003's KVM_CAP_ARM_HW_DIRTY_LOG (args[0]: 1 on, 0 off, at any time).
+   * The series' number is not recorded in our references; 1001 is this model's.
+   */
+  CAPABILITY_ARM_HW_DIRTY_LOG = 1001,
   UNRECOGNIZED = -1,
 }
 
@@ -99,6 +106,12 @@ export function capabilityFromJSON(object: any): Capability {
     case 229:
     case "CAPABILITY_ARM_SUPPORTED_BLOCK_SIZES":
       return Capability.CAPABILITY_ARM_SUPPORTED_BLOCK_SIZES;
+    case 239:
+    case "CAPABILITY_ARM_PAGE_TRACKING_DEVICE":
+      return Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE;
+    case 1001:
+    case "CAPABILITY_ARM_HW_DIRTY_LOG":
+      return Capability.CAPABILITY_ARM_HW_DIRTY_LOG;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -122,6 +135,10 @@ export function capabilityToJSON(object: Capability): string {
       return "CAPABILITY_ARM_EAGER_SPLIT_CHUNK_SIZE";
     case Capability.CAPABILITY_ARM_SUPPORTED_BLOCK_SIZES:
       return "CAPABILITY_ARM_SUPPORTED_BLOCK_SIZES";
+    case Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE:
+      return "CAPABILITY_ARM_PAGE_TRACKING_DEVICE";
+    case Capability.CAPABILITY_ARM_HW_DIRTY_LOG:
+      return "CAPABILITY_ARM_HW_DIRTY_LOG";
     case Capability.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -613,6 +630,12 @@ export interface VmInfo {
   dirtyRingWithBitmap: boolean;
   writeTrackedPages: number;
   writeTrackSubscribers: number;
+  /** VTCR_EL2.HD: hardware dirty-state updates on. */
+  hardwareDirty: boolean;
+  /** Dirty state comes from the page-tracking device. */
+  pageTrackingDevice: boolean;
+  /** Clean -> dirty descriptor updates done by hardware, without a fault. */
+  hardwareDirtyUpdates: bigint;
 }
 
 export interface GetVmRequest {
@@ -700,6 +723,8 @@ export interface GetDirtyLogResponse {
   dirtyPages: bigint;
   /** Pages write-protected again (0 with manual protect). */
   pagesWriteProtected: bigint;
+  /** Pages the arch sync added before the snapshot (descriptor scan or device read). */
+  pagesSynced: bigint;
   tlbFlushed: boolean;
   /** Host time the ioctl cost under the cost model. */
   hostNs: bigint;
@@ -957,6 +982,32 @@ export interface UnwatchWriteTrackingRequest {
 }
 
 export interface UnwatchWriteTrackingResponse {
+}
+
+export interface RegisterPageTrackingDeviceRequest {
+  /** host:port of the device's gRPC server. */
+  address: string;
+}
+
+export interface RegisterPageTrackingDeviceResponse {
+}
+
+export interface UnregisterPageTrackingDeviceRequest {
+  address: string;
+}
+
+export interface UnregisterPageTrackingDeviceResponse {
+}
+
+export interface UnmapGpaRangeRequest {
+  vm: string;
+  gpa: bigint;
+  size: bigint;
+}
+
+export interface UnmapGpaRangeResponse {
+  /** Pages whose hardware dirty state was saved to the dirty log before the unmap. */
+  dirtySaved: bigint;
 }
 
 function createBaseMemslot(): Memslot {
@@ -2314,6 +2365,9 @@ function createBaseVmInfo(): VmInfo {
     dirtyRingWithBitmap: false,
     writeTrackedPages: 0,
     writeTrackSubscribers: 0,
+    hardwareDirty: false,
+    pageTrackingDevice: false,
+    hardwareDirtyUpdates: 0n,
   };
 }
 
@@ -2399,6 +2453,18 @@ export const VmInfo: MessageFns<VmInfo> = {
     }
     if (message.writeTrackSubscribers !== 0) {
       writer.uint32(160).uint32(message.writeTrackSubscribers);
+    }
+    if (message.hardwareDirty !== false) {
+      writer.uint32(168).bool(message.hardwareDirty);
+    }
+    if (message.pageTrackingDevice !== false) {
+      writer.uint32(176).bool(message.pageTrackingDevice);
+    }
+    if (message.hardwareDirtyUpdates !== 0n) {
+      if (BigInt.asUintN(64, message.hardwareDirtyUpdates) !== message.hardwareDirtyUpdates) {
+        throw new globalThis.Error("value provided for field message.hardwareDirtyUpdates of type uint64 too large");
+      }
+      writer.uint32(184).uint64(message.hardwareDirtyUpdates);
     }
     return writer;
   },
@@ -2576,6 +2642,30 @@ export const VmInfo: MessageFns<VmInfo> = {
             message.writeTrackSubscribers = reader.uint32();
             continue;
           }
+          case 21: {
+            if (tag !== 168) {
+              break;
+            }
+
+            message.hardwareDirty = reader.bool();
+            continue;
+          }
+          case 22: {
+            if (tag !== 176) {
+              break;
+            }
+
+            message.pageTrackingDevice = reader.bool();
+            continue;
+          }
+          case 23: {
+            if (tag !== 184) {
+              break;
+            }
+
+            message.hardwareDirtyUpdates = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2666,6 +2756,21 @@ export const VmInfo: MessageFns<VmInfo> = {
         : isSet(object.write_track_subscribers)
         ? globalThis.Number(object.write_track_subscribers)
         : 0,
+      hardwareDirty: isSet(object.hardwareDirty)
+        ? globalThis.Boolean(object.hardwareDirty)
+        : isSet(object.hardware_dirty)
+        ? globalThis.Boolean(object.hardware_dirty)
+        : false,
+      pageTrackingDevice: isSet(object.pageTrackingDevice)
+        ? globalThis.Boolean(object.pageTrackingDevice)
+        : isSet(object.page_tracking_device)
+        ? globalThis.Boolean(object.page_tracking_device)
+        : false,
+      hardwareDirtyUpdates: isSet(object.hardwareDirtyUpdates)
+        ? BigInt(object.hardwareDirtyUpdates)
+        : isSet(object.hardware_dirty_updates)
+        ? BigInt(object.hardware_dirty_updates)
+        : 0n,
     };
   },
 
@@ -2731,6 +2836,15 @@ export const VmInfo: MessageFns<VmInfo> = {
     if (message.writeTrackSubscribers !== 0) {
       obj.writeTrackSubscribers = Math.round(message.writeTrackSubscribers);
     }
+    if (message.hardwareDirty !== false) {
+      obj.hardwareDirty = message.hardwareDirty;
+    }
+    if (message.pageTrackingDevice !== false) {
+      obj.pageTrackingDevice = message.pageTrackingDevice;
+    }
+    if (message.hardwareDirtyUpdates !== 0n) {
+      obj.hardwareDirtyUpdates = message.hardwareDirtyUpdates.toString();
+    }
     return obj;
   },
 
@@ -2770,6 +2884,11 @@ export const VmInfo: MessageFns<VmInfo> = {
     message.dirtyRingWithBitmap = object.dirtyRingWithBitmap ?? false;
     message.writeTrackedPages = object.writeTrackedPages ?? 0;
     message.writeTrackSubscribers = object.writeTrackSubscribers ?? 0;
+    message.hardwareDirty = object.hardwareDirty ?? false;
+    message.pageTrackingDevice = object.pageTrackingDevice ?? false;
+    message.hardwareDirtyUpdates = (object.hardwareDirtyUpdates !== undefined && object.hardwareDirtyUpdates !== null)
+      ? BigInt(object.hardwareDirtyUpdates)
+      : 0n;
     return message;
   },
 };
@@ -4085,6 +4204,7 @@ function createBaseGetDirtyLogResponse(): GetDirtyLogResponse {
     numPages: 0n,
     dirtyPages: 0n,
     pagesWriteProtected: 0n,
+    pagesSynced: 0n,
     tlbFlushed: false,
     hostNs: 0n,
   };
@@ -4112,6 +4232,12 @@ export const GetDirtyLogResponse: MessageFns<GetDirtyLogResponse> = {
         throw new globalThis.Error("value provided for field message.pagesWriteProtected of type uint64 too large");
       }
       writer.uint32(32).uint64(message.pagesWriteProtected);
+    }
+    if (message.pagesSynced !== 0n) {
+      if (BigInt.asUintN(64, message.pagesSynced) !== message.pagesSynced) {
+        throw new globalThis.Error("value provided for field message.pagesSynced of type uint64 too large");
+      }
+      writer.uint32(56).uint64(message.pagesSynced);
     }
     if (message.tlbFlushed !== false) {
       writer.uint32(40).bool(message.tlbFlushed);
@@ -4170,6 +4296,14 @@ export const GetDirtyLogResponse: MessageFns<GetDirtyLogResponse> = {
             message.pagesWriteProtected = reader.uint64() as bigint;
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.pagesSynced = reader.uint64() as bigint;
+            continue;
+          }
           case 5: {
             if (tag !== 40) {
               break;
@@ -4216,6 +4350,11 @@ export const GetDirtyLogResponse: MessageFns<GetDirtyLogResponse> = {
         : isSet(object.pages_write_protected)
         ? BigInt(object.pages_write_protected)
         : 0n,
+      pagesSynced: isSet(object.pagesSynced)
+        ? BigInt(object.pagesSynced)
+        : isSet(object.pages_synced)
+        ? BigInt(object.pages_synced)
+        : 0n,
       tlbFlushed: isSet(object.tlbFlushed)
         ? globalThis.Boolean(object.tlbFlushed)
         : isSet(object.tlb_flushed)
@@ -4239,6 +4378,9 @@ export const GetDirtyLogResponse: MessageFns<GetDirtyLogResponse> = {
     if (message.pagesWriteProtected !== 0n) {
       obj.pagesWriteProtected = message.pagesWriteProtected.toString();
     }
+    if (message.pagesSynced !== 0n) {
+      obj.pagesSynced = message.pagesSynced.toString();
+    }
     if (message.tlbFlushed !== false) {
       obj.tlbFlushed = message.tlbFlushed;
     }
@@ -4260,6 +4402,9 @@ export const GetDirtyLogResponse: MessageFns<GetDirtyLogResponse> = {
       : 0n;
     message.pagesWriteProtected = (object.pagesWriteProtected !== undefined && object.pagesWriteProtected !== null)
       ? BigInt(object.pagesWriteProtected)
+      : 0n;
+    message.pagesSynced = (object.pagesSynced !== undefined && object.pagesSynced !== null)
+      ? BigInt(object.pagesSynced)
       : 0n;
     message.tlbFlushed = object.tlbFlushed ?? false;
     message.hostNs = (object.hostNs !== undefined && object.hostNs !== null) ? BigInt(object.hostNs) : 0n;
@@ -8361,6 +8506,429 @@ export const UnwatchWriteTrackingResponse: MessageFns<UnwatchWriteTrackingRespon
   },
 };
 
+function createBaseRegisterPageTrackingDeviceRequest(): RegisterPageTrackingDeviceRequest {
+  return { address: "" };
+}
+
+export const RegisterPageTrackingDeviceRequest: MessageFns<RegisterPageTrackingDeviceRequest> = {
+  encode(message: RegisterPageTrackingDeviceRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.address !== "") {
+      writer.uint32(10).string(message.address);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RegisterPageTrackingDeviceRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRegisterPageTrackingDeviceRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.address = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RegisterPageTrackingDeviceRequest {
+    return { address: isSet(object.address) ? globalThis.String(object.address) : "" };
+  },
+
+  toJSON(message: RegisterPageTrackingDeviceRequest): unknown {
+    const obj: any = {};
+    if (message.address !== "") {
+      obj.address = message.address;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RegisterPageTrackingDeviceRequest>): RegisterPageTrackingDeviceRequest {
+    return RegisterPageTrackingDeviceRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RegisterPageTrackingDeviceRequest>): RegisterPageTrackingDeviceRequest {
+    const message = createBaseRegisterPageTrackingDeviceRequest();
+    message.address = object.address ?? "";
+    return message;
+  },
+};
+
+function createBaseRegisterPageTrackingDeviceResponse(): RegisterPageTrackingDeviceResponse {
+  return {};
+}
+
+export const RegisterPageTrackingDeviceResponse: MessageFns<RegisterPageTrackingDeviceResponse> = {
+  encode(_: RegisterPageTrackingDeviceResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RegisterPageTrackingDeviceResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRegisterPageTrackingDeviceResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): RegisterPageTrackingDeviceResponse {
+    return {};
+  },
+
+  toJSON(_: RegisterPageTrackingDeviceResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<RegisterPageTrackingDeviceResponse>): RegisterPageTrackingDeviceResponse {
+    return RegisterPageTrackingDeviceResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<RegisterPageTrackingDeviceResponse>): RegisterPageTrackingDeviceResponse {
+    const message = createBaseRegisterPageTrackingDeviceResponse();
+    return message;
+  },
+};
+
+function createBaseUnregisterPageTrackingDeviceRequest(): UnregisterPageTrackingDeviceRequest {
+  return { address: "" };
+}
+
+export const UnregisterPageTrackingDeviceRequest: MessageFns<UnregisterPageTrackingDeviceRequest> = {
+  encode(message: UnregisterPageTrackingDeviceRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.address !== "") {
+      writer.uint32(10).string(message.address);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnregisterPageTrackingDeviceRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnregisterPageTrackingDeviceRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.address = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnregisterPageTrackingDeviceRequest {
+    return { address: isSet(object.address) ? globalThis.String(object.address) : "" };
+  },
+
+  toJSON(message: UnregisterPageTrackingDeviceRequest): unknown {
+    const obj: any = {};
+    if (message.address !== "") {
+      obj.address = message.address;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UnregisterPageTrackingDeviceRequest>): UnregisterPageTrackingDeviceRequest {
+    return UnregisterPageTrackingDeviceRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UnregisterPageTrackingDeviceRequest>): UnregisterPageTrackingDeviceRequest {
+    const message = createBaseUnregisterPageTrackingDeviceRequest();
+    message.address = object.address ?? "";
+    return message;
+  },
+};
+
+function createBaseUnregisterPageTrackingDeviceResponse(): UnregisterPageTrackingDeviceResponse {
+  return {};
+}
+
+export const UnregisterPageTrackingDeviceResponse: MessageFns<UnregisterPageTrackingDeviceResponse> = {
+  encode(_: UnregisterPageTrackingDeviceResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnregisterPageTrackingDeviceResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnregisterPageTrackingDeviceResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): UnregisterPageTrackingDeviceResponse {
+    return {};
+  },
+
+  toJSON(_: UnregisterPageTrackingDeviceResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<UnregisterPageTrackingDeviceResponse>): UnregisterPageTrackingDeviceResponse {
+    return UnregisterPageTrackingDeviceResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<UnregisterPageTrackingDeviceResponse>): UnregisterPageTrackingDeviceResponse {
+    const message = createBaseUnregisterPageTrackingDeviceResponse();
+    return message;
+  },
+};
+
+function createBaseUnmapGpaRangeRequest(): UnmapGpaRangeRequest {
+  return { vm: "", gpa: 0n, size: 0n };
+}
+
+export const UnmapGpaRangeRequest: MessageFns<UnmapGpaRangeRequest> = {
+  encode(message: UnmapGpaRangeRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.gpa !== 0n) {
+      if (BigInt.asUintN(64, message.gpa) !== message.gpa) {
+        throw new globalThis.Error("value provided for field message.gpa of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.gpa);
+    }
+    if (message.size !== 0n) {
+      if (BigInt.asUintN(64, message.size) !== message.size) {
+        throw new globalThis.Error("value provided for field message.size of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.size);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnmapGpaRangeRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnmapGpaRangeRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.gpa = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.size = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnmapGpaRangeRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      gpa: isSet(object.gpa) ? BigInt(object.gpa) : 0n,
+      size: isSet(object.size) ? BigInt(object.size) : 0n,
+    };
+  },
+
+  toJSON(message: UnmapGpaRangeRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.gpa !== 0n) {
+      obj.gpa = message.gpa.toString();
+    }
+    if (message.size !== 0n) {
+      obj.size = message.size.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UnmapGpaRangeRequest>): UnmapGpaRangeRequest {
+    return UnmapGpaRangeRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UnmapGpaRangeRequest>): UnmapGpaRangeRequest {
+    const message = createBaseUnmapGpaRangeRequest();
+    message.vm = object.vm ?? "";
+    message.gpa = (object.gpa !== undefined && object.gpa !== null) ? BigInt(object.gpa) : 0n;
+    message.size = (object.size !== undefined && object.size !== null) ? BigInt(object.size) : 0n;
+    return message;
+  },
+};
+
+function createBaseUnmapGpaRangeResponse(): UnmapGpaRangeResponse {
+  return { dirtySaved: 0n };
+}
+
+export const UnmapGpaRangeResponse: MessageFns<UnmapGpaRangeResponse> = {
+  encode(message: UnmapGpaRangeResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.dirtySaved !== 0n) {
+      if (BigInt.asUintN(64, message.dirtySaved) !== message.dirtySaved) {
+        throw new globalThis.Error("value provided for field message.dirtySaved of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.dirtySaved);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnmapGpaRangeResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnmapGpaRangeResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.dirtySaved = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnmapGpaRangeResponse {
+    return {
+      dirtySaved: isSet(object.dirtySaved)
+        ? BigInt(object.dirtySaved)
+        : isSet(object.dirty_saved)
+        ? BigInt(object.dirty_saved)
+        : 0n,
+    };
+  },
+
+  toJSON(message: UnmapGpaRangeResponse): unknown {
+    const obj: any = {};
+    if (message.dirtySaved !== 0n) {
+      obj.dirtySaved = message.dirtySaved.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UnmapGpaRangeResponse>): UnmapGpaRangeResponse {
+    return UnmapGpaRangeResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UnmapGpaRangeResponse>): UnmapGpaRangeResponse {
+    const message = createBaseUnmapGpaRangeResponse();
+    message.dirtySaved = (object.dirtySaved !== undefined && object.dirtySaved !== null)
+      ? BigInt(object.dirtySaved)
+      : 0n;
+    return message;
+  },
+};
+
 export type HypervisorServiceService = typeof HypervisorServiceService;
 export const HypervisorServiceService = {
   /** KVM_CREATE_VM + KVM_CREATE_VCPU + KVM_SET_USER_MEMORY_REGION for each slot. */
@@ -8655,6 +9223,51 @@ export const HypervisorServiceService = {
       Buffer.from(UnwatchWriteTrackingResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): UnwatchWriteTrackingResponse => UnwatchWriteTrackingResponse.decode(value),
   },
+  /**
+   * page_tracking_device_register / _unregister: a device service announces
+   * its gRPC address; CAPABILITY_ARM_PAGE_TRACKING_DEVICE follows registration.
+   */
+  registerPageTrackingDevice: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/RegisterPageTrackingDevice" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RegisterPageTrackingDeviceRequest): Buffer =>
+      Buffer.from(RegisterPageTrackingDeviceRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RegisterPageTrackingDeviceRequest =>
+      RegisterPageTrackingDeviceRequest.decode(value),
+    responseSerialize: (value: RegisterPageTrackingDeviceResponse): Buffer =>
+      Buffer.from(RegisterPageTrackingDeviceResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): RegisterPageTrackingDeviceResponse =>
+      RegisterPageTrackingDeviceResponse.decode(value),
+  },
+  unregisterPageTrackingDevice: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/UnregisterPageTrackingDevice" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UnregisterPageTrackingDeviceRequest): Buffer =>
+      Buffer.from(UnregisterPageTrackingDeviceRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UnregisterPageTrackingDeviceRequest =>
+      UnregisterPageTrackingDeviceRequest.decode(value),
+    responseSerialize: (value: UnregisterPageTrackingDeviceResponse): Buffer =>
+      Buffer.from(UnregisterPageTrackingDeviceResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UnregisterPageTrackingDeviceResponse =>
+      UnregisterPageTrackingDeviceResponse.decode(value),
+  },
+  /**
+   * An MMU-notifier invalidation (the host reclaims or migrates backing
+   * pages): stage-2 mappings of the range are removed, hardware dirty state
+   * saved to the dirty log first.
+   */
+  unmapGpaRange: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/UnmapGpaRange" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UnmapGpaRangeRequest): Buffer => Buffer.from(UnmapGpaRangeRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UnmapGpaRangeRequest => UnmapGpaRangeRequest.decode(value),
+    responseSerialize: (value: UnmapGpaRangeResponse): Buffer =>
+      Buffer.from(UnmapGpaRangeResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UnmapGpaRangeResponse => UnmapGpaRangeResponse.decode(value),
+  },
 } as const;
 
 export interface HypervisorServiceServer extends UntypedServiceImplementation {
@@ -8720,6 +9333,21 @@ export interface HypervisorServiceServer extends UntypedServiceImplementation {
   watchWriteTracking: handleServerStreamingCall<WatchWriteTrackingRequest, WatchWriteTrackingResponse>;
   /** Unregisters a notifier; its stream ends with OK. */
   unwatchWriteTracking: handleUnaryCall<UnwatchWriteTrackingRequest, UnwatchWriteTrackingResponse>;
+  /**
+   * page_tracking_device_register / _unregister: a device service announces
+   * its gRPC address; CAPABILITY_ARM_PAGE_TRACKING_DEVICE follows registration.
+   */
+  registerPageTrackingDevice: handleUnaryCall<RegisterPageTrackingDeviceRequest, RegisterPageTrackingDeviceResponse>;
+  unregisterPageTrackingDevice: handleUnaryCall<
+    UnregisterPageTrackingDeviceRequest,
+    UnregisterPageTrackingDeviceResponse
+  >;
+  /**
+   * An MMU-notifier invalidation (the host reclaims or migrates backing
+   * pages): stage-2 mappings of the range are removed, hardware dirty state
+   * saved to the dirty log first.
+   */
+  unmapGpaRange: handleUnaryCall<UnmapGpaRangeRequest, UnmapGpaRangeResponse>;
 }
 
 export interface HypervisorServiceClient extends Client {
@@ -9134,6 +9762,60 @@ export interface HypervisorServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: UnwatchWriteTrackingResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * page_tracking_device_register / _unregister: a device service announces
+   * its gRPC address; CAPABILITY_ARM_PAGE_TRACKING_DEVICE follows registration.
+   */
+  registerPageTrackingDevice(
+    request: RegisterPageTrackingDeviceRequest,
+    callback: (error: ServiceError | null, response: RegisterPageTrackingDeviceResponse) => void,
+  ): ClientUnaryCall;
+  registerPageTrackingDevice(
+    request: RegisterPageTrackingDeviceRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: RegisterPageTrackingDeviceResponse) => void,
+  ): ClientUnaryCall;
+  registerPageTrackingDevice(
+    request: RegisterPageTrackingDeviceRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: RegisterPageTrackingDeviceResponse) => void,
+  ): ClientUnaryCall;
+  unregisterPageTrackingDevice(
+    request: UnregisterPageTrackingDeviceRequest,
+    callback: (error: ServiceError | null, response: UnregisterPageTrackingDeviceResponse) => void,
+  ): ClientUnaryCall;
+  unregisterPageTrackingDevice(
+    request: UnregisterPageTrackingDeviceRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UnregisterPageTrackingDeviceResponse) => void,
+  ): ClientUnaryCall;
+  unregisterPageTrackingDevice(
+    request: UnregisterPageTrackingDeviceRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UnregisterPageTrackingDeviceResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * An MMU-notifier invalidation (the host reclaims or migrates backing
+   * pages): stage-2 mappings of the range are removed, hardware dirty state
+   * saved to the dirty log first.
+   */
+  unmapGpaRange(
+    request: UnmapGpaRangeRequest,
+    callback: (error: ServiceError | null, response: UnmapGpaRangeResponse) => void,
+  ): ClientUnaryCall;
+  unmapGpaRange(
+    request: UnmapGpaRangeRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UnmapGpaRangeResponse) => void,
+  ): ClientUnaryCall;
+  unmapGpaRange(
+    request: UnmapGpaRangeRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UnmapGpaRangeResponse) => void,
   ): ClientUnaryCall;
 }
 

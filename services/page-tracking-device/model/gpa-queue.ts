@@ -1,0 +1,31 @@
+/** A FIFO of GPAs in a growable Float64Array (no object per GPA). */
+export class GpaQueue {
+  private buf = new Float64Array(1024);
+  private head = 0;
+  private tail = 0;
+
+  get length(): number {
+    return this.tail - this.head;
+  }
+
+  push(gpa: number): void {
+    if (this.tail === this.buf.length) {
+      const live = this.length;
+      const next = new Float64Array(Math.max(1024, live * 2));
+      next.set(this.buf.subarray(this.head, this.tail));
+      this.buf = next;
+      this.head = 0;
+      this.tail = live;
+    }
+    this.buf[this.tail++] = gpa;
+  }
+
+  /** Moves up to n GPAs into out at offset; returns how many. */
+  take(out: Float64Array, offset: number, n: number): number {
+    const k = Math.min(n, this.length);
+    out.set(this.buf.subarray(this.head, this.head + k), offset);
+    this.head += k;
+    if (this.head === this.tail) this.head = this.tail = 0;
+    return k;
+  }
+}
