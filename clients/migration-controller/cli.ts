@@ -211,7 +211,10 @@ async function runDemo(v: Values, io: Io): Promise<number> {
 
   const say = (s: string) => v.quiet || io.err.write(`${s}\n`);
   const services: SpawnedService[] = [];
-  const stopAll = () => Promise.all(services.map((s) => s.stop()));
+  // The device goes first: it unregisters from the hypervisor that is still there.
+  const stopAll = async () => {
+    for (const s of services.reverse()) await s.stop();
+  };
   const onSignal = () => void stopAll().then(() => process.exit(130));
   process.once("SIGINT", onSignal);
   process.once("SIGTERM", onSignal);
@@ -223,6 +226,17 @@ async function runDemo(v: Values, io: Io): Promise<number> {
     const source = connectHypervisor(src.address);
     const destination = connectHypervisor(dst.address);
     try {
+      if (cfg.mechanism === "device") {
+        say("starting a page-tracking device beside the source hypervisor");
+        services.push(
+          await spawnService("services/page-tracking-device/main.ts", {
+            PTDEVICE_GRPC_PORT: "0",
+            PTDEVICE_HTTP_PORT: "0",
+            PTDEVICE_ANNOUNCE: "1",
+            PTDEVICE_HYPERVISOR: src.address,
+          }),
+        );
+      }
       say(`source ${src.address}, destination ${dst.address}; creating VM 'demo' (${memory / 2 ** 30} GiB, ${vcpus} vCPUs)`);
       await source.createVm({
         vm: "demo",

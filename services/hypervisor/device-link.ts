@@ -49,6 +49,8 @@ export class DeviceLink {
   private seqAcked = 0n;
   private waiters: { seq: bigint; resolve: () => void }[] = [];
   lost: string | null = null;
+  /** Unregistering: the stream's end is expected, not a failure. */
+  private closing = false;
   batchesSent = 0;
   gpasSent = 0;
 
@@ -196,7 +198,7 @@ export class DeviceLink {
 
   /** The device is gone: every tracked page dirty, write protection back, capability dropped. Returns pages marked. */
   fail(reason: string): number {
-    if (this.lost) return 0;
+    if (this.lost || (this.closing && this.attached.size === 0)) return 0;
     this.lost = reason;
     let pages = 0;
     for (const a of this.attached.values()) pages += a.vm.deviceLost();
@@ -213,6 +215,7 @@ export class DeviceLink {
 
   /** Unregistration: detaches every VM cleanly, then closes. */
   async close(): Promise<void> {
+    this.closing = true;
     for (const a of [...this.attached.values()]) await this.detach(a.vm);
     this.stream?.end();
     this.stream = null;

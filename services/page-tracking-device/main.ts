@@ -52,7 +52,9 @@ try {
     if (stopping) return;
     stopping = true;
     logger.info({ signal }, "shutting down");
-    await hv?.unregisterPageTrackingDevice({ address: advertise }, { deadlineMs: 5000 }).catch((err: Error) => logger.warn({ err }, "unregister failed"));
+    await hv
+      ?.unregisterPageTrackingDevice({ address: advertise }, { deadlineMs: 5000 })
+      .catch((err: Error) => logger.warn({ hypervisor: hvAddress, reason: err.message }, "could not unregister (is the hypervisor gone?)"));
     hv?.close();
     await app.close();
     process.exit(0);

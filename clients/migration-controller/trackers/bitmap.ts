@@ -4,12 +4,23 @@
  * of pages is CLEARed (re-protected) just before it is read for sending, as
  * QEMU's clear-bitmap does; INITIALLY_SET additionally skips protecting the
  * whole slot at enable time (round 0 sends every page anyway).
+ *
+ * The same interface carries the two arm64 hardware mechanisms, which only
+ * change where KVM's arch sync finds dirty state: `dbm` turns on seed 003's
+ * hardware dirty logging (a descriptor scan at every GET), `device` turns on
+ * seed 000's page-tracking device (its GPAs read at every GET). Either is
+ * turned on before logging and off after it.
  */
 import { Capability, MemslotFlag, type VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import type { HypervisorClient } from "../../../services/hypervisor/client.js";
 import type { DirtyTracker, SyncResult } from "./tracker.js";
 
-export type BitmapMode = "bitmap" | "bitmap-manual" | "bitmap-initially-set";
+export type BitmapMode = "bitmap" | "bitmap-manual" | "bitmap-initially-set" | "dbm" | "device";
+
+const HARDWARE_CAP: Partial<Record<BitmapMode, Capability>> = {
+  dbm: Capability.CAPABILITY_ARM_HW_DIRTY_LOG,
+  device: Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE,
+};
 
 const MANUAL_PROTECT_ENABLE = 1n;
 const INITIALLY_SET = 2n;
@@ -18,6 +29,7 @@ export class BitmapTracker implements DirtyTracker {
   private enabled: number[] = [];
   private previousManual = 0n;
   private gets = 0;
+  private synced = 0;
   private clears = 0;
 
   constructor(
@@ -26,14 +38,21 @@ export class BitmapTracker implements DirtyTracker {
     private readonly vm: VmInfo,
   ) {}
 
+  private hardwareOn = false;
+
   private get manual(): boolean {
-    return this.name !== "bitmap";
+    return this.name === "bitmap-manual" || this.name === "bitmap-initially-set";
   }
 
   async start(): Promise<number> {
-    const want = this.name === "bitmap" ? 0n : this.name === "bitmap-manual" ? MANUAL_PROTECT_ENABLE : MANUAL_PROTECT_ENABLE | INITIALLY_SET;
+    const want = this.name === "bitmap-manual" ? MANUAL_PROTECT_ENABLE : this.name === "bitmap-initially-set" ? MANUAL_PROTECT_ENABLE | INITIALLY_SET : 0n;
     this.previousManual = this.vm.manualDirtyLogProtect;
     await this.client.enableCap({ vm: this.vm.vm, capability: Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2, args: [want] });
+    const hw = HARDWARE_CAP[this.name];
+    if (hw) {
+      await this.client.enableCap({ vm: this.vm.vm, capability: hw, args: [1n] });
+      this.hardwareOn = true;
+    }
     let hostNs = 0;
     for (const s of this.vm.memslots) {
       const m = s.memslot!;
@@ -54,6 +73,7 @@ export class BitmapTracker implements DirtyTracker {
       bitmaps.set(slot, r.bitmap);
       dirtyPages += Number(r.dirtyPages);
       hostNs += Number(r.hostNs);
+      this.synced += Number(r.pagesSynced);
     }
     this.gets += this.enabled.length;
     return { bitmaps, dirtyPages, hostNs };
@@ -73,10 +93,17 @@ export class BitmapTracker implements DirtyTracker {
       await this.client.setUserMemoryRegion({ vm: this.vm.vm, memslot: { ...m, flags: m.flags & ~MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES } });
     }
     this.enabled = [];
+    const hw = HARDWARE_CAP[this.name];
+    if (hw && this.hardwareOn) {
+      await this.client.enableCap({ vm: this.vm.vm, capability: hw, args: [0n] });
+      this.hardwareOn = false;
+    }
     await this.client.enableCap({ vm: this.vm.vm, capability: Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2, args: [this.previousManual] });
   }
 
   stats(): Record<string, number> {
-    return { get_dirty_log_calls: this.gets, clear_dirty_log_calls: this.clears };
+    const out: Record<string, number> = { get_dirty_log_calls: this.gets, clear_dirty_log_calls: this.clears };
+    if (HARDWARE_CAP[this.name]) out[this.name === "dbm" ? "pages_found_by_descriptor_scan" : "pages_read_from_device"] = this.synced;
+    return out;
   }
 }

@@ -10,6 +10,8 @@ export const MECHANISMS = {
   "bitmap-manual": "MANUAL_DIRTY_LOG_PROTECT2: GET copies, CLEAR re-protects each chunk just before it is sent",
   "bitmap-initially-set": "manual protect with INITIALLY_SET: no write-protection pass at enable; CLEAR arms it chunk by chunk",
   ring: "per-vCPU dirty rings: reaped while pages are sent and at every sync; the backup bitmap at the end",
+  dbm: "arm64 hardware DBM (seed 003): writes to write-protected pages do not fault; GET scans descriptors",
+  device: "arm64 page-tracking device (seed 000): first writes fault, later ones are logged by the device; GET reads it",
 } as const;
 
 export type Mechanism = keyof typeof MECHANISMS;
@@ -23,6 +25,8 @@ export function createTracker(mechanism: Mechanism, client: HypervisorClient, vm
     case "bitmap":
     case "bitmap-manual":
     case "bitmap-initially-set":
+    case "dbm":
+    case "device":
       return new BitmapTracker(mechanism, client, vm);
     case "ring":
       return new RingTracker(client, vm);
