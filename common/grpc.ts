@@ -114,11 +114,48 @@ function contextOf(call: { cancelled: boolean; once(ev: "cancelled", fn: () => v
   return { signal: ac.signal, peer: call.getPeer() };
 }
 
-async function* counted<T>(stream: AsyncIterable<T>, onMessage: () => void): AsyncIterable<T> {
-  for await (const m of stream) {
-    onMessage();
-    yield m;
-  }
+/**
+ * The messages of a server-side request stream, from its 'data'/'end'/'error'
+ * events. (A grpc-js duplex's own async iterator never ends when the client
+ * half-closes while the server is still writing.)
+ */
+function messages<T>(stream: NodeJS.EventEmitter & { pause(): void; resume(): void }, onMessage: () => void): AsyncIterable<T> {
+  const queue: T[] = [];
+  let ended = false;
+  let failure: unknown = null;
+  let wake: (() => void) | null = null;
+  const notify = () => {
+    const w = wake;
+    wake = null;
+    w?.();
+  };
+  stream.on("data", (m: T) => {
+    queue.push(m);
+    if (queue.length >= 64) stream.pause();
+    notify();
+  });
+  stream.on("end", () => {
+    ended = true;
+    notify();
+  });
+  stream.on("error", (e: unknown) => {
+    failure = e;
+    notify();
+  });
+  return {
+    async *[Symbol.asyncIterator]() {
+      for (;;) {
+        if (queue.length) {
+          const m = queue.shift()!;
+          if (queue.length < 16) stream.resume();
+          onMessage();
+          yield m;
+        } else if (failure) throw failure;
+        else if (ended) return;
+        else await new Promise<void>((r) => (wake = r));
+      }
+    },
+  };
 }
 
 /**
@@ -185,7 +222,7 @@ export function bindService<D extends Record<string, MethodDef>>(
         const t0 = process.hrtime.bigint();
         metrics?.started.inc(labels);
         try {
-          const reqs = counted(call as AsyncIterable<unknown>, () => metrics?.msgReceived.inc(labels));
+          const reqs = messages(call, () => metrics?.msgReceived.inc(labels));
           const res = await fn(reqs, contextOf(call));
           finish(t0, grpc.status.OK);
           metrics?.msgSent.inc(labels);
@@ -200,7 +237,7 @@ export function bindService<D extends Record<string, MethodDef>>(
         metrics?.started.inc(labels);
         const ctx = contextOf(call);
         try {
-          const reqs = counted(call as AsyncIterable<unknown>, () => metrics?.msgReceived.inc(labels));
+          const reqs = messages(call, () => metrics?.msgReceived.inc(labels));
           for await (const msg of fn(reqs, ctx) as AsyncIterable<unknown>) {
             metrics?.msgSent.inc(labels);
             if (!call.write(msg)) await Promise.race([once(call, "drain"), once(ctx.signal, "abort")]);

@@ -42,3 +42,25 @@ export const bit = (bm: Uint8Array, i: number) => (bm[i >>> 3] >> (i & 7)) & 1;
 
 export const GiB = 2 ** 30;
 export const MiB = 2 ** 20;
+
+/** Starts a page-tracking device server on 127.0.0.1 port 0 (in this process). */
+export async function startDevice(opts: { logCapacity?: number } = {}) {
+  const { PageTrackingDevice } = await import("../services/page-tracking-device/model/device.js");
+  const { createDeviceServer } = await import("../services/page-tracking-device/server.js");
+  const { connectDevice } = await import("../services/page-tracking-device/client.js");
+  const device = new PageTrackingDevice({ logCapacity: opts.logCapacity ?? 1 << 20 });
+  const app = createDeviceServer({ device, logger: createLogger("ptdevice", "silent") });
+  const { grpcPort, httpPort } = await app.listen({ host: "127.0.0.1", grpcPort: 0, httpPort: 0 });
+  const address = `127.0.0.1:${grpcPort}`;
+  const client = connectDevice(address);
+  return {
+    device,
+    client,
+    address,
+    httpPort,
+    async close() {
+      client.close();
+      await app.close();
+    },
+  };
+}

@@ -62,6 +62,8 @@ export async function runSelftest(
     initiallySet?: boolean;
     /** Create the VM with a dirty ring of this many bytes (ACQ_REL, as arm64 offers). */
     ringBytes?: number;
+    /** Runs after the VM exists and before its slot starts logging (e.g. to turn on DBM or the device). */
+    beforeLogging?: (c: HypervisorClient, vm: string) => Promise<void>;
     iterations?: number;
     skipTlbFlush?: boolean;
     /** Guest time per half iteration. */
@@ -83,6 +85,7 @@ export async function runSelftest(
     await c.enableCap({ vm: opts.vm, capability: Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2, args: [BigInt(flags)] });
   }
   if (opts.skipTlbFlush) await c.setFaultInjection({ vm: opts.vm, skipTlbFlushAfterWriteProtect: true });
+  await opts.beforeLogging?.(c, opts.vm);
   await c.setUserMemoryRegion({
     vm: opts.vm,
     memslot: { slot, guestPhysAddr: BigInt(GiB), memorySize: BigInt(pages * 4096), flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES },

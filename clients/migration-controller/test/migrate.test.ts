@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { Capability, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
-import { GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
+import { GiB, MiB, startDevice, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 import { NORMAL_PAGE_BYTES } from "../link.js";
 import { migrate, MigrationError } from "../migrate.js";
 import { MECHANISMS, type Mechanism } from "../trackers/index.js";
@@ -26,13 +26,17 @@ async function createVm(h: RunningHypervisor, vm: string, opts: { bytes: number;
 describe("migration controller", () => {
   let src: RunningHypervisor;
   let dst: RunningHypervisor;
+  let device: Awaited<ReturnType<typeof startDevice>>;
   before(async () => {
     src = await startHypervisor();
     dst = await startHypervisor();
+    device = await startDevice();
+    await src.client.registerPageTrackingDevice({ address: device.address });
   });
   after(async () => {
     await src.close();
     await dst.close();
+    await device.close();
   });
   const ends = () => ({ source: src.client, destination: dst.client });
 
