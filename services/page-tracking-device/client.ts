@@ -8,20 +8,27 @@ export function connectDevice(address: string, opts: { metrics?: GrpcClientMetri
   return createClient(messages.PageTrackingDeviceServiceService, messages, address, opts);
 }
 
-/** Little-endian u64 GPAs <-> numbers, 8 bytes each. */
+/**
+ * GPAs as little-endian u64, 8 bytes each, and back. GPAs are below 2^52, so
+ * a number holds each exactly; the 32-bit halves avoid a BigInt per GPA.
+ * (Typed-array views are little-endian on every platform Node runs on here.)
+ */
 export function gpasToBytes(gpas: ArrayLike<number>): Buffer {
-  const out = Buffer.allocUnsafe(gpas.length * 8);
+  const words = new Uint32Array(gpas.length * 2);
   for (let i = 0; i < gpas.length; i++) {
-    out.writeUInt32LE(gpas[i] % 4294967296, i * 8);
-    out.writeUInt32LE(Math.floor(gpas[i] / 4294967296), i * 8 + 4);
+    const g = gpas[i];
+    const lo = g >>> 0;
+    words[2 * i] = lo;
+    words[2 * i + 1] = (g - lo) / 4294967296;
   }
-  return out;
+  return Buffer.from(words.buffer, 0, words.byteLength);
 }
 
 export function bytesToGpas(b: Uint8Array): Float64Array {
   const n = b.byteLength >>> 3;
+  const aligned = b.byteOffset % 4 === 0 ? b : new Uint8Array(b);
+  const words = new Uint32Array(aligned.buffer, aligned.byteOffset, n * 2);
   const out = new Float64Array(n);
-  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
-  for (let i = 0; i < n; i++) out[i] = dv.getUint32(i * 8, true) + dv.getUint32(i * 8 + 4, true) * 4294967296;
+  for (let i = 0; i < n; i++) out[i] = words[2 * i] + words[2 * i + 1] * 4294967296;
   return out;
 }

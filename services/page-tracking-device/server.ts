@@ -7,7 +7,7 @@ import { addStandardServices, bindServer, bindService, channelOptions, GrpcServe
 import { createOpsServer } from "../../common/http.js";
 import type { Logger } from "../../common/log.js";
 import { PageTrackingDeviceServiceService, TrackingMode } from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
-import { bytesToGpas } from "./client.js";
+import { bytesToGpas, gpasToBytes } from "./client.js";
 import type { PageTrackingDevice } from "./model/device.js";
 
 export const DEVICE_PROTO = "dirtytrack/ptdevice/v1/ptdevice.proto";
@@ -97,12 +97,7 @@ export function deviceHandlers(device: PageTrackingDevice, metrics: DeviceMetric
     readDirty(req) {
       const t0 = process.hrtime.bigint();
       const r = device.tracker(id(req.tracker, "tracker")).read(req.cpu, req.max);
-      const gpas = Buffer.allocUnsafe(r.gpas.length * 8);
-      // GPAs are below 2^52, so each is exactly a u64; BigUint64Array would allocate a BigInt per GPA.
-      for (let i = 0; i < r.gpas.length; i++) {
-        gpas.writeUInt32LE(r.gpas[i] % 4294967296, i * 8);
-        gpas.writeUInt32LE(Math.floor(r.gpas[i] / 4294967296), i * 8 + 4);
-      }
+      const gpas = gpasToBytes(r.gpas);
       metrics.readSize.observe(r.gpas.length);
       metrics.readSeconds.observe(Number(process.hrtime.bigint() - t0) / 1e9);
       return { gpas, count: r.gpas.length, overflowed: r.overflowed, remaining: BigInt(r.remaining) };

@@ -9,6 +9,7 @@
  * treats the whole VM as dirty and nothing is lost.
  */
 import { alreadyExists, failedPrecondition, invalidArgument, notFound } from "../../../common/errors.js";
+import { GfnSet } from "./gfn-set.js";
 import { GpaQueue } from "./gpa-queue.js";
 
 /** Not-yet-logged GPAs a CPU's buffer holds before it drains into the log. */
@@ -30,8 +31,8 @@ export class Tracker {
   readonly cpuRefs = new Map<number, number>();
   private readonly buffers = new Map<number, GpaQueue>();
   private readonly logs = new Map<number, GpaQueue>();
-  /** GPAs in some CPU's log, for "once until dirtied again". */
-  private readonly inLog = new Set<number>();
+  /** Pages in some CPU's log, for "once until dirtied again". */
+  private readonly inLog = new GfnSet();
   private overflowPending = false;
   observed = 0;
   ignored = 0;
@@ -108,13 +109,14 @@ export class Tracker {
     const n = buf.take(tmp, 0, tmp.length);
     for (let i = 0; i < n; i++) {
       const gpa = tmp[i];
-      if (this.inLog.has(gpa)) continue;
+      const gfn = Math.floor(gpa / 4096);
+      if (this.inLog.has(gfn)) continue;
       if (this.inLog.size >= this.capacity) {
         if (!this.overflowPending) this.overflows++;
         this.overflowPending = true;
         continue;
       }
-      this.inLog.add(gpa);
+      this.inLog.add(gfn);
       log.push(gpa);
       this.logged++;
     }
@@ -140,7 +142,7 @@ export class Tracker {
       if (k === out.length) break;
       k += l.take(out, k, out.length - k);
     }
-    for (let i = 0; i < k; i++) this.inLog.delete(out[i]);
+    for (let i = 0; i < k; i++) this.inLog.delete(Math.floor(out[i] / 4096));
     const overflowed = this.overflowPending;
     this.overflowPending = false;
     return { gpas: out, overflowed, remaining: total - k };
