@@ -11,7 +11,9 @@ import { spawnService, type SpawnedService } from "../../common/spawn.js";
 import { Capability, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor, type HypervisorClient } from "../../services/hypervisor/client.js";
 import { DEFAULT_CONFIG, migrate, MigrationError, type FailureKind, type MigrationConfig, type MigrationReport } from "./migrate.js";
+import { createLogger } from "../../common/log.js";
 import { progressPrinter } from "./progress.js";
+import { MigrationService } from "./service.js";
 import { htmlReport, jsonReport, textReport } from "./report.js";
 import { isMechanism, MECHANISMS } from "./trackers/index.js";
 import { parseBandwidth } from "./units.js";
@@ -31,6 +33,16 @@ const HELP = `usage:
   migration-controller demo [options]                       run the embedded default: two hypervisors on
                                                             127.0.0.1, a demo VM, a verified migration, a report
   migration-controller migrate --vm NAME [options]          migrate a VM between running hypervisors
+  migration-controller serve [options]                      keep a demo VM migrating back and forth between two
+                                                            hypervisors (real-time clock), metrics on /metrics
+
+serve options:
+  --hypervisor-a ADDR, --hypervisor-b ADDR   the two hypervisors (env MIGRATION_HYPERVISOR_A / _B)
+  --http-port N              ops port for /metrics and /healthz (env MIGRATION_HTTP_PORT; default 9480)
+  --host ADDR                ops bind address (env MIGRATION_HOST; default 127.0.0.1)
+  --realtime-speed F         guest seconds per wall second (default 1)
+  --pause-ms N               wall time between migrations (default 2000)
+  (--vm, --memory, --vcpus, --write-rate, --hot-fraction as for demo; defaults demo, 1GiB, 2, 20000, 0.05)
 
 migrate options:
   --source ADDR              source hypervisor (env MIGRATION_SOURCE; default 127.0.0.1:50051)
@@ -89,6 +101,12 @@ const OPTIONS = {
   "hot-write-fraction": { type: "string" },
   seed: { type: "string" },
   "ring-entries": { type: "string" },
+  "hypervisor-a": { type: "string" },
+  "hypervisor-b": { type: "string" },
+  "http-port": { type: "string" },
+  host: { type: "string" },
+  "realtime-speed": { type: "string" },
+  "pause-ms": { type: "string" },
   mechanism: { type: "string" },
   bandwidth: { type: "string" },
   latency: { type: "string" },
@@ -265,6 +283,45 @@ async function runDemo(v: Values, io: Io): Promise<number> {
   }
 }
 
+async function runServe(v: Values, io: Io): Promise<number> {
+  const cfg = policy(v);
+  const a = v["hypervisor-a"] ?? io.env.MIGRATION_HYPERVISOR_A;
+  const b = v["hypervisor-b"] ?? io.env.MIGRATION_HYPERVISOR_B;
+  if (!a || !b) throw new UsageError("serve needs --hypervisor-a and --hypervisor-b (or MIGRATION_HYPERVISOR_A / _B)");
+  let memory: number;
+  try {
+    memory = parseBytes(v.memory ?? "1GiB");
+  } catch (e) {
+    throw new UsageError(`--memory: ${(e as Error).message}`);
+  }
+  const port = number(v["http-port"] ?? io.env.MIGRATION_HTTP_PORT, "http-port", 9480, (n) => Number.isInteger(n) && n >= 0 && n < 65536, "a port number");
+  const service = new MigrationService(
+    {
+      hypervisors: [a, b],
+      vm: v.vm ?? "demo",
+      memoryBytes: memory,
+      vcpus: number(v.vcpus, "vcpus", 2, (n) => Number.isInteger(n) && n >= 1 && n <= 512, "a whole number in [1, 512]"),
+      writesPerSecond: number(v["write-rate"], "write-rate", 20_000, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]"),
+      hotFraction: number(v["hot-fraction"], "hot-fraction", 0.05, (n) => n > 0 && n <= 1, "in (0, 1]"),
+      realtimeSpeed: number(v["realtime-speed"], "realtime-speed", 1, (n) => n > 0 && n <= 1000, "in (0, 1000]"),
+      pauseMs: number(v["pause-ms"], "pause-ms", 2000, (n) => n >= 0, "a number of ms >= 0"),
+      policy: cfg,
+    },
+    createLogger("migration-controller"),
+  );
+  const host = v.host ?? io.env.MIGRATION_HOST ?? "127.0.0.1";
+  const bound = await service.listen(host, port);
+  if (io.env.MIGRATION_ANNOUNCE === "1") io.out.write(JSON.stringify({ listening: { host, grpcPort: 0, httpPort: bound } }) + "\n");
+  io.err.write(`serving: migrating '${v.vm ?? "demo"}' between ${a} and ${b} with ${cfg.mechanism}; metrics on http://${host}:${bound}/metrics\n`);
+  service.start();
+  await new Promise<void>((resolve) => {
+    process.once("SIGTERM", resolve);
+    process.once("SIGINT", resolve);
+  });
+  await service.stop();
+  return EXIT.ok;
+}
+
 export async function runCli(argv: string[], io: Io): Promise<number> {
   let parsed;
   try {
@@ -283,7 +340,8 @@ export async function runCli(argv: string[], io: Io): Promise<number> {
     if (positionals.length > 1) throw new UsageError(`unexpected argument '${positionals[1]}'`);
     if (command === "demo") return await runDemo(v, io);
     if (command === "migrate") return await runMigrate(v, io);
-    throw new UsageError(`unknown command '${command}' (use demo or migrate)`);
+    if (command === "serve") return await runServe(v, io);
+    throw new UsageError(`unknown command '${command}' (use demo, migrate or serve)`);
   } catch (err) {
     if (err instanceof UsageError) {
       io.err.write(`${err.message}\nrun with --help for usage\n`);

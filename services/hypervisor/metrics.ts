@@ -10,6 +10,8 @@ export class HypervisorMetrics {
   readonly syncHostSeconds: Histogram<"vm" | "interface">;
   readonly ringHarvested: Counter<"vm">;
   readonly deviceLost: Counter<string>;
+  readonly ringResetEntries: Counter<"vm">;
+  readonly syncDirtyRate: Gauge<"vm" | "slot" | "mechanism">;
   private device: () => { lagBatches: number; batchesSent: number; gpasSent: number; vmCount: number } | null = () => null;
 
   /** Lets the device-link families read the registered link at scrape time. */
@@ -67,6 +69,16 @@ export class HypervisorMetrics {
         },
       });
     perVcpu("hypervisor_guest_writes_total", "Guest writes completed by each vCPU.", (t) => t.writes);
+    new Counter({
+      name: "hypervisor_vcpu_pages_dirtied_total",
+      help: "Pages each vCPU dirtied while logging (newly logged by a fault, or made dirty by hardware); rate() is its dirty rate in pages/s.",
+      labelNames: ["vm", "vcpu", "mechanism"],
+      registers,
+      collect() {
+        this.reset();
+        for (const vm of hv.vms.values()) for (const v of vm.vcpus) this.inc({ vm: vm.name, vcpu: String(v.index), mechanism: vm.mechanism }, v.total.pagesDirtied);
+      },
+    });
     perVcpu("hypervisor_write_faults_total", "Stage-2 write faults (translation and permission) taken by each vCPU.", (t) => t.writeFaults);
     perVcpu(
       "hypervisor_vcpu_tracking_overhead_seconds_total",
@@ -81,8 +93,7 @@ export class HypervisorMetrics {
       collect() {
         this.reset();
         for (const vm of hv.vms.values()) {
-          const mechanism = vm.ringEnabled ? "ring" : "bitmap";
-          for (const s of vm.slots.values()) this.inc({ vm: vm.name, slot: String(s.id), mechanism }, s.pagesDirtied);
+          for (const s of vm.slots.values()) this.inc({ vm: vm.name, slot: String(s.id), mechanism: vm.mechanism }, s.pagesDirtied);
         }
       },
     });
@@ -180,9 +191,21 @@ export class HypervisorMetrics {
         this.inc(self.device()?.gpasSent ?? 0);
       },
     });
+    this.ringResetEntries = new Counter({
+      name: "hypervisor_dirty_ring_reset_entries_total",
+      help: "Dirty-ring entries freed by KVM_RESET_DIRTY_RINGS.",
+      labelNames: ["vm"],
+      registers,
+    });
+    this.syncDirtyRate = new Gauge({
+      name: "hypervisor_sync_dirty_rate_pages_per_second",
+      help: "QEMU-style dirty rate computed at each GET_DIRTY_LOG: pages found dirty over the guest time since the slot's previous GET.",
+      labelNames: ["vm", "slot", "mechanism"],
+      registers,
+    });
     this.syncHostSeconds = new Histogram({
       name: "hypervisor_dirty_log_sync_host_seconds",
-      help: "Simulated host time of each dirty-log sync call, by interface (get, clear, ring_reset).",
+      help: "Simulated host time of each dirty-log sync call, by interface (get, clear, ring_reset, dbm_scan, device_read).",
       labelNames: ["vm", "interface"],
       buckets: [1e-6, 1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5],
       registers,

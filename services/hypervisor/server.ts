@@ -221,7 +221,19 @@ export class DeviceRegistry {
   }
 }
 
+/** The guest time of each slot's previous GET, for the dirty rate QEMU computes at every sync. */
+class SyncClock {
+  private readonly last = new Map<string, number>();
+  rate(vm: Vm, slot: number, dirtyPages: number): number | null {
+    const key = `${vm.name}/${slot}`;
+    const prev = this.last.get(key);
+    this.last.set(key, vm.clockNs);
+    return prev !== undefined && vm.clockNs > prev ? (dirtyPages * 1e9) / (vm.clockNs - prev) : null;
+  }
+}
+
 export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics, devices: DeviceRegistry): ServiceHandlers<typeof HypervisorServiceService> {
+  const lastGet = new SyncClock();
   const stepped = (vm: Vm, what: string) => {
     if (vm.config.clock !== "stepped") throw failedPrecondition(`${what}: VM ${vm.name}'s clock is driven in real time`);
   };
@@ -314,10 +326,14 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics, d
     async getDirtyLog(req) {
       const vm = hv.vm(req.vm);
       const dev = await devices.sync(vm);
+      if (dev.hostNs) metrics.syncHostSeconds.observe({ vm: vm.name, interface: "device_read" }, dev.hostNs / 1e9);
       const r = vm.getDirtyLog(req.slot);
+      if (vm.hwDirty === "dbm") metrics.syncHostSeconds.observe({ vm: vm.name, interface: "dbm_scan" }, r.scanNs / 1e9);
       r.hostNs += dev.hostNs;
       r.pagesSynced += dev.pages;
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "get" }, r.hostNs / 1e9);
+      const rate = lastGet.rate(vm, req.slot, r.dirtyPages);
+      if (rate !== null) metrics.syncDirtyRate.set({ vm: vm.name, slot: String(req.slot), mechanism: vm.mechanism }, rate);
       return {
         bitmap: asBuffer(r.bitmap),
         numPages: BigInt(r.numPages),
@@ -457,6 +473,7 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics, d
     resetDirtyRings(req) {
       const vm = hv.vm(req.vm);
       const r = vm.resetRings();
+      metrics.ringResetEntries.inc({ vm: vm.name }, r.cleared);
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "ring_reset" }, r.hostNs / 1e9);
       return { cleared: BigInt(r.cleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)) };
     },

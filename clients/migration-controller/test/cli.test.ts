@@ -77,7 +77,7 @@ describe("migration controller CLI", () => {
       [["migrate"], /--vm NAME is required/],
       [["migrate", "--vm", "web", "--mechanism", "magic"], /--mechanism magic: must be one of/],
       [["migrate", "--vm", "web", "--downtime-limit=-1"], /--downtime-limit -1/],
-      [["teleport"], /unknown command 'teleport'/],
+      [["teleport"], /unknown command 'teleport' \(use demo, migrate or serve\)/],
       [["--frobnicate"], /Unknown option '--frobnicate'/],
     ] as [string[], RegExp][]) {
       const r = await cli(args);

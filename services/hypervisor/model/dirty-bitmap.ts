@@ -32,8 +32,9 @@ export interface DirtyLogVm {
 export interface GetDirtyLogResult {
   bitmap: Int32Array;
   dirtyPages: number;
-  /** Pages the arch sync added. */
+  /** Pages the arch sync added, and its host time. */
   pagesSynced: number;
+  scanNs: number;
   pagesWriteProtected: number;
   tlbFlushed: boolean;
   hostNs: number;
@@ -104,7 +105,7 @@ export function getDirtyLog(vm: DirtyLogVm, slot: Memslot): GetDirtyLogResult {
     out.set(bm);
     for (let i = 0; i < bm.length; i++) if (bm[i] !== 0) dirty += popcount32(bm[i]);
     const hostNs = sync.hostNs + c.ioctlNs + words * c.bitmapWordCopyNs;
-    return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, pagesWriteProtected: 0, tlbFlushed: false, hostNs };
+    return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, scanNs: sync.hostNs, pagesWriteProtected: 0, tlbFlushed: false, hostNs };
   }
   const protect = new Protector(slot, splitsInClear(vm), vm.dbmOnProtect);
   for (let w = 0; w < words; w++) {
@@ -128,7 +129,7 @@ export function getDirtyLog(vm: DirtyLogVm, slot: Memslot): GetDirtyLogResult {
     dirty * c.getPageWriteProtectNs +
     splitUnits * c.splitBlockNs +
     (tlbFlushed ? c.tlbFlushNs : 0);
-  return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, pagesWriteProtected: dirty, tlbFlushed, hostNs };
+  return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, scanNs: sync.hostNs, pagesWriteProtected: dirty, tlbFlushed, hostNs };
 }
 
 /** Validates CLEAR's range as kvm_clear_dirty_log_protect does (first_page's alignment is checked before the slot lookup). */

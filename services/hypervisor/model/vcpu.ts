@@ -11,9 +11,11 @@ export interface StepStats {
   ringFullExits: number;
   /** Guest time stalled on a full dirty ring. */
   ringStallNs: number;
+  /** Pages this vCPU dirtied: newly logged by a fault, or made writable-dirty by hardware. */
+  pagesDirtied: number;
 }
 
-const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0 });
+const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0, pagesDirtied: 0 });
 
 export class Vcpu {
   paused = false;

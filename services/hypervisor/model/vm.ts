@@ -102,6 +102,11 @@ export class Vm {
     return this.config.ringBytes > 0;
   }
 
+  /** The dirty-tracking mechanism in force, for metric labels. */
+  get mechanism(): "ring" | "dbm" | "device" | "bitmap" {
+    return this.ringEnabled ? "ring" : this.hwDirty === "off" ? "bitmap" : this.hwDirty;
+  }
+
   get name(): string {
     return this.config.name;
   }
@@ -358,6 +363,7 @@ export class Vm {
     slot.s2.hwSetDirty(p);
     v.tlb.fill(gfn);
     this.hwDirtyUpdates++;
+    v.count({ pagesDirtied: 1 });
     this.deviceSink?.(v.index, gfn * 4096);
   }
 
@@ -419,11 +425,12 @@ export class Vm {
     if (v?.ring) {
       if (slot.markRingPending(p)) {
         v.ring.push(slot.id, p);
+        v.count({ pagesDirtied: 1 });
         if (v.ring.softFull) v.ringFull = true;
       }
       return "ring";
     }
-    slot.markDirty(p);
+    if (slot.markDirty(p)) v?.count({ pagesDirtied: 1 });
     return this.ringEnabled ? "backup-bitmap" : "bitmap";
   }
 

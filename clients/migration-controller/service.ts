@@ -1,0 +1,189 @@
+/**
+ * The migration controller as a long-lived service: it keeps a demo VM
+ * running on one of two hypervisors (real-time clock drive) and migrates it
+ * back and forth with the chosen mechanism, publishing every migration's
+ * progress and outcome as Prometheus metrics (for the dashboards), with
+ * /metrics and /healthz on its ops port.
+ */
+import type { FastifyInstance } from "fastify";
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import { GrpcClientMetrics } from "../../common/client.js";
+import { createOpsServer } from "../../common/http.js";
+import type { Logger } from "../../common/log.js";
+import { Capability, ClockDrive, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { connectHypervisor, type HypervisorClient } from "../../services/hypervisor/client.js";
+import { migrate, MigrationError, type MigrationConfig, type ProgressEvent } from "./migrate.js";
+
+export interface ServiceConfig {
+  hypervisors: [string, string];
+  vm: string;
+  memoryBytes: number;
+  vcpus: number;
+  writesPerSecond: number;
+  hotFraction: number;
+  realtimeSpeed: number;
+  /** Wall-clock pause between migrations. */
+  pauseMs: number;
+  policy: Omit<MigrationConfig, "sourceVm" | "destinationVm">;
+}
+
+const RESULT: Record<string, string> = {
+  "not-converged": "not_converged",
+  verification: "verification_failed",
+};
+
+export class MigrationMetrics {
+  readonly migrations: Counter<"result" | "mechanism">;
+  readonly round: Gauge<"vm">;
+  readonly remaining: Gauge<"vm">;
+  readonly transferred: Counter<"vm">;
+  readonly dirtyRate: Gauge<"vm">;
+  readonly expectedDowntime: Gauge<"vm">;
+  readonly downtimeLimit: Gauge<"vm">;
+  readonly inProgress: Gauge<"vm">;
+  readonly downtime: Histogram<"mechanism">;
+  readonly totalTime: Histogram<"mechanism">;
+
+  constructor(registry: Registry) {
+    const registers = [registry];
+    this.migrations = new Counter({ name: "migration_migrations_total", help: "Migrations finished, by result (completed, failed, not_converged, verification_failed).", labelNames: ["result", "mechanism"], registers });
+    this.round = new Gauge({ name: "migration_round", help: "Dirty-state syncs so far in the current migration (QEMU's dirty-sync-count).", labelNames: ["vm"], registers });
+    this.remaining = new Gauge({ name: "migration_remaining_bytes", help: "Bytes still dirty at the last sync of the current migration.", labelNames: ["vm"], registers });
+    this.transferred = new Counter({ name: "migration_transferred_bytes_total", help: "Bytes sent on the migration link.", labelNames: ["vm"], registers });
+    this.dirtyRate = new Gauge({ name: "migration_dirty_rate_pages_per_second", help: "Dirty rate computed at the last sync (QEMU's dirty-pages-rate), in pages per second.", labelNames: ["vm"], registers });
+    this.expectedDowntime = new Gauge({ name: "migration_expected_downtime_seconds", help: "Dirty bytes at the last sync divided by the bandwidth.", labelNames: ["vm"], registers });
+    this.downtimeLimit = new Gauge({ name: "migration_downtime_limit_seconds", help: "The downtime limit the switchover rule uses.", labelNames: ["vm"], registers });
+    this.inProgress = new Gauge({ name: "migration_in_progress", help: "1 while a migration of the VM runs.", labelNames: ["vm"], registers });
+    this.downtime = new Histogram({
+      name: "migration_downtime_seconds",
+      help: "Downtime of completed migrations (guest time from pausing the source to resuming the destination).",
+      labelNames: ["mechanism"],
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30],
+      registers,
+    });
+    this.totalTime = new Histogram({
+      name: "migration_total_time_seconds",
+      help: "Total guest time of finished migrations.",
+      labelNames: ["mechanism"],
+      buckets: [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600],
+      registers,
+    });
+  }
+}
+
+export class MigrationService {
+  readonly registry = new Registry();
+  readonly metrics: MigrationMetrics;
+  private readonly clients: [HypervisorClient, HypervisorClient];
+  private stopped = false;
+  private loop: Promise<void> | null = null;
+  private ops: FastifyInstance;
+  completed = 0;
+  failed = 0;
+
+  constructor(
+    private readonly cfg: ServiceConfig,
+    private readonly logger: Logger,
+  ) {
+    collectDefaultMetrics({ register: this.registry });
+    this.metrics = new MigrationMetrics(this.registry);
+    const rpc = new GrpcClientMetrics(this.registry);
+    this.clients = [connectHypervisor(cfg.hypervisors[0], { metrics: rpc }), connectHypervisor(cfg.hypervisors[1], { metrics: rpc })];
+    this.ops = createOpsServer({ registry: this.registry, health: () => ({ ok: !this.stopped, detail: { completed: this.completed, failed: this.failed } }) });
+  }
+
+  async listen(host: string, port: number): Promise<number> {
+    await this.ops.listen({ host, port });
+    const a = this.ops.server.address();
+    return typeof a === "object" && a ? a.port : port;
+  }
+
+  start(): void {
+    this.loop = this.run();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await this.loop?.catch(() => undefined);
+    for (const c of this.clients) c.close();
+    await this.ops.close();
+  }
+
+  /** Which side runs the VM now: the one where it exists unpaused (a leftover paused copy is removed). */
+  private async locate(): Promise<number> {
+    const found = await Promise.all(this.clients.map((c) => c.getVm({ vm: this.cfg.vm }).then((r) => r.vm!, () => null)));
+    const running = found.findIndex((v) => v && v.vcpus.some((x) => !x.paused));
+    for (let i = 0; i < 2; i++) if (found[i] && i !== running) await this.clients[i].destroyVm({ vm: this.cfg.vm });
+    if (running >= 0) return running;
+    await this.clients[0].createVm({
+      vm: this.cfg.vm,
+      vcpus: this.cfg.vcpus,
+      clock: ClockDrive.CLOCK_DRIVE_REALTIME,
+      realtimeSpeed: this.cfg.realtimeSpeed,
+      memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(this.cfg.memoryBytes) }],
+      dirtyRing:
+        this.cfg.policy.mechanism === "ring" ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: 65536n, withBitmap: true } : undefined,
+      workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD, writesPerSecond: this.cfg.writesPerSecond, hotFraction: this.cfg.hotFraction },
+    });
+    this.logger.info({ vm: this.cfg.vm, hypervisor: this.cfg.hypervisors[0] }, "created the demo VM");
+    return 0;
+  }
+
+  private onProgress(e: ProgressEvent, sent: { bytes: number }): void {
+    const vm = this.cfg.vm;
+    this.metrics.round.set({ vm }, e.round);
+    if (e.phase === "round") {
+      this.metrics.remaining.set({ vm }, e.remainingBytes);
+      this.metrics.dirtyRate.set({ vm }, e.dirtyRatePagesPerSecond);
+      this.metrics.expectedDowntime.set({ vm }, e.expectedDowntimeMs / 1e3);
+    }
+    if (e.transferredBytes > sent.bytes) {
+      this.metrics.transferred.inc({ vm }, e.transferredBytes - sent.bytes);
+      sent.bytes = e.transferredBytes;
+    }
+  }
+
+  /** One migration from wherever the VM runs to the other hypervisor. */
+  async migrateOnce(): Promise<void> {
+    const from = await this.locate();
+    const to = 1 - from;
+    const vm = this.cfg.vm;
+    const mechanism = this.cfg.policy.mechanism;
+    this.metrics.inProgress.set({ vm }, 1);
+    this.metrics.downtimeLimit.set({ vm }, this.cfg.policy.downtimeLimitMs / 1e3);
+    const sent = { bytes: 0 };
+    try {
+      const r = await migrate(
+        { ...this.cfg.policy, sourceVm: vm, destinationVm: vm },
+        { source: this.clients[from], destination: this.clients[to], onProgress: (e) => this.onProgress(e, sent) },
+      );
+      this.onProgress({ phase: "done", round: r.dirtySyncCount, dirtyPages: 0, remainingBytes: 0, dirtyRatePagesPerSecond: r.dirtyRatePagesPerSecond, expectedDowntimeMs: 0, elapsedMs: r.totalTimeMs, transferredBytes: r.transferredBytes }, sent);
+      this.metrics.migrations.inc({ result: "completed", mechanism });
+      this.metrics.downtime.observe({ mechanism }, (r.downtimeMs ?? 0) / 1e3);
+      this.metrics.totalTime.observe({ mechanism }, r.totalTimeMs / 1e3);
+      // QEMU leaves the source paused after a migration; management removes it.
+      await this.clients[from].destroyVm({ vm });
+      this.completed++;
+      this.logger.info({ from: this.cfg.hypervisors[from], to: this.cfg.hypervisors[to], downtimeMs: r.downtimeMs, rounds: r.dirtySyncCount }, "migrated");
+    } catch (err) {
+      const kind = err instanceof MigrationError ? err.kind : "failed";
+      this.metrics.migrations.inc({ result: RESULT[kind] ?? "failed", mechanism });
+      this.failed++;
+      this.logger.warn({ reason: (err as Error).message }, "migration failed; the source keeps running");
+    } finally {
+      this.metrics.inProgress.set({ vm }, 0);
+    }
+  }
+
+  private async run(): Promise<void> {
+    while (!this.stopped) {
+      try {
+        await this.migrateOnce();
+      } catch (err) {
+        this.logger.warn({ reason: (err as Error).message }, "cannot reach the hypervisors yet");
+      }
+      const until = Date.now() + this.cfg.pauseMs;
+      while (!this.stopped && Date.now() < until) await new Promise((r) => setTimeout(r, Math.min(200, this.cfg.pauseMs)));
+    }
+  }
+}
