@@ -123,6 +123,12 @@ export class MigrationService {
       memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(this.cfg.memoryBytes) }],
       dirtyRing:
         this.cfg.policy.mechanism === "ring" ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: 65536n, withBitmap: true } : undefined,
+      // First one pass over all of its memory in about a second of guest time, as a booted guest would have touched it.
+      workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: Math.ceil(this.cfg.memoryBytes / 4096 / this.cfg.vcpus) },
+    });
+    await new Promise((r) => setTimeout(r, 1200 / this.cfg.realtimeSpeed));
+    await this.clients[0].setWorkload({
+      vm: this.cfg.vm,
       workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD, writesPerSecond: this.cfg.writesPerSecond, hotFraction: this.cfg.hotFraction },
     });
     this.logger.info({ vm: this.cfg.vm, hypervisor: this.cfg.hypervisors[0] }, "created the demo VM");
