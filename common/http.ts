@@ -1,6 +1,6 @@
 /** The operations endpoint every component serves beside its gRPC port: /metrics and /healthz. */
 import Fastify, { type FastifyInstance } from "fastify";
-import type { Registry } from "prom-client";
+import { collectDefaultMetrics, type Registry } from "prom-client";
 
 export function createOpsServer(opts: { registry: Registry; health: () => { ok: boolean; detail?: unknown } }): FastifyInstance {
   const app = Fastify({ logger: false });
@@ -14,4 +14,13 @@ export function createOpsServer(opts: { registry: Registry; health: () => { ok: 
     return { status: h.ok ? "ok" : "unhealthy", ...(h.detail === undefined ? {} : { detail: h.detail }) };
   });
   return app;
+}
+
+/**
+ * prom-client's default process and Node.js metrics, less the three gauges it
+ * names with a _total suffix (which `promtool check metrics` rightly rejects).
+ */
+export function registerProcessMetrics(registry: Registry): void {
+  collectDefaultMetrics({ register: registry });
+  for (const name of ["nodejs_active_handles_total", "nodejs_active_requests_total", "nodejs_active_resources_total"]) registry.removeSingleMetric(name);
 }

@@ -18,8 +18,8 @@ export interface SpawnedService {
 
 const ROOT = new URL("../", import.meta.url).pathname;
 
-export async function spawnService(entry: string, env: Record<string, string>, timeoutMs = 20000): Promise<SpawnedService> {
-  const proc = spawn(process.execPath, ["--import", "tsx", entry], {
+export async function spawnService(entry: string, env: Record<string, string>, timeoutMs = 20000, args: string[] = []): Promise<SpawnedService> {
+  const proc = spawn(process.execPath, ["--import", "tsx", entry, ...args], {
     cwd: ROOT,
     env: { ...process.env, LOG_LEVEL: process.env.LOG_LEVEL ?? "warn", ...env },
     stdio: ["ignore", "pipe", "inherit"],

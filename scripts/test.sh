@@ -3,7 +3,7 @@
 # shell (node 20 does not expand quoted globs, and a bare --test finds none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mapfile -t files < <(find services clients common tests -name '*.test.ts' -not -path '*/node_modules/*' 2>/dev/null | sort)
+mapfile -t files < <(find services clients common tests deploy -name '*.test.ts' -not -path '*/node_modules/*' 2>/dev/null | sort)
 if [ "${#files[@]}" -eq 0 ]; then
   echo "no test files found" >&2
   exit 1

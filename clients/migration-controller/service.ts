@@ -6,9 +6,9 @@
  * /metrics and /healthz on its ops port.
  */
 import type { FastifyInstance } from "fastify";
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import { GrpcClientMetrics } from "../../common/client.js";
-import { createOpsServer } from "../../common/http.js";
+import { createOpsServer, registerProcessMetrics } from "../../common/http.js";
 import type { Logger } from "../../common/log.js";
 import { Capability, ClockDrive, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor, type HypervisorClient } from "../../services/hypervisor/client.js";
@@ -85,7 +85,7 @@ export class MigrationService {
     private readonly cfg: ServiceConfig,
     private readonly logger: Logger,
   ) {
-    collectDefaultMetrics({ register: this.registry });
+    registerProcessMetrics(this.registry);
     this.metrics = new MigrationMetrics(this.registry);
     const rpc = new GrpcClientMetrics(this.registry);
     this.clients = [connectHypervisor(cfg.hypervisors[0], { metrics: rpc }), connectHypervisor(cfg.hypervisors[1], { metrics: rpc })];

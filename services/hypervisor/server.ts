@@ -5,9 +5,9 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import type { FastifyInstance } from "fastify";
-import { Registry, collectDefaultMetrics } from "prom-client";
+import { Registry } from "prom-client";
 import { addStandardServices, bindServer, bindService, channelOptions, GrpcServerMetrics, shutdownServer, type ServiceHandlers } from "../../common/grpc.js";
-import { createOpsServer } from "../../common/http.js";
+import { createOpsServer, registerProcessMetrics } from "../../common/http.js";
 import { alreadyExists, invalidArgument, permissionDenied, failedPrecondition, notFound } from "../../common/errors.js";
 import type { Logger } from "../../common/log.js";
 import {
@@ -567,7 +567,7 @@ export interface HypervisorServer {
 
 export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorServer {
   const registry = deps.registry ?? new Registry();
-  collectDefaultMetrics({ register: registry });
+  registerProcessMetrics(registry);
   const rpcMetrics = new GrpcServerMetrics(registry);
   const metrics = new HypervisorMetrics(registry, deps.hypervisor);
   const devices = new DeviceRegistry(deps.hypervisor, deps.logger, metrics);

@@ -1,10 +1,10 @@
 /** The page-tracking device's gRPC API over the model, its metrics, and its ops endpoint. */
 import * as grpc from "@grpc/grpc-js";
 import type { FastifyInstance } from "fastify";
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import { invalidArgument } from "../../common/errors.js";
 import { addStandardServices, bindServer, bindService, channelOptions, GrpcServerMetrics, shutdownServer, type ServiceHandlers } from "../../common/grpc.js";
-import { createOpsServer } from "../../common/http.js";
+import { createOpsServer, registerProcessMetrics } from "../../common/http.js";
 import type { Logger } from "../../common/log.js";
 import { PageTrackingDeviceServiceService, TrackingMode } from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
 import { bytesToGpas, gpasToBytes } from "./client.js";
@@ -133,7 +133,7 @@ export interface DeviceServer {
 
 export function createDeviceServer(deps: DeviceServerDeps): DeviceServer {
   const registry = deps.registry ?? new Registry();
-  collectDefaultMetrics({ register: registry });
+  registerProcessMetrics(registry);
   const rpcMetrics = new GrpcServerMetrics(registry);
   const metrics = new DeviceMetrics(registry, deps.device);
   const server = new grpc.Server(channelOptions);
