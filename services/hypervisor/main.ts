@@ -11,6 +11,7 @@
  *   LOG_LEVEL                  pino level (info)
  */
 import { ConfigError, envBool, envNumber, envString, parseBytes } from "../../common/config.js";
+import { untilSignal } from "../../common/component.js";
 import { createLogger } from "../../common/log.js";
 import { loadCostModel } from "./model/cost-model.js";
 import { Hypervisor } from "./model/hypervisor.js";
@@ -36,16 +37,9 @@ try {
   logger.info({ host, ...ports }, "hypervisor listening");
   // The parent (tests, the embedded demo) reads this line to learn the ports.
   if (env.HYPERVISOR_ANNOUNCE === "1") console.log(JSON.stringify({ listening: { host, ...ports } }));
-  let stopping = false;
-  const stop = async (signal: string) => {
-    if (stopping) return;
-    stopping = true;
-    logger.info({ signal }, "shutting down");
-    await app.close();
-    process.exit(0);
-  };
-  process.on("SIGTERM", () => void stop("SIGTERM"));
-  process.on("SIGINT", () => void stop("SIGINT"));
+  await untilSignal(logger);
+  await app.close();
+  process.exit(0);
 } catch (err) {
   // A configuration mistake is the user's to fix: say what, without a stack trace.
   logger.fatal(err instanceof ConfigError ? {} : { err }, (err as Error).message);

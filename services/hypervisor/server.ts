@@ -3,11 +3,9 @@
  * and back. All validation errors come from the model as domain errors; the
  * binding in common/grpc.ts turns them into statuses.
  */
-import * as grpc from "@grpc/grpc-js";
-import type { FastifyInstance } from "fastify";
-import { Registry } from "prom-client";
-import { addStandardServices, bindServer, bindService, channelOptions, GrpcServerMetrics, shutdownServer, type ServiceHandlers } from "../../common/grpc.js";
-import { createOpsServer, registerProcessMetrics } from "../../common/http.js";
+import type { Registry } from "prom-client";
+import { createComponentServer, type ComponentServer } from "../../common/component.js";
+import { bindService, type ServiceHandlers } from "../../common/grpc.js";
 import { alreadyExists, invalidArgument, permissionDenied, failedPrecondition, notFound } from "../../common/errors.js";
 import type { Logger } from "../../common/log.js";
 import {
@@ -557,45 +555,31 @@ export interface HypervisorServerDeps {
   realtimeTickMs?: number;
 }
 
-export interface HypervisorServer {
-  grpc: grpc.Server;
-  ops: FastifyInstance;
-  registry: Registry;
-  listen(opts: { host: string; grpcPort: number; httpPort: number }): Promise<{ grpcPort: number; httpPort: number }>;
-  close(): Promise<void>;
-}
+export type HypervisorServer = ComponentServer;
 
 export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorServer {
-  const registry = deps.registry ?? new Registry();
-  registerProcessMetrics(registry);
-  const rpcMetrics = new GrpcServerMetrics(registry);
-  const metrics = new HypervisorMetrics(registry, deps.hypervisor);
-  const devices = new DeviceRegistry(deps.hypervisor, deps.logger, metrics);
-  metrics.watchDevice(() => devices.link);
-  const server = new grpc.Server(channelOptions);
-  server.addService(
-    HypervisorServiceService,
-    bindService(HypervisorServiceService, hypervisorHandlers(deps.hypervisor, metrics, devices), { metrics: rpcMetrics, logger: deps.logger }),
-  );
-  addStandardServices(server, [HYPERVISOR_PROTO], [HYPERVISOR_SERVICE]);
-  const ops = createOpsServer({ registry, health: () => ({ ok: true, detail: { vms: deps.hypervisor.vms.size } }) });
   const driver = new RealtimeDriver(() => deps.hypervisor.vms.values(), deps.realtimeTickMs ?? 20);
-  return {
-    grpc: server,
-    ops,
-    registry,
-    async listen({ host, grpcPort, httpPort }) {
-      const g = await bindServer(server, host, grpcPort);
-      await ops.listen({ host, port: httpPort });
-      const addr = ops.server.address();
+  let devices: DeviceRegistry | undefined;
+  const app = createComponentServer({
+    registry: deps.registry,
+    protoFiles: [HYPERVISOR_PROTO],
+    serviceNames: [HYPERVISOR_SERVICE],
+    health: () => ({ ok: true, detail: { vms: deps.hypervisor.vms.size } }),
+    onListen: () => {
       if (deps.realtimeTickMs !== 0) driver.start();
-      return { grpcPort: g, httpPort: typeof addr === "object" && addr ? addr.port : httpPort };
     },
-    async close() {
+    onClose: async () => {
       driver.stop();
-      if (devices.link) await devices.unregister(devices.link.address).catch(() => undefined);
-      await shutdownServer(server);
-      await ops.close();
+      if (devices?.link) await devices.unregister(devices.link.address).catch(() => undefined);
     },
-  };
+  });
+  const metrics = new HypervisorMetrics(app.registry, deps.hypervisor);
+  const registered = new DeviceRegistry(deps.hypervisor, deps.logger, metrics);
+  devices = registered;
+  metrics.watchDevice(() => registered.link);
+  app.grpc.addService(
+    HypervisorServiceService,
+    bindService(HypervisorServiceService, hypervisorHandlers(deps.hypervisor, metrics, registered), { metrics: app.rpcMetrics, logger: deps.logger }),
+  );
+  return app;
 }

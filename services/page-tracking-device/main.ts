@@ -11,6 +11,7 @@
  *   LOG_LEVEL                pino level (info)
  */
 import { ConfigError, envNumber, envString } from "../../common/config.js";
+import { untilSignal } from "../../common/component.js";
 import { createLogger } from "../../common/log.js";
 import { connectHypervisor } from "../hypervisor/client.js";
 import { PageTrackingDevice } from "./model/device.js";
@@ -47,20 +48,13 @@ try {
   }
   logger.info({ host, ...ports }, "page-tracking device listening");
   if (env.PTDEVICE_ANNOUNCE === "1") console.log(JSON.stringify({ listening: { host, ...ports } }));
-  let stopping = false;
-  const stop = async (signal: string) => {
-    if (stopping) return;
-    stopping = true;
-    logger.info({ signal }, "shutting down");
-    await hv
-      ?.unregisterPageTrackingDevice({ address: advertise }, { deadlineMs: 5000 })
-      .catch((err: Error) => logger.warn({ hypervisor: hvAddress, reason: err.message }, "could not unregister (is the hypervisor gone?)"));
-    hv?.close();
-    await app.close();
-    process.exit(0);
-  };
-  process.on("SIGTERM", () => void stop("SIGTERM"));
-  process.on("SIGINT", () => void stop("SIGINT"));
+  await untilSignal(logger);
+  await hv
+    ?.unregisterPageTrackingDevice({ address: advertise }, { deadlineMs: 5000 })
+    .catch((err: Error) => logger.warn({ hypervisor: hvAddress, reason: err.message }, "could not unregister (is the hypervisor gone?)"));
+  hv?.close();
+  await app.close();
+  process.exit(0);
 } catch (err) {
   logger.fatal(err instanceof ConfigError ? {} : { err }, (err as Error).message);
   process.exit(1);

@@ -1,10 +1,8 @@
 /** The page-tracking device's gRPC API over the model, its metrics, and its ops endpoint. */
-import * as grpc from "@grpc/grpc-js";
-import type { FastifyInstance } from "fastify";
-import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import { Counter, Gauge, Histogram, type Registry } from "prom-client";
+import { createComponentServer, type ComponentServer } from "../../common/component.js";
 import { invalidArgument } from "../../common/errors.js";
-import { addStandardServices, bindServer, bindService, channelOptions, GrpcServerMetrics, shutdownServer, type ServiceHandlers } from "../../common/grpc.js";
-import { createOpsServer, registerProcessMetrics } from "../../common/http.js";
+import { bindService, type ServiceHandlers } from "../../common/grpc.js";
 import type { Logger } from "../../common/log.js";
 import { PageTrackingDeviceServiceService, TrackingMode } from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
 import { bytesToGpas, gpasToBytes } from "./client.js";
@@ -123,39 +121,19 @@ export interface DeviceServerDeps {
   registry?: Registry;
 }
 
-export interface DeviceServer {
-  grpc: grpc.Server;
-  ops: FastifyInstance;
-  registry: Registry;
-  listen(opts: { host: string; grpcPort: number; httpPort: number }): Promise<{ grpcPort: number; httpPort: number }>;
-  close(): Promise<void>;
-}
+export type DeviceServer = ComponentServer;
 
 export function createDeviceServer(deps: DeviceServerDeps): DeviceServer {
-  const registry = deps.registry ?? new Registry();
-  registerProcessMetrics(registry);
-  const rpcMetrics = new GrpcServerMetrics(registry);
-  const metrics = new DeviceMetrics(registry, deps.device);
-  const server = new grpc.Server(channelOptions);
-  server.addService(
+  const app = createComponentServer({
+    registry: deps.registry,
+    protoFiles: [DEVICE_PROTO],
+    serviceNames: [DEVICE_SERVICE],
+    health: () => ({ ok: true, detail: { trackers: deps.device.trackers.size } }),
+  });
+  const metrics = new DeviceMetrics(app.registry, deps.device);
+  app.grpc.addService(
     PageTrackingDeviceServiceService,
-    bindService(PageTrackingDeviceServiceService, deviceHandlers(deps.device, metrics), { metrics: rpcMetrics, logger: deps.logger }),
+    bindService(PageTrackingDeviceServiceService, deviceHandlers(deps.device, metrics), { metrics: app.rpcMetrics, logger: deps.logger }),
   );
-  addStandardServices(server, [DEVICE_PROTO], [DEVICE_SERVICE]);
-  const ops = createOpsServer({ registry, health: () => ({ ok: true, detail: { trackers: deps.device.trackers.size } }) });
-  return {
-    grpc: server,
-    ops,
-    registry,
-    async listen({ host, grpcPort, httpPort }) {
-      const g = await bindServer(server, host, grpcPort);
-      await ops.listen({ host, port: httpPort });
-      const addr = ops.server.address();
-      return { grpcPort: g, httpPort: typeof addr === "object" && addr ? addr.port : httpPort };
-    },
-    async close() {
-      await shutdownServer(server);
-      await ops.close();
-    },
-  };
+  return app;
 }
