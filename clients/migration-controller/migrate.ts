@@ -514,4 +514,3 @@ function validate(cfg: MigrationConfig): void {
   if (!cfg.sourceVm || !cfg.destinationVm) throw bad("source and destination VM names are required");
 }
 
-export { PAGE_SIZE };

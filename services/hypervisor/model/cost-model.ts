@@ -9,6 +9,9 @@
  *             directly on this project's machine kind (1 GiB slot, medians).
  *  [LIT]      shared/reference/kvm-dirty-tracking.md section 7 (literature).
  *  [ASSUMED]  no published or measured figure; the value is an estimate.
+ *
+ * Copying a page to the destination is the migration link's cost (bandwidth
+ * and latency, in the migration controller), not the hypervisor's.
  */
 import { readFileSync } from "node:fs";
 import { ConfigError } from "../../../common/config.js";
@@ -40,8 +43,6 @@ export interface CostModel {
   splitBlockNs: number;
   /** A VMID-wide TLB invalidation (TLBI VMALLS12E1IS + DSB). */
   tlbFlushNs: number;
-  /** Reading or writing one page's contents on the host (VMM memcpy of 4 KiB). */
-  pageCopyNs: number;
   /** The VMM collecting one dirty-ring entry. */
   ringHarvestEntryNs: number;
   /** KVM_RESET_DIRTY_RINGS, per entry (re-protection included). */
@@ -72,7 +73,6 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   enableLoggingInitiallySetNs: 60000, // [KVM-HERE] enable logging with INITIALLY_SET: 0.06 ms per 1 GiB slot
   splitBlockNs: 31400, // [LIT] derived from Matlack v2: eager split at enable 1.547 s for 96 GiB = 49152 2M blocks
   tlbFlushNs: 2000, // [ASSUMED] one broadcast TLBI + DSB; Koller (RFC 2022) reports "milliseconds" only for parallel storms
-  pageCopyNs: 400, // [ASSUMED] 4 KiB memcpy at about 10 GB/s
   ringHarvestEntryNs: 2.5, // [KVM-HERE] dirty ring: userspace harvest about 2.5 ns per entry
   ringResetEntryNs: 33, // [KVM-HERE] dirty ring: KVM_RESET_DIRTY_RINGS about 33 ns per entry
   emulatedWriteNs: 1000, // [ASSUMED] instruction emulation plus one notifier call

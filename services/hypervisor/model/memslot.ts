@@ -4,7 +4,6 @@
  * lives in typed arrays: 8 bytes of content and 8 of descriptor per page, plus
  * one bit of dirty log.
  */
-import { PAGE_SHIFT } from "./descriptor.js";
 import { Stage2 } from "./stage2.js";
 
 export const KVM_MEM_LOG_DIRTY_PAGES = 1 << 0;
@@ -94,4 +93,3 @@ export class Memslot {
   }
 }
 
-export const gfnOf = (gpa: number) => Math.floor(gpa / 2 ** PAGE_SHIFT);

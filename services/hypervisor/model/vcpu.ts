@@ -52,6 +52,12 @@ export class Vcpu {
     }
   }
 
+  /** One page dirtied (on the fault and hardware-update paths: no allocation). */
+  dirtied(): void {
+    this.step.pagesDirtied++;
+    this.total.pagesDirtied++;
+  }
+
   /** Stalls on a full ring from `from` to `until` (guest time passes, no guest work). */
   stall(from: number, until: number): void {
     if (until > from) this.count({ ringStallNs: until - from });

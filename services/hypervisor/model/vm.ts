@@ -272,7 +272,9 @@ export class Vm {
     let overhead = 0;
     // The batch cursor lives in a local: writeMiss() cannot move it, but the JIT cannot know that.
     let cur = gen.cursor;
-    while (t < until) {
+    // Only a fault can fill a ring, so only the slow path can stop the loop early.
+    let stop = false;
+    while (t < until && !stop) {
       if (cur === BATCH) {
         gen.refill();
         cur = 0;
@@ -288,31 +290,30 @@ export class Vm {
       }
       const p = vp - segStart;
       const gfn = base + p;
-      let lo = eLo;
-      let hi = eHi;
-      if (!epochMode) {
-        seq++;
-        lo = seq >>> 0; // ToUint32 is seq mod 2^32, without fmod
-        hi = seq < TWO32 ? 0 : Math.floor(seq / TWO32);
-      }
       const ti = gfn & mask;
       if (tlb[ti] !== gfn) {
         if ((writable[p >>> 5] >>> (p & 31)) & 1) tlb[ti] = gfn;
         else {
-          const cost = this.writeMiss(v, seg.slot, p, gfn, lo, hi, t);
+          const cost = this.writeMiss(v, seg.slot, p, gfn, epochMode ? -1 : seq + 1, t);
           t += cost;
           if (this.missFaulted) {
             faults++;
             if (seg.slot.logging) overhead += cost;
+            // The push that filled the ring completes this write; the next guest entry exits.
+            stop = v.ringFull;
           }
         }
       }
-      content[2 * p] = lo;
-      content[2 * p + 1] = hi;
+      if (epochMode) {
+        content[2 * p] = eLo;
+        content[2 * p + 1] = eHi;
+      } else {
+        seq++;
+        content[2 * p] = seq >>> 0; // ToUint32 is seq mod 2^32, without fmod
+        content[2 * p + 1] = seq < TWO32 ? 0 : Math.floor(seq / TWO32);
+      }
       t += interval;
       writes++;
-      // The push that filled the ring completed this write; the next guest entry exits.
-      if (v.ringFull) break;
     }
     gen.cursor = cur;
     this.writeSeq = seq;
@@ -341,7 +342,8 @@ export class Vm {
    * for a writable block, or take a stage-2 fault. Returns the fault's cost
    * (0 when the walk found a writable leaf).
    */
-  private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number, lo: number, hi: number, t: number): number {
+  /** seq is the sequence value the write stores, or -1 when it stores the workload's epoch. */
+  private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number, seq: number, t: number): number {
     this.missFaulted = false;
     const level = slot.s2.leafLevel(p);
     if (level === Level.Block2M || level === Level.Block1G) {
@@ -355,6 +357,8 @@ export class Vm {
       return this.costs.dbmUpdateNs;
     }
     this.missFaulted = true;
+    const lo = seq < 0 ? v.gen.epochLo : seq >>> 0;
+    const hi = seq < 0 ? v.gen.epochHi : seq < TWO32 ? 0 : Math.floor(seq / TWO32);
     return this.fault(v, slot, p, gfn, level, lo, hi, t).costNs;
   }
 
@@ -363,7 +367,7 @@ export class Vm {
     slot.s2.hwSetDirty(p);
     v.tlb.fill(gfn);
     this.hwDirtyUpdates++;
-    v.count({ pagesDirtied: 1 });
+    v.dirtied();
     this.deviceSink?.(v.index, gfn * 4096);
   }
 
@@ -425,12 +429,12 @@ export class Vm {
     if (v?.ring) {
       if (slot.markRingPending(p)) {
         v.ring.push(slot.id, p);
-        v.count({ pagesDirtied: 1 });
+        v.dirtied();
         if (v.ring.softFull) v.ringFull = true;
       }
       return "ring";
     }
-    if (slot.markDirty(p)) v?.count({ pagesDirtied: 1 });
+    if (slot.markDirty(p)) v?.dirtied();
     return this.ringEnabled ? "backup-bitmap" : "bitmap";
   }
 
