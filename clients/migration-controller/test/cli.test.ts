@@ -78,6 +78,9 @@ describe("migration controller CLI", () => {
       [["migrate", "--vm", "web", "--mechanism", "magic"], /--mechanism magic: must be one of/],
       [["migrate", "--vm", "web", "--downtime-limit=-1"], /--downtime-limit -1/],
       [["teleport"], /unknown command 'teleport' \(use demo, migrate or serve\)/],
+      [["serve", "--hypervisor-a", "127.0.0.1:1"], /serve needs --hypervisor-a and --hypervisor-b/],
+      [["demo", "--memory", "12KiB"], /--memory 12KiB: must be a multiple of 4 KiB and at least 1 MiB/],
+      [["demo", "--ring-entries", "1000"], /--ring-entries 1000: must be a power of two/],
       [["--frobnicate"], /Unknown option '--frobnicate'/],
     ] as [string[], RegExp][]) {
       const r = await cli(args);
