@@ -17,7 +17,7 @@ import type { Logger } from "../../common/log.js";
 import type { ReportWritesRequest, ReportWritesResponse } from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
 import { TrackingMode } from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
 import { bytesToGpas, connectDevice, gpasToBytes, type DeviceClient } from "../page-tracking-device/client.js";
-import type { DeepPartial } from "../../common/client.js";
+import type { DeepPartial, GrpcClientMetrics } from "../../common/client.js";
 import type { Vm } from "./model/vm.js";
 
 /** KVM reads the device one page of GPAs at a time; the cost model charges per such call. */
@@ -58,8 +58,9 @@ export class DeviceLink {
     readonly address: string,
     private readonly logger: Logger,
     private readonly events: DeviceLinkEvents,
+    metrics?: GrpcClientMetrics,
   ) {
-    this.client = connectDevice(address);
+    this.client = connectDevice(address, { metrics });
   }
 
   get vmCount(): number {

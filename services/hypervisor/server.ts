@@ -4,6 +4,7 @@
  * binding in common/grpc.ts turns them into statuses.
  */
 import type { Registry } from "prom-client";
+import { GrpcClientMetrics } from "../../common/client.js";
 import { createComponentServer, type ComponentServer } from "../../common/component.js";
 import { bindService, type ServiceHandlers } from "../../common/grpc.js";
 import { alreadyExists, invalidArgument, permissionDenied, failedPrecondition, notFound } from "../../common/errors.js";
@@ -183,6 +184,7 @@ export class DeviceRegistry {
     private readonly hv: Hypervisor,
     private readonly logger: Logger,
     private readonly metrics: HypervisorMetrics,
+    private readonly rpcMetrics: GrpcClientMetrics,
   ) {}
 
   register(address: string): void {
@@ -191,12 +193,17 @@ export class DeviceRegistry {
       if (this.link.address === address) return;
       throw alreadyExists(`register device: a page-tracking device is already registered (${this.link.address})`, "EBUSY");
     }
-    this.link = new DeviceLink(address, this.logger, {
-      lost: () => {
-        this.hv.deviceRegistered = false;
-        this.metrics.deviceLost.inc();
+    this.link = new DeviceLink(
+      address,
+      this.logger,
+      {
+        lost: () => {
+          this.hv.deviceRegistered = false;
+          this.metrics.deviceLost.inc();
+        },
       },
-    });
+      this.rpcMetrics,
+    );
     this.hv.deviceRegistered = true;
   }
 
@@ -574,7 +581,7 @@ export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorSe
     },
   });
   const metrics = new HypervisorMetrics(app.registry, deps.hypervisor);
-  const registered = new DeviceRegistry(deps.hypervisor, deps.logger, metrics);
+  const registered = new DeviceRegistry(deps.hypervisor, deps.logger, metrics, new GrpcClientMetrics(app.registry));
   devices = registered;
   metrics.watchDevice(() => registered.link);
   app.grpc.addService(
