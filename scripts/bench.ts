@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { MemslotFlag, WorkloadPattern } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { DEFAULT_COSTS } from "../services/hypervisor/model/cost-model.js";
-import { Hypervisor } from "../services/hypervisor/model/hypervisor.js";
+import { Hypervisor, type CreateVmSpec } from "../services/hypervisor/model/hypervisor.js";
 import type { Vm } from "../services/hypervisor/model/vm.js";
 import type { WorkloadSpec } from "../services/hypervisor/model/workload.js";
 import { spawnService } from "../common/spawn.js";
@@ -42,6 +42,28 @@ function workload(pattern: WorkloadSpec["pattern"], writesPerSecond: number, see
   return { pattern, writesPerSecond, firstPage: 0, pages: 0, hotFraction: 0.1, hotWriteFraction: 0.9, value: "sequence", epoch: 0n, seed };
 }
 
+const benchHypervisor = () => new Hypervisor({ memoryBudgetBytes: 2 ** 41, costs: { ...DEFAULT_COSTS }, allowFaultInjection: false });
+
+/** A one-vCPU, stepped, 4 KiB-backed, logging VM with one slot at 1 GiB, for in-process benchmarks. */
+function benchVm(hv: Hypervisor, name: string, bytes: number, extra: Partial<CreateVmSpec> = {}): Vm {
+  return hv.createVm({
+    name,
+    vcpus: 1,
+    memslots: [{ slot: 0, gpa: 2 ** 30, size: bytes, flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES }],
+    backing: "4K",
+    ipaBits: 48,
+    eagerSplitChunkSize: 0,
+    clock: "stepped",
+    realtimeSpeed: 1,
+    seed: 1n,
+    workload: null,
+    startPaused: false,
+    tlbEntries: 1024,
+    dirtyRing: null,
+    ...extra,
+  });
+}
+
 /**
  * Runs the VM's single vCPU for about `writes` writes at the fastest rate the
  * cost model allows (guestNsPerWrite of guest time each); returns writes per
@@ -64,24 +86,10 @@ function median<T>(n: number, run: () => T, key: (t: T) => number): T {
 async function hypervisorBench(gib: number) {
   console.log(`\nhypervisor: ${gib} GiB guest (${fmt((gib * 2 ** 30) / 4096, 0)} pages), one vCPU`);
   const pages = (gib * 2 ** 30) / 4096;
-  const hv = new Hypervisor({ memoryBudgetBytes: 2 ** 41, costs: { ...DEFAULT_COSTS }, allowFaultInjection: false });
+  const hv = benchHypervisor();
   global.gc?.();
   const rss0 = process.memoryUsage().rss;
-  const vm = hv.createVm({
-    name: "bench",
-    vcpus: 1,
-    memslots: [{ slot: 0, gpa: 2 ** 30, size: gib * 2 ** 30, flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES }],
-    backing: "4K",
-    ipaBits: 48,
-    eagerSplitChunkSize: 0,
-    clock: "stepped",
-    realtimeSpeed: 1,
-    seed: 1n,
-    workload: null,
-    startPaused: false,
-    tlbEntries: 1024,
-    dirtyRing: null,
-  });
+  const vm = benchVm(hv, "bench", gib * 2 ** 30);
   // Touch every page once (sequential): maps and logs all of them.
   vm.setWorkload(0, workload("sequential", 1e9 / DEFAULT_COSTS.writeNs));
   let t0 = process.hrtime.bigint();
@@ -201,24 +209,10 @@ async function migrationBench() {
 async function ringBench() {
   console.log("\ndirty ring: 65536 entries (1 MiB) per vCPU, one vCPU writing distinct pages");
   const bytes = 4 * 2 ** 30;
-  const spec = (hv: Hypervisor) =>
-    hv.createVm({
-      name: "ring",
-      vcpus: 1,
-      memslots: [{ slot: 0, gpa: 2 ** 30, size: bytes, flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES }],
-      backing: "4K",
-      ipaBits: 40,
-      eagerSplitChunkSize: 0,
-      clock: "stepped",
-      realtimeSpeed: 1,
-      seed: 1n,
-      workload: workload("sequential", 1e9 / DEFAULT_COSTS.writeNs),
-      startPaused: false,
-      tlbEntries: 1024,
-      dirtyRing: { capability: 223, bytes: 65536n * 16n, withBitmap: false },
-    });
-  const hv = new Hypervisor({ memoryBudgetBytes: 2 ** 41, costs: { ...DEFAULT_COSTS }, allowFaultInjection: false });
-  const vm = spec(hv);
+  const vm = benchVm(benchHypervisor(), "ring", bytes, {
+    workload: workload("sequential", 1e9 / DEFAULT_COSTS.writeNs),
+    dirtyRing: { capability: 223, bytes: 65536n * 16n, withBitmap: false },
+  });
   const fill = () => vm.advance(65536 * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs) * 2);
   fill(); // warm up the JIT and map the pages once
   vm.harvestRing(0, 0);
@@ -300,21 +294,10 @@ function cScanMs(pages: number): number | null {
 async function hardwareBench(gib: number) {
   const pages = (gib * 2 ** 30) / 4096;
   console.log(`\nhardware DBM and the page-tracking device (${gib} GiB guest)`);
-  const hv = new Hypervisor({ memoryBudgetBytes: 2 ** 41, costs: { ...DEFAULT_COSTS }, allowFaultInjection: false });
-  const vm = hv.createVm({
-    name: "dbm",
-    vcpus: 1,
+  const hv = benchHypervisor();
+  const vm = benchVm(hv, "dbm", gib * 2 ** 30, {
     memslots: [{ slot: 0, gpa: 2 ** 30, size: gib * 2 ** 30, flags: 0 }],
-    backing: "4K",
-    ipaBits: 48,
-    eagerSplitChunkSize: 0,
-    clock: "stepped",
-    realtimeSpeed: 1,
-    seed: 1n,
     workload: workload("sequential", 1e9 / DEFAULT_COSTS.writeNs),
-    startPaused: false,
-    tlbEntries: 1024,
-    dirtyRing: null,
   });
   vm.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.translationFaultNs) + 1); // every page writable
   vm.setHardwareDirtyLogging(true);

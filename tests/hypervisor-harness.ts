@@ -1,4 +1,5 @@
 /** Starts a real hypervisor server on 127.0.0.1 port 0 with a real client, for tests and benchmarks. */
+import type { ComponentServer } from "../common/component.js";
 import { createLogger } from "../common/log.js";
 import { connectHypervisor, type HypervisorClient } from "../services/hypervisor/client.js";
 import { DEFAULT_COSTS, type CostModel } from "../services/hypervisor/model/cost-model.js";
@@ -22,11 +23,15 @@ export async function startHypervisor(
     allowFaultInjection: opts.allowFaultInjection ?? true,
   });
   const app = createHypervisorServer({ hypervisor, logger: createLogger("hypervisor", "silent"), realtimeTickMs: opts.realtimeTickMs ?? 0 });
+  return { hypervisor, ...(await listenLocal(app, connectHypervisor)) };
+}
+
+/** Binds a component on 127.0.0.1 port 0 and connects a client to it. */
+async function listenLocal<C extends { close(): void }>(app: ComponentServer, connect: (address: string) => C) {
   const { grpcPort, httpPort } = await app.listen({ host: "127.0.0.1", grpcPort: 0, httpPort: 0 });
   const address = `127.0.0.1:${grpcPort}`;
-  const client = connectHypervisor(address);
+  const client = connect(address);
   return {
-    hypervisor,
     client,
     address,
     httpPort,
@@ -50,17 +55,5 @@ export async function startDevice(opts: { logCapacity?: number } = {}) {
   const { connectDevice } = await import("../services/page-tracking-device/client.js");
   const device = new PageTrackingDevice({ logCapacity: opts.logCapacity ?? 1 << 20 });
   const app = createDeviceServer({ device, logger: createLogger("ptdevice", "silent") });
-  const { grpcPort, httpPort } = await app.listen({ host: "127.0.0.1", grpcPort: 0, httpPort: 0 });
-  const address = `127.0.0.1:${grpcPort}`;
-  const client = connectDevice(address);
-  return {
-    device,
-    client,
-    address,
-    httpPort,
-    async close() {
-      client.close();
-      await app.close();
-    },
-  };
+  return { device, ...(await listenLocal(app, connectDevice)) };
 }

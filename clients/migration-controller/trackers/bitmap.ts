@@ -11,9 +11,9 @@
  * seed 000's page-tracking device (its GPAs read at every GET). Either is
  * turned on before logging and off after it.
  */
-import { Capability, MemslotFlag, type VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { Capability, type VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import type { HypervisorClient } from "../../../services/hypervisor/client.js";
-import type { DirtyTracker, SyncResult } from "./tracker.js";
+import { setLogging, type DirtyTracker, type SyncResult } from "./tracker.js";
 
 export type BitmapMode = "bitmap" | "bitmap-manual" | "bitmap-initially-set" | "dbm" | "device";
 
@@ -53,14 +53,8 @@ export class BitmapTracker implements DirtyTracker {
       await this.client.enableCap({ vm: this.vm.vm, capability: hw, args: [1n] });
       this.hardwareOn = true;
     }
-    let hostNs = 0;
-    for (const s of this.vm.memslots) {
-      const m = s.memslot!;
-      if (m.flags & MemslotFlag.MEMSLOT_FLAG_READONLY) continue;
-      const r = await this.client.setUserMemoryRegion({ vm: this.vm.vm, memslot: { ...m, flags: m.flags | MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES } });
-      this.enabled.push(m.slot);
-      hostNs += Number(r.hostNs);
-    }
+    const { slots, hostNs } = await setLogging(this.client, this.vm, true);
+    this.enabled = slots;
     return hostNs;
   }
 
@@ -87,11 +81,7 @@ export class BitmapTracker implements DirtyTracker {
   }
 
   async stop(): Promise<void> {
-    for (const s of this.vm.memslots) {
-      const m = s.memslot!;
-      if (!this.enabled.includes(m.slot)) continue;
-      await this.client.setUserMemoryRegion({ vm: this.vm.vm, memslot: { ...m, flags: m.flags & ~MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES } });
-    }
+    await setLogging(this.client, this.vm, false, this.enabled);
     this.enabled = [];
     const hw = HARDWARE_CAP[this.name];
     if (hw && this.hardwareOn) {

@@ -6,10 +6,10 @@
  * hands over. Every sync reaps first; the final one also collects
  * WITH_BITMAP's backup bitmap (writes made without a vCPU).
  */
-import { MemslotFlag, type VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import type { VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import type { HypervisorClient } from "../../../services/hypervisor/client.js";
 import { MigrationError } from "../errors.js";
-import type { DirtyTracker, SyncResult } from "./tracker.js";
+import { setLogging, type DirtyTracker, type SyncResult } from "./tracker.js";
 
 /** QEMU's reaper thread sleeps a second between rounds. */
 const REAP_INTERVAL_NS = 1e9;
@@ -42,14 +42,10 @@ export class RingTracker implements DirtyTracker {
         `VM '${this.vm.vm}' has no dirty ring; KVM only enables rings before vCPUs exist, so create it with one (dirty_ring)`,
       );
     }
-    let hostNs = 0;
+    const { slots, hostNs } = await setLogging(this.client, this.vm, true);
+    this.enabled = slots;
     for (const s of this.vm.memslots) {
-      const m = s.memslot!;
-      if (m.flags & MemslotFlag.MEMSLOT_FLAG_READONLY) continue;
-      const r = await this.client.setUserMemoryRegion({ vm: this.vm.vm, memslot: { ...m, flags: m.flags | MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES } });
-      this.enabled.push(m.slot);
-      this.pending.set(m.slot, new Uint8Array(Math.ceil(Number(s.numPages) / 64) * 8));
-      hostNs += Number(r.hostNs);
+      if (slots.includes(s.memslot!.slot)) this.pending.set(s.memslot!.slot, new Uint8Array(Math.ceil(Number(s.numPages) / 64) * 8));
     }
     return hostNs;
   }
@@ -115,11 +111,7 @@ export class RingTracker implements DirtyTracker {
   async stop(): Promise<void> {
     // Drain the rings first so that no vCPU is left out on a full ring once nobody reaps.
     await this.reap();
-    for (const s of this.vm.memslots) {
-      const m = s.memslot!;
-      if (!this.enabled.includes(m.slot)) continue;
-      await this.client.setUserMemoryRegion({ vm: this.vm.vm, memslot: { ...m, flags: m.flags & ~MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES } });
-    }
+    await setLogging(this.client, this.vm, false, this.enabled);
     this.enabled = [];
   }
 

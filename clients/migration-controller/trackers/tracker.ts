@@ -1,3 +1,6 @@
+import { MemslotFlag, type VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import type { HypervisorClient } from "../../../services/hypervisor/client.js";
+
 /**
  * A dirty-tracking mechanism as the migration thread drives it (QEMU's
  * memory_global_dirty_log_start / migration_bitmap_sync / _stop). Each
@@ -43,3 +46,27 @@ export interface DirtyTracker {
 
 /** Chunks sent to CLEAR_DIRTY_LOG and the wire must start on a 64-page boundary. */
 export const CHUNK_ALIGN = 64;
+
+/**
+ * Turns LOG_DIRTY_PAGES on or off for the given slots of vm (on: every
+ * writable slot; read-only slots never change). Returns the slots it changed
+ * and the host ns KVM charged.
+ */
+export async function setLogging(
+  client: HypervisorClient,
+  vm: VmInfo,
+  on: boolean,
+  only?: number[],
+): Promise<{ slots: number[]; hostNs: number }> {
+  const slots: number[] = [];
+  let hostNs = 0;
+  for (const s of vm.memslots) {
+    const m = s.memslot!;
+    if (m.flags & MemslotFlag.MEMSLOT_FLAG_READONLY || (only && !only.includes(m.slot))) continue;
+    const flags = on ? m.flags | MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES : m.flags & ~MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES;
+    const r = await client.setUserMemoryRegion({ vm: vm.vm, memslot: { ...m, flags } });
+    slots.push(m.slot);
+    hostNs += Number(r.hostNs);
+  }
+  return { slots, hostNs };
+}

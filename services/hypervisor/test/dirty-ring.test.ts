@@ -4,18 +4,12 @@ import { after, before, describe, test } from "node:test";
 import { Capability, ExitReason, FaultKind, LogTarget, MemslotFlag, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { bit, GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 import { collectDirtyRing, runSelftest } from "../../../tests/selftest.js";
+import { rejects } from "../../../tests/grpc-assert.js";
 
 const ACQ_REL = Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL;
 const LOG = MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES;
 const slot0 = (bytes = 64 * MiB, flags = LOG) => ({ slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(bytes), flags });
 
-async function rejects(p: Promise<unknown>, code: status, re: RegExp) {
-  await assert.rejects(p, (e: { code: number; details: string }) => {
-    assert.equal(status[e.code], status[code], e.details);
-    assert.match(e.details, re);
-    return true;
-  });
-}
 
 /** Every entry of one harvest: [flags, slot, offset]. */
 function entries(r: { entries: Uint8Array; count: number }): [number, number, number][] {

@@ -3,17 +3,10 @@ import { status } from "@grpc/grpc-js";
 import { after, before, describe, test } from "node:test";
 import { Capability, ClockDrive, MemslotFlag, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
+import { rejects } from "../../../tests/grpc-assert.js";
 
 const LOG = MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES;
 
-/** Asserts the call fails with the given status and a message matching re. */
-async function rejects(p: Promise<unknown>, code: status, re: RegExp) {
-  await assert.rejects(p, (e: { code: number; details: string }) => {
-    assert.equal(status[e.code], status[code], e.details);
-    assert.match(e.details, re);
-    return true;
-  });
-}
 
 describe("bad input gets a precise status and KVM's errno, never UNKNOWN", () => {
   let h: RunningHypervisor;

@@ -4,17 +4,11 @@ import { after, before, describe, test } from "node:test";
 import { BackingPageSize, Capability, FaultKind, MemslotFlag, WorkloadPattern, type WatchWriteTrackingResponse } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { bit, GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 import { MAX_QUEUED_EVENTS, USHRT_MAX } from "../model/write-track.js";
+import { rejects } from "../../../tests/grpc-assert.js";
 
 const BASE = BigInt(GiB);
 const GFN = BASE / 4096n;
 
-async function rejects(p: Promise<unknown>, code: status, re: RegExp) {
-  await assert.rejects(p, (e: { code: number; details: string }) => {
-    assert.equal(status[e.code], status[code], e.details);
-    assert.match(e.details, re);
-    return true;
-  });
-}
 
 /** Opens a notifier stream; collects events until `until` says stop. */
 function watch(h: RunningHypervisor, vm: string) {

@@ -5,16 +5,10 @@ import { startDevice } from "../../../tests/hypervisor-harness.js";
 import { bytesToGpas, gpasToBytes } from "../client.js";
 import { BUFFER_GPAS } from "../model/device.js";
 import type { TrackingMode } from "../../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
+import { rejects } from "../../../tests/grpc-assert.js";
 
 type Dev = Awaited<ReturnType<typeof startDevice>>;
 
-async function rejects(p: Promise<unknown>, code: status, re: RegExp) {
-  await assert.rejects(p, (e: { code: number; details: string }) => {
-    assert.equal(status[e.code], status[code], e.details);
-    assert.match(e.details, re);
-    return true;
-  });
-}
 
 /** Reports batches on one ReportWrites stream and waits for the last acknowledgement. */
 async function report(d: Dev, batches: { vmid: number; cpu: number; gpas: number[] }[]) {

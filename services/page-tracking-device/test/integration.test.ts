@@ -6,17 +6,11 @@ import { Capability, FaultKind, MemslotFlag, WorkloadPattern } from "../../../pr
 import { migrate } from "../../../clients/migration-controller/migrate.js";
 import { bit, GiB, MiB, startDevice, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 import { collectDirtyLog, runSelftest } from "../../../tests/selftest.js";
+import { rejects } from "../../../tests/grpc-assert.js";
 
 const DEV = Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE;
 const BASE = BigInt(GiB);
 
-async function rejects(p: Promise<unknown>, code: status, re: RegExp) {
-  await assert.rejects(p, (e: { code: number; details: string }) => {
-    assert.equal(status[e.code], status[code], e.details);
-    assert.match(e.details, re);
-    return true;
-  });
-}
 
 const metric = async (port: number, re: RegExp) => {
   const m = await fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text());
