@@ -7,6 +7,7 @@
 import * as grpc from "@grpc/grpc-js";
 import { Counter, Histogram, type Registry } from "prom-client";
 import { channelOptions } from "./grpc.js";
+import { authMetadata, channelCredentials, INSECURE, type Security } from "./security.js";
 
 type MethodDef = {
   path: string;
@@ -28,10 +29,26 @@ export type DeepPartial<T> = T extends Builtin
       : Partial<T>;
 
 export interface CallOptions {
-  /** Milliseconds from now. */
+  /** Milliseconds from now; Infinity for a stream meant to live as long as the channel. */
   deadlineMs?: number;
   signal?: AbortSignal;
 }
+
+export interface ClientOptions {
+  metrics?: GrpcClientMetrics;
+  security?: Security;
+  /** Deadline of every call that names none (default 30 s). */
+  deadlineMs?: number;
+  /**
+   * A peer that stops answering (SIGSTOP, a dead host) is detected within
+   * about this long by HTTP/2 keepalive pings, whatever its calls' deadlines
+   * (default 10 s); its calls then fail with UNAVAILABLE.
+   */
+  hangTimeoutMs?: number;
+}
+
+export const DEFAULT_DEADLINE_MS = 30_000;
+export const DEFAULT_HANG_TIMEOUT_MS = 10_000;
 
 export type PromiseClient<D> = {
   [K in keyof D]: D[K] extends { requestStream: false; responseStream: false }
@@ -77,9 +94,18 @@ export function createClient<D extends Record<string, MethodDef>>(
   definition: D,
   messages: Messages,
   address: string,
-  opts: { metrics?: GrpcClientMetrics } = {},
+  opts: ClientOptions = {},
 ): PromiseClient<D> {
-  const raw = new grpc.Client(address, grpc.credentials.createInsecure(), channelOptions);
+  const security = opts.security ?? INSECURE;
+  const hang = opts.hangTimeoutMs ?? DEFAULT_HANG_TIMEOUT_MS;
+  const raw = new grpc.Client(address, channelCredentials(security), {
+    ...channelOptions,
+    "grpc.keepalive_time_ms": Math.max(500, Math.floor(hang / 2)),
+    "grpc.keepalive_timeout_ms": Math.max(500, Math.floor(hang / 2)),
+    "grpc.keepalive_permit_without_calls": 1,
+  });
+  const auth = authMetadata(security);
+  const defaultDeadline = opts.deadlineMs ?? DEFAULT_DEADLINE_MS;
   const out: Record<string, unknown> = {
     address,
     close: () => raw.close(),
@@ -95,7 +121,11 @@ export function createClient<D extends Record<string, MethodDef>>(
     if (!msg) throw new Error(`no message type ${method}Request for ${m.path}`);
     const serialize = (v: unknown) => m.requestSerialize(msg.fromPartial(v));
     const deserialize = (b: Buffer) => m.responseDeserialize(b);
-    const callOpts = (o?: CallOptions): grpc.CallOptions => (o?.deadlineMs ? { deadline: Date.now() + o.deadlineMs } : {});
+    const callOpts = (o?: CallOptions): grpc.CallOptions => {
+      const ms = o?.deadlineMs ?? defaultDeadline;
+      return Number.isFinite(ms) ? { deadline: Date.now() + ms } : {};
+    };
+    const md = () => auth?.clone() ?? new grpc.Metadata();
     const track = () => {
       opts.metrics?.started.inc(labels);
       const t0 = process.hrtime.bigint();
@@ -109,7 +139,7 @@ export function createClient<D extends Record<string, MethodDef>>(
       out[key] = (req: unknown, o?: CallOptions) =>
         new Promise((resolve, reject) => {
           const done = track();
-          const call = raw.makeUnaryRequest(m.path, serialize, deserialize, req, callOpts(o), (err, res) => {
+          const call = raw.makeUnaryRequest(m.path, serialize, deserialize, req, md(), callOpts(o), (err, res) => {
             done(err ? codeOf(err) : grpc.status.OK);
             if (err) reject(err);
             else resolve(res);
@@ -120,7 +150,7 @@ export function createClient<D extends Record<string, MethodDef>>(
       out[key] = (req: unknown, o?: CallOptions) => ({
         async *[Symbol.asyncIterator]() {
           const done = track();
-          const call = raw.makeServerStreamRequest(m.path, serialize, deserialize, req, callOpts(o));
+          const call = raw.makeServerStreamRequest(m.path, serialize, deserialize, req, md(), callOpts(o));
           o?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
           try {
             for await (const r of call) yield r;
@@ -137,7 +167,7 @@ export function createClient<D extends Record<string, MethodDef>>(
       out[key] = (reqs: AsyncIterable<unknown> | Iterable<unknown>, o?: CallOptions) =>
         new Promise((resolve, reject) => {
           const done = track();
-          const call = raw.makeClientStreamRequest(m.path, serialize, deserialize, callOpts(o), (err, res) => {
+          const call = raw.makeClientStreamRequest(m.path, serialize, deserialize, md(), callOpts(o), (err, res) => {
             done(err ? codeOf(err) : grpc.status.OK);
             if (err) reject(err);
             else resolve(res);
@@ -158,11 +188,34 @@ export function createClient<D extends Record<string, MethodDef>>(
     } else {
       out[key] = (o?: CallOptions) => {
         const done = track();
-        const call = raw.makeBidiStreamRequest(m.path, serialize, deserialize, callOpts(o));
+        const call = raw.makeBidiStreamRequest(m.path, serialize, deserialize, md(), callOpts(o));
         call.on("status", (st: grpc.StatusObject) => done(st.code));
         return call;
       };
     }
   }
   return out as PromiseClient<D>;
+}
+
+/**
+ * grpc.health.v1 Check of one service at address: resolves when it is
+ * SERVING, rejects (with the reason) otherwise.
+ */
+export async function checkHealth(address: string, service: string, opts: { security?: Security; deadlineMs: number }): Promise<void> {
+  const { service: definition } = await import("grpc-health-check");
+  const Health = grpc.makeGenericClientConstructor(definition as grpc.ServiceDefinition, "Health");
+  const client = new Health(address, channelCredentials(opts.security ?? INSECURE), channelOptions) as unknown as grpc.Client & {
+    check(req: { service: string }, md: grpc.Metadata, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null, r?: { status: string | number }) => void): void;
+  };
+  try {
+    const res = await new Promise<{ status: string | number }>((resolve, reject) =>
+      client.check({ service }, authMetadata(opts.security ?? INSECURE) ?? new grpc.Metadata(), { deadline: Date.now() + opts.deadlineMs }, (e, r) => (e ? reject(e) : resolve(r!))),
+    );
+    if (res.status !== "SERVING" && res.status !== 1) throw new Error(`${service} is ${res.status}`);
+  } catch (err) {
+    const e = err as grpc.ServiceError;
+    throw new Error(e.code === grpc.status.NOT_FOUND ? `it does not serve ${service}` : (e.details ?? e.message));
+  } finally {
+    client.close();
+  }
 }

@@ -21,6 +21,22 @@ export function envNumber(env: Env, name: string, fallback: number, opts: { min?
   return v;
 }
 
+export function envPort(env: Env, name: string, fallback: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === "") return fallback;
+  const v = Number(raw);
+  if (!Number.isInteger(v) || v < 0 || v > 65535) throw new ConfigError(`${name}=${raw} is not a port (an integer in [0, 65535]; 0 picks a free one)`);
+  return v;
+}
+
+/** An address to bind: empty means the default (127.0.0.1), never "every interface" by accident. */
+export function envHost(env: Env, name: string, fallback = "127.0.0.1"): string {
+  const raw = (env[name] ?? "").trim();
+  if (raw === "") return fallback;
+  if (!/^[A-Za-z0-9.:_-]{1,253}$/.test(raw)) throw new ConfigError(`${name}=${raw} is not a host name or address`);
+  return raw;
+}
+
 export function envBool(env: Env, name: string, fallback: boolean): boolean {
   const raw = env[name];
   if (raw === undefined || raw === "") return fallback;

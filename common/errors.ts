@@ -53,3 +53,8 @@ export const permissionDenied = (message: string, errno?: Errno) =>
   new DomainError("permission-denied", message, errno);
 export const unimplemented = (message: string, errno?: Errno) =>
   new DomainError("unimplemented", message, errno);
+
+/** A user-supplied string as an error message quotes it: at most max characters of it. */
+export function echo(s: string, max = 80): string {
+  return s.length <= max ? s : `${s.slice(0, max)}… (${s.length} characters)`;
+}

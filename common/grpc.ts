@@ -25,12 +25,28 @@ const STATUS_OF: Record<ErrorKind, grpc.status> = {
   aborted: grpc.status.ABORTED,
 };
 
+/** A status received from another server, as the kind of error this server answers with. */
+export function kindOfStatus(code: grpc.status): ErrorKind {
+  const found = (Object.entries(STATUS_OF) as [ErrorKind, grpc.status][]).find(([, c]) => c === code);
+  return found ? found[0] : "unavailable";
+}
+
+/**
+ * Status details travel in a header; clients refuse headers past 8 KiB by
+ * default, so a message that echoes a huge input must not get near that.
+ */
+export const MAX_DETAILS_CHARS = 1024;
+
+function bounded(details: string): string {
+  return details.length <= MAX_DETAILS_CHARS ? details : `${details.slice(0, MAX_DETAILS_CHARS - 30)}… (${details.length} characters)`;
+}
+
 /** The one place where errors become gRPC statuses. */
 export function toStatus(err: unknown): { code: grpc.status; details: string } {
-  if (err instanceof DomainError) return { code: STATUS_OF[err.kind], details: err.message };
+  if (err instanceof DomainError) return { code: STATUS_OF[err.kind], details: bounded(err.message) };
   const e = err as Partial<grpc.ServiceError>;
-  if (typeof e?.code === "number" && typeof e.details === "string") return { code: e.code, details: e.details };
-  return { code: grpc.status.INTERNAL, details: `internal error: ${(err as Error)?.message ?? String(err)}` };
+  if (typeof e?.code === "number" && typeof e.details === "string") return { code: e.code, details: bounded(e.details) };
+  return { code: grpc.status.INTERNAL, details: bounded(`internal error: ${(err as Error)?.message ?? String(err)}`) };
 }
 
 type MethodDef = {
@@ -279,11 +295,9 @@ export function addStandardServices(server: grpc.Server, protoFiles: string[], s
 
 export const PROTO_ROOT = new URL("../proto/", import.meta.url).pathname;
 
-export async function bindServer(server: grpc.Server, host: string, port: number): Promise<number> {
+export async function bindServer(server: grpc.Server, host: string, port: number, credentials = grpc.ServerCredentials.createInsecure()): Promise<number> {
   return new Promise((resolve, reject) => {
-    server.bindAsync(`${host}:${port}`, grpc.ServerCredentials.createInsecure(), (err, bound) =>
-      err ? reject(err) : resolve(bound),
-    );
+    server.bindAsync(`${host}:${port}`, credentials, (err, bound) => (err ? reject(err) : resolve(bound)));
   });
 }
 

@@ -2,8 +2,14 @@
 import Fastify, { type FastifyInstance } from "fastify";
 import { collectDefaultMetrics, type Registry } from "prom-client";
 
-export function createOpsServer(opts: { registry: Registry; health: () => { ok: boolean; detail?: unknown } }): FastifyInstance {
-  const app = Fastify({ logger: false });
+export function createOpsServer(opts: {
+  registry: Registry;
+  health: () => { ok: boolean; detail?: unknown };
+  /** HTTPS (and client certificates, with a CA) instead of plain HTTP. */
+  https?: { cert: Buffer; key: Buffer; ca?: Buffer; requestCert: boolean; rejectUnauthorized: boolean } | null;
+}): FastifyInstance {
+  // fastify's types split on https; both forms are the same server to us.
+  const app = (opts.https ? Fastify({ logger: false, https: opts.https }) : Fastify({ logger: false })) as unknown as FastifyInstance;
   app.get("/metrics", async (_req, reply) => {
     reply.header("content-type", opts.registry.contentType);
     return opts.registry.metrics();

@@ -1,9 +1,9 @@
 /** A promise client of the hypervisor service (for the migration controller, the device, tests and tools). */
-import { createClient, type GrpcClientMetrics, type PromiseClient } from "../../common/client.js";
+import { createClient, type ClientOptions, type PromiseClient } from "../../common/client.js";
 import * as messages from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 
 export type HypervisorClient = PromiseClient<typeof messages.HypervisorServiceService>;
 
-export function connectHypervisor(address: string, opts: { metrics?: GrpcClientMetrics } = {}): HypervisorClient {
+export function connectHypervisor(address: string, opts: ClientOptions = {}): HypervisorClient {
   return createClient(messages.HypervisorServiceService, messages, address, opts);
 }

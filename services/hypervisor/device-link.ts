@@ -12,12 +12,14 @@
  * counted and logged.
  */
 import type * as grpc from "@grpc/grpc-js";
-import { failedPrecondition } from "../../common/errors.js";
+import * as grpcjs from "@grpc/grpc-js";
+import { DomainError, failedPrecondition } from "../../common/errors.js";
+import { kindOfStatus } from "../../common/grpc.js";
 import type { Logger } from "../../common/log.js";
 import type { ReportWritesRequest, ReportWritesResponse } from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
 import { TrackingMode } from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
 import { bytesToGpas, connectDevice, gpasToBytes, type DeviceClient } from "../page-tracking-device/client.js";
-import type { DeepPartial, GrpcClientMetrics } from "../../common/client.js";
+import type { ClientOptions, DeepPartial } from "../../common/client.js";
 import type { Vm } from "./model/vm.js";
 
 /** KVM reads the device one page of GPAs at a time; the cost model charges per such call. */
@@ -56,11 +58,27 @@ export class DeviceLink {
 
   constructor(
     readonly address: string,
+    /** Trackers this link allocates carry it as their owner (see RegisterPageTrackingDeviceResponse). */
+    readonly id: string,
     private readonly logger: Logger,
     private readonly events: DeviceLinkEvents,
-    metrics?: GrpcClientMetrics,
+    clientOptions: ClientOptions = {},
   ) {
-    this.client = connectDevice(address, { metrics });
+    this.client = connectDevice(address, { deadlineMs: DEVICE_TIMEOUT_MS, hangTimeoutMs: DEVICE_TIMEOUT_MS, ...clientOptions });
+  }
+
+  /**
+   * A device call's failure as the hypervisor's own status, naming the
+   * device: an unreachable device is a missing precondition (ENODEV), not an
+   * unreachable hypervisor.
+   */
+  private explain(err: unknown, what: string): DomainError {
+    const e = err as Partial<grpcjs.ServiceError>;
+    const detail = e.details ?? e.message ?? String(err);
+    if (e.code === undefined || [grpcjs.status.UNAVAILABLE, grpcjs.status.DEADLINE_EXCEEDED, grpcjs.status.CANCELLED].includes(e.code)) {
+      return failedPrecondition(`${what}: the page-tracking device at ${this.address} did not answer (${detail})`, "ENODEV");
+    }
+    return new DomainError(kindOfStatus(e.code), `${what}: the page-tracking device at ${this.address} refused: ${detail}`);
   }
 
   get vmCount(): number {
@@ -73,7 +91,8 @@ export class DeviceLink {
 
   private openStream() {
     if (this.stream) return this.stream;
-    const s = this.client.reportWrites();
+    // The stream lives as long as the link; keepalive and the acknowledgement timeout watch it.
+    const s = this.client.reportWrites({ deadlineMs: Infinity });
     s.on("data", (r: ReportWritesResponse) => {
       this.seqAcked = r.ackedSeq;
       this.waiters = this.waiters.filter((w) => {
@@ -92,8 +111,18 @@ export class DeviceLink {
   async attach(vm: Vm): Promise<void> {
     if (this.lost) throw failedPrecondition(`the page-tracking device at ${this.address} was lost: ${this.lost}`, "ENODEV");
     if (this.attached.has(vm.name)) return;
-    const { tracker } = await this.client.allocateTracker({ vmid: vm.config.vmid, mode: TrackingMode.TRACKING_MODE_DIRTY_PAGES }, { deadlineMs: DEVICE_TIMEOUT_MS });
-    await this.client.enableTracking({ tracker, cpu: -1 }, { deadlineMs: DEVICE_TIMEOUT_MS });
+    const what = `ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE) on VM ${vm.name}`;
+    const { tracker } = await this.client
+      .allocateTracker({ vmid: vm.config.vmid, mode: TrackingMode.TRACKING_MODE_DIRTY_PAGES, owner: this.id })
+      .catch((err: unknown) => {
+        throw this.explain(err, what);
+      });
+    try {
+      await this.client.enableTracking({ tracker, cpu: -1 });
+    } catch (err) {
+      await this.client.releaseTracker({ tracker }).catch(() => undefined);
+      throw this.explain(err, what);
+    }
     this.openStream();
     const a: Attached = {
       vm,
@@ -143,11 +172,11 @@ export class DeviceLink {
 
   /** Flushes the tracker and reads every logged GPA into the VM's bitmaps. Returns pages and modelled host ns. */
   private async readAll(a: Attached): Promise<{ pages: number; hostNs: number }> {
-    await this.client.flush({ tracker: a.tracker }, { deadlineMs: DEVICE_TIMEOUT_MS });
+    await this.client.flush({ tracker: a.tracker });
     let pages = 0;
     let gpas = 0;
     for (;;) {
-      const r = await this.client.readDirty({ tracker: a.tracker, cpu: -1, max: WIRE_READ_GPAS }, { deadlineMs: DEVICE_TIMEOUT_MS });
+      const r = await this.client.readDirty({ tracker: a.tracker, cpu: -1, max: WIRE_READ_GPAS });
       if (r.overflowed) {
         // GPAs were dropped: everything the device tracks is dirty; tracking goes on.
         pages += a.vm.deviceLost();
@@ -187,9 +216,9 @@ export class DeviceLink {
     if (!a) return;
     try {
       await this.drained();
-      await this.client.disableTracking({ tracker: a.tracker, cpu: -1 }, { deadlineMs: DEVICE_TIMEOUT_MS });
+      await this.client.disableTracking({ tracker: a.tracker, cpu: -1 });
       await this.readAll(a);
-      await this.client.releaseTracker({ tracker: a.tracker }, { deadlineMs: DEVICE_TIMEOUT_MS });
+      await this.client.releaseTracker({ tracker: a.tracker });
       this.attached.delete(vm.name);
       vm.disableDeviceMode();
     } catch (err) {

@@ -1,47 +1,49 @@
 /**
  * Hypervisor process: reads the environment, binds gRPC and the ops HTTP
  * port, and shuts down cleanly on SIGTERM / SIGINT.
- *
- *   HYPERVISOR_HOST            bind address (127.0.0.1)
- *   HYPERVISOR_GRPC_PORT       gRPC port (50051; 0 picks one)
- *   HYPERVISOR_HTTP_PORT       /metrics and /healthz (9464; 0 picks one)
- *   HYPERVISOR_MEMORY_BUDGET   guest memory this host may hold (1TiB)
- *   HYPERVISOR_COST_MODEL      JSON file overriding cost-model defaults
- *   HYPERVISOR_ALLOW_FAULT_INJECTION  1 enables test-only bug switches
- *   LOG_LEVEL                  pino level (info)
  */
-import { ConfigError, envBool, envNumber, envString, parseBytes } from "../../common/config.js";
-import { untilSignal } from "../../common/component.js";
-import { createLogger } from "../../common/log.js";
+import { totalmem } from "node:os";
+import { ConfigError, envBool, envHost, envPort, envString, parseBytes } from "../../common/config.js";
+import { runMain, untilSignal } from "../../common/component.js";
+import { securityFromEnv } from "../../common/security.js";
 import { loadCostModel } from "./model/cost-model.js";
 import { Hypervisor } from "./model/hypervisor.js";
 import { createHypervisorServer } from "./server.js";
 
-const env = process.env;
-if (process.argv.includes("--help")) {
-  console.log(`usage: hypervisor   (configured by environment variables; see services/hypervisor/main.ts or the README)`);
-  process.exit(0);
-}
-const logger = createLogger("hypervisor");
-try {
-  const host = envString(env, "HYPERVISOR_HOST", "127.0.0.1");
-  const grpcPort = envNumber(env, "HYPERVISOR_GRPC_PORT", 50051, { min: 0, integer: true });
-  const httpPort = envNumber(env, "HYPERVISOR_HTTP_PORT", 9464, { min: 0, integer: true });
+const HELP = `usage: hypervisor   (configured by environment variables)
+
+  HYPERVISOR_HOST            bind address (127.0.0.1)
+  HYPERVISOR_GRPC_PORT       gRPC port (50051; 0 picks one)
+  HYPERVISOR_HTTP_PORT       /metrics and /healthz (9464; 0 picks one)
+  HYPERVISOR_MEMORY_BUDGET   memory this process may allocate for its VMs (half of this machine's RAM);
+                             about 16 bytes per 4 KiB guest page, plus logs, TLBs and rings
+  HYPERVISOR_COST_MODEL      JSON file overriding cost-model defaults
+  HYPERVISOR_ALLOW_FAULT_INJECTION  1 enables test-only bug switches
+  TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE, AUTH_TOKEN   TLS, mutual TLS and a bearer token (see the README)
+  LOG_LEVEL                  fatal, error, warn, info (default), debug, trace or silent`;
+
+await runMain("hypervisor", HELP, async (logger) => {
+  const env = process.env;
+  const host = envHost(env, "HYPERVISOR_HOST");
+  const grpcPort = envPort(env, "HYPERVISOR_GRPC_PORT", 50051);
+  const httpPort = envPort(env, "HYPERVISOR_HTTP_PORT", 9464);
+  let budget: number;
+  try {
+    budget = env.HYPERVISOR_MEMORY_BUDGET ? parseBytes(env.HYPERVISOR_MEMORY_BUDGET) : Math.floor(totalmem() / 2);
+  } catch (err) {
+    throw new ConfigError(`HYPERVISOR_MEMORY_BUDGET: ${(err as Error).message}`);
+  }
+  const security = securityFromEnv(env);
   const hypervisor = new Hypervisor({
-    memoryBudgetBytes: parseBytes(envString(env, "HYPERVISOR_MEMORY_BUDGET", "1TiB")),
+    memoryBudgetBytes: budget,
     costs: loadCostModel(env.HYPERVISOR_COST_MODEL),
     allowFaultInjection: envBool(env, "HYPERVISOR_ALLOW_FAULT_INJECTION", false),
   });
-  const app = createHypervisorServer({ hypervisor, logger });
-  const ports = await app.listen({ host, grpcPort, httpPort });
-  logger.info({ host, ...ports }, "hypervisor listening");
+  const app = createHypervisorServer({ hypervisor, logger, security });
+  const ports = await app.listen({ host, grpcPort, httpPort, vars: { grpcPort: "HYPERVISOR_GRPC_PORT", httpPort: "HYPERVISOR_HTTP_PORT" } });
+  logger.info({ host, ...ports, tls: security.cert !== null, mtls: security.ca !== null, token: security.token !== null }, "hypervisor listening");
   // The parent (tests, the embedded demo) reads this line to learn the ports.
   if (env.HYPERVISOR_ANNOUNCE === "1") console.log(JSON.stringify({ listening: { host, ...ports } }));
   await untilSignal(logger);
   await app.close();
-  process.exit(0);
-} catch (err) {
-  // A configuration mistake is the user's to fix: say what, without a stack trace.
-  logger.fatal(err instanceof ConfigError ? {} : { err }, (err as Error).message);
-  process.exit(1);
-}
+});

@@ -6,12 +6,17 @@
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
 import type { Hypervisor } from "./model/hypervisor.js";
 
+/** The interfaces the sync histogram is labelled with. */
+export const SYNC_INTERFACES = ["get", "clear", "ring_reset", "dbm_scan", "device_read"] as const;
+
 export class HypervisorMetrics {
   readonly syncHostSeconds: Histogram<"vm" | "interface">;
   readonly ringHarvested: Counter<"vm">;
   readonly deviceLost: Counter<string>;
   readonly ringResetEntries: Counter<"vm">;
-  readonly syncDirtyRate: Gauge<"vm" | "slot" | "mechanism">;
+  private readonly syncDirtyRate: Gauge<"vm" | "slot" | "mechanism">;
+  /** The dirty-rate series each VM has set, so that they go with it. */
+  private readonly rateSeries = new Map<string, Map<string, { vm: string; slot: string; mechanism: string }>>();
   private device: () => { lagBatches: number; batchesSent: number; gpasSent: number; vmCount: number } | null = () => null;
 
   /** Lets the device-link families read the registered link at scrape time. */
@@ -210,5 +215,22 @@ export class HypervisorMetrics {
       buckets: [1e-6, 1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5],
       registers,
     });
+  }
+
+  setSyncDirtyRate(vm: string, slot: number, mechanism: string, rate: number): void {
+    const labels = { vm, slot: String(slot), mechanism };
+    let series = this.rateSeries.get(vm);
+    if (!series) this.rateSeries.set(vm, (series = new Map()));
+    series.set(`${slot}/${mechanism}`, labels);
+    this.syncDirtyRate.set(labels, rate);
+  }
+
+  /** A destroyed VM's series go with it (those computed at scrape time vanish by themselves). */
+  forgetVm(vm: string): void {
+    for (const labels of this.rateSeries.get(vm)?.values() ?? []) this.syncDirtyRate.remove(labels);
+    this.rateSeries.delete(vm);
+    for (const iface of SYNC_INTERFACES) this.syncHostSeconds.remove({ vm, interface: iface });
+    this.ringHarvested.remove({ vm });
+    this.ringResetEntries.remove({ vm });
   }
 }

@@ -3,11 +3,13 @@
  * and back. All validation errors come from the model as domain errors; the
  * binding in common/grpc.ts turns them into statuses.
  */
+import { setImmediate as yieldToEventLoop } from "node:timers/promises";
 import type { Registry } from "prom-client";
-import { GrpcClientMetrics } from "../../common/client.js";
+import { checkHealth, GrpcClientMetrics } from "../../common/client.js";
 import { createComponentServer, type ComponentServer } from "../../common/component.js";
-import { bindService, type ServiceHandlers } from "../../common/grpc.js";
-import { alreadyExists, invalidArgument, permissionDenied, failedPrecondition, notFound } from "../../common/errors.js";
+import { bindService, MAX_MESSAGE_BYTES, type ServiceHandlers } from "../../common/grpc.js";
+import { alreadyExists, DomainError, echo, invalidArgument, permissionDenied, failedPrecondition, notFound, resourceExhausted } from "../../common/errors.js";
+import { INSECURE, type Security } from "../../common/security.js";
 import type { Logger } from "../../common/log.js";
 import {
   BackingPageSize,
@@ -22,7 +24,8 @@ import {
   type VmInfo,
   type Workload,
 } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
-import { DeviceLink } from "./device-link.js";
+import { DeviceLink, DEVICE_TIMEOUT_MS } from "./device-link.js";
+import { randomUUID } from "node:crypto";
 import { HypervisorMetrics } from "./metrics.js";
 import { RealtimeDriver } from "./model/clock.js";
 import { toU64, outputAddressOf, AF, HI_DBM, S2AP_R, S2AP_W } from "./model/descriptor.js";
@@ -38,6 +41,13 @@ export const HYPERVISOR_SERVICE = "dirtytrack.hypervisor.v1.HypervisorService";
 
 /** Longest single AdvanceVm: an hour of guest time. */
 const MAX_ADVANCE_NS = 3600e9;
+/**
+ * Wall time one slice of guest work may hold the event loop (AdvanceVm, the
+ * real-time drive); other calls run between slices.
+ */
+export const SLICE_MS = 10;
+/** What the page-tracking device must answer to be registered. */
+const DEVICE_SERVICE = "dirtytrack.ptdevice.v1.PageTrackingDeviceService";
 
 /** A uint64 from the wire as a JS number, refusing values past 2^53. */
 function num(v: bigint, what: string): number {
@@ -180,21 +190,44 @@ function vcpuList(vm: Vm, list: number[], what: string): number[] {
 /** The registered page-tracking device, if any (page_tracking_device_registered()). */
 export class DeviceRegistry {
   link: DeviceLink | null = null;
+  /** Link ids are this process's instance and a counter: a restarted hypervisor never reuses one. */
+  private readonly instance = randomUUID();
+  private links = 0;
   constructor(
     private readonly hv: Hypervisor,
     private readonly logger: Logger,
     private readonly metrics: HypervisorMetrics,
     private readonly rpcMetrics: GrpcClientMetrics,
+    private readonly security: Security,
   ) {}
 
-  register(address: string): void {
-    if (!/^[^\s:]+:\d{1,5}$/.test(address)) throw invalidArgument(`register device: '${address}' is not host:port`);
-    if (this.link && !this.link.lost) {
-      if (this.link.address === address) return;
-      throw alreadyExists(`register device: a page-tracking device is already registered (${this.link.address})`, "EBUSY");
+  /**
+   * page_tracking_device_register: the device announces where it listens. It
+   * is accepted only if a page-tracking device answers there; registering the
+   * same address again (the device's heartbeat) returns the live link's id.
+   */
+  async register(address: string): Promise<string> {
+    const m = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253}):(\d{1,5})$/.exec(address);
+    if (!m || Number(m[2]) < 1 || Number(m[2]) > 65535) {
+      throw invalidArgument(`register device: '${echo(address)}' is not host:port with a port in [1, 65535]`, "EINVAL");
     }
+    const live = () => {
+      if (!this.link || this.link.lost) return null;
+      if (this.link.address === address) return this.link.id;
+      throw alreadyExists(`register device: a page-tracking device is already registered (${this.link.address})`, "EBUSY");
+    };
+    const existing = live();
+    if (existing) return existing;
+    try {
+      await checkHealth(address, DEVICE_SERVICE, { security: this.security, deadlineMs: DEVICE_TIMEOUT_MS });
+    } catch (err) {
+      throw failedPrecondition(`register device: no page-tracking device answers at ${address} (${(err as Error).message})`, "ENODEV");
+    }
+    const raced = live();
+    if (raced) return raced;
     this.link = new DeviceLink(
       address,
+      `${this.instance}/${++this.links}`,
       this.logger,
       {
         lost: () => {
@@ -202,13 +235,15 @@ export class DeviceRegistry {
           this.metrics.deviceLost.inc();
         },
       },
-      this.rpcMetrics,
+      { metrics: this.rpcMetrics, security: this.security },
     );
     this.hv.deviceRegistered = true;
+    this.logger.info({ device: address, link: this.link.id }, "page-tracking device registered");
+    return this.link.id;
   }
 
   async unregister(address: string): Promise<void> {
-    if (!this.link || this.link.address !== address) throw notFound(`unregister device: no device registered at ${address}`);
+    if (!this.link || this.link.address !== address) throw notFound(`unregister device: no device registered at ${echo(address)}`);
     const link = this.link;
     this.link = null;
     this.hv.deviceRegistered = false;
@@ -229,6 +264,9 @@ export class DeviceRegistry {
 /** The guest time of each slot's previous GET, for the dirty rate QEMU computes at every sync. */
 class SyncClock {
   private readonly last = new Map<string, number>();
+  forget(vm: string): void {
+    for (const k of this.last.keys()) if (k.startsWith(`${vm}/`)) this.last.delete(k);
+  }
   rate(vm: Vm, slot: number, dirtyPages: number): number | null {
     const key = `${vm.name}/${slot}`;
     const prev = this.last.get(key);
@@ -237,7 +275,12 @@ class SyncClock {
   }
 }
 
-export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics, devices: DeviceRegistry): ServiceHandlers<typeof HypervisorServiceService> {
+export function hypervisorHandlers(
+  hv: Hypervisor,
+  metrics: HypervisorMetrics,
+  devices: DeviceRegistry,
+  limits: { maxMessageBytes: number },
+): ServiceHandlers<typeof HypervisorServiceService> {
   const lastGet = new SyncClock();
   const stepped = (vm: Vm, what: string) => {
     if (vm.config.clock !== "stepped") throw failedPrecondition(`${what}: VM ${vm.name}'s clock is driven in real time`);
@@ -277,9 +320,12 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics, d
     listVms: () => ({ vms: [...hv.vms.values()].map(vmInfo) }),
     async destroyVm(req) {
       const vm = hv.vm(req.vm);
+      vm.destroyed = true;
       await devices.link?.forget(vm);
       vm.writeTrack.closeAll(notFound(`VM ${req.vm} was destroyed`));
       hv.destroyVm(req.vm);
+      lastGet.forget(vm.name);
+      metrics.forgetVm(vm.name);
       return {};
     },
     pauseVm(req) {
@@ -330,6 +376,15 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics, d
     },
     async getDirtyLog(req) {
       const vm = hv.vm(req.vm);
+      const slot = vm.slots.get(req.slot);
+      // Refused before anything is synced or cleared: a bitmap that cannot be sent must not be lost.
+      if (slot && slot.bitmapBytes + 1024 > limits.maxMessageBytes) {
+        throw resourceExhausted(
+          `GET_DIRTY_LOG: slot ${req.slot}'s bitmap is ${slot.bitmapBytes} bytes, over the ${limits.maxMessageBytes}-byte message limit; ` +
+            "split the memory into smaller slots (at most 2 TiB each), or use manual protect and CLEAR_DIRTY_LOG by range",
+          "E2BIG",
+        );
+      }
       const dev = await devices.sync(vm);
       if (dev.hostNs) metrics.syncHostSeconds.observe({ vm: vm.name, interface: "device_read" }, dev.hostNs / 1e9);
       const r = vm.getDirtyLog(req.slot);
@@ -338,7 +393,7 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics, d
       r.pagesSynced += dev.pages;
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "get" }, r.hostNs / 1e9);
       const rate = lastGet.rate(vm, req.slot, r.dirtyPages);
-      if (rate !== null) metrics.syncDirtyRate.set({ vm: vm.name, slot: String(req.slot), mechanism: vm.mechanism }, rate);
+      if (rate !== null) metrics.setSyncDirtyRate(vm.name, req.slot, vm.mechanism, rate);
       return {
         bitmap: asBuffer(r.bitmap),
         numPages: BigInt(r.numPages),
@@ -366,12 +421,26 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics, d
       vm.setWorkload(req.vcpu, spec);
       return { vm: vmInfo(vm) };
     },
-    advanceVm(req) {
+    async advanceVm(req, ctx) {
       const vm = hv.vm(req.vm);
       stepped(vm, "advance");
       const d = num(req.durationNs, "duration_ns");
       if (d === 0 || d > MAX_ADVANCE_NS) throw invalidArgument(`advance: duration_ns ${d} must be in (0, ${MAX_ADVANCE_NS}] (one hour)`);
-      vm.advance(d);
+      if (vm.advancing) throw failedPrecondition(`advance: VM ${vm.name} is already advancing (one AdvanceVm at a time)`, "EBUSY");
+      vm.advancing = true;
+      try {
+        vm.beginAdvance(d);
+        while (!vm.continueAdvance(SLICE_MS)) {
+          devices.link?.send();
+          await yieldToEventLoop();
+          if (vm.destroyed) throw notFound(`advance: VM ${vm.name} was destroyed while it advanced`);
+          if (ctx.signal.aborted) {
+            throw new DomainError("aborted", `advance: the call was cancelled or its deadline passed; VM ${vm.name} stopped at ${(vm.clockNs / 1e9).toFixed(6)} s of guest time`);
+          }
+        }
+      } finally {
+        vm.advancing = false;
+      }
       devices.link?.send();
       let writes = 0;
       let faults = 0;
@@ -389,6 +458,24 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics, d
         };
       });
       return { clockNs: BigInt(Math.round(vm.clockNs)), vcpus, writes: BigInt(writes), writeFaults: BigInt(faults) };
+    },
+    getVcpuState(req) {
+      const st = hv.vm(req.vm).saveVcpuState();
+      return {
+        vcpus: st.vcpus.map((v, index) => ({ index, workload: workloadToProto(v.workload), generator: asBuffer(v.generator) })),
+        writeSequence: BigInt(st.writeSequence),
+      };
+    },
+    setVcpuState(req) {
+      const vm = hv.vm(req.vm);
+      const vcpus = req.vcpus.map((v) => {
+        if (!v.workload) throw invalidArgument(`set vcpu state: vCPU ${v.index} has no workload`);
+        const spec = workloadFromProto(v.workload);
+        hv.validateWorkload(vm, spec);
+        return { index: v.index, workload: spec, generator: v.generator };
+      });
+      vm.restoreVcpuState(vcpus, num(req.writeSequence, "write_sequence"));
+      return {};
     },
     guestWrite(req) {
       const vm = hv.vm(req.vm);
@@ -488,7 +575,7 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics, d
       return { logged: targets.map((t) => LOG_TARGET_OUT[t]) };
     },
     addWriteTracking(req) {
-      return { count: hv.vm(req.vm).addWriteTracking(num(req.gfn, "gfn")) };
+      return { count: hv.addWriteTracking(hv.vm(req.vm), num(req.gfn, "gfn")) };
     },
     removeWriteTracking(req) {
       return { count: hv.vm(req.vm).removeWriteTracking(num(req.gfn, "gfn")) };
@@ -533,9 +620,8 @@ export function hypervisorHandlers(hv: Hypervisor, metrics: HypervisorMetrics, d
       hv.vm(req.vm).writeTrack.unsubscribe(num(req.subscriptionId, "subscription_id"));
       return {};
     },
-    registerPageTrackingDevice(req) {
-      devices.register(req.address);
-      return {};
+    async registerPageTrackingDevice(req) {
+      return { linkId: await devices.register(req.address) };
     },
     async unregisterPageTrackingDevice(req) {
       await devices.unregister(req.address);
@@ -558,17 +644,22 @@ export interface HypervisorServerDeps {
   hypervisor: Hypervisor;
   logger: Logger;
   registry?: Registry;
+  security?: Security;
   /** Real-time drive tick; 0 disables the driver (tests of stepped VMs). */
   realtimeTickMs?: number;
+  /** The largest message this server sends (default MAX_MESSAGE_BYTES; tests lower it). */
+  maxMessageBytes?: number;
 }
 
 export type HypervisorServer = ComponentServer;
 
 export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorServer {
-  const driver = new RealtimeDriver(() => deps.hypervisor.vms.values(), deps.realtimeTickMs ?? 20);
+  const driver = new RealtimeDriver(() => deps.hypervisor.vms.values(), deps.realtimeTickMs ?? 20, SLICE_MS);
+  const security = deps.security ?? INSECURE;
   let devices: DeviceRegistry | undefined;
   const app = createComponentServer({
     registry: deps.registry,
+    security,
     protoFiles: [HYPERVISOR_PROTO],
     serviceNames: [HYPERVISOR_SERVICE],
     health: () => ({ ok: true, detail: { vms: deps.hypervisor.vms.size } }),
@@ -581,12 +672,15 @@ export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorSe
     },
   });
   const metrics = new HypervisorMetrics(app.registry, deps.hypervisor);
-  const registered = new DeviceRegistry(deps.hypervisor, deps.logger, metrics, new GrpcClientMetrics(app.registry));
+  const registered = new DeviceRegistry(deps.hypervisor, deps.logger, metrics, new GrpcClientMetrics(app.registry), security);
   devices = registered;
   metrics.watchDevice(() => registered.link);
   app.grpc.addService(
     HypervisorServiceService,
-    bindService(HypervisorServiceService, hypervisorHandlers(deps.hypervisor, metrics, registered), { metrics: app.rpcMetrics, logger: deps.logger }),
+    bindService(HypervisorServiceService, hypervisorHandlers(deps.hypervisor, metrics, registered, { maxMessageBytes: deps.maxMessageBytes ?? MAX_MESSAGE_BYTES }), {
+      metrics: app.rpcMetrics,
+      logger: deps.logger,
+    }),
   );
   return app;
 }

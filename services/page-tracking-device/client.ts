@@ -1,10 +1,10 @@
 /** A promise client of the page-tracking device (used by the hypervisor and by tests). */
-import { createClient, type GrpcClientMetrics, type PromiseClient } from "../../common/client.js";
+import { createClient, type ClientOptions, type PromiseClient } from "../../common/client.js";
 import * as messages from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
 
 export type DeviceClient = PromiseClient<typeof messages.PageTrackingDeviceServiceService>;
 
-export function connectDevice(address: string, opts: { metrics?: GrpcClientMetrics } = {}): DeviceClient {
+export function connectDevice(address: string, opts: ClientOptions = {}): DeviceClient {
   return createClient(messages.PageTrackingDeviceServiceService, messages, address, opts);
 }
 

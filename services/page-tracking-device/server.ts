@@ -4,6 +4,7 @@ import { createComponentServer, type ComponentServer } from "../../common/compon
 import { invalidArgument } from "../../common/errors.js";
 import { bindService, type ServiceHandlers } from "../../common/grpc.js";
 import type { Logger } from "../../common/log.js";
+import type { Security } from "../../common/security.js";
 import { PageTrackingDeviceServiceService, TrackingMode } from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
 import { bytesToGpas, gpasToBytes } from "./client.js";
 import type { PageTrackingDevice } from "./model/device.js";
@@ -51,6 +52,23 @@ class DeviceMetrics {
     perTracker("ptdevice_log_gpas", "GPAs in the dirty log, waiting to be read.", "gauge", (t) => t.logLength);
     perTracker("ptdevice_flushes_total", "Flush calls.", "counter", (t) => t.flushes);
     perTracker("ptdevice_log_overflows_total", "Times a dirty log overflowed (the reader then treats the VM as all dirty).", "counter", (t) => t.overflows);
+    new Gauge({
+      name: "ptdevice_memory_bytes",
+      help: "Bytes the trackers' buffers, logs and de-duplicating sets hold.",
+      registers,
+      collect() {
+        this.set(device.allocatedBytes);
+      },
+    });
+    new Counter({
+      name: "ptdevice_orphan_trackers_released_total",
+      help: "Trackers released because the hypervisor link that allocated them is gone (a restart, a lost device).",
+      registers,
+      collect() {
+        this.reset();
+        this.inc(device.orphansReleased);
+      },
+    });
     this.readSize = new Histogram({
       name: "ptdevice_read_dirty_gpas",
       help: "GPAs returned per ReadDirty call.",
@@ -77,7 +95,7 @@ export function deviceHandlers(device: PageTrackingDevice, metrics: DeviceMetric
       if (req.mode !== TrackingMode.TRACKING_MODE_DIRTY_PAGES && req.mode !== TrackingMode.TRACKING_MODE_UNSPECIFIED) {
         throw invalidArgument(`allocate_tracker: mode ${req.mode} is not supported (dirty pages only)`, "EINVAL");
       }
-      return { tracker: BigInt(device.allocate(req.vmid).id) };
+      return { tracker: BigInt(device.allocate(req.vmid, req.owner).id) };
     },
     releaseTracker(req) {
       device.release(id(req.tracker, "tracker"));
@@ -119,6 +137,7 @@ export interface DeviceServerDeps {
   device: PageTrackingDevice;
   logger: Logger;
   registry?: Registry;
+  security?: Security;
 }
 
 export type DeviceServer = ComponentServer;
@@ -126,6 +145,7 @@ export type DeviceServer = ComponentServer;
 export function createDeviceServer(deps: DeviceServerDeps): DeviceServer {
   const app = createComponentServer({
     registry: deps.registry,
+    security: deps.security,
     protoFiles: [DEVICE_PROTO],
     serviceNames: [DEVICE_SERVICE],
     health: () => ({ ok: true, detail: { trackers: deps.device.trackers.size } }),

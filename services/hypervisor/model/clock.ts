@@ -2,7 +2,9 @@
  * The real-time clock drive: VMs whose clock is REALTIME advance by the wall
  * time since their last tick times their speed factor. (STEPPED VMs move only
  * on AdvanceVm.) A tick never advances a VM by more than maxTickMs of wall
- * time, so a stalled event loop costs the guest time rather than a burst.
+ * time, so a stalled event loop costs the guest time rather than a burst,
+ * and runs guests for at most sliceMs of wall time per tick, so that RPCs
+ * always get the event loop between ticks.
  */
 import type { Vm } from "./vm.js";
 
@@ -14,6 +16,8 @@ export class RealtimeDriver {
   constructor(
     private readonly vms: () => Iterable<Vm>,
     private readonly tickMs = 20,
+    /** Wall time one tick may spend running guests, shared by the VMs; what does not fit is dropped. */
+    private readonly sliceMs = 10,
     private readonly maxTickMs = 200,
     private readonly now = () => performance.now(),
   ) {}
@@ -31,8 +35,9 @@ export class RealtimeDriver {
 
   tick(): void {
     const now = this.now();
-    for (const vm of this.vms()) {
-      if (vm.config.clock !== "realtime") continue;
+    const vms = [...this.vms()].filter((vm) => vm.config.clock === "realtime");
+    const budget = this.sliceMs / Math.max(1, vms.length);
+    for (const vm of vms) {
       if (vm.wallRefMs === 0) {
         vm.wallRefMs = now;
         continue;
@@ -44,7 +49,11 @@ export class RealtimeDriver {
         wall = this.maxTickMs;
       }
       const ns = Math.round(wall * 1e6 * vm.config.realtimeSpeed);
-      if (ns > 0) vm.advance(ns);
+      if (ns <= 0) continue;
+      const from = vm.clockNs;
+      vm.beginAdvance(ns);
+      // A guest the host cannot run in real time falls behind: the rest of this tick's time is dropped.
+      if (!vm.continueAdvance(budget)) this.droppedMs += (ns - (vm.clockNs - from)) / 1e6 / vm.config.realtimeSpeed;
     }
   }
 }

@@ -56,6 +56,15 @@ export class DirtyRing {
     this.softLimit = size - (RSVD_ENTRIES + CPU_DIRTY_LOG_SIZE);
   }
 
+  get allocatedBytes(): number {
+    return this.flags.byteLength + this.slot.byteLength + this.offset.byteLength;
+  }
+
+  /** allocatedBytes of a ring of size entries. */
+  static bytesFor(size: number): number {
+    return 9 * size;
+  }
+
   get used(): number {
     return this.dirtyIndex - this.resetIndex;
   }

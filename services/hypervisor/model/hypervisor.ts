@@ -4,12 +4,13 @@
  * (KVM_CHECK_EXTENSION / KVM_ENABLE_CAP). Validation here mirrors KVM's and
  * names KVM's errno.
  */
-import { alreadyExists, failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../../../common/errors.js";
+import { alreadyExists, echo, failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../../../common/errors.js";
 import { formatBytes } from "../../../common/config.js";
 import type { CostModel } from "./cost-model.js";
 import { PAGE_SIZE } from "./descriptor.js";
-import { checkRingBytes, ENTRY_BYTES, MAX_ENTRIES } from "./dirty-ring.js";
-import { KNOWN_FLAGS, KVM_MEM_READONLY, MAX_SLOT_PAGES, Memslot, USER_MEM_SLOTS } from "./memslot.js";
+import { checkRingBytes, DirtyRing, ENTRY_BYTES, MAX_ENTRIES } from "./dirty-ring.js";
+import { BATCH } from "./workload.js";
+import { KNOWN_FLAGS, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MAX_SLOT_PAGES, Memslot, USER_MEM_SLOTS } from "./memslot.js";
 import { INITIALLY_SET, MANUAL_PROTECT_ENABLE, Vm, type BackingPageSize, type ClockDrive } from "./vm.js";
 import type { WorkloadSpec } from "./workload.js";
 
@@ -54,7 +55,11 @@ export interface CreateVmSpec {
 }
 
 export interface HypervisorOptions {
-  /** Guest memory this host may hold across all VMs, in bytes. */
+  /**
+   * Bytes this hypervisor may allocate for all its VMs' state: per-page
+   * contents and descriptors (about 16 per guest page), dirty logs, TLBs,
+   * rings, write-tracking counts. Whatever would pass it is refused.
+   */
   memoryBudgetBytes: number;
   costs: CostModel;
   /** Allows SetFaultInjection (test-only bug switches). */
@@ -73,21 +78,22 @@ export class Hypervisor {
 
   constructor(readonly options: HypervisorOptions) {}
 
+  /** Bytes the VMs' typed arrays hold now. */
   get memoryInUse(): number {
     let n = 0;
-    for (const vm of this.vms.values()) n += vm.memoryBytes;
+    for (const vm of this.vms.values()) n += vm.allocatedBytes;
     return n;
   }
 
   vm(name: string): Vm {
     if (!name) throw invalidArgument("vm name is empty");
     const vm = this.vms.get(name);
-    if (!vm) throw notFound(`no VM named '${name}'`);
+    if (!vm) throw notFound(`no VM named '${echo(name)}'`);
     return vm;
   }
 
   createVm(spec: CreateVmSpec): Vm {
-    if (!NAME_RE.test(spec.name)) throw invalidArgument(`VM name '${spec.name}' must be 1-63 letters, digits, '.', '_' or '-'`);
+    if (!NAME_RE.test(spec.name)) throw invalidArgument(`VM name '${echo(spec.name)}' must be 1-63 letters, digits, '.', '_' or '-'`);
     if (this.vms.has(spec.name)) throw alreadyExists(`a VM named '${spec.name}' already exists`, "EEXIST");
     if (!Number.isInteger(spec.vcpus) || spec.vcpus < 1 || spec.vcpus > MAX_VCPUS) {
       throw invalidArgument(`vcpus ${spec.vcpus} must be in [1, ${MAX_VCPUS}] (KVM_MAX_VCPUS)`, "EINVAL");
@@ -100,14 +106,17 @@ export class Hypervisor {
     }
     const speed = spec.realtimeSpeed || 1;
     if (!(speed > 0 && speed <= 1000)) throw invalidArgument(`realtime_speed ${spec.realtimeSpeed} must be in (0, 1000]`);
-    const total = spec.memslots.reduce((n, s) => n + s.size, 0);
-    this.checkBudget(total);
     // KVM's order: the ring before any vCPU exists, its backup bitmap before any memslot.
     let ringBytes = 0;
     if (spec.dirtyRing) {
       ringBytes = this.ringSize(spec.dirtyRing.capability, spec.dirtyRing.bytes);
       checkRingBytes(ringBytes, false, false);
     }
+    // Sizes that are not whole pages are refused per slot below, with their own message.
+    const ring = spec.dirtyRing !== null;
+    const slotBytes = spec.memslots.reduce((n, s) => n + (s.size > 0 && s.size % PAGE_SIZE === 0 ? Memslot.bytesFor(s.gpa, s.size, s.flags, ring, Boolean(spec.dirtyRing?.withBitmap)) : 0), 0);
+    const vcpuBytes = spec.vcpus * (8 * tlbEntries + DirtyRing.bytesFor(ringBytes / ENTRY_BYTES) + 4 * BATCH);
+    this.checkBudget(slotBytes + vcpuBytes, `VM '${spec.name}' (${formatBytes(spec.memslots.reduce((n, s) => n + s.size, 0))} of guest memory, ${spec.vcpus} vCPUs)`);
     const vm = new Vm({
       name: spec.name,
       vmid: this.nextVmid,
@@ -137,11 +146,14 @@ export class Hypervisor {
     this.vms.delete(name);
   }
 
-  private checkBudget(extra: number): void {
+  /** Refuses an allocation of extra bytes for what that would take this hypervisor past its budget. */
+  checkBudget(extra: number, what: string): void {
     const budget = this.options.memoryBudgetBytes;
-    if (this.memoryInUse + extra > budget) {
+    const inUse = this.memoryInUse;
+    if (inUse + extra > budget) {
       throw resourceExhausted(
-        `guest memory would reach ${formatBytes(this.memoryInUse + extra)}, over this host's budget of ${formatBytes(budget)}`,
+        `${what} needs ${formatBytes(extra)} of hypervisor memory, but ${formatBytes(Math.max(0, budget - inUse))} of this hypervisor's ` +
+          `${formatBytes(budget)} budget is left (HYPERVISOR_MEMORY_BUDGET; the model holds about 16 bytes per 4 KiB guest page)`,
         "ENOMEM",
       );
     }
@@ -178,6 +190,7 @@ export class Hypervisor {
         throw invalidArgument(`${what}: moving slot ${m.slot} (KVM_MR_MOVE) is not modelled; delete and recreate it`, "EINVAL");
       }
       if ((old.flags ^ m.flags) & KVM_MEM_READONLY) throw invalidArgument(`${what}: READONLY cannot change on a live slot`, "EINVAL");
+      if (m.flags & ~old.flags & KVM_MEM_LOG_DIRTY_PAGES) this.checkBudget(Memslot.loggingBytesFor(old.npages, vm.ringEnabled, vm.ringWithBitmap), `the dirty log of slot ${m.slot}`);
       return vm.setSlotFlags(old, m.flags);
     }
     for (const s of vm.slots.values()) {
@@ -188,7 +201,9 @@ export class Hypervisor {
         );
       }
     }
-    if (this.vms.get(vm.name) === vm) this.checkBudget(m.size);
+    if (this.vms.get(vm.name) === vm) {
+      this.checkBudget(Memslot.bytesFor(m.gpa, m.size, m.flags, vm.ringEnabled, vm.ringWithBitmap), `slot ${m.slot} of ${formatBytes(m.size)}`);
+    }
     const hostBase = this.nextHostAddress;
     // Align host backing like the guest so that blocks are possible (KVM checks userspace_addr vs GPA alignment).
     this.nextHostAddress += Math.ceil(m.size / 2 ** 30) * 2 ** 30;
@@ -281,6 +296,13 @@ export class Hypervisor {
       default:
         throw invalidArgument(`${what}: capability ${cap} is not supported`, "EINVAL");
     }
+  }
+
+  /** kvm_write_track_add_gfn, within the budget (a slot's first tracked page allocates its counts). */
+  addWriteTracking(vm: Vm, gfn: number): number {
+    const slot = vm.slotOfGpa(gfn * PAGE_SIZE);
+    if (slot) this.checkBudget(vm.writeTrack.bytesToTrack(slot), `write tracking in slot ${slot.id}`);
+    return vm.addWriteTracking(gfn);
   }
 
   validateWorkload(vm: Vm, w: WorkloadSpec): void {

@@ -62,6 +62,22 @@ export class Memslot {
     return Math.ceil(this.npages / 64) * 8;
   }
 
+  /** Bytes of this slot's typed arrays: contents, descriptors, the walk cache, the logs. */
+  get allocatedBytes(): number {
+    return this.content.byteLength + this.s2.allocatedBytes + (this.dirtyBitmap?.byteLength ?? 0) + (this.ringPending?.byteLength ?? 0);
+  }
+
+  /** allocatedBytes of a slot at gpa of size bytes with these flags, before it exists. */
+  static bytesFor(gpa: number, size: number, flags: number, ring: boolean, withBitmap: boolean): number {
+    const npages = size / 4096;
+    return 8 * npages + Stage2.bytesFor(gpa / 4096, npages) + (flags & KVM_MEM_LOG_DIRTY_PAGES ? Memslot.loggingBytesFor(npages, ring, withBitmap) : 0);
+  }
+
+  /** What turning LOG_DIRTY_PAGES on allocates: the bitmap (with a ring, the pending bits and WITH_BITMAP's bitmap). */
+  static loggingBytesFor(npages: number, ring: boolean, withBitmap: boolean): number {
+    return 8 * Math.ceil(npages / 64) * ((ring ? 1 : 0) + (!ring || withBitmap ? 1 : 0));
+  }
+
   containsGfn(gfn: number): boolean {
     return gfn >= this.baseGfn && gfn < this.baseGfn + this.npages;
   }

@@ -15,6 +15,18 @@ export class Rng {
     for (let i = 0; i < 15; i++) this.nextU32();
   }
 
+  /** The generator's state, for a vCPU that migrates. */
+  save(): [number, number, number, number] {
+    return [this.a, this.b, this.c, this.d];
+  }
+
+  restore(st: ArrayLike<number>): void {
+    this.a = st[0] | 0;
+    this.b = st[1] | 0;
+    this.c = st[2] | 0;
+    this.d = st[3] | 0;
+  }
+
   nextU32(): number {
     const t = (((this.a + this.b) | 0) + this.d) | 0;
     this.d = (this.d + 1) | 0;

@@ -77,6 +77,18 @@ export class Stage2 {
     this.pud = plane(Math.floor(last / PAGES_1G) - this.r1Base + 1);
   }
 
+  get allocatedBytes(): number {
+    return [this.pte, this.pmd, this.pud].reduce((n, pl) => n + pl.lo.byteLength + pl.hi.byteLength, this.writable.byteLength);
+  }
+
+  /** allocatedBytes of a Stage2 for npages pages from baseGfn, before it exists. */
+  static bytesFor(baseGfn: number, npages: number): number {
+    const last = baseGfn + npages - 1;
+    const n2 = Math.floor(last / PAGES_2M) - Math.floor(baseGfn / PAGES_2M) + 1;
+    const n1 = Math.floor(last / PAGES_1G) - Math.floor(baseGfn / PAGES_1G) + 1;
+    return 8 * (npages + n2 + n1) + 4 * Math.ceil(npages / 32);
+  }
+
   get hasBlocks(): boolean {
     return this.blocks2m + this.blocks1g > 0;
   }

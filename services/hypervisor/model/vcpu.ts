@@ -36,6 +36,11 @@ export class Vcpu {
     readonly ring: DirtyRing | null,
   ) {}
 
+  /** Bytes of this vCPU's typed arrays: TLB, ring, workload batch. */
+  get allocatedBytes(): number {
+    return this.tlb.entries.byteLength + (this.ring?.allocatedBytes ?? 0) + this.gen.batch.byteLength;
+  }
+
   beginStep(): void {
     this.step = zero();
   }

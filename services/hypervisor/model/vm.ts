@@ -91,6 +91,12 @@ export class Vm {
   private segments: Segment[] = [];
   private writablePages = 0;
   private specs: WorkloadSpec[];
+  private advanceStart = 0;
+  private advanceEnd = 0;
+  /** An AdvanceVm is in progress (its slices interleave with other calls). */
+  advancing = false;
+  /** Destroyed: an advance in progress stops at its next slice. */
+  destroyed = false;
 
   constructor(readonly config: VmConfig) {
     this.specs = Array.from({ length: config.vcpus }, () => IDLE);
@@ -228,20 +234,77 @@ export class Vm {
    * workload in 1 ms quanta, round robin, so that vCPUs interleave.
    */
   advance(durationNs: number): void {
-    const end = this.clockNs + durationNs;
+    this.beginAdvance(durationNs);
+    this.continueAdvance(Infinity);
+  }
+
+  /** Starts an advance that continueAdvance() carries out in slices; the result is the same as advance()'s. */
+  beginAdvance(durationNs: number): void {
+    this.advanceStart = this.clockNs;
+    this.advanceEnd = this.clockNs + durationNs;
     for (const v of this.vcpus) {
       v.beginStep();
-      v.stepDurationNs = durationNs;
+      v.stepDurationNs = 0;
     }
-    for (let t = this.clockNs; t < end; ) {
+  }
+
+  /**
+   * Runs whole quanta of the advance begun last until it is done (true) or
+   * budgetMs of wall time has passed (false), so that a long advance never
+   * holds the event loop for more than about a slice.
+   */
+  continueAdvance(budgetMs: number): boolean {
+    const end = this.advanceEnd;
+    const stopAt = Number.isFinite(budgetMs) ? performance.now() + budgetMs : Infinity;
+    let t = this.clockNs;
+    while (t < end) {
       const tq = Math.min(t + QUANTUM_NS, end);
       for (const v of this.vcpus) {
         if (v.paused || v.time >= tq) v.time = Math.max(v.time, tq);
         else this.run(v, tq);
       }
       t = tq;
+      if (stopAt !== Infinity && performance.now() >= stopAt) break;
     }
-    this.clockNs = end;
+    this.clockNs = t;
+    for (const v of this.vcpus) v.stepDurationNs = t - this.advanceStart;
+    return t >= end;
+  }
+
+  // ---- vCPU state that migrates ---------------------------------------------------------------
+
+  /** Each vCPU's workload with its generator's position, and the write sequence (GetVcpuState). */
+  saveVcpuState(): { vcpus: { workload: WorkloadSpec; generator: Uint8Array }[]; writeSequence: number } {
+    return { vcpus: this.vcpus.map((v, i) => ({ workload: this.specs[i], generator: v.gen.save() })), writeSequence: this.writeSeq };
+  }
+
+  /** SetVcpuState: the vCPUs continue exactly where the saved ones stopped. Every vCPU must be paused. */
+  restoreVcpuState(vcpus: { index: number; workload: WorkloadSpec; generator: Uint8Array }[], writeSequence: number): void {
+    const what = "set vcpu state";
+    if (this.vcpus.some((v) => !v.paused)) throw failedPrecondition(`${what}: every vCPU of VM ${this.name} must be paused`, "EBUSY");
+    if (vcpus.length !== this.vcpus.length) throw invalidArgument(`${what}: ${vcpus.length} vCPU states for a VM with ${this.vcpus.length} vCPUs`, "EINVAL");
+    if (!Number.isSafeInteger(writeSequence) || writeSequence < 0) throw invalidArgument(`${what}: write_sequence ${writeSequence} is out of range`, "EINVAL");
+    const gens = vcpus.map((s, k) => {
+      if (s.index !== k) throw invalidArgument(`${what}: state ${k} is for vCPU ${s.index}; give them in order`, "EINVAL");
+      const gen = this.makeGen(s.workload, k);
+      gen.restore(s.generator, `${what}: vCPU ${k}`);
+      return gen;
+    });
+    gens.forEach((g, k) => {
+      this.specs[k] = vcpus[k].workload;
+      this.vcpus[k].gen = g;
+    });
+    this.writeSeq = writeSequence;
+  }
+
+  // ---- what this VM allocates -----------------------------------------------------------------
+
+  /** Bytes of every typed array this VM holds (the hypervisor's memory budget counts these). */
+  get allocatedBytes(): number {
+    let n = 0;
+    for (const s of this.slots.values()) n += s.allocatedBytes;
+    for (const v of this.vcpus) n += v.allocatedBytes;
+    return n + this.writeTrack.allocatedBytes;
   }
 
   /** Runs vCPU v's workload until its local clock reaches until. The hot loop: typed arrays only. */

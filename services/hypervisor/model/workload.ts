@@ -3,7 +3,12 @@
  * (pages of the VM's writable memslots taken in slot order) at a demanded
  * write rate. Pages are produced in batches so the write loop stays tight.
  */
+import { invalidArgument } from "../../../common/errors.js";
 import { Rng } from "./rng.js";
+
+/** GetVcpuState's generator layout: version, sfc32 state (4 x u32), sequential position (u64), queued page indices (u32 each). */
+const STATE_VERSION = 1;
+const STATE_HEADER = 1 + 16 + 8;
 
 export type Pattern = "idle" | "uniform" | "hot-cold" | "sequential";
 export type ValueMode = "sequence" | "epoch";
@@ -64,6 +69,39 @@ export class WorkloadGen {
     this.seqPos = Math.floor((this.size * vcpuIndex) / Math.max(1, vcpuCount));
     this.epochLo = Number(spec.epoch & 0xffffffffn) | 0;
     this.epochHi = Number((spec.epoch >> 32n) & 0xffffffffn) | 0;
+  }
+
+  /** This generator's position (see STATE_VERSION's layout). */
+  save(): Uint8Array {
+    const queued = BATCH - this.cursor;
+    const out = new Uint8Array(STATE_HEADER + 4 * queued);
+    const dv = new DataView(out.buffer);
+    dv.setUint8(0, STATE_VERSION);
+    this.rng.save().forEach((w, i) => dv.setUint32(1 + 4 * i, w >>> 0, true));
+    dv.setBigUint64(17, BigInt(this.seqPos), true);
+    for (let i = 0; i < queued; i++) dv.setUint32(STATE_HEADER + 4 * i, this.batch[this.cursor + i], true);
+    return out;
+  }
+
+  /** Continues from a saved position; refuses one that does not fit this VM's pages. */
+  restore(state: Uint8Array, what: string): void {
+    const bad = (why: string) => invalidArgument(`${what}: generator state ${why}`, "EINVAL");
+    if (state.byteLength < STATE_HEADER || (state.byteLength - STATE_HEADER) % 4 !== 0) throw bad(`of ${state.byteLength} bytes is malformed`);
+    const dv = new DataView(state.buffer, state.byteOffset, state.byteLength);
+    if (dv.getUint8(0) !== STATE_VERSION) throw bad(`version ${dv.getUint8(0)} is not ${STATE_VERSION}`);
+    const queued = (state.byteLength - STATE_HEADER) / 4;
+    if (queued > BATCH) throw bad(`queues ${queued} pages, more than a batch (${BATCH})`);
+    const seqPos = Number(dv.getBigUint64(17, true));
+    if (this.size > 0 && seqPos >= this.size) throw bad(`position ${seqPos} is past the working set (${this.size} pages)`);
+    const cursor = BATCH - queued;
+    for (let i = 0; i < queued; i++) {
+      const page = dv.getUint32(STATE_HEADER + 4 * i, true);
+      if (page < this.first || page >= this.first + this.size) throw bad(`queues page ${page}, outside the working set [${this.first}, ${this.first + this.size})`);
+      this.batch[cursor + i] = page;
+    }
+    this.rng.restore([1, 5, 9, 13].map((o) => dv.getUint32(o, true)));
+    this.seqPos = seqPos;
+    this.cursor = cursor;
   }
 
   get active(): boolean {

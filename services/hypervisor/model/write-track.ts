@@ -73,6 +73,18 @@ export class WriteTracker {
   events = 0;
   droppedSubscribers = 0;
 
+  /** The reference counts' bytes (2 per page of each slot with a tracked page). */
+  get allocatedBytes(): number {
+    let n = 0;
+    for (const t of this.slots.values()) n += t.counts.byteLength;
+    return n;
+  }
+
+  /** What tracking a first page of slot allocates. */
+  bytesToTrack(slot: Memslot): number {
+    return this.of(slot) ? 0 : 2 * slot.npages;
+  }
+
   private of(slot: Memslot): SlotTrack | undefined {
     return this.slots.get(slot.id);
   }

@@ -8,7 +8,7 @@
  * its capacity GPAs are dropped and the next read says so, so that the reader
  * treats the whole VM as dirty and nothing is lost.
  */
-import { alreadyExists, failedPrecondition, invalidArgument, notFound } from "../../../common/errors.js";
+import { alreadyExists, failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../../../common/errors.js";
 import { GfnSet } from "./gfn-set.js";
 import { GpaQueue } from "./gpa-queue.js";
 
@@ -20,7 +20,15 @@ export const ALL_CPUS = -1;
 export interface DeviceOptions {
   /** GPAs a tracker's dirty log may hold. */
   logCapacity: number;
+  /**
+   * Trackers the device holds at once (default 64). With logCapacity they
+   * bound its memory: per tracker at most logCapacity x about 40 bytes (the
+   * log and its de-duplicating set) plus 4 KiB of buffer per CPU that wrote.
+   */
+  maxTrackers?: number;
 }
+
+export const DEFAULT_MAX_TRACKERS = 64;
 
 function checkCpu(cpu: number, what: string): void {
   if (!Number.isInteger(cpu) || cpu < ALL_CPUS || cpu >= MAX_CPUS) throw invalidArgument(`${what}: cpu ${cpu} must be -1 (every CPU) or in [0, ${MAX_CPUS})`, "EINVAL");
@@ -44,7 +52,17 @@ export class Tracker {
     readonly id: number,
     readonly vmid: number,
     private readonly capacity: number,
+    /** The hypervisor link that allocated it ("" when a tool did). */
+    readonly owner: string,
   ) {}
+
+  /** Bytes of this tracker's buffers, logs and set. */
+  get allocatedBytes(): number {
+    let n = this.inLog.allocatedBytes;
+    for (const q of this.buffers.values()) n += q.allocatedBytes;
+    for (const q of this.logs.values()) n += q.allocatedBytes;
+    return n;
+  }
 
   enabledFor(cpu: number): boolean {
     return this.allCpuRefs > 0 || (this.cpuRefs.get(cpu) ?? 0) > 0;
@@ -153,8 +171,16 @@ export class PageTrackingDevice {
   readonly trackers = new Map<number, Tracker>();
   private nextId = 1;
   batchesIgnored = 0;
+  /** Trackers released because the link that allocated them is gone. */
+  orphansReleased = 0;
 
   constructor(readonly options: DeviceOptions) {}
+
+  get allocatedBytes(): number {
+    let n = 0;
+    for (const t of this.trackers.values()) n += t.allocatedBytes;
+    return n;
+  }
 
   tracker(id: number): Tracker {
     const t = this.trackers.get(id);
@@ -167,13 +193,31 @@ export class PageTrackingDevice {
     return undefined;
   }
 
-  allocate(vmid: number): Tracker {
+  allocate(vmid: number, owner = ""): Tracker {
     if (!Number.isInteger(vmid) || vmid < 1 || vmid > 0xffff) throw invalidArgument(`allocate_tracker: VMID ${vmid} must be in [1, 65535]`, "EINVAL");
+    if (owner.length > 256) throw invalidArgument(`allocate_tracker: owner is ${owner.length} characters (at most 256)`, "EINVAL");
+    // A new link's allocation shows the previous link is gone: its trackers go first (a restarted hypervisor reuses VMIDs).
+    if (owner) this.releaseOrphans(owner);
     const existing = this.byVmid(vmid);
     if (existing) throw alreadyExists(`allocate_tracker: VMID ${vmid} already has tracker ${existing.id}`, "EEXIST");
-    const t = new Tracker(this.nextId++, vmid, this.options.logCapacity);
+    const max = this.options.maxTrackers ?? DEFAULT_MAX_TRACKERS;
+    if (this.trackers.size >= max) throw resourceExhausted(`allocate_tracker: the device holds ${max} trackers, its limit (PTDEVICE_MAX_TRACKERS)`, "ENOSPC");
+    const t = new Tracker(this.nextId++, vmid, this.options.logCapacity, owner);
     this.trackers.set(t.id, t);
     return t;
+  }
+
+  /** Releases, enabled or not, every tracker a hypervisor link other than `link` allocated; returns how many. */
+  releaseOrphans(link: string): number {
+    let n = 0;
+    for (const t of [...this.trackers.values()]) {
+      if (t.owner && t.owner !== link) {
+        this.trackers.delete(t.id);
+        n++;
+      }
+    }
+    this.orphansReleased += n;
+    return n;
   }
 
   release(id: number): void {

@@ -1,8 +1,12 @@
 /** A FIFO of GPAs in a growable Float64Array (no object per GPA). */
 export class GpaQueue {
-  private buf = new Float64Array(1024);
+  private buf = new Float64Array(64);
   private head = 0;
   private tail = 0;
+
+  get allocatedBytes(): number {
+    return this.buf.byteLength;
+  }
 
   get length(): number {
     return this.tail - this.head;
@@ -11,7 +15,7 @@ export class GpaQueue {
   push(gpa: number): void {
     if (this.tail === this.buf.length) {
       const live = this.length;
-      const next = new Float64Array(Math.max(1024, live * 2));
+      const next = new Float64Array(Math.max(64, live * 2));
       next.set(this.buf.subarray(this.head, this.tail));
       this.buf = next;
       this.head = 0;

@@ -754,6 +754,37 @@ export interface SetWorkloadRequest {
   workload: Workload | undefined;
 }
 
+export interface GetVcpuStateRequest {
+  vm: string;
+}
+
+export interface VcpuState {
+  index: number;
+  workload:
+    | Workload
+    | undefined;
+  /**
+   * The workload generator's position: version byte 1, then the sfc32 state (4 x u32 LE), the
+   * sequential position (u64 LE), and the page indices still queued in its batch (u32 LE each).
+   */
+  generator: Buffer;
+}
+
+export interface GetVcpuStateResponse {
+  vcpus: VcpuState[];
+  /** The value the next SEQUENCE write stores, minus one. */
+  writeSequence: bigint;
+}
+
+export interface SetVcpuStateRequest {
+  vm: string;
+  vcpus: VcpuState[];
+  writeSequence: bigint;
+}
+
+export interface SetVcpuStateResponse {
+}
+
 export interface SetWorkloadResponse {
   vm: VmInfo | undefined;
 }
@@ -990,6 +1021,12 @@ export interface RegisterPageTrackingDeviceRequest {
 }
 
 export interface RegisterPageTrackingDeviceResponse {
+  /**
+   * Names this hypervisor's link to the device; trackers it allocates carry it as their owner.
+   * It changes when the hypervisor restarts or drops a lost device, so a device releases the
+   * trackers of every other link. Registering again while the link is up returns the same id.
+   */
+  linkId: string;
 }
 
 export interface UnregisterPageTrackingDeviceRequest {
@@ -4772,6 +4809,432 @@ export const SetWorkloadRequest: MessageFns<SetWorkloadRequest> = {
     message.workload = (object.workload !== undefined && object.workload !== null)
       ? Workload.fromPartial(object.workload)
       : undefined;
+    return message;
+  },
+};
+
+function createBaseGetVcpuStateRequest(): GetVcpuStateRequest {
+  return { vm: "" };
+}
+
+export const GetVcpuStateRequest: MessageFns<GetVcpuStateRequest> = {
+  encode(message: GetVcpuStateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetVcpuStateRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetVcpuStateRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetVcpuStateRequest {
+    return { vm: isSet(object.vm) ? globalThis.String(object.vm) : "" };
+  },
+
+  toJSON(message: GetVcpuStateRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetVcpuStateRequest>): GetVcpuStateRequest {
+    return GetVcpuStateRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetVcpuStateRequest>): GetVcpuStateRequest {
+    const message = createBaseGetVcpuStateRequest();
+    message.vm = object.vm ?? "";
+    return message;
+  },
+};
+
+function createBaseVcpuState(): VcpuState {
+  return { index: 0, workload: undefined, generator: Buffer.alloc(0) };
+}
+
+export const VcpuState: MessageFns<VcpuState> = {
+  encode(message: VcpuState, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.index !== 0) {
+      writer.uint32(8).uint32(message.index);
+    }
+    if (message.workload !== undefined) {
+      Workload.encode(message.workload, writer.uint32(18).fork()).join();
+    }
+    if (message.generator.length !== 0) {
+      writer.uint32(26).bytes(message.generator);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VcpuState {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVcpuState();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.index = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.workload = Workload.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.generator = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VcpuState {
+    return {
+      index: isSet(object.index) ? globalThis.Number(object.index) : 0,
+      workload: isSet(object.workload) ? Workload.fromJSON(object.workload) : undefined,
+      generator: isSet(object.generator) ? Buffer.from(bytesFromBase64(object.generator)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: VcpuState): unknown {
+    const obj: any = {};
+    if (message.index !== 0) {
+      obj.index = Math.round(message.index);
+    }
+    if (message.workload !== undefined) {
+      obj.workload = Workload.toJSON(message.workload);
+    }
+    if (message.generator.length !== 0) {
+      obj.generator = base64FromBytes(message.generator);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<VcpuState>): VcpuState {
+    return VcpuState.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<VcpuState>): VcpuState {
+    const message = createBaseVcpuState();
+    message.index = object.index ?? 0;
+    message.workload = (object.workload !== undefined && object.workload !== null)
+      ? Workload.fromPartial(object.workload)
+      : undefined;
+    message.generator = object.generator ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseGetVcpuStateResponse(): GetVcpuStateResponse {
+  return { vcpus: [], writeSequence: 0n };
+}
+
+export const GetVcpuStateResponse: MessageFns<GetVcpuStateResponse> = {
+  encode(message: GetVcpuStateResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.vcpus) {
+      VcpuState.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.writeSequence !== 0n) {
+      if (BigInt.asUintN(64, message.writeSequence) !== message.writeSequence) {
+        throw new globalThis.Error("value provided for field message.writeSequence of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.writeSequence);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetVcpuStateResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetVcpuStateResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vcpus.push(VcpuState.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.writeSequence = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetVcpuStateResponse {
+    return {
+      vcpus: globalThis.Array.isArray(object?.vcpus) ? object.vcpus.map((e: any) => VcpuState.fromJSON(e)) : [],
+      writeSequence: isSet(object.writeSequence)
+        ? BigInt(object.writeSequence)
+        : isSet(object.write_sequence)
+        ? BigInt(object.write_sequence)
+        : 0n,
+    };
+  },
+
+  toJSON(message: GetVcpuStateResponse): unknown {
+    const obj: any = {};
+    if (message.vcpus?.length) {
+      obj.vcpus = message.vcpus.map((e) => VcpuState.toJSON(e));
+    }
+    if (message.writeSequence !== 0n) {
+      obj.writeSequence = message.writeSequence.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetVcpuStateResponse>): GetVcpuStateResponse {
+    return GetVcpuStateResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetVcpuStateResponse>): GetVcpuStateResponse {
+    const message = createBaseGetVcpuStateResponse();
+    message.vcpus = object.vcpus?.map((e) => VcpuState.fromPartial(e)) || [];
+    message.writeSequence = (object.writeSequence !== undefined && object.writeSequence !== null)
+      ? BigInt(object.writeSequence)
+      : 0n;
+    return message;
+  },
+};
+
+function createBaseSetVcpuStateRequest(): SetVcpuStateRequest {
+  return { vm: "", vcpus: [], writeSequence: 0n };
+}
+
+export const SetVcpuStateRequest: MessageFns<SetVcpuStateRequest> = {
+  encode(message: SetVcpuStateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    for (const v of message.vcpus) {
+      VcpuState.encode(v!, writer.uint32(18).fork()).join();
+    }
+    if (message.writeSequence !== 0n) {
+      if (BigInt.asUintN(64, message.writeSequence) !== message.writeSequence) {
+        throw new globalThis.Error("value provided for field message.writeSequence of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.writeSequence);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetVcpuStateRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetVcpuStateRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.vcpus.push(VcpuState.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.writeSequence = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetVcpuStateRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      vcpus: globalThis.Array.isArray(object?.vcpus) ? object.vcpus.map((e: any) => VcpuState.fromJSON(e)) : [],
+      writeSequence: isSet(object.writeSequence)
+        ? BigInt(object.writeSequence)
+        : isSet(object.write_sequence)
+        ? BigInt(object.write_sequence)
+        : 0n,
+    };
+  },
+
+  toJSON(message: SetVcpuStateRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.vcpus?.length) {
+      obj.vcpus = message.vcpus.map((e) => VcpuState.toJSON(e));
+    }
+    if (message.writeSequence !== 0n) {
+      obj.writeSequence = message.writeSequence.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetVcpuStateRequest>): SetVcpuStateRequest {
+    return SetVcpuStateRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetVcpuStateRequest>): SetVcpuStateRequest {
+    const message = createBaseSetVcpuStateRequest();
+    message.vm = object.vm ?? "";
+    message.vcpus = object.vcpus?.map((e) => VcpuState.fromPartial(e)) || [];
+    message.writeSequence = (object.writeSequence !== undefined && object.writeSequence !== null)
+      ? BigInt(object.writeSequence)
+      : 0n;
+    return message;
+  },
+};
+
+function createBaseSetVcpuStateResponse(): SetVcpuStateResponse {
+  return {};
+}
+
+export const SetVcpuStateResponse: MessageFns<SetVcpuStateResponse> = {
+  encode(_: SetVcpuStateResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetVcpuStateResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetVcpuStateResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): SetVcpuStateResponse {
+    return {};
+  },
+
+  toJSON(_: SetVcpuStateResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetVcpuStateResponse>): SetVcpuStateResponse {
+    return SetVcpuStateResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<SetVcpuStateResponse>): SetVcpuStateResponse {
+    const message = createBaseSetVcpuStateResponse();
     return message;
   },
 };
@@ -8574,11 +9037,14 @@ export const RegisterPageTrackingDeviceRequest: MessageFns<RegisterPageTrackingD
 };
 
 function createBaseRegisterPageTrackingDeviceResponse(): RegisterPageTrackingDeviceResponse {
-  return {};
+  return { linkId: "" };
 }
 
 export const RegisterPageTrackingDeviceResponse: MessageFns<RegisterPageTrackingDeviceResponse> = {
-  encode(_: RegisterPageTrackingDeviceResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+  encode(message: RegisterPageTrackingDeviceResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.linkId !== "") {
+      writer.uint32(10).string(message.linkId);
+    }
     return writer;
   },
 
@@ -8595,6 +9061,14 @@ export const RegisterPageTrackingDeviceResponse: MessageFns<RegisterPageTracking
       while (reader.pos < end) {
         const tag = reader.uint32();
         switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.linkId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -8607,20 +9081,30 @@ export const RegisterPageTrackingDeviceResponse: MessageFns<RegisterPageTracking
     }
   },
 
-  fromJSON(_: any): RegisterPageTrackingDeviceResponse {
-    return {};
+  fromJSON(object: any): RegisterPageTrackingDeviceResponse {
+    return {
+      linkId: isSet(object.linkId)
+        ? globalThis.String(object.linkId)
+        : isSet(object.link_id)
+        ? globalThis.String(object.link_id)
+        : "",
+    };
   },
 
-  toJSON(_: RegisterPageTrackingDeviceResponse): unknown {
+  toJSON(message: RegisterPageTrackingDeviceResponse): unknown {
     const obj: any = {};
+    if (message.linkId !== "") {
+      obj.linkId = message.linkId;
+    }
     return obj;
   },
 
   create(base?: DeepPartial<RegisterPageTrackingDeviceResponse>): RegisterPageTrackingDeviceResponse {
     return RegisterPageTrackingDeviceResponse.fromPartial(base ?? {});
   },
-  fromPartial(_: DeepPartial<RegisterPageTrackingDeviceResponse>): RegisterPageTrackingDeviceResponse {
+  fromPartial(object: DeepPartial<RegisterPageTrackingDeviceResponse>): RegisterPageTrackingDeviceResponse {
     const message = createBaseRegisterPageTrackingDeviceResponse();
+    message.linkId = object.linkId ?? "";
     return message;
   },
 };
@@ -9055,6 +9539,31 @@ export const HypervisorServiceService = {
     responseSerialize: (value: SetWorkloadResponse): Buffer => Buffer.from(SetWorkloadResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): SetWorkloadResponse => SetWorkloadResponse.decode(value),
   },
+  /**
+   * The vCPUs' state that a migration carries (KVM_GET_REGS / KVM_SET_REGS in spirit): each
+   * vCPU's workload with its generator's position, and the VM's write sequence. Setting it
+   * needs every vCPU paused (FAILED_PRECONDITION otherwise) and the same vCPU count.
+   */
+  getVcpuState: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/GetVcpuState" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetVcpuStateRequest): Buffer => Buffer.from(GetVcpuStateRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetVcpuStateRequest => GetVcpuStateRequest.decode(value),
+    responseSerialize: (value: GetVcpuStateResponse): Buffer =>
+      Buffer.from(GetVcpuStateResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetVcpuStateResponse => GetVcpuStateResponse.decode(value),
+  },
+  setVcpuState: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/SetVcpuState" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SetVcpuStateRequest): Buffer => Buffer.from(SetVcpuStateRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SetVcpuStateRequest => SetVcpuStateRequest.decode(value),
+    responseSerialize: (value: SetVcpuStateResponse): Buffer =>
+      Buffer.from(SetVcpuStateResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SetVcpuStateResponse => SetVcpuStateResponse.decode(value),
+  },
   /** Stepped clock drive: runs every unpaused vCPU for duration_ns of guest time. */
   advanceVm: {
     path: "/dirtytrack.hypervisor.v1.HypervisorService/AdvanceVm" as const,
@@ -9294,6 +9803,13 @@ export interface HypervisorServiceServer extends UntypedServiceImplementation {
   clearDirtyLog: handleUnaryCall<ClearDirtyLogRequest, ClearDirtyLogResponse>;
   /** Replaces the workload of one vCPU or of all of them. */
   setWorkload: handleUnaryCall<SetWorkloadRequest, SetWorkloadResponse>;
+  /**
+   * The vCPUs' state that a migration carries (KVM_GET_REGS / KVM_SET_REGS in spirit): each
+   * vCPU's workload with its generator's position, and the VM's write sequence. Setting it
+   * needs every vCPU paused (FAILED_PRECONDITION otherwise) and the same vCPU count.
+   */
+  getVcpuState: handleUnaryCall<GetVcpuStateRequest, GetVcpuStateResponse>;
+  setVcpuState: handleUnaryCall<SetVcpuStateRequest, SetVcpuStateResponse>;
   /** Stepped clock drive: runs every unpaused vCPU for duration_ns of guest time. */
   advanceVm: handleUnaryCall<AdvanceVmRequest, AdvanceVmResponse>;
   /** Explicit guest writes, each through the issuing vCPU's TLB and stage-2. */
@@ -9541,6 +10057,41 @@ export interface HypervisorServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: SetWorkloadResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * The vCPUs' state that a migration carries (KVM_GET_REGS / KVM_SET_REGS in spirit): each
+   * vCPU's workload with its generator's position, and the VM's write sequence. Setting it
+   * needs every vCPU paused (FAILED_PRECONDITION otherwise) and the same vCPU count.
+   */
+  getVcpuState(
+    request: GetVcpuStateRequest,
+    callback: (error: ServiceError | null, response: GetVcpuStateResponse) => void,
+  ): ClientUnaryCall;
+  getVcpuState(
+    request: GetVcpuStateRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GetVcpuStateResponse) => void,
+  ): ClientUnaryCall;
+  getVcpuState(
+    request: GetVcpuStateRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetVcpuStateResponse) => void,
+  ): ClientUnaryCall;
+  setVcpuState(
+    request: SetVcpuStateRequest,
+    callback: (error: ServiceError | null, response: SetVcpuStateResponse) => void,
+  ): ClientUnaryCall;
+  setVcpuState(
+    request: SetVcpuStateRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SetVcpuStateResponse) => void,
+  ): ClientUnaryCall;
+  setVcpuState(
+    request: SetVcpuStateRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SetVcpuStateResponse) => void,
   ): ClientUnaryCall;
   /** Stepped clock drive: runs every unpaused vCPU for duration_ns of guest time. */
   advanceVm(

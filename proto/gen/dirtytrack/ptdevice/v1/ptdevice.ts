@@ -58,6 +58,11 @@ export function trackingModeToJSON(object: TrackingMode): string {
 export interface AllocateTrackerRequest {
   vmid: number;
   mode: TrackingMode;
+  /**
+   * The hypervisor link that owns the tracker (RegisterPageTrackingDeviceResponse.link_id);
+   * when the device re-registers and gets another link id, it releases this link's trackers.
+   */
+  owner: string;
 }
 
 export interface AllocateTrackerResponse {
@@ -136,7 +141,7 @@ export interface ReportWritesResponse {
 }
 
 function createBaseAllocateTrackerRequest(): AllocateTrackerRequest {
-  return { vmid: 0, mode: 0 };
+  return { vmid: 0, mode: 0, owner: "" };
 }
 
 export const AllocateTrackerRequest: MessageFns<AllocateTrackerRequest> = {
@@ -146,6 +151,9 @@ export const AllocateTrackerRequest: MessageFns<AllocateTrackerRequest> = {
     }
     if (message.mode !== 0) {
       writer.uint32(16).int32(message.mode);
+    }
+    if (message.owner !== "") {
+      writer.uint32(26).string(message.owner);
     }
     return writer;
   },
@@ -179,6 +187,14 @@ export const AllocateTrackerRequest: MessageFns<AllocateTrackerRequest> = {
             message.mode = reader.int32() as any;
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.owner = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -195,6 +211,7 @@ export const AllocateTrackerRequest: MessageFns<AllocateTrackerRequest> = {
     return {
       vmid: isSet(object.vmid) ? globalThis.Number(object.vmid) : 0,
       mode: isSet(object.mode) ? trackingModeFromJSON(object.mode) : 0,
+      owner: isSet(object.owner) ? globalThis.String(object.owner) : "",
     };
   },
 
@@ -206,6 +223,9 @@ export const AllocateTrackerRequest: MessageFns<AllocateTrackerRequest> = {
     if (message.mode !== 0) {
       obj.mode = trackingModeToJSON(message.mode);
     }
+    if (message.owner !== "") {
+      obj.owner = message.owner;
+    }
     return obj;
   },
 
@@ -216,6 +236,7 @@ export const AllocateTrackerRequest: MessageFns<AllocateTrackerRequest> = {
     const message = createBaseAllocateTrackerRequest();
     message.vmid = object.vmid ?? 0;
     message.mode = object.mode ?? 0;
+    message.owner = object.owner ?? "";
     return message;
   },
 };
