@@ -4,13 +4,17 @@
  * demo VM, a verified migration, a report). Returns an exit code; never
  * prints a stack trace for a user's mistake or a failed migration.
  */
+import { accessSync, constants as fsConstants, existsSync, statSync } from "node:fs";
 import { writeFile } from "node:fs/promises";
+import { dirname, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { parseBytes } from "../../common/config.js";
+import { ConfigError, envHost, envPort, parseBytes } from "../../common/config.js";
+import type { ClientOptions } from "../../common/client.js";
+import { securityFromEnv } from "../../common/security.js";
 import { spawnService, type SpawnedService } from "../../common/spawn.js";
 import { Capability, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor, type HypervisorClient } from "../../services/hypervisor/client.js";
-import { DEFAULT_CONFIG, migrate, MigrationError, type FailureKind, type MigrationConfig, type MigrationReport } from "./migrate.js";
+import { DEFAULT_CONFIG, explain, migrate, MigrationError, type CleanupReport, type FailureKind, type MigrationConfig, type MigrationReport } from "./migrate.js";
 import { createLogger } from "../../common/log.js";
 import { progressPrinter } from "./progress.js";
 import { MigrationService } from "./service.js";
@@ -27,7 +31,15 @@ export const EXIT: Record<FailureKind | "ok", number> = {
   precondition: 3,
   "not-converged": 4,
   verification: 5,
+  // 128 + the signal's number: 130 for SIGINT; a SIGTERM makes it 143 (see exitFor).
+  interrupted: 130,
 };
+
+const SIGNAL_EXIT: Record<string, number> = { SIGINT: 130, SIGTERM: 143 };
+
+function exitFor(err: MigrationError, signal: AbortSignal): number {
+  return err.kind === "interrupted" ? (SIGNAL_EXIT[String(signal.reason)] ?? EXIT.interrupted) : EXIT[err.kind];
+}
 
 const HELP = `usage:
   migration-controller demo [options]                       run the embedded default: two hypervisors on
@@ -69,6 +81,13 @@ policy and link (both commands):
   --progress-timeout S       fail when remaining bytes make no new low for S guest seconds (default 150)
   --completion-timeout-per-gib S   fail past S guest seconds per GiB of memory (default 150)
   --chunk-pages N            pages per copy chunk, a multiple of 64 (default 262144 = 1 GiB)
+  --rpc-timeout S            wall seconds to wait for a hypervisor that stopped answering before the
+                             migration fails cleanly (the deadline of ordinary calls; default 10)
+
+security (both commands; flags win over TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE, AUTH_TOKEN):
+  --tls-ca FILE              use TLS and verify the hypervisors against this CA
+  --tls-cert FILE, --tls-key FILE   client certificate and key for mutual TLS
+  --token TOKEN              bearer token the hypervisors require
 
 output:
   --json FILE                write the report as JSON (QEMU query-migrate names, units in "units")
@@ -77,8 +96,9 @@ output:
   -h, --help                 this text
 
 exit codes: 0 migrated and verified; 1 other failure; 2 bad usage; 3 unreachable hypervisor, unknown VM
-or a precondition (destination exists, slot already logging); 4 did not converge (timeout);
-5 verification failed (destination differs from source).`;
+or a precondition (destination exists, slot already logging, over a hypervisor's memory budget);
+4 did not converge (timeout); 5 verification failed (destination differs from source);
+130 / 143 interrupted by SIGINT / SIGTERM (the source is resumed, logging off, the destination removed).`;
 
 export interface Io {
   out: { write(s: string): unknown; isTTY?: boolean };
@@ -115,6 +135,11 @@ const OPTIONS = {
   "progress-timeout": { type: "string" },
   "completion-timeout-per-gib": { type: "string" },
   "chunk-pages": { type: "string" },
+  "rpc-timeout": { type: "string" },
+  "tls-ca": { type: "string" },
+  "tls-cert": { type: "string" },
+  "tls-key": { type: "string" },
+  token: { type: "string" },
   json: { type: "string" },
   report: { type: "string" },
   quiet: { type: "boolean" },
@@ -151,6 +176,69 @@ function policy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> 
     progressTimeoutS: number(v["progress-timeout"], "progress-timeout", DEFAULT_CONFIG.progressTimeoutS, pos, "a number of seconds > 0"),
     completionTimeoutPerGiBS: number(v["completion-timeout-per-gib"], "completion-timeout-per-gib", DEFAULT_CONFIG.completionTimeoutPerGiBS, pos, "a number of seconds > 0"),
     chunkPages: number(v["chunk-pages"], "chunk-pages", DEFAULT_CONFIG.chunkPages, (n) => Number.isInteger(n) && n >= 64 && n % 64 === 0 && n <= 1 << 20, "a multiple of 64 up to 1048576"),
+    rpcTimeoutMs: number(v["rpc-timeout"], "rpc-timeout", DEFAULT_CONFIG.rpcTimeoutMs / 1e3, (n) => n >= 0.1 && n <= 3600, "a number of seconds in [0.1, 3600]") * 1e3,
+  };
+}
+
+/** How the controller's clients connect: its security settings and its hang bound. */
+function clientOptions(v: Values, io: Io, cfg: { rpcTimeoutMs: number }): ClientOptions {
+  let security;
+  try {
+    security = securityFromEnv(io.env, { ca: v["tls-ca"], cert: v["tls-cert"], key: v["tls-key"], token: v.token });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  return { security, deadlineMs: cfg.rpcTimeoutMs, hangTimeoutMs: cfg.rpcTimeoutMs };
+}
+
+/** Output files must be writable before a migration starts, not after it ran for an hour. */
+function checkOutputs(v: Values): void {
+  for (const [flag, file] of [["json", v.json], ["report", v.report]] as const) {
+    if (!file) continue;
+    const path = resolve(file);
+    const dir = dirname(path);
+    const fail = (why: string) => new UsageError(`--${flag} ${file}: ${why}`);
+    if (!existsSync(dir)) throw fail(`the directory ${dir} does not exist`);
+    if (existsSync(path) && statSync(path).isDirectory()) throw fail("is a directory");
+    try {
+      accessSync(existsSync(path) ? path : dir, fsConstants.W_OK);
+    } catch {
+      throw fail(`cannot write ${existsSync(path) ? "it" : `in ${dir}`}`);
+    }
+  }
+}
+
+/** What the controller saw of the source and destination after a failure, in one line. */
+export function describeCleanup(c: CleanupReport | null, vms: { source: string; destination: string }): string {
+  if (!c) return "";
+  const src =
+    c.sourceRunning === null
+      ? `the state of the source VM '${vms.source}' could not be checked`
+      : `the source VM '${vms.source}' is ${c.sourceRunning ? "running" : "PAUSED"} and ${c.sourceLogging ? "STILL LOGGING" : "no longer logging"}`;
+  const dst =
+    c.destinationRemoved === null
+      ? "the destination VM could not be checked"
+      : c.destinationRemoved
+        ? "the destination VM was removed"
+        : `the destination VM '${vms.destination}' is STILL THERE`;
+  return `${src}; ${dst}${c.problems.length ? ` (${c.problems.join("; ")})` : ""}`;
+}
+
+/**
+ * SIGINT and SIGTERM abort the migration (which then cleans up) instead of
+ * killing the process; the returned signal says which one came.
+ */
+function interruptOnSignals(): { signal: AbortSignal; dispose(): void } {
+  const ac = new AbortController();
+  const on = { SIGINT: () => ac.abort("SIGINT"), SIGTERM: () => ac.abort("SIGTERM") };
+  process.on("SIGINT", on.SIGINT);
+  process.on("SIGTERM", on.SIGTERM);
+  return {
+    signal: ac.signal,
+    dispose() {
+      process.off("SIGINT", on.SIGINT);
+      process.off("SIGTERM", on.SIGTERM);
+    },
   };
 }
 
@@ -175,10 +263,11 @@ async function runMigration(
   cfg: Omit<MigrationConfig, "sourceVm" | "destinationVm">,
   vms: { source: string; destination: string },
   clients: { source: HypervisorClient; destination: HypervisorClient },
+  signal: AbortSignal,
 ): Promise<number> {
   const printer = progressPrinter(io.err, Boolean(v.quiet));
   try {
-    const report = await migrate({ ...cfg, sourceVm: vms.source, destinationVm: vms.destination }, { ...clients, onProgress: printer.onProgress });
+    const report = await migrate({ ...cfg, sourceVm: vms.source, destinationVm: vms.destination }, { ...clients, onProgress: printer.onProgress, signal });
     printer.end();
     io.out.write(textReport(report) + "\n");
     await writeOutputs(v, report, io);
@@ -190,20 +279,25 @@ async function runMigration(
       io.out.write(textReport(err.report) + "\n");
       await writeOutputs(v, err.report, io);
     }
-    io.err.write(`migration failed: ${err.message}\n`);
-    if (err.kind !== "usage" && err.report) io.err.write(`the source VM '${vms.source}' is running and no longer logging; the destination VM was removed\n`);
-    return EXIT[err.kind];
+    const observed = describeCleanup(err.report?.cleanup ?? null, vms);
+    io.err.write(err.kind === "interrupted" ? `migration ${err.message}: ${observed || "nothing had changed yet"}\n` : `migration failed: ${err.message}\n`);
+    if (err.kind !== "interrupted" && observed) io.err.write(`${observed}\n`);
+    return exitFor(err, signal);
   }
 }
 
 async function runMigrate(v: Values, io: Io): Promise<number> {
   if (!v.vm) throw new UsageError("--vm NAME is required (the VM to migrate)");
   const cfg = policy(v);
-  const source = connectHypervisor(v.source ?? io.env.MIGRATION_SOURCE ?? "127.0.0.1:50051");
-  const destination = connectHypervisor(v.destination ?? io.env.MIGRATION_DESTINATION ?? source.address);
+  checkOutputs(v);
+  const opts = clientOptions(v, io, cfg);
+  const source = connectHypervisor(v.source ?? io.env.MIGRATION_SOURCE ?? "127.0.0.1:50051", opts);
+  const destination = connectHypervisor(v.destination ?? io.env.MIGRATION_DESTINATION ?? source.address, opts);
+  const interrupt = interruptOnSignals();
   try {
-    return await runMigration(v, io, cfg, { source: v.vm, destination: v["dest-vm"] ?? `${v.vm}-migrated` }, { source, destination });
+    return await runMigration(v, io, cfg, { source: v.vm, destination: v["dest-vm"] ?? `${v.vm}-migrated` }, { source, destination }, interrupt.signal);
   } finally {
+    interrupt.dispose();
     source.close();
     destination.close();
   }
@@ -227,22 +321,22 @@ async function runDemo(v: Values, io: Io): Promise<number> {
   const seed = number(v.seed, "seed", 1, (n) => Number.isInteger(n) && n >= 0, "a whole number >= 0");
   const ringEntries = number(v["ring-entries"], "ring-entries", 4096, (n) => Number.isInteger(n) && n >= 256 && n <= 65536 && (n & (n - 1)) === 0, "a power of two in [256, 65536]");
 
+  checkOutputs(v);
+  const opts = clientOptions(v, io, cfg);
   const say = (s: string) => v.quiet || io.err.write(`${s}\n`);
   const services: SpawnedService[] = [];
-  // The device goes first: it unregisters from the hypervisor that is still there.
-  const stopAll = async () => {
-    for (const s of services.reverse()) await s.stop();
-  };
-  const onSignal = () => void stopAll().then(() => process.exit(130));
-  process.once("SIGINT", onSignal);
-  process.once("SIGTERM", onSignal);
+  const interrupt = interruptOnSignals();
   try {
     say("starting two hypervisors on 127.0.0.1 (source and destination)");
     const env = { HYPERVISOR_GRPC_PORT: "0", HYPERVISOR_HTTP_PORT: "0", HYPERVISOR_ANNOUNCE: "1", HYPERVISOR_HOST: "127.0.0.1" };
     const [src, dst] = await Promise.all([spawnService("services/hypervisor/main.ts", env), spawnService("services/hypervisor/main.ts", env)]);
     services.push(src, dst);
-    const source = connectHypervisor(src.address);
-    const destination = connectHypervisor(dst.address);
+    const source = connectHypervisor(src.address, opts);
+    const destination = connectHypervisor(dst.address, opts);
+    const setUp = <T>(fn: () => Promise<T>) =>
+      fn().catch((err: unknown) => {
+        throw explain(err, "source", src.address);
+      });
     try {
       if (cfg.mechanism === "device") {
         say("starting a page-tracking device beside the source hypervisor");
@@ -256,30 +350,41 @@ async function runDemo(v: Values, io: Io): Promise<number> {
         );
       }
       say(`source ${src.address}, destination ${dst.address}; creating VM 'demo' (${memory / 2 ** 30} GiB, ${vcpus} vCPUs)`);
-      await source.createVm({
-        vm: "demo",
-        vcpus,
-        seed: BigInt(seed),
-        memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(memory) }],
-        // Rings exist only if the VM is created with them (KVM enables them before vCPUs).
-        dirtyRing: cfg.mechanism === "ring" ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: BigInt(ringEntries * 16), withBitmap: true } : undefined,
-        // First the guest touches all of its memory, as a booted OS with a page cache would have.
-        workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e8 },
-      });
+      await setUp(() =>
+        source.createVm({
+          vm: "demo",
+          vcpus,
+          seed: BigInt(seed),
+          // Room for the guest: the smallest IPA size (at least the default, 40 bits) that holds memory above 1 GiB.
+          ipaBits: Math.max(40, Math.ceil(Math.log2(2 ** 30 + memory))),
+          memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(memory) }],
+          // Rings exist only if the VM is created with them (KVM enables them before vCPUs).
+          dirtyRing: cfg.mechanism === "ring" ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: BigInt(ringEntries * 16), withBitmap: true } : undefined,
+          // First the guest touches all of its memory, as a booted OS with a page cache would have.
+          workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e8 },
+        }),
+      );
       const pagesPerVcpu = Math.ceil(memory / 4096 / vcpus);
-      await source.advanceVm({ vm: "demo", durationNs: BigInt(Math.ceil(pagesPerVcpu * (10 + 2430) + 1e6)) });
-      await source.setWorkload({ vm: "demo", workload: { pattern, writesPerSecond: rate, hotFraction: hot, hotWriteFraction: hotWrites } });
-      await source.advanceVm({ vm: "demo", durationNs: 1_000_000_000n });
+      await setUp(() => source.advanceVm({ vm: "demo", durationNs: BigInt(Math.ceil(pagesPerVcpu * (10 + 2430) + 1e6)) }, { deadlineMs: 3_600_000, signal: interrupt.signal }));
+      await setUp(() => source.setWorkload({ vm: "demo", workload: { pattern, writesPerSecond: rate, hotFraction: hot, hotWriteFraction: hotWrites } }));
+      await setUp(() => source.advanceVm({ vm: "demo", durationNs: 1_000_000_000n }, { deadlineMs: 3_600_000, signal: interrupt.signal }));
       say(`migrating 'demo' with ${cfg.mechanism} over ${cfg.bandwidthBitsPerSecond / 1e9} Gbit/s, downtime limit ${cfg.downtimeLimitMs} ms`);
-      return await runMigration(v, io, cfg, { source: "demo", destination: "demo" }, { source, destination });
+      return await runMigration(v, io, cfg, { source: "demo", destination: "demo" }, { source, destination }, interrupt.signal);
     } finally {
       source.close();
       destination.close();
     }
+  } catch (err) {
+    // Interrupted while setting up: nothing to clean but the processes below.
+    if (interrupt.signal.aborted) {
+      io.err.write(`demo interrupted by ${String(interrupt.signal.reason)} before the migration started\n`);
+      return SIGNAL_EXIT[String(interrupt.signal.reason)] ?? EXIT.interrupted;
+    }
+    throw err;
   } finally {
-    await stopAll();
-    process.off("SIGINT", onSignal);
-    process.off("SIGTERM", onSignal);
+    interrupt.dispose();
+    // The device goes first: it unregisters from the hypervisor that is still there.
+    for (const s of services.reverse()) await s.stop();
   }
 }
 
@@ -294,7 +399,10 @@ async function runServe(v: Values, io: Io): Promise<number> {
   } catch (e) {
     throw new UsageError(`--memory: ${(e as Error).message}`);
   }
-  const port = number(v["http-port"] ?? io.env.MIGRATION_HTTP_PORT, "http-port", 9480, (n) => Number.isInteger(n) && n >= 0 && n < 65536, "a port number");
+  const port =
+    v["http-port"] !== undefined
+      ? number(v["http-port"], "http-port", 9480, (n) => Number.isInteger(n) && n >= 0 && n < 65536, "a port number")
+      : envPort(io.env, "MIGRATION_HTTP_PORT", 9480);
   const service = new MigrationService(
     {
       hypervisors: [a, b],
@@ -306,11 +414,20 @@ async function runServe(v: Values, io: Io): Promise<number> {
       realtimeSpeed: number(v["realtime-speed"], "realtime-speed", 1, (n) => n > 0 && n <= 1000, "in (0, 1000]"),
       pauseMs: number(v["pause-ms"], "pause-ms", 2000, (n) => n >= 0, "a number of ms >= 0"),
       policy: cfg,
+      clientOptions: clientOptions(v, io, cfg),
     },
     createLogger("migration-controller"),
   );
-  const host = v.host ?? io.env.MIGRATION_HOST ?? "127.0.0.1";
-  const bound = await service.listen(host, port);
+  let host: string;
+  try {
+    host = v.host ?? envHost(io.env, "MIGRATION_HOST");
+  } catch (e) {
+    throw new UsageError((e as ConfigError).message);
+  }
+  const bound = await service.listen(host, port).catch(async (err: NodeJS.ErrnoException) => {
+    await service.stop();
+    throw new ConfigError(`${v["http-port"] !== undefined ? "--http-port" : "MIGRATION_HTTP_PORT"}=${port}: cannot listen on ${host}:${port}: ${err.code === "EADDRINUSE" ? "the address is in use" : err.message}`);
+  });
   if (io.env.MIGRATION_ANNOUNCE === "1") io.out.write(JSON.stringify({ listening: { host, grpcPort: 0, httpPort: bound } }) + "\n");
   io.err.write(`serving: migrating '${v.vm ?? "demo"}' between ${a} and ${b} with ${cfg.mechanism}; metrics on http://${host}:${bound}/metrics\n`);
   service.start();
@@ -350,6 +467,10 @@ export async function runCli(argv: string[], io: Io): Promise<number> {
     if (err instanceof MigrationError) {
       io.err.write(`${err.message}\n`);
       return EXIT[err.kind];
+    }
+    if (err instanceof ConfigError) {
+      io.err.write(`migration-controller: ${err.message}\n`);
+      return EXIT.failed;
     }
     io.err.write(`error: ${(err as Error)?.message ?? String(err)}\n`);
     return EXIT.failed;

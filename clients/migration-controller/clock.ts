@@ -4,9 +4,19 @@
  * (so the guest dirties memory while pages are on the wire, and runs are
  * deterministic). Real time: the VM clocks follow the wall clock, and the
  * controller waits out the simulated time instead.
+ *
+ * Either way a long wait is cut at the migration's next deadline (a
+ * timeout, see limits.ts) and where the watch callback may end it, so that
+ * timeouts and interruptions act when they are due, not at the next sync.
  */
 import type { AdvanceVmResponse } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import type { HypervisorClient } from "../../services/hypervisor/client.js";
+
+/** Consulted between steps: the guest time at which to look next, and a check that throws to stop. */
+export interface ClockWatch {
+  nextDeadlineNs(): number;
+  check(): void;
+}
 
 export interface MigrationClock {
   readonly drive: "stepped" | "realtime";
@@ -16,14 +26,21 @@ export interface MigrationClock {
   now(): number;
 }
 
-/** AdvanceVm accepts at most an hour per call. */
-const MAX_STEP_NS = 3600e9;
+/**
+ * Longest single AdvanceVm: a second of guest time keeps each call's wall
+ * time modest, so that its deadline can stay short.
+ */
+const MAX_STEP_NS = 1e9;
 
 export interface SteppedClockOptions {
   /** Longest single AdvanceVm; a mechanism that reacts to exits (ring full) asks for short steps. */
   maxStepNs?: number;
   /** Called after every step with what the guest did. */
   onStep?: (r: AdvanceVmResponse, stepNs: number) => Promise<void>;
+  watch?: ClockWatch;
+  /** Deadline of one AdvanceVm, and the signal that cancels it. */
+  callDeadlineMs?: number;
+  signal?: AbortSignal;
 }
 
 export class SteppedClock implements MigrationClock {
@@ -42,13 +59,17 @@ export class SteppedClock implements MigrationClock {
     let whole = Math.floor(this.owed);
     this.owed -= whole;
     const max = Math.min(this.opts.maxStepNs ?? MAX_STEP_NS, MAX_STEP_NS);
+    const watch = this.opts.watch;
     while (whole > 0) {
-      const step = Math.min(whole, max);
-      const r = await this.client.advanceVm({ vm: this.vm, durationNs: BigInt(step) });
+      watch?.check();
+      const toDeadline = watch ? Math.ceil(watch.nextDeadlineNs() - this.t) : Infinity;
+      const step = Math.max(1, Math.min(whole, max, toDeadline));
+      const r = await this.client.advanceVm({ vm: this.vm, durationNs: BigInt(step) }, { deadlineMs: this.opts.callDeadlineMs, signal: this.opts.signal });
       this.t += step;
       whole -= step;
       await this.opts.onStep?.(r, step);
     }
+    watch?.check();
   }
 
   now(): number {
@@ -56,15 +77,26 @@ export class SteppedClock implements MigrationClock {
   }
 }
 
+/** Longest wall-clock sleep between looks at the deadlines and the abort signal. */
+const REALTIME_POLL_MS = 50;
+
 export class RealtimeClock implements MigrationClock {
   readonly drive = "realtime";
   private readonly t0 = performance.now();
   /** speed: guest ns per wall ns, as the VM's real-time drive uses. */
-  constructor(private readonly speed: number) {}
+  constructor(
+    private readonly speed: number,
+    private readonly watch?: ClockWatch,
+  ) {}
 
   async elapse(ns: number): Promise<void> {
-    const ms = ns / 1e6 / this.speed;
-    if (ms > 0) await new Promise((r) => setTimeout(r, ms));
+    const until = performance.now() + ns / 1e6 / this.speed;
+    for (;;) {
+      this.watch?.check();
+      const left = until - performance.now();
+      if (left <= 0) return;
+      await new Promise((r) => setTimeout(r, Math.min(left, REALTIME_POLL_MS)));
+    }
   }
 
   now(): number {

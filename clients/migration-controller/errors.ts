@@ -1,7 +1,7 @@
 /** How a migration fails: the kind decides the CLI's exit code. */
 import type { MigrationReport } from "./migrate.js";
 
-export type FailureKind = "usage" | "unreachable" | "not-found" | "precondition" | "not-converged" | "verification" | "failed";
+export type FailureKind = "usage" | "unreachable" | "not-found" | "precondition" | "not-converged" | "verification" | "interrupted" | "failed";
 
 export class MigrationError extends Error {
   override name = "MigrationError";

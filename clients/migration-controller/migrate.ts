@@ -12,13 +12,16 @@
  * There is no round cap unless asked (Xen-style, forcing the switchover); the
  * progress and completion timeouts are KubeVirt's, in guest time.
  *
- * On any failure the source is resumed if we paused it, logging is turned off,
- * the destination we created is destroyed, and a MigrationError says why.
+ * On any failure or interruption (the signal) the source is resumed if we
+ * paused it, logging is turned off, the destination we created is destroyed,
+ * each with a deadline, and then the source and destination are looked at
+ * again so that the report says what was observed; a MigrationError says why.
  */
 import { status as GrpcStatus } from "@grpc/grpc-js";
 import { ClockDrive, ExitReason, type VmInfo, type WriteMemoryRequest } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import type { HypervisorClient } from "../../services/hypervisor/client.js";
-import { RealtimeClock, SteppedClock, type MigrationClock } from "./clock.js";
+import { RealtimeClock, SteppedClock, type ClockWatch, type MigrationClock } from "./clock.js";
+import { MigrationLimits } from "./limits.js";
 import { Link, PAGE_SIZE } from "./link.js";
 import { MigrationError, type FailureKind } from "./errors.js";
 import { createTracker, type Mechanism } from "./trackers/index.js";
@@ -41,6 +44,12 @@ export interface MigrationConfig {
   completionTimeoutPerGiBS: number;
   /** Pages per read/write/CLEAR chunk; a multiple of 64. */
   chunkPages: number;
+  /**
+   * Wall-clock bound on waiting for a hypervisor: the deadline of ordinary
+   * calls, and how soon keepalive finds a peer that stopped answering. Bulk
+   * calls (guest steps, page streams, digests) get six times as long, at least a minute.
+   */
+  rpcTimeoutMs: number;
 }
 
 export const DEFAULT_CONFIG: Omit<MigrationConfig, "sourceVm" | "destinationVm"> = {
@@ -52,6 +61,7 @@ export const DEFAULT_CONFIG: Omit<MigrationConfig, "sourceVm" | "destinationVm">
   progressTimeoutS: 150,
   completionTimeoutPerGiBS: 150,
   chunkPages: 262144,
+  rpcTimeoutMs: 10_000,
 };
 
 export interface RoundReport {
@@ -106,8 +116,18 @@ export interface MigrationReport {
   rounds: RoundReport[];
   switchover: { round: number; remainingBytes: number; thresholdBytes: number; forced: boolean } | null;
   verification: { sourceSha256: string; destinationSha256: string; match: boolean } | null;
+  /** After a failure: what the controller saw when it looked again (null: not looked, or it could not tell). */
+  cleanup: CleanupReport | null;
   tracker: Record<string, number>;
   wallTimeMs: number;
+}
+
+export interface CleanupReport {
+  sourceRunning: boolean | null;
+  sourceLogging: boolean | null;
+  destinationRemoved: boolean | null;
+  /** Why a step of the cleanup or a look failed. */
+  problems: string[];
 }
 
 export interface ProgressEvent {
@@ -125,10 +145,12 @@ export interface Endpoints {
   source: HypervisorClient;
   destination: HypervisorClient;
   onProgress?: (e: ProgressEvent) => void;
+  /** Aborting it interrupts the migration (SIGINT, SIGTERM): cleanup runs and a MigrationError("interrupted") is thrown. */
+  signal?: AbortSignal;
 }
 
 /** Explains a gRPC failure of a call to one hypervisor in the user's terms. */
-function explain(err: unknown, who: string, address: string): MigrationError {
+export function explain(err: unknown, who: string, address: string): MigrationError {
   if (err instanceof MigrationError) return err;
   const e = err as { code?: number; details?: string; message?: string };
   if (e.code === GrpcStatus.UNAVAILABLE || e.code === GrpcStatus.DEADLINE_EXCEEDED) {
@@ -143,12 +165,58 @@ function explain(err: unknown, who: string, address: string): MigrationError {
 }
 
 /** Runs fn against one side, turning its errors into MigrationErrors that name that side. */
-async function on<T>(who: "source" | "destination", client: HypervisorClient, fn: () => Promise<T>): Promise<T> {
+async function on<T>(who: "source" | "destination", client: HypervisorClient, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+  interrupted(signal);
   try {
     return await fn();
   } catch (err) {
+    interrupted(signal);
     throw explain(err, who, client.address);
   }
+}
+
+function interrupted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new MigrationError("interrupted", `interrupted${typeof signal.reason === "string" ? ` by ${signal.reason}` : ""}`);
+}
+
+/**
+ * Undoes what a failed migration changed, each step with a deadline and
+ * whatever the others did, then looks at both sides again.
+ */
+async function cleanUp(
+  source: HypervisorClient,
+  destination: HypervisorClient,
+  vms: { source: string; destination: string },
+  did: { paused: boolean; trackerStarted: boolean; destinationCreated: boolean },
+  stopTracker: () => Promise<void>,
+): Promise<CleanupReport> {
+  const problems: string[] = [];
+  const attempt = async (what: string, fn: () => Promise<unknown>) => {
+    try {
+      await fn();
+    } catch (err) {
+      problems.push(`${what}: ${(err as { details?: string }).details ?? (err as Error).message}`);
+    }
+  };
+  if (did.paused) await attempt("resuming the source", () => source.resumeVm({ vm: vms.source }));
+  if (did.trackerStarted) await attempt("turning logging off on the source", stopTracker);
+  if (did.destinationCreated) await attempt("removing the destination VM", () => destination.destroyVm({ vm: vms.destination }));
+  const out: CleanupReport = { sourceRunning: null, sourceLogging: null, destinationRemoved: null, problems };
+  await attempt("looking at the source", async () => {
+    const v = (await source.getVm({ vm: vms.source })).vm!;
+    out.sourceRunning = v.vcpus.some((c) => !c.paused);
+    out.sourceLogging = v.memslots.some((m) => m.logging) || v.hardwareDirty || v.pageTrackingDevice;
+  });
+  if (did.destinationCreated) {
+    try {
+      await destination.getVm({ vm: vms.destination });
+      out.destinationRemoved = false;
+    } catch (err) {
+      if ((err as { code?: number }).code === GrpcStatus.NOT_FOUND) out.destinationRemoved = true;
+      else problems.push(`looking at the destination: ${(err as { details?: string }).details ?? (err as Error).message}`);
+    }
+  }
+  return out;
 }
 
 function popcount(bytes: Uint8Array, numPages: number): number {
@@ -204,9 +272,10 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
   const cfg: MigrationConfig = { ...DEFAULT_CONFIG, ...cfgIn };
   validate(cfg);
   const wall0 = performance.now();
-  const { source, destination } = ep;
+  const { source, destination, signal } = ep;
+  const bulk = { deadlineMs: Math.max(60_000, 6 * cfg.rpcTimeoutMs), signal };
   const link = new Link(cfg.bandwidthBitsPerSecond, cfg.latencyNs);
-  const src = (await on("source", source, () => source.getVm({ vm: cfg.sourceVm }))).vm!;
+  const src = (await on("source", source, () => source.getVm({ vm: cfg.sourceVm }), signal)).vm!;
   if (src.vcpus.every((v) => v.paused)) {
     throw new MigrationError("precondition", `source VM '${cfg.sourceVm}' is paused; pre-copy migrates a running VM (resume it first)`);
   }
@@ -219,17 +288,32 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
     }
   }
   const tracker = createTracker(cfg.mechanism, source, src);
+  const memoryBytes = Number(src.memoryBytes);
+  const bwBytesPerMs = link.bytesPerSecond / 1000;
+  const thresholdBytes = bwBytesPerMs * cfg.downtimeLimitMs;
+  // The limits apply while pre-copy runs; the switchover is bounded by the threshold instead.
+  let limitsOn = false;
+  const watch: ClockWatch = {
+    nextDeadlineNs: () => (limitsOn ? limits.nextDeadlineNs() : Infinity),
+    check: () => {
+      interrupted(signal);
+      if (limitsOn) limits.check();
+    },
+  };
   const clock: MigrationClock =
     src.clock === ClockDrive.CLOCK_DRIVE_REALTIME
-      ? new RealtimeClock(src.realtimeSpeed || 1)
+      ? new RealtimeClock(src.realtimeSpeed || 1, watch)
       : new SteppedClock(source, cfg.sourceVm, {
           maxStepNs: tracker.maxStepNs,
+          watch,
+          callDeadlineMs: bulk.deadlineMs,
+          signal,
           onStep: async (r, stepNs) => {
             const ringFull = r.vcpus.reduce((n, v) => n + v.exits.reduce((m, e) => m + (e.reason === ExitReason.EXIT_REASON_DIRTY_RING_FULL ? Number(e.count) : 0), 0), 0);
             await tracker.onGuestStep?.({ ringFull, stepNs });
           },
         });
-  const memoryBytes = Number(src.memoryBytes);
+  const limits = new MigrationLimits(() => clock.now(), cfg, memoryBytes, thresholdBytes, link.bytesPerSecond);
   const report: MigrationReport = {
     status: "failed",
     source: { address: source.address, vm: cfg.sourceVm },
@@ -253,18 +337,15 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
     rounds: [],
     switchover: null,
     verification: null,
+    cleanup: null,
     tracker: {},
     wallTimeMs: 0,
   };
   delete (report.config as Partial<MigrationConfig>).sourceVm;
   delete (report.config as Partial<MigrationConfig>).destinationVm;
 
-  await on("destination", destination, () => createDestination(destination, cfg.destinationVm, src));
-  let trackerStarted = false;
-  let paused = false;
-  const bwBytesPerMs = link.bytesPerSecond / 1000;
-  const thresholdBytes = bwBytesPerMs * cfg.downtimeLimitMs;
-  const completionLimitNs = (cfg.completionTimeoutPerGiBS * 1e9 * memoryBytes) / 2 ** 30;
+  await on("destination", destination, () => createDestination(destination, cfg.destinationVm, src), signal);
+  const did = { paused: false, trackerStarted: false, destinationCreated: true };
   const progress = (phase: ProgressEvent["phase"], r: Partial<ProgressEvent> = {}) =>
     ep.onProgress?.({
       phase,
@@ -280,7 +361,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
 
   /** The guest's totals: what it wrote and how long it sat out on full rings. */
   const guestStats = async () => {
-    const v = (await on("source", source, () => source.getVm({ vm: cfg.sourceVm }))).vm!;
+    const v = (await on("source", source, () => source.getVm({ vm: cfg.sourceVm }), signal)).vm!;
     return {
       writes: v.vcpus.reduce((n, c) => n + Number(c.writes), 0),
       ringFullExits: v.vcpus.reduce((n, c) => n + Number(c.dirtyRingFullExits), 0),
@@ -300,14 +381,17 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
     let zero = 0;
     let normal = 0;
     try {
-      const stream = source.readMemory({
-        vm: cfg.sourceVm,
-        slot,
-        firstPage: BigInt(first),
-        numPages: BigInt(count),
-        bitmap: sel ? Buffer.from(sel.buffer, sel.byteOffset, sel.byteLength) : undefined,
-        chunkPages: count,
-      });
+      const stream = source.readMemory(
+        {
+          vm: cfg.sourceVm,
+          slot,
+          firstPage: BigInt(first),
+          numPages: BigInt(count),
+          bitmap: sel ? Buffer.from(sel.buffer, sel.byteOffset, sel.byteLength) : undefined,
+          chunkPages: count,
+        },
+        bulk,
+      );
       for await (const r of stream) {
         const z = countZeroWords(r.chunk!.contents);
         zero += z;
@@ -315,9 +399,10 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         chunks.push({ vm: cfg.destinationVm, chunk: r.chunk });
       }
     } catch (err) {
+      interrupted(signal);
       throw explain(err, "source", source.address);
     }
-    const written = on("destination", destination, () => destination.writeMemory(chunks));
+    const written = on("destination", destination, () => destination.writeMemory(chunks, bulk), signal);
     written.catch(() => undefined); // awaited by the caller; this only keeps an early failure from going unhandled
     return { zero, normal, written };
   };
@@ -325,7 +410,8 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
   /**
    * Sends the selected pages of every slot (select null: all pages), chunk by
    * chunk; the guest runs for each chunk's time on the link (and the host time
-   * of its CLEAR, with manual protect). Returns what was sent.
+   * of its CLEAR, with manual protect), and the limits are checked as it
+   * passes. Returns what was sent.
    */
   const sendPages = async (select: Map<number, Uint8Array> | null) => {
     const out = { normal: 0, zero: 0, bytes: 0 };
@@ -340,7 +426,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         const sel = bitmap ? bitmap.subarray(first >>> 3, (first + count + 7) >>> 3) : null;
         if (sel && popcount(sel, count) === 0) continue;
         const all = new Uint8Array(Math.ceil(count / 8)).fill(0xff);
-        const hostNs = await on("source", source, () => tracker.beforeSend(slot, first, count, sel ?? all));
+        const hostNs = await on("source", source, () => tracker.beforeSend(slot, first, count, sel ?? all), signal);
         const c = await copyChunk(slot, first, count, sel);
         await pending;
         pending = c.written;
@@ -348,11 +434,11 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         out.normal += c.normal;
         out.zero += c.zero;
         out.bytes += bytes;
-        await on("source", source, () => clock.elapse(hostNs + link.transmitNs(bytes)));
+        await on("source", source, () => clock.elapse(hostNs + link.transmitNs(bytes)), signal);
       }
     }
     await pending;
-    await on("source", source, () => clock.elapse(link.latencyNs));
+    await on("source", source, () => clock.elapse(link.latencyNs), signal);
     report.normalPages += out.normal;
     report.zeroPages += out.zero;
     report.transferredBytes += out.bytes;
@@ -368,13 +454,15 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
 
   try {
     progress("setup");
-    const setupNs = await on("source", source, () => tracker.start());
-    trackerStarted = true;
-    await on("source", source, () => clock.elapse(setupNs));
+    did.trackerStarted = true;
+    const setupNs = await on("source", source, () => tracker.start(), signal);
+    await on("source", source, () => clock.elapse(setupNs), signal);
     report.setupTimeMs = clock.now() / 1e6;
 
     // Round 0: every page, while the guest runs.
     const totalPages = src.memslots.reduce((n, s) => n + Number(s.numPages), 0);
+    limits.update(totalPages * PAGE_SIZE);
+    limitsOn = true;
     progress("round", { dirtyPages: totalPages, remainingBytes: totalPages * PAGE_SIZE });
     let roundStart = clock.now();
     let atStart = await guestStats();
@@ -407,41 +495,45 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
     };
     await pushRound(0, totalPages, 0, 0, totalPages * PAGE_SIZE);
 
-    let best = Infinity;
-    let bestAt = clock.now();
     for (;;) {
-      const sync = await on("source", source, () => tracker.sync(false));
+      const sync = await on("source", source, () => tracker.sync(false), signal);
       report.dirtySyncCount++;
-      await on("source", source, () => clock.elapse(sync.hostNs));
+      const remaining = sync.dirtyPages * PAGE_SIZE;
+      limits.update(remaining);
+      await on("source", source, () => clock.elapse(sync.hostNs), signal);
       const now = clock.now();
       const rate = now > lastSyncAt ? (sync.dirtyPages * 1e9) / (now - lastSyncAt) : 0;
       lastSyncAt = now;
-      const remaining = sync.dirtyPages * PAGE_SIZE;
+      limits.dirtyRatePagesPerSecond = rate;
       report.dirtyRatePagesPerSecond = rate;
       report.expectedDowntimeMs = remaining / bwBytesPerMs;
       progress("round", { dirtyPages: sync.dirtyPages, remainingBytes: remaining, dirtyRatePagesPerSecond: rate, expectedDowntimeMs: report.expectedDowntimeMs });
 
       const forced = cfg.maxRounds !== null && report.dirtySyncCount >= cfg.maxRounds && remaining > thresholdBytes;
       if (remaining <= thresholdBytes || forced) {
+        limitsOn = false;
         report.switchover = { round: report.dirtySyncCount, remainingBytes: remaining, thresholdBytes, forced };
         // Stop and copy.
         progress("switchover", { dirtyPages: sync.dirtyPages, remainingBytes: remaining });
         const pauseAt = clock.now();
-        await on("source", source, () => source.pauseVm({ vm: cfg.sourceVm }));
-        paused = true;
-        const last = await on("source", source, () => tracker.sync(true));
+        did.paused = true;
+        await on("source", source, () => source.pauseVm({ vm: cfg.sourceVm }), signal);
+        const last = await on("source", source, () => tracker.sync(true), signal);
         report.dirtySyncCount++;
-        await on("source", source, () => clock.elapse(last.hostNs));
+        await on("source", source, () => clock.elapse(last.hostNs), signal);
         const before = report.transferredBytes;
         const union = orBitmaps(sync.bitmaps, last.bitmaps);
         sent = await sendPages(union);
         report.downtimeBytes = report.transferredBytes - before;
         const unionPages = [...union.values()].reduce((n, b) => n + popcount(b, b.length * 8), 0);
         await pushRound(report.rounds.length, unionPages, sync.hostNs + last.hostNs, rate, remaining, true);
+        // The vCPUs' state goes with the memory: the destination's guest goes on where the source's stopped.
+        const state = await on("source", source, () => source.getVcpuState({ vm: cfg.sourceVm }), signal);
+        await on("destination", destination, () => destination.setVcpuState({ vm: cfg.destinationVm, vcpus: state.vcpus, writeSequence: state.writeSequence }), signal);
         progress("verify");
         const [a, b] = await Promise.all([
-          on("source", source, () => source.getMemoryDigest({ vm: cfg.sourceVm })),
-          on("destination", destination, () => destination.getMemoryDigest({ vm: cfg.destinationVm })),
+          on("source", source, () => source.getMemoryDigest({ vm: cfg.sourceVm }, bulk), signal),
+          on("destination", destination, () => destination.getMemoryDigest({ vm: cfg.destinationVm }, bulk), signal),
         ]);
         report.verification = { sourceSha256: a.sha256Hex, destinationSha256: b.sha256Hex, match: a.sha256Hex === b.sha256Hex };
         if (!report.verification.match) {
@@ -450,36 +542,16 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
             `verification failed: the destination's memory (sha256 ${b.sha256Hex.slice(0, 16)}…) differs from the source's (${a.sha256Hex.slice(0, 16)}…): dirty pages were lost`,
           );
         }
-        await on("destination", destination, () => destination.resumeVm({ vm: cfg.destinationVm }));
+        await on("destination", destination, () => destination.resumeVm({ vm: cfg.destinationVm }), signal);
         report.downtimeMs = (clock.now() - pauseAt) / 1e6;
-        await tracker.stop();
-        trackerStarted = false;
+        await on("source", source, () => tracker.stop());
+        did.trackerStarted = false;
         report.status = "completed";
         finish();
         progress("done", { remainingBytes: 0 });
         return report;
       }
 
-      if (remaining < best) {
-        best = remaining;
-        bestAt = now;
-      }
-      if (now > completionLimitNs) {
-        throw new MigrationError(
-          "not-converged",
-          `did not converge: ${(now / 1e9).toFixed(1)} s exceeds the completion timeout of ${cfg.completionTimeoutPerGiBS} s per GiB ` +
-            `(${(completionLimitNs / 1e9).toFixed(1)} s for ${(memoryBytes / 2 ** 30).toFixed(2)} GiB); ` +
-            `${formatMiB(remaining)} still dirty against a threshold of ${formatMiB(thresholdBytes)} (dirty rate ${Math.round(rate)} pages/s)`,
-        );
-      }
-      if (now - bestAt > cfg.progressTimeoutS * 1e9) {
-        throw new MigrationError(
-          "not-converged",
-          `did not converge: no progress for ${cfg.progressTimeoutS} s (remaining bytes have not gone below ${formatMiB(best)}; ` +
-            `threshold ${formatMiB(thresholdBytes)}, dirty rate ${Math.round(rate)} pages/s = ${formatMiB(rate * PAGE_SIZE)}/s ` +
-            `against a link of ${formatMiB(link.bytesPerSecond)}/s)`,
-        );
-      }
       sent = await sendPages(sync.bitmaps);
       report.precopyBytes += sent.bytes;
       await pushRound(report.dirtySyncCount, sync.dirtyPages, sync.hostNs, rate, remaining);
@@ -488,9 +560,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
     const e = err instanceof MigrationError ? err : explain(err, "migration", "");
     report.error = e.message;
     // Leave the source as we found it: running, not logging; the destination gone.
-    if (paused) await source.resumeVm({ vm: cfg.sourceVm }).catch(() => undefined);
-    if (trackerStarted) await tracker.stop().catch(() => undefined);
-    await destination.destroyVm({ vm: cfg.destinationVm }).catch(() => undefined);
+    report.cleanup = await cleanUp(source, destination, { source: cfg.sourceVm, destination: cfg.destinationVm }, did, () => tracker.stop());
     finish();
     throw new MigrationError(e.kind, e.message, report);
   }
@@ -511,6 +581,7 @@ function validate(cfg: MigrationConfig): void {
   if (!Number.isInteger(cfg.chunkPages) || cfg.chunkPages < CHUNK_ALIGN || cfg.chunkPages % CHUNK_ALIGN !== 0 || cfg.chunkPages > 1 << 20) {
     throw bad(`chunk pages must be a multiple of ${CHUNK_ALIGN} up to 1048576 (got ${cfg.chunkPages})`);
   }
+  if (!(cfg.rpcTimeoutMs >= 100) || !Number.isFinite(cfg.rpcTimeoutMs)) throw bad(`RPC timeout must be at least 100 ms (got ${cfg.rpcTimeoutMs})`);
   if (!cfg.sourceVm || !cfg.destinationVm) throw bad("source and destination VM names are required");
 }
 

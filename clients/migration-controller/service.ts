@@ -7,7 +7,7 @@
  */
 import type { FastifyInstance } from "fastify";
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
-import { GrpcClientMetrics } from "../../common/client.js";
+import { GrpcClientMetrics, type ClientOptions } from "../../common/client.js";
 import { createOpsServer, registerProcessMetrics } from "../../common/http.js";
 import type { Logger } from "../../common/log.js";
 import { Capability, ClockDrive, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
@@ -25,6 +25,8 @@ export interface ServiceConfig {
   /** Wall-clock pause between migrations. */
   pauseMs: number;
   policy: Omit<MigrationConfig, "sourceVm" | "destinationVm">;
+  /** Security and timeouts of the clients of both hypervisors. */
+  clientOptions?: ClientOptions;
 }
 
 const RESULT: Record<string, string> = {
@@ -76,6 +78,8 @@ export class MigrationService {
   readonly metrics: MigrationMetrics;
   private readonly clients: [HypervisorClient, HypervisorClient];
   private stopped = false;
+  /** Interrupts the migration in flight when the service stops: it cleans up instead of leaving a VM paused. */
+  private readonly abort = new AbortController();
   private loop: Promise<void> | null = null;
   private ops: FastifyInstance;
   completed = 0;
@@ -88,7 +92,8 @@ export class MigrationService {
     registerProcessMetrics(this.registry);
     this.metrics = new MigrationMetrics(this.registry);
     const rpc = new GrpcClientMetrics(this.registry);
-    this.clients = [connectHypervisor(cfg.hypervisors[0], { metrics: rpc }), connectHypervisor(cfg.hypervisors[1], { metrics: rpc })];
+    const opts = { ...cfg.clientOptions, metrics: rpc };
+    this.clients = [connectHypervisor(cfg.hypervisors[0], opts), connectHypervisor(cfg.hypervisors[1], opts)];
     this.ops = createOpsServer({ registry: this.registry, health: () => ({ ok: !this.stopped, detail: { completed: this.completed, failed: this.failed } }) });
   }
 
@@ -104,6 +109,7 @@ export class MigrationService {
 
   async stop(): Promise<void> {
     this.stopped = true;
+    this.abort.abort("SIGTERM");
     await this.loop?.catch(() => undefined);
     for (const c of this.clients) c.close();
     await this.ops.close();
@@ -161,7 +167,7 @@ export class MigrationService {
     try {
       const r = await migrate(
         { ...this.cfg.policy, sourceVm: vm, destinationVm: vm },
-        { source: this.clients[from], destination: this.clients[to], onProgress: (e) => this.onProgress(e, sent) },
+        { source: this.clients[from], destination: this.clients[to], onProgress: (e) => this.onProgress(e, sent), signal: this.abort.signal },
       );
       this.onProgress({ phase: "done", round: r.dirtySyncCount, dirtyPages: 0, remainingBytes: 0, dirtyRatePagesPerSecond: r.dirtyRatePagesPerSecond, expectedDowntimeMs: 0, elapsedMs: r.totalTimeMs, transferredBytes: r.transferredBytes }, sent);
       this.metrics.migrations.inc({ result: "completed", mechanism });

@@ -86,9 +86,9 @@ describe("bad input gets a precise status and KVM's errno, never UNKNOWN", () =>
 
   test("RESOURCE_EXHAUSTED, ALREADY_EXISTS, PERMISSION_DENIED", async () => {
     await rejects(
-      c().createVm({ vm: "big", vcpus: 1, memslots: [{ slot: 0, guestPhysAddr: 0n, memorySize: BigInt(512 * GiB) }] }),
+      c().createVm({ vm: "big", vcpus: 1, ipaBits: 41, memslots: [{ slot: 0, guestPhysAddr: 0n, memorySize: BigInt(1024 * GiB) }] }),
       status.RESOURCE_EXHAUSTED,
-      /VM 'big' \(512 GiB of guest memory, 1 vCPUs\) needs 8.* of hypervisor memory, but .* of this hypervisor's 4 GiB budget is left.*ENOMEM/,
+      /VM 'big' \(1 TiB of guest memory, 1 vCPUs\) needs 4.* of hypervisor memory, but .* of this hypervisor's 4 GiB budget is left.*ENOMEM/,
     );
     await rejects(c().createVm({ vm: "e", vcpus: 1 }), status.ALREADY_EXISTS, /already exists/);
     await noInjection.client.createVm({ vm: "x", vcpus: 1 });
