@@ -175,10 +175,54 @@ function messages<T>(stream: NodeJS.EventEmitter & { pause(): void; resume(): vo
 }
 
 /**
+ * Bytes a server stream may have handed to grpc-js that HTTP/2 has not yet
+ * sent (their write callbacks have not fired; at least one message always
+ * goes). A client that stops reading stops the handler there, instead of the
+ * server buffering what it produces: 40 unread ReadMemory streams of 8 MiB
+ * messages held 128 MiB each with grpc-js's own limit of 16 messages.
+ */
+export const MAX_UNSENT_STREAM_BYTES = 4 * 1024 * 1024;
+
+/** Serializes a message and writes it once what is still unsent leaves room for it (one message always may go). */
+function boundedWriter(call: { write(m: unknown, cb: () => void): boolean }, signal: AbortSignal, serialize: (v: never) => Buffer) {
+  const unsent: { bytes: number; sent: Promise<void> }[] = [];
+  let bytes = 0;
+  const aborted = new Promise<void>((resolve) => (signal.aborted ? resolve() : signal.addEventListener("abort", () => resolve(), { once: true })));
+  return async (msg: unknown) => {
+    const frame = serialize(msg as never);
+    while (unsent.length > 0 && bytes + frame.byteLength > MAX_UNSENT_STREAM_BYTES && !signal.aborted) {
+      const oldest = unsent.shift()!;
+      await Promise.race([oldest.sent, aborted]);
+      bytes -= oldest.bytes;
+    }
+    unsent.push({ bytes: frame.byteLength, sent: new Promise<void>((resolve) => call.write(frame, () => resolve())) });
+    bytes += frame.byteLength;
+  };
+}
+
+/**
+ * Adds a service to a server: the handlers become grpc-js handlers through
+ * bindService, and streamed responses reach grpc-js already serialized (so
+ * that the writer knows their size without encoding them twice).
+ */
+export function addService<D extends Record<string, MethodDef>>(
+  server: grpc.Server,
+  definition: D,
+  handlers: ServiceHandlers<D>,
+  opts: { metrics?: GrpcServerMetrics; logger?: Logger } = {},
+): void {
+  const wire = Object.fromEntries(
+    Object.entries(definition).map(([k, m]) => [k, m.responseStream ? { ...m, responseSerialize: (b: Buffer) => b } : m]),
+  );
+  server.addService(wire as unknown as grpc.ServiceDefinition, bindService(definition, handlers, opts));
+}
+
+/**
  * Turns plain handlers into grpc-js handlers: errors thrown anywhere become a
  * precise status (never a crash), and every call is counted and timed.
+ * Streamed responses are written serialized (see addService).
  */
-export function bindService<D extends Record<string, MethodDef>>(
+function bindService<D extends Record<string, MethodDef>>(
   definition: D,
   handlers: ServiceHandlers<D>,
   opts: { metrics?: GrpcServerMetrics; logger?: Logger } = {},
@@ -220,11 +264,12 @@ export function bindService<D extends Record<string, MethodDef>>(
         metrics?.started.inc(labels);
         metrics?.msgReceived.inc(labels);
         const ctx = contextOf(call);
+        const write = boundedWriter(call, ctx.signal, m.responseSerialize);
         try {
           for await (const msg of fn(call.request, ctx) as AsyncIterable<unknown>) {
             if (ctx.signal.aborted) break;
             metrics?.msgSent.inc(labels);
-            if (!call.write(msg)) await Promise.race([once(call, "drain"), once(ctx.signal, "abort")]);
+            await write(msg);
           }
           finish(t0, ctx.signal.aborted ? grpc.status.CANCELLED : grpc.status.OK);
           call.end();
@@ -252,11 +297,12 @@ export function bindService<D extends Record<string, MethodDef>>(
         const t0 = process.hrtime.bigint();
         metrics?.started.inc(labels);
         const ctx = contextOf(call);
+        const write = boundedWriter(call, ctx.signal, m.responseSerialize);
         try {
           const reqs = messages(call, () => metrics?.msgReceived.inc(labels));
           for await (const msg of fn(reqs, ctx) as AsyncIterable<unknown>) {
             metrics?.msgSent.inc(labels);
-            if (!call.write(msg)) await Promise.race([once(call, "drain"), once(ctx.signal, "abort")]);
+            await write(msg);
           }
           finish(t0, grpc.status.OK);
           call.end();

@@ -7,7 +7,7 @@ import { setImmediate as yieldToEventLoop } from "node:timers/promises";
 import type { Registry } from "prom-client";
 import { checkHealth, GrpcClientMetrics } from "../../common/client.js";
 import { createComponentServer, type ComponentServer } from "../../common/component.js";
-import { bindService, MAX_MESSAGE_BYTES, type ServiceHandlers } from "../../common/grpc.js";
+import { addService, MAX_MESSAGE_BYTES, type ServiceHandlers } from "../../common/grpc.js";
 import { alreadyExists, DomainError, echo, invalidArgument, permissionDenied, failedPrecondition, notFound, resourceExhausted } from "../../common/errors.js";
 import { INSECURE, type Security } from "../../common/security.js";
 import type { Logger } from "../../common/log.js";
@@ -675,12 +675,9 @@ export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorSe
   const registered = new DeviceRegistry(deps.hypervisor, deps.logger, metrics, new GrpcClientMetrics(app.registry), security);
   devices = registered;
   metrics.watchDevice(() => registered.link);
-  app.grpc.addService(
-    HypervisorServiceService,
-    bindService(HypervisorServiceService, hypervisorHandlers(deps.hypervisor, metrics, registered, { maxMessageBytes: deps.maxMessageBytes ?? MAX_MESSAGE_BYTES }), {
-      metrics: app.rpcMetrics,
-      logger: deps.logger,
-    }),
-  );
+  addService(app.grpc, HypervisorServiceService, hypervisorHandlers(deps.hypervisor, metrics, registered, { maxMessageBytes: deps.maxMessageBytes ?? MAX_MESSAGE_BYTES }), {
+    metrics: app.rpcMetrics,
+    logger: deps.logger,
+  });
   return app;
 }

@@ -2,7 +2,7 @@
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
 import { createComponentServer, type ComponentServer } from "../../common/component.js";
 import { invalidArgument } from "../../common/errors.js";
-import { bindService, type ServiceHandlers } from "../../common/grpc.js";
+import { addService, type ServiceHandlers } from "../../common/grpc.js";
 import type { Logger } from "../../common/log.js";
 import type { Security } from "../../common/security.js";
 import { PageTrackingDeviceServiceService, TrackingMode } from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
@@ -151,9 +151,6 @@ export function createDeviceServer(deps: DeviceServerDeps): DeviceServer {
     health: () => ({ ok: true, detail: { trackers: deps.device.trackers.size } }),
   });
   const metrics = new DeviceMetrics(app.registry, deps.device);
-  app.grpc.addService(
-    PageTrackingDeviceServiceService,
-    bindService(PageTrackingDeviceServiceService, deviceHandlers(deps.device, metrics), { metrics: app.rpcMetrics, logger: deps.logger }),
-  );
+  addService(app.grpc, PageTrackingDeviceServiceService, deviceHandlers(deps.device, metrics), { metrics: app.rpcMetrics, logger: deps.logger });
   return app;
 }

@@ -63,8 +63,9 @@ export function* readMemory(
     const count = Math.min(chunkPages, n - off);
     const p0 = firstPage + off;
     if (bitmap.byteLength === 0) {
+      // A view of live memory: the server serializes each chunk as soon as it is yielded.
       const bytes = new Uint8Array(words.buffer, words.byteOffset + p0 * 8, count * 8);
-      yield { slot: slotId, firstPage: p0, numPages: count, bitmap: new Uint8Array(0), contents: Buffer.from(bytes) };
+      yield { slot: slotId, firstPage: p0, numPages: count, bitmap: new Uint8Array(0), contents: bytes };
       continue;
     }
     const sel = bitmap.subarray(off >>> 3, (off + count + 7) >>> 3);
