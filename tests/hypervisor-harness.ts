@@ -15,14 +15,19 @@ export interface RunningHypervisor {
 }
 
 export async function startHypervisor(
-  opts: { memoryBudgetBytes?: number; allowFaultInjection?: boolean; costs?: Partial<CostModel>; realtimeTickMs?: number } = {},
+  opts: { memoryBudgetBytes?: number; allowFaultInjection?: boolean; costs?: Partial<CostModel>; realtimeTickMs?: number; maxMessageBytes?: number } = {},
 ): Promise<RunningHypervisor> {
   const hypervisor = new Hypervisor({
     memoryBudgetBytes: opts.memoryBudgetBytes ?? 2 ** 40,
     costs: { ...DEFAULT_COSTS, ...opts.costs },
     allowFaultInjection: opts.allowFaultInjection ?? true,
   });
-  const app = createHypervisorServer({ hypervisor, logger: createLogger("hypervisor", "silent"), realtimeTickMs: opts.realtimeTickMs ?? 0 });
+  const app = createHypervisorServer({
+    hypervisor,
+    logger: createLogger("hypervisor", "silent"),
+    realtimeTickMs: opts.realtimeTickMs ?? 0,
+    maxMessageBytes: opts.maxMessageBytes,
+  });
   return { hypervisor, ...(await listenLocal(app, connectHypervisor)) };
 }
 
@@ -49,11 +54,11 @@ export const GiB = 2 ** 30;
 export const MiB = 2 ** 20;
 
 /** Starts a page-tracking device server on 127.0.0.1 port 0 (in this process). */
-export async function startDevice(opts: { logCapacity?: number } = {}) {
+export async function startDevice(opts: { logCapacity?: number; maxTrackers?: number } = {}) {
   const { PageTrackingDevice } = await import("../services/page-tracking-device/model/device.js");
   const { createDeviceServer } = await import("../services/page-tracking-device/server.js");
   const { connectDevice } = await import("../services/page-tracking-device/client.js");
-  const device = new PageTrackingDevice({ logCapacity: opts.logCapacity ?? 1 << 20 });
+  const device = new PageTrackingDevice({ logCapacity: opts.logCapacity ?? 1 << 20, maxTrackers: opts.maxTrackers });
   const app = createDeviceServer({ device, logger: createLogger("ptdevice", "silent") });
   return { device, ...(await listenLocal(app, connectDevice)) };
 }

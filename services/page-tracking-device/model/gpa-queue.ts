@@ -29,7 +29,11 @@ export class GpaQueue {
     const k = Math.min(n, this.length);
     out.set(this.buf.subarray(this.head, this.head + k), offset);
     this.head += k;
-    if (this.head === this.tail) this.head = this.tail = 0;
+    if (this.head === this.tail) {
+      this.head = this.tail = 0;
+      // A drained log gives back what a burst made it grow to.
+      if (this.buf.length > 4096) this.buf = new Float64Array(64);
+    }
     return k;
   }
 }

@@ -116,3 +116,94 @@ describe("page-tracking device", () => {
     assert.match((await err2).details, /5 bytes is not a whole number/);
   });
 });
+
+describe("the device's memory is bounded by its configuration", () => {
+  /** 100,000 distinct random 4 KiB-aligned GPAs below 2^48 (as sparse as addresses get). */
+  const sparse = (n: number, seed: number) => {
+    const out = new Set<number>();
+    let x = seed;
+    while (out.size < n) {
+      x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+      const y = (Math.imul(x ^ 0x5bd1e995, 2654435761) >>> 0) & 0xfffff;
+      out.add((x * 2 ** 20 + y) * 4096 % 2 ** 48);
+    }
+    return [...out];
+  };
+
+  test("a tracked GPA costs a small constant however sparse the addresses, and each is read back once", async () => {
+    const d = await startDevice();
+    try {
+      const { tracker } = await d.client.allocateTracker({ vmid: 1 });
+      await d.client.enableTracking({ tracker, cpu: -1 });
+      const gpas = sparse(100_000, 7);
+      await report(d, Array.from({ length: 10 }, (_, i) => ({ vmid: 1, cpu: i % 4, gpas: gpas.slice(i * 10_000, (i + 1) * 10_000) })));
+      await d.client.flush({ tracker });
+      const perGpa = d.device.allocatedBytes / gpas.length;
+      assert.ok(perGpa <= 48, `${perGpa.toFixed(1)} bytes per GPA`);
+      const got: number[] = [];
+      for (;;) {
+        const r = await d.client.readDirty({ tracker, cpu: -1, max: 1 << 16 });
+        if (r.count === 0) break;
+        got.push(...bytesToGpas(r.gpas));
+      }
+      assert.deepEqual(got.sort((a, b) => a - b), [...gpas].sort((a, b) => a - b));
+      assert.ok(d.device.allocatedBytes < 64 * 1024, `${d.device.allocatedBytes} bytes once read`);
+    } finally {
+      await d.close();
+    }
+  });
+
+  test("past the log's capacity the device stays within it and reports the overflow", async () => {
+    const d = await startDevice({ logCapacity: 1000 });
+    try {
+      const { tracker } = await d.client.allocateTracker({ vmid: 1 });
+      await d.client.enableTracking({ tracker, cpu: -1 });
+      await report(d, [{ vmid: 1, cpu: 0, gpas: sparse(100_000, 9) }]);
+      await d.client.flush({ tracker });
+      assert.ok(d.device.allocatedBytes < 1000 * 48 + 64 * 1024, `${d.device.allocatedBytes} bytes`);
+      const r = await d.client.readDirty({ tracker, cpu: -1, max: 1 << 16 });
+      assert.equal(r.count, 1000);
+      assert.equal(r.overflowed, true);
+    } finally {
+      await d.close();
+    }
+  });
+
+  test("trackers are limited (ENOSPC); a new hypervisor link's allocation releases the old link's trackers", async () => {
+    const d = await startDevice({ maxTrackers: 2 });
+    try {
+      await d.client.allocateTracker({ vmid: 1, owner: "old/1" });
+      const { tracker: t2 } = await d.client.allocateTracker({ vmid: 2, owner: "old/1" });
+      await d.client.enableTracking({ tracker: t2, cpu: -1 });
+      await rejects(d.client.allocateTracker({ vmid: 3, owner: "old/1" }), status.RESOURCE_EXHAUSTED, /holds 2 trackers.*ENOSPC/);
+      // A restarted hypervisor reuses VMID 1: the old link's trackers, enabled or not, go.
+      await d.client.allocateTracker({ vmid: 1, owner: "new/1" });
+      assert.deepEqual([...d.device.trackers.values()].map((t) => [t.vmid, t.owner]), [[1, "new/1"]]);
+      assert.equal(d.device.orphansReleased, 2);
+    } finally {
+      await d.close();
+    }
+  });
+});
+
+describe("GfnSet", () => {
+  test("adds, finds and deletes like a Set through growth, shrinkage and collisions", async () => {
+    const { GfnSet } = await import("../model/gfn-set.js");
+    const set = new GfnSet();
+    const ref = new Set<number>();
+    let x = 1;
+    for (let i = 0; i < 200_000; i++) {
+      x = (Math.imul(x, 1664525) + 1013904223) >>> 0;
+      // Keys from a small range collide often; some are far apart (up to 2^36 frames).
+      const gfn = x & 1 ? x % 5000 : (x % 1000) * 2 ** 26 + (x >>> 22);
+      if (x & 2) assert.equal(set.add(gfn), !ref.has(gfn)), ref.add(gfn);
+      else set.delete(gfn), ref.delete(gfn);
+      if (i % 997 === 0) for (const k of [gfn, gfn + 1, 4999]) assert.equal(set.has(k), ref.has(k), `gfn ${k} at step ${i}`);
+    }
+    assert.equal(set.size, ref.size);
+    for (const k of ref) assert.ok(set.has(k));
+    for (const k of ref) set.delete(k);
+    assert.equal(set.size, 0);
+    assert.ok(set.allocatedBytes <= 64 * 8, "the table shrinks back");
+  });
+});
