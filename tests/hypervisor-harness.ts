@@ -62,3 +62,32 @@ export async function startDevice(opts: { logCapacity?: number; maxTrackers?: nu
   const app = createDeviceServer({ device, logger: createLogger("ptdevice", "silent") });
   return { device, ...(await listenLocal(app, connectDevice)) };
 }
+
+/** Polls cond every 50 ms for up to 15 s. */
+export async function until(cond: () => Promise<boolean>, what = "the condition"): Promise<void> {
+  for (let i = 0; i < 300; i++) {
+    if (await cond()) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+/** The value of the first sample on a component's /metrics whose line matches re (NaN: none). */
+export async function metric(port: number, re: RegExp): Promise<number> {
+  const m = await fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text());
+  const hit = m.split("\n").find((l) => re.test(l));
+  return hit ? Number(hit.split(" ").at(-1)) : NaN;
+}
+
+/** A port nobody listens on right now (for a service that must come back on the same address). */
+export async function freePort(): Promise<number> {
+  const { createServer } = await import("node:net");
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}

@@ -4,19 +4,13 @@ import { after, before, describe, test } from "node:test";
 import { spawnService } from "../../../common/spawn.js";
 import { Capability, FaultKind, MemslotFlag, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { migrate } from "../../../clients/migration-controller/migrate.js";
-import { bit, GiB, MiB, startDevice, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
+import { bit, GiB, metric, MiB, startDevice, startHypervisor, until, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 import { collectDirtyLog, runSelftest } from "../../../tests/selftest.js";
 import { rejects } from "../../../tests/grpc-assert.js";
 
 const DEV = Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE;
 const BASE = BigInt(GiB);
 
-
-const metric = async (port: number, re: RegExp) => {
-  const m = await fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text());
-  const hit = m.split("\n").find((l) => re.test(l));
-  return hit ? Number(hit.split(" ").at(-1)) : NaN;
-};
 
 describe("the hypervisor with a page-tracking device", () => {
   let h: RunningHypervisor;
@@ -101,17 +95,18 @@ describe("the hypervisor with a page-tracking device", () => {
     await c().unregisterPageTrackingDevice({ address: d.address }).catch(() => undefined);
   });
 
-  test("a device migration verifies, and still verifies when the device process is killed mid-migration", async () => {
+  test("a device migration verifies, and still verifies when the device process is killed or stopped (SIGSTOP) mid-migration", async () => {
     const dst = await startHypervisor();
     try {
-      for (const kill of [false, true]) {
+      for (const fault of ["none", "SIGKILL", "SIGSTOP"] as const) {
+        const kill = fault !== "none";
         const dev = await spawnService("services/page-tracking-device/main.ts", {
           PTDEVICE_GRPC_PORT: "0",
           PTDEVICE_HTTP_PORT: "0",
           PTDEVICE_ANNOUNCE: "1",
           PTDEVICE_HYPERVISOR: h.address,
         });
-        const vm = `mig-${kill}`;
+        const vm = `mig-${fault}`;
         await c().createVm({
           vm,
           vcpus: 2,
@@ -126,13 +121,19 @@ describe("the hypervisor with a page-tracking device", () => {
             source: c(),
             destination: dst.client,
             onProgress: (e) => {
-              if (kill && e.phase === "round" && e.round === 1) dev.proc.kill("SIGKILL");
+              if (kill && e.phase === "round" && e.round === 1) dev.proc.kill(fault);
             },
           },
         );
-        assert.equal(r.verification?.match, true, `kill=${kill}`);
+        assert.equal(r.verification?.match, true, fault);
         if (kill) {
-          assert.equal(await metric(h.httpPort, /^hypervisor_page_tracking_device_lost_total/), 2);
+          assert.equal(await metric(h.httpPort, /^hypervisor_page_tracking_device_lost_total/), fault === "SIGKILL" ? 2 : 3);
+          // A stopped device that comes back re-registers by itself (a new link), and is then unregistered on SIGTERM.
+          if (fault === "SIGSTOP") {
+            dev.proc.kill("SIGCONT");
+            await until(async () => (await c().checkExtension({ capability: DEV })).value === 1n);
+            await dev.stop();
+          }
         } else {
           assert.ok(r.tracker.pages_read_from_device > 0);
           await dev.stop();
