@@ -125,6 +125,9 @@ export async function runMain(component: string, help: string, body: (logger: Lo
   let logger: Logger | null = null;
   try {
     logger = createLogger(component);
+    // grpc-js's own log lines (a failed bind, a reset connection) surface as our statuses and messages; keep them for debugging.
+    const debug = logger.debug.bind(logger);
+    grpc.setLogger({ error: (...a: unknown[]) => debug({ grpc: a.join(" ") }, "grpc-js") });
     await body(logger);
     process.exit(0);
   } catch (err) {

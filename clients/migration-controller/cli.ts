@@ -426,7 +426,7 @@ async function runServe(v: Values, io: Io): Promise<number> {
   }
   const bound = await service.listen(host, port).catch(async (err: NodeJS.ErrnoException) => {
     await service.stop();
-    throw new ConfigError(`${v["http-port"] !== undefined ? "--http-port" : "MIGRATION_HTTP_PORT"}=${port}: cannot listen on ${host}:${port}: ${err.code === "EADDRINUSE" ? "the address is in use" : err.message}`);
+    throw new ConfigError(`${v["http-port"] !== undefined ? "--http-port" : "MIGRATION_HTTP_PORT"}=${port}: cannot listen on ${host}:${port} for the ops port: ${err.code === "EADDRINUSE" ? "the address is in use" : err.message}`);
   });
   if (io.env.MIGRATION_ANNOUNCE === "1") io.out.write(JSON.stringify({ listening: { host, grpcPort: 0, httpPort: bound } }) + "\n");
   io.err.write(`serving: migrating '${v.vm ?? "demo"}' between ${a} and ${b} with ${cfg.mechanism}; metrics on http://${host}:${bound}/metrics\n`);

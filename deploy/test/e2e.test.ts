@@ -9,7 +9,6 @@
 import assert from "node:assert/strict";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { cpSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
@@ -17,19 +16,11 @@ import { spawnService, type SpawnedService } from "../../common/spawn.js";
 import { Capability, ClockDrive, MemslotFlag, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor } from "../../services/hypervisor/client.js";
 import { allQueries } from "../grafana/dashboards.js";
+import { freePort } from "../../tests/hypervisor-harness.js";
 
 const ROOT = new URL("../../", import.meta.url).pathname;
 const has = (bin: string) => spawnSync("sh", ["-c", `command -v ${bin}`]).status === 0;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = createServer().listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs: number): Promise<void> {
   const until = Date.now() + timeoutMs;
@@ -98,6 +89,15 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
       return r.data.result.length === 5 && r.data.result.every((s: { value: [number, string] }) => s.value[1] === "1");
     }, 20_000);
     await sleep(3000);
+
+    // After two migrations the demo VM running now was created by a migration: it runs the guest's
+    // workload (before vCPU state moved with the VM, a migrated VM sat idle and the dirty rates fell to 0).
+    const b = connectHypervisor(hvB.address);
+    await waitFor("the migrated demo VM to write", async () => {
+      const found = await Promise.all([a, b].map((c) => c.getVm({ vm: "demo" }).then((r) => r.vm!, () => null)));
+      return found.some((v) => v !== null && v.vcpus.some((x) => !x.paused) && v.vcpus.some((x) => x.writes > 0n));
+    }, 20_000);
+    b.close();
 
     const empty: string[] = [];
     for (const q of allQueries()) {
