@@ -183,18 +183,18 @@ function messages<T>(stream: NodeJS.EventEmitter & { pause(): void; resume(): vo
  */
 export const MAX_UNSENT_STREAM_BYTES = 4 * 1024 * 1024;
 
-/** Serializes a message and writes it once what is still unsent leaves room for it (one message always may go). */
+/** Waits until what is unsent is under the bound (one message always may go), then serializes the message and writes it. */
 function boundedWriter(call: { write(m: unknown, cb: () => void): boolean }, signal: AbortSignal, serialize: (v: never) => Buffer) {
   const unsent: { bytes: number; sent: Promise<void> }[] = [];
   let bytes = 0;
   const aborted = new Promise<void>((resolve) => (signal.aborted ? resolve() : signal.addEventListener("abort", () => resolve(), { once: true })));
   return async (msg: unknown) => {
-    const frame = serialize(msg as never);
-    while (unsent.length > 0 && bytes + frame.byteLength > MAX_UNSENT_STREAM_BYTES && !signal.aborted) {
+    while (unsent.length > 0 && bytes >= MAX_UNSENT_STREAM_BYTES && !signal.aborted) {
       const oldest = unsent.shift()!;
       await Promise.race([oldest.sent, aborted]);
       bytes -= oldest.bytes;
     }
+    const frame = serialize(msg as never);
     unsent.push({ bytes: frame.byteLength, sent: new Promise<void>((resolve) => call.write(frame, () => resolve())) });
     bytes += frame.byteLength;
   };

@@ -2,10 +2,11 @@
  * npm run bench: wall-clock throughput of the simulator's hot paths, printed
  * as a table with the issue's targets. Not a test: figures vary by machine.
  *
- *   --only NAME[,NAME]   run only some sections (hypervisor, ring, hardware, migration)
+ *   --only NAME[,NAME]   run only some sections (hypervisor, ring, hardware, migration, limits)
  *   --gib N              guest size for the hypervisor section (default 64)
  */
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
+import { monitorEventLoopDelay } from "node:perf_hooks";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -24,7 +25,7 @@ const { values: args } = parseArgs({
   options: { only: { type: "string" }, gib: { type: "string", default: "64" }, help: { type: "boolean" } },
 });
 if (args.help) {
-  console.log("usage: npm run bench -- [--only hypervisor,ring,hardware,migration] [--gib 64]");
+  console.log("usage: npm run bench -- [--only hypervisor,ring,hardware,migration,limits] [--gib 64]");
   process.exit(0);
 }
 const only = args.only?.split(",");
@@ -363,10 +364,118 @@ async function hardwareBench(gib: number) {
   }
 }
 
+/**
+ * What one client can cost a server: the device's bytes per tracked GPA, the
+ * longest event-loop stall while a 64 GiB guest advances, and the server's
+ * memory with 40 ReadMemory streams that a client opened and never reads.
+ */
+async function limitsBench(gib: number) {
+  console.log(`\nbounds on what one client costs a server`);
+  const { startDevice } = await import("../tests/hypervisor-harness.js");
+  const { gpasToBytes } = await import("../services/page-tracking-device/client.js");
+  const d = await startDevice({ logCapacity: 1 << 22 });
+  try {
+    const { tracker } = await d.client.allocateTracker({ vmid: 1 });
+    await d.client.enableTracking({ tracker, cpu: -1 });
+    let x = 12345;
+    const n = 1_000_000;
+    const gpas = Array.from({ length: n }, () => {
+      x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+      return ((x * 65521 + (x >>> 7)) % 2 ** 36) * 4096;
+    });
+    global.gc?.();
+    const rss0 = process.memoryUsage().rss;
+    const call = d.client.reportWrites();
+    const acked = new Promise<void>((resolve, reject) => {
+      call.on("data", (r) => r.ackedSeq === 100n && resolve());
+      call.on("error", reject);
+    });
+    for (let b = 0; b < 100; b++) call.write({ vmid: 1, cpu: b % 8, seq: BigInt(b + 1), gpas: gpasToBytes(gpas.slice(b * 10_000, (b + 1) * 10_000)) });
+    await acked;
+    call.end();
+    await d.client.flush({ tracker });
+    global.gc?.();
+    report(`device: bytes per tracked GPA (${fmt(n, 0)} sparse GPAs below 2^48), its own accounting`, `${fmt(d.device.allocatedBytes / n, 1)} B`, "small constant");
+    report("device: process memory growth per tracked GPA (RSS)", `${fmt((process.memoryUsage().rss - rss0) / n, 1)} B`);
+  } finally {
+    await d.close();
+  }
+
+  const h = await startHypervisor({ memoryBudgetBytes: 2 ** 41 });
+  try {
+    const c = h.client;
+    const pages = (gib * 2 ** 30) / 4096;
+    await c.createVm({
+      vm: "stall",
+      vcpus: 1,
+      memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(gib * 2 ** 30), flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES }],
+      workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e9 / DEFAULT_COSTS.writeNs },
+    });
+    const loop = monitorEventLoopDelay({ resolution: 1 });
+    let worstRpc = 0;
+    let probing = true;
+    const probe = (async () => {
+      while (probing) {
+        const t = performance.now();
+        await c.listVms({});
+        worstRpc = Math.max(worstRpc, performance.now() - t);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    })();
+    loop.enable();
+    const t0 = performance.now();
+    await c.advanceVm({ vm: "stall", durationNs: BigInt(Math.ceil(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.translationFaultNs))) }, { deadlineMs: 600_000 });
+    const wall = performance.now() - t0;
+    loop.disable();
+    probing = false;
+    await probe;
+    report(`longest event-loop stall while AdvanceVm writes every page of ${gib} GiB (${fmt(wall / 1e3, 2)} s)`, `${fmt(loop.max / 1e6, 1)} ms`, `slices of 10 ms; p99 ${fmt(loop.percentile(99) / 1e6, 1)} ms`);
+    report("slowest ListVms answered meanwhile", `${fmt(worstRpc, 1)} ms`);
+    await c.destroyVm({ vm: "stall" });
+
+    // 40 ReadMemory streams of the guest in 8 MiB messages that a client in another process never reads.
+    await c.createVm({ vm: "unread", vcpus: 1, memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(gib * 2 ** 30) }] });
+    const perStream = Math.ceil(pages / 1048576);
+    global.gc?.();
+    const before = process.memoryUsage();
+    const client = spawn(
+      process.execPath,
+      [
+        "--import",
+        "tsx",
+        "--input-type=module",
+        "-e",
+        `import { connectHypervisor } from "./services/hypervisor/client.js";
+         const c = connectHypervisor(${JSON.stringify(h.address)});
+         const its = Array.from({ length: 40 }, () => c.readMemory({ vm: "unread", slot: 0, chunkPages: 1048576 }, { deadlineMs: Infinity })[Symbol.asyncIterator]());
+         await Promise.all(its.map((it) => it.next()));
+         console.log("open");
+         setInterval(() => {}, 1000);`,
+      ],
+      { cwd: new URL("../", import.meta.url).pathname, stdio: ["ignore", "pipe", "inherit"] },
+    );
+    await new Promise<void>((resolve) => client.stdout!.once("data", () => resolve()));
+    await new Promise((r) => setTimeout(r, 3000));
+    global.gc?.();
+    const held = process.memoryUsage();
+    const sent = await fetch(`http://127.0.0.1:${h.httpPort}/metrics`).then((r) => r.text());
+    const messages = Number(/grpc_server_msg_sent_total\{[^}]*grpc_method="ReadMemory"\} (\d+)/.exec(sent)?.[1] ?? NaN);
+    client.kill("SIGKILL");
+    report(
+      `server memory held by 40 unread ReadMemory streams (${gib} GiB guest, 8 MiB messages)`,
+      `${fmt((held.external - before.external) / 2 ** 20, 0)} MiB`,
+      `buffers; ${fmt(messages, 0)} of ${fmt(40 * perStream, 0)} messages produced; RSS ${fmt((held.rss - before.rss) / 2 ** 20, 0)} MiB`,
+    );
+  } finally {
+    await h.close();
+  }
+}
+
 console.log(`npm run bench on node ${process.version}, ${process.arch}`);
 if (want("hypervisor")) await hypervisorBench(Number(args.gib));
 if (want("ring")) await ringBench();
 if (want("hardware")) await hardwareBench(Number(args.gib));
 if (want("migration")) await migrationBench();
+if (want("limits")) await limitsBench(Number(args.gib));
 console.log("\nsummary (JSON):");
 console.log(JSON.stringify(rows));
