@@ -553,8 +553,8 @@ export function hypervisorHandlers(
       }
       return { pagesWritten: BigInt(pages) };
     },
-    getMemoryDigest(req) {
-      const d = digest(hv.vm(req.vm));
+    async getMemoryDigest(req) {
+      const d = await digest(hv.vm(req.vm), yieldToEventLoop);
       return { sha256: d.sha256, sha256Hex: d.sha256.toString("hex"), pages: BigInt(d.pages) };
     },
     harvestDirtyRing(req) {

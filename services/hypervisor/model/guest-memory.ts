@@ -111,8 +111,15 @@ export function writeMemory(vm: Vm, chunk: MemoryChunk): number {
   return k;
 }
 
-/** SHA-256 over each slot's (id, base GPA, pages) and content words, in slot-id order. */
-export function digest(vm: Vm): { sha256: Buffer; pages: number } {
+/** Bytes hashed between yields to the event loop (about 30 ms of SHA-256 here; one update also takes at most 2^31 - 1 bytes). */
+const DIGEST_PIECE_BYTES = 64 * 1024 * 1024;
+
+/**
+ * SHA-256 over each slot's (id, base GPA, pages) and content words, in
+ * slot-id order, in pieces with a turn of the event loop between them.
+ * yieldNow is awaited between pieces (the server passes setImmediate).
+ */
+export async function digest(vm: Vm, yieldNow: () => Promise<unknown>): Promise<{ sha256: Buffer; pages: number }> {
   const h = createHash("sha256");
   let pages = 0;
   for (const s of [...vm.slots.values()].sort((a, b) => a.id - b.id)) {
@@ -121,7 +128,10 @@ export function digest(vm: Vm): { sha256: Buffer; pages: number } {
     header.writeBigUInt64LE(BigInt(s.gpa), 8);
     header.writeBigUInt64LE(BigInt(s.npages), 16);
     h.update(header);
-    h.update(new Uint8Array(s.content.buffer, s.content.byteOffset, s.content.byteLength));
+    for (let off = 0; off < s.content.byteLength; off += DIGEST_PIECE_BYTES) {
+      h.update(new Uint8Array(s.content.buffer, s.content.byteOffset + off, Math.min(DIGEST_PIECE_BYTES, s.content.byteLength - off)));
+      await yieldNow();
+    }
     pages += s.npages;
   }
   return { sha256: h.digest(), pages };
