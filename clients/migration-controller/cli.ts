@@ -271,6 +271,8 @@ async function runMigration(
     printer.end();
     io.out.write(textReport(report) + "\n");
     await writeOutputs(v, report, io);
+    // Migrated, but the source could not be told to stop logging: say so.
+    for (const p of report.cleanup?.problems ?? []) io.err.write(`warning: the VM runs on the destination, but ${p}\n`);
     return EXIT.ok;
   } catch (err) {
     printer.end();

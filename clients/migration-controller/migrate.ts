@@ -544,9 +544,17 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         }
         await on("destination", destination, () => destination.resumeVm({ vm: cfg.destinationVm }), signal);
         report.downtimeMs = (clock.now() - pauseAt) / 1e6;
-        await on("source", source, () => tracker.stop());
-        did.trackerStarted = false;
+        // The guest runs on the destination now: from here on nothing may remove it or resume the source.
+        did.paused = false;
+        did.destinationCreated = false;
         report.status = "completed";
+        try {
+          await tracker.stop();
+          did.trackerStarted = false;
+        } catch (err) {
+          const why = (err as { details?: string }).details ?? (err as Error).message;
+          report.cleanup = { sourceRunning: false, sourceLogging: null, destinationRemoved: false, problems: [`turning logging off on the source: ${why}`] };
+        }
         finish();
         progress("done", { remainingBytes: 0 });
         return report;

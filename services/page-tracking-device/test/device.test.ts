@@ -139,7 +139,8 @@ describe("the device's memory is bounded by its configuration", () => {
       await report(d, Array.from({ length: 10 }, (_, i) => ({ vmid: 1, cpu: i % 4, gpas: gpas.slice(i * 10_000, (i + 1) * 10_000) })));
       await d.client.flush({ tracker });
       const perGpa = d.device.allocatedBytes / gpas.length;
-      assert.ok(perGpa <= 48, `${perGpa.toFixed(1)} bytes per GPA`);
+      // The set's at most 43 bytes per sparse GFN, the log's 8, and a few buffers.
+      assert.ok(perGpa <= 56, `${perGpa.toFixed(1)} bytes per GPA`);
       const got: number[] = [];
       for (;;) {
         const r = await d.client.readDirty({ tracker, cpu: -1, max: 1 << 16 });
@@ -160,7 +161,7 @@ describe("the device's memory is bounded by its configuration", () => {
       await d.client.enableTracking({ tracker, cpu: -1 });
       await report(d, [{ vmid: 1, cpu: 0, gpas: sparse(100_000, 9) }]);
       await d.client.flush({ tracker });
-      assert.ok(d.device.allocatedBytes < 1000 * 48 + 64 * 1024, `${d.device.allocatedBytes} bytes`);
+      assert.ok(d.device.allocatedBytes < 1000 * 56 + 64 * 1024, `${d.device.allocatedBytes} bytes`);
       const r = await d.client.readDirty({ tracker, cpu: -1, max: 1 << 16 });
       assert.equal(r.count, 1000);
       assert.equal(r.overflowed, true);
@@ -204,6 +205,6 @@ describe("GfnSet", () => {
     for (const k of ref) assert.ok(set.has(k));
     for (const k of ref) set.delete(k);
     assert.equal(set.size, 0);
-    assert.ok(set.allocatedBytes <= 64 * 8, "the table shrinks back");
+    assert.ok(set.allocatedBytes <= 64 * 16, "the table shrinks back");
   });
 });
