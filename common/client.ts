@@ -87,6 +87,21 @@ export class GrpcClientMetrics {
 type Messages = Record<string, unknown>;
 
 /**
+ * Cancels a call when signal aborts (at once if it already has); returns
+ * what stops listening, which every call does when it ends, or a signal that
+ * outlives many calls (a migration's) would collect their listeners.
+ */
+function onAbort(signal: AbortSignal | undefined, cancel: () => void): () => void {
+  if (!signal) return () => undefined;
+  if (signal.aborted) {
+    queueMicrotask(cancel);
+    return () => undefined;
+  }
+  signal.addEventListener("abort", cancel, { once: true });
+  return () => signal.removeEventListener("abort", cancel);
+}
+
+/**
  * messages is the generated module's namespace; buf's STANDARD lint
  * guarantees each method's request type is named <Method>Request.
  */
@@ -139,19 +154,21 @@ export function createClient<D extends Record<string, MethodDef>>(
       out[key] = (req: unknown, o?: CallOptions) =>
         new Promise((resolve, reject) => {
           const done = track();
+          let detach = () => undefined as void;
           const call = raw.makeUnaryRequest(m.path, serialize, deserialize, req, md(), callOpts(o), (err, res) => {
+            detach();
             done(err ? codeOf(err) : grpc.status.OK);
             if (err) reject(err);
             else resolve(res);
           });
-          o?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+          detach = onAbort(o?.signal, () => call.cancel());
         });
     } else if (!m.requestStream && m.responseStream) {
       out[key] = (req: unknown, o?: CallOptions) => ({
         async *[Symbol.asyncIterator]() {
           const done = track();
           const call = raw.makeServerStreamRequest(m.path, serialize, deserialize, req, md(), callOpts(o));
-          o?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+          const detach = onAbort(o?.signal, () => call.cancel());
           try {
             for await (const r of call) yield r;
             done(grpc.status.OK);
@@ -159,6 +176,7 @@ export function createClient<D extends Record<string, MethodDef>>(
             done(codeOf(e));
             throw e;
           } finally {
+            detach();
             call.cancel();
           }
         },
@@ -167,12 +185,14 @@ export function createClient<D extends Record<string, MethodDef>>(
       out[key] = (reqs: AsyncIterable<unknown> | Iterable<unknown>, o?: CallOptions) =>
         new Promise((resolve, reject) => {
           const done = track();
+          let detach = () => undefined as void;
           const call = raw.makeClientStreamRequest(m.path, serialize, deserialize, md(), callOpts(o), (err, res) => {
+            detach();
             done(err ? codeOf(err) : grpc.status.OK);
             if (err) reject(err);
             else resolve(res);
           });
-          o?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+          detach = onAbort(o?.signal, () => call.cancel());
           void (async () => {
             try {
               for await (const r of reqs) {
