@@ -12,7 +12,9 @@ export type ErrorKind =
   | "permission-denied"
   | "unimplemented"
   | "unavailable"
-  | "aborted";
+  | "aborted"
+  | "unauthenticated"
+  | "internal";
 
 export type Errno =
   | "EINVAL"

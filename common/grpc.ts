@@ -23,12 +23,14 @@ const STATUS_OF: Record<ErrorKind, grpc.status> = {
   unimplemented: grpc.status.UNIMPLEMENTED,
   unavailable: grpc.status.UNAVAILABLE,
   aborted: grpc.status.ABORTED,
+  unauthenticated: grpc.status.UNAUTHENTICATED,
+  internal: grpc.status.INTERNAL,
 };
 
 /** A status received from another server, as the kind of error this server answers with. */
 export function kindOfStatus(code: grpc.status): ErrorKind {
   const found = (Object.entries(STATUS_OF) as [ErrorKind, grpc.status][]).find(([, c]) => c === code);
-  return found ? found[0] : "unavailable";
+  return found ? found[0] : "internal";
 }
 
 /**
