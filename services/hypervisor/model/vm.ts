@@ -83,8 +83,9 @@ export class Vm {
    * fault on a writable-clean page (what the hardware agent observes).
    */
   deviceSink: ((vcpu: number, gpa: number) => void) | null = null;
-  /** Set by writeMiss: the miss took a stage-2 fault (as opposed to a walk or a hardware update). */
+  /** Set by writeMiss: the miss took a stage-2 fault (as opposed to a walk or a hardware update), and what it did. */
   private missFaulted = false;
+  private lastFault: WriteOutcome | null = null;
   readonly writeTrack = new WriteTracker();
   /** The VM's write sequence: the value of SEQUENCE writes. */
   private writeSeq = 0;
@@ -357,7 +358,9 @@ export class Vm {
       if (tlb[ti] !== gfn) {
         if ((writable[p >>> 5] >>> (p & 31)) & 1) tlb[ti] = gfn;
         else {
-          const cost = this.writeMiss(v, seg.slot, p, gfn, epochMode ? -1 : seq + 1, t);
+          // The value this write stores, computed on the slow path only (a tracked write reports it).
+          const next = seq + 1;
+          const cost = this.writeMiss(v, seg.slot, p, gfn, epochMode ? eLo : next >>> 0, epochMode ? eHi : next < TWO32 ? 0 : Math.floor(next / TWO32), t);
           t += cost;
           if (this.missFaulted) {
             faults++;
@@ -401,12 +404,15 @@ export class Vm {
   }
 
   /**
-   * The TLB missed and the level-3 descriptor is not a writable page: walk
-   * for a writable block, or take a stage-2 fault. Returns the fault's cost
-   * (0 when the walk found a writable leaf).
+   * The one miss path of every guest write (the workload loop's and
+   * GuestWrite's): the TLB missed and the level-3 descriptor is not a
+   * writable page, so walk for a writable block, let the hardware set the
+   * dirty state of a writable-clean page, or take a stage-2 fault. (lo, hi) is
+   * the value being written, t its time. Returns the cost (0 when the walk
+   * found a writable leaf); missFaulted and lastFault say whether it faulted
+   * and what the fault did.
    */
-  /** seq is the sequence value the write stores, or -1 when it stores the workload's epoch. */
-  private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number, seq: number, t: number): number {
+  private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number, lo: number, hi: number, t: number): number {
     this.missFaulted = false;
     const level = slot.s2.leafLevel(p);
     if (level === Level.Block2M || level === Level.Block1G) {
@@ -420,9 +426,8 @@ export class Vm {
       return this.costs.dbmUpdateNs;
     }
     this.missFaulted = true;
-    const lo = seq < 0 ? v.gen.epochLo : seq >>> 0;
-    const hi = seq < 0 ? v.gen.epochHi : seq < TWO32 ? 0 : Math.floor(seq / TWO32);
-    return this.fault(v, slot, p, gfn, level, lo, hi, t).costNs;
+    this.lastFault = this.fault(v, slot, p, gfn, level, lo, hi, t);
+    return this.lastFault.costNs;
   }
 
   /** Arm ARM D8.5.2: a write through a writable-clean descriptor with HD set makes it writable-dirty, no fault. */
@@ -528,13 +533,11 @@ export class Vm {
     const hi = Number(value >> 32n) | 0;
     let out: WriteOutcome = { fault: "none", logged: false, mmio: false, costNs: 0 };
     if (!v.tlb.holds(gfn)) {
-      const level = slot.s2.leafLevel(p);
-      const [pl, i] = slot.s2.leafRef(p, level);
-      if (level !== Level.Unmapped && pl.lo[i] & S2AP_W) v.tlb.fill(gfn);
-      else if (level === Level.Page && this.hwDirty !== "off" && pl.hi[i] & HI_DBM) {
-        this.hwUpdate(v, slot, p, gfn);
-        out.costNs = this.costs.dbmUpdateNs;
-      } else out = this.fault(v, slot, p, gfn, level, lo, hi, v.time);
+      if ((slot.s2.writable[p >>> 5] >>> (p & 31)) & 1) v.tlb.fill(gfn);
+      else {
+        const cost = this.writeMiss(v, slot, p, gfn, lo, hi, v.time);
+        out = this.missFaulted ? this.lastFault! : { ...out, costNs: cost };
+      }
     }
     slot.content[2 * p] = lo;
     slot.content[2 * p + 1] = hi;
