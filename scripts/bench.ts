@@ -132,7 +132,7 @@ async function hypervisorBench(gib: number) {
   const some = vm.getDirtyLog(0);
   report("GET_DIRTY_LOG in process, ~1% dirty", `${fmt(ms(t0), 2)} ms`, `(${fmt(some.dirtyPages, 0)} pages)`);
 
-  hv.destroyVm("bench");
+  await hv.destroyVm("bench");
   global.gc?.();
 
   // Over gRPC: the same slot size in a server on 127.0.0.1 (in this process), client on a real channel.
@@ -329,7 +329,7 @@ async function hardwareBench(gib: number) {
     (x) => x,
   );
   report("the same scan reading the descriptors' low words", `${fmt(plane, 2)} ms`, "(for reference; the kernel figure is 40 ms per 64 GB)");
-  hv.destroyVm("dbm");
+  await hv.destroyVm("dbm");
 
   const { startDevice } = await import("../tests/hypervisor-harness.js");
   const { gpasToBytes } = await import("../services/page-tracking-device/client.js");

@@ -252,11 +252,6 @@ export class DeviceLink {
     this.client.close();
   }
 
-  /** Forgets a destroyed VM (its tracker is released if the device still answers). */
-  async forget(vm: Vm): Promise<void> {
-    if (this.attached.has(vm.name)) await this.detach(vm);
-  }
-
   /** True when vm's dirty state comes from this device. */
   owns(vm: Vm): boolean {
     return this.attached.has(vm.name);

@@ -5,10 +5,10 @@
  */
 import { setImmediate as yieldToEventLoop } from "node:timers/promises";
 import type { Registry } from "prom-client";
-import { checkHealth, GrpcClientMetrics } from "../../common/client.js";
+import { GrpcClientMetrics } from "../../common/client.js";
 import { createComponentServer, type ComponentServer } from "../../common/component.js";
 import { addService, MAX_MESSAGE_BYTES, type ServiceHandlers } from "../../common/grpc.js";
-import { alreadyExists, DomainError, echo, invalidArgument, permissionDenied, failedPrecondition, notFound, resourceExhausted } from "../../common/errors.js";
+import { DomainError, invalidArgument, permissionDenied, failedPrecondition, resourceExhausted } from "../../common/errors.js";
 import { INSECURE, type Security } from "../../common/security.js";
 import type { Logger } from "../../common/log.js";
 import {
@@ -24,8 +24,7 @@ import {
   type VmInfo,
   type Workload,
 } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
-import { DeviceLink, DEVICE_TIMEOUT_MS } from "./device-link.js";
-import { randomUUID } from "node:crypto";
+import { DeviceRegistry } from "./device-registry.js";
 import { HypervisorMetrics } from "./metrics.js";
 import { RealtimeDriver } from "./model/clock.js";
 import { toU64, outputAddressOf, AF, HI_DBM, S2AP_R, S2AP_W } from "./model/descriptor.js";
@@ -46,8 +45,7 @@ const MAX_ADVANCE_NS = 3600e9;
  * real-time drive); other calls run between slices.
  */
 export const SLICE_MS = 10;
-/** What the page-tracking device must answer to be registered. */
-const DEVICE_SERVICE = "dirtytrack.ptdevice.v1.PageTrackingDeviceService";
+
 
 /** A uint64 from the wire as a JS number, refusing values past 2^53. */
 function num(v: bigint, what: string): number {
@@ -187,80 +185,6 @@ function vcpuList(vm: Vm, list: number[], what: string): number[] {
   return list;
 }
 
-/** The registered page-tracking device, if any (page_tracking_device_registered()). */
-export class DeviceRegistry {
-  link: DeviceLink | null = null;
-  /** Link ids are this process's instance and a counter: a restarted hypervisor never reuses one. */
-  private readonly instance = randomUUID();
-  private links = 0;
-  constructor(
-    private readonly hv: Hypervisor,
-    private readonly logger: Logger,
-    private readonly metrics: HypervisorMetrics,
-    private readonly rpcMetrics: GrpcClientMetrics,
-    private readonly security: Security,
-  ) {}
-
-  /**
-   * page_tracking_device_register: the device announces where it listens. It
-   * is accepted only if a page-tracking device answers there; registering the
-   * same address again (the device's heartbeat) returns the live link's id.
-   */
-  async register(address: string): Promise<string> {
-    const m = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253}):(\d{1,5})$/.exec(address);
-    if (!m || Number(m[2]) < 1 || Number(m[2]) > 65535) {
-      throw invalidArgument(`register device: '${echo(address)}' is not host:port with a port in [1, 65535]`, "EINVAL");
-    }
-    const live = () => {
-      if (!this.link || this.link.lost) return null;
-      if (this.link.address === address) return this.link.id;
-      throw alreadyExists(`register device: a page-tracking device is already registered (${this.link.address})`, "EBUSY");
-    };
-    const existing = live();
-    if (existing) return existing;
-    try {
-      await checkHealth(address, DEVICE_SERVICE, { security: this.security, deadlineMs: DEVICE_TIMEOUT_MS });
-    } catch (err) {
-      throw failedPrecondition(`register device: no page-tracking device answers at ${address} (${(err as Error).message})`, "ENODEV");
-    }
-    const raced = live();
-    if (raced) return raced;
-    this.link = new DeviceLink(
-      address,
-      `${this.instance}/${++this.links}`,
-      this.logger,
-      {
-        lost: () => {
-          this.hv.deviceRegistered = false;
-          this.metrics.deviceLost.inc();
-        },
-      },
-      { metrics: this.rpcMetrics, security: this.security },
-    );
-    this.hv.deviceRegistered = true;
-    this.logger.info({ device: address, link: this.link.id }, "page-tracking device registered");
-    return this.link.id;
-  }
-
-  async unregister(address: string): Promise<void> {
-    if (!this.link || this.link.address !== address) throw notFound(`unregister device: no device registered at ${echo(address)}`);
-    const link = this.link;
-    this.link = null;
-    this.hv.deviceRegistered = false;
-    await link.close();
-  }
-
-  live(what: string): DeviceLink {
-    if (!this.link || this.link.lost) throw failedPrecondition(`${what}: no page-tracking device is registered${this.link?.lost ? ` (the last one was lost: ${this.link.lost})` : ""}`, "EINVAL");
-    return this.link;
-  }
-
-  /** The device's arch sync for vm, when it owns vm's dirty state. */
-  async sync(vm: Vm): Promise<{ pages: number; hostNs: number }> {
-    return this.link?.owns(vm) ? this.link.sync(vm) : { pages: 0, hostNs: 0 };
-  }
-}
-
 /** The guest time of each slot's previous GET, for the dirty rate QEMU computes at every sync. */
 class SyncClock {
   private readonly last = new Map<string, number>();
@@ -319,13 +243,9 @@ export function hypervisorHandlers(
     getVm: (req) => ({ vm: vmInfo(hv.vm(req.vm)) }),
     listVms: () => ({ vms: [...hv.vms.values()].map(vmInfo) }),
     async destroyVm(req) {
-      const vm = hv.vm(req.vm);
-      vm.destroyed = true;
-      await devices.link?.forget(vm);
-      vm.writeTrack.closeAll(notFound(`VM ${req.vm} was destroyed`));
-      hv.destroyVm(req.vm);
-      lastGet.forget(vm.name);
-      metrics.forgetVm(vm.name);
+      await hv.destroyVm(req.vm);
+      lastGet.forget(req.vm);
+      metrics.forgetVm(req.vm);
       return {};
     },
     pauseVm(req) {
@@ -363,15 +283,9 @@ export function hypervisorHandlers(
     async enableCap(req) {
       if (req.capability === 0) throw invalidArgument("ENABLE_CAP: capability is unspecified");
       const vm = hv.vm(req.vm);
-      if (req.capability === Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE) {
-        const what = "ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE)";
-        const on = req.args[0] ?? 0n;
-        if (req.flags !== 0 || on > 1n) throw invalidArgument(`${what}: args[0] must be 1 (on) or 0 (off)`, "EINVAL");
-        if (on === 1n) await devices.live(what).attach(vm);
-        else await devices.link?.detach(vm);
-        return {};
-      }
-      hv.enableCap(vm, req.capability, req.flags, req.args);
+      // The device's capability talks to the device, so it is the one that waits.
+      if (req.capability === Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE) await hv.setPageTracking(vm, req.flags, req.args);
+      else hv.enableCap(vm, req.capability, req.flags, req.args);
       return {};
     },
     async getDirtyLog(req) {
@@ -385,13 +299,8 @@ export function hypervisorHandlers(
           "E2BIG",
         );
       }
-      const dev = await devices.sync(vm);
-      if (dev.hostNs) metrics.syncHostSeconds.observe({ vm: vm.name, interface: "device_read" }, dev.hostNs / 1e9);
-      const r = vm.getDirtyLog(req.slot);
-      if (vm.hwDirty === "dbm") metrics.syncHostSeconds.observe({ vm: vm.name, interface: "dbm_scan" }, r.scanNs / 1e9);
-      r.hostNs += dev.hostNs;
-      r.pagesSynced += dev.pages;
-      metrics.syncHostSeconds.observe({ vm: vm.name, interface: "get" }, r.hostNs / 1e9);
+      const r = await hv.getDirtyLog(vm, req.slot);
+      for (const [iface, ns] of Object.entries(r.costs)) metrics.syncHostSeconds.observe({ vm: vm.name, interface: iface }, ns / 1e9);
       const rate = lastGet.rate(vm, req.slot, r.dirtyPages);
       if (rate !== null) metrics.setSyncDirtyRate(vm.name, req.slot, vm.mechanism, rate);
       return {
@@ -406,9 +315,7 @@ export function hypervisorHandlers(
     },
     async clearDirtyLog(req) {
       const vm = hv.vm(req.vm);
-      const dev = vm.manualProtect && vm.initiallySet ? { hostNs: 0 } : await devices.sync(vm);
-      const r = vm.clearDirtyLog(req.slot, num(req.firstPage, "first_page"), req.numPages, req.bitmap);
-      r.hostNs += dev.hostNs;
+      const r = await hv.clearDirtyLog(vm, req.slot, num(req.firstPage, "first_page"), req.numPages, req.bitmap);
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "clear" }, r.hostNs / 1e9);
       return { pagesCleared: BigInt(r.pagesCleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)) };
     },
@@ -426,22 +333,12 @@ export function hypervisorHandlers(
       stepped(vm, "advance");
       const d = num(req.durationNs, "duration_ns");
       if (d === 0 || d > MAX_ADVANCE_NS) throw invalidArgument(`advance: duration_ns ${d} must be in (0, ${MAX_ADVANCE_NS}] (one hour)`);
-      if (vm.advancing) throw failedPrecondition(`advance: VM ${vm.name} is already advancing (one AdvanceVm at a time)`, "EBUSY");
-      vm.advancing = true;
-      try {
-        vm.beginAdvance(d);
-        while (!vm.continueAdvance(SLICE_MS)) {
-          devices.link?.send();
-          await yieldToEventLoop();
-          if (vm.destroyed) throw notFound(`advance: VM ${vm.name} was destroyed while it advanced`);
-          if (ctx.signal.aborted) {
-            throw new DomainError("aborted", `advance: the call was cancelled or its deadline passed; VM ${vm.name} stopped at ${(vm.clockNs / 1e9).toFixed(6)} s of guest time`);
-          }
+      await hv.advance(vm, d, SLICE_MS, async () => {
+        await yieldToEventLoop();
+        if (ctx.signal.aborted) {
+          throw new DomainError("aborted", `advance: the call was cancelled or its deadline passed; VM ${vm.name} stopped at ${(vm.clockNs / 1e9).toFixed(6)} s of guest time`);
         }
-      } finally {
-        vm.advancing = false;
-      }
-      devices.link?.send();
+      });
       let writes = 0;
       let faults = 0;
       const vcpus = vm.vcpus.map((v) => {
@@ -479,17 +376,15 @@ export function hypervisorHandlers(
     },
     guestWrite(req) {
       const vm = hv.vm(req.vm);
-      const results = req.writes.map((w) => {
-        const r = vm.guestWrite(w.vcpu, num(w.gpa, "gpa"), w.value);
-        return {
+      const done = hv.guestWrites(vm, req.writes.map((w) => ({ vcpu: w.vcpu, gpa: num(w.gpa, "gpa"), value: w.value })));
+      return {
+        results: done.map((r) => ({
           fault: FAULT_OUT[r.fault],
           logged: r.logged,
           exit: r.mmio ? ExitReason.EXIT_REASON_MMIO : ExitReason.EXIT_REASON_UNSPECIFIED,
           costNs: BigInt(Math.round(r.costNs)),
-        };
-      });
-      devices.link?.send();
-      return { results };
+        })),
+      };
     },
     translateGpa(req) {
       const vm = hv.vm(req.vm);
@@ -674,6 +569,7 @@ export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorSe
   const metrics = new HypervisorMetrics(app.registry, deps.hypervisor);
   const registered = new DeviceRegistry(deps.hypervisor, deps.logger, metrics, new GrpcClientMetrics(app.registry), security);
   devices = registered;
+  deps.hypervisor.pageTracking = registered;
   metrics.watchDevice(() => registered.link);
   addService(app.grpc, HypervisorServiceService, hypervisorHandlers(deps.hypervisor, metrics, registered, { maxMessageBytes: deps.maxMessageBytes ?? MAX_MESSAGE_BYTES }), {
     metrics: app.rpcMetrics,

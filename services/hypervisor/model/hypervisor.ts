@@ -13,6 +13,8 @@ import { BATCH } from "./workload.js";
 import { KNOWN_FLAGS, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MAX_SLOT_PAGES, Memslot, USER_MEM_SLOTS } from "./memslot.js";
 import { INITIALLY_SET, MANUAL_PROTECT_ENABLE, Vm, type BackingPageSize, type ClockDrive } from "./vm.js";
 import type { WorkloadSpec } from "./workload.js";
+import type { PageTrackingDriver } from "./page-tracking-driver.js";
+import type { GetDirtyLogResult, ClearDirtyLogResult } from "./dirty-bitmap.js";
 
 export const CAP = {
   MANUAL_DIRTY_LOG_PROTECT2: 168,
@@ -68,10 +70,15 @@ export interface HypervisorOptions {
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 
+/** Host time a sync spent, by the interface that spent it (the names of hypervisor_dirty_log_sync_host_seconds). */
+export type SyncCosts = Partial<Record<"get" | "clear" | "dbm_scan" | "device_read", number>>;
+
 export class Hypervisor {
   readonly vms = new Map<string, Vm>();
   /** A page-tracking device is registered (page_tracking_device_registered()). */
   deviceRegistered = false;
+  /** The registered device's driver, while one is. */
+  pageTracking: PageTrackingDriver | null = null;
   private nextVmid = 1;
   /** Host physical addresses are handed out linearly; they only label descriptors. */
   private nextHostAddress = 0x80000000;
@@ -141,9 +148,77 @@ export class Hypervisor {
     return vm;
   }
 
-  destroyVm(name: string): void {
-    this.vm(name);
+  /** KVM_DESTROY_VM: an advance in progress stops, the device lets go, notifiers hear the end. */
+  async destroyVm(name: string): Promise<void> {
+    const vm = this.vm(name);
+    vm.destroyed = true;
+    if (this.pageTracking?.owns(vm)) await this.pageTracking.detach(vm);
+    vm.writeTrack.closeAll(notFound(`VM ${echo(name)} was destroyed`));
     this.vms.delete(name);
+  }
+
+  /**
+   * Runs a stepped VM for durationNs in slices of sliceMs of wall time,
+   * awaiting between() after each so that other calls get the event loop;
+   * between() may throw to stop (a cancelled call). Observed writes reach
+   * the page-tracking device after every slice.
+   */
+  async advance(vm: Vm, durationNs: number, sliceMs: number, between: () => Promise<void>): Promise<void> {
+    if (vm.advancing) throw failedPrecondition(`advance: VM ${vm.name} is already advancing (one AdvanceVm at a time)`, "EBUSY");
+    vm.advancing = true;
+    try {
+      vm.beginAdvance(durationNs);
+      while (!vm.continueAdvance(sliceMs)) {
+        this.pageTracking?.flushReports();
+        await between();
+        if (vm.destroyed) throw notFound(`advance: VM ${vm.name} was destroyed while it advanced`);
+      }
+    } finally {
+      vm.advancing = false;
+    }
+    this.pageTracking?.flushReports();
+  }
+
+  /** Explicit guest writes (GuestWrite); what the device's agent saw goes to it. */
+  guestWrites(vm: Vm, writes: { vcpu: number; gpa: number; value: bigint }[]) {
+    const out = writes.map((w) => vm.guestWrite(w.vcpu, w.gpa, w.value));
+    this.pageTracking?.flushReports();
+    return out;
+  }
+
+  /**
+   * KVM_GET_DIRTY_LOG: kvm_arch_sync_dirty_log first (the device's read, or
+   * DBM's descriptor scan inside the VM's GET), then snapshot and clear.
+   */
+  async getDirtyLog(vm: Vm, slot: number): Promise<GetDirtyLogResult & { numPages: number; costs: SyncCosts }> {
+    const dev = this.pageTracking?.owns(vm) ? await this.pageTracking.sync(vm) : { pages: 0, hostNs: 0 };
+    const r = vm.getDirtyLog(slot);
+    r.hostNs += dev.hostNs;
+    r.pagesSynced += dev.pages;
+    const costs: SyncCosts = { get: r.hostNs };
+    if (dev.hostNs) costs.device_read = dev.hostNs;
+    if (vm.hwDirty === "dbm") costs.dbm_scan = r.scanNs;
+    return { ...r, costs };
+  }
+
+  /** KVM_CLEAR_DIRTY_LOG, after the arch sync (omitted when the log started all set, as seed 003 does). */
+  async clearDirtyLog(vm: Vm, slot: number, firstPage: number, numPages: number, bitmap: Uint8Array): Promise<ClearDirtyLogResult> {
+    const skipSync = vm.manualProtect && vm.initiallySet;
+    const dev = !skipSync && this.pageTracking?.owns(vm) ? await this.pageTracking.sync(vm) : { hostNs: 0 };
+    const r = vm.clearDirtyLog(slot, firstPage, numPages, bitmap);
+    r.hostNs += dev.hostNs;
+    return r;
+  }
+
+  /** ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE): 1 hands vm's hardware dirty state to the device, 0 takes it back. */
+  async setPageTracking(vm: Vm, flags: number, args: bigint[]): Promise<void> {
+    const what = "ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE)";
+    const on = args[0] ?? 0n;
+    if (flags !== 0 || on > 1n) throw invalidArgument(`${what}: args[0] must be 1 (on) or 0 (off)`, "EINVAL");
+    if (on === 1n) {
+      if (!this.pageTracking) throw failedPrecondition(`${what}: no page-tracking device is registered`, "EINVAL");
+      await this.pageTracking.attach(vm);
+    } else if (this.pageTracking?.owns(vm)) await this.pageTracking.detach(vm);
   }
 
   /** Refuses an allocation of extra bytes for what that would take this hypervisor past its budget. */
