@@ -12,7 +12,7 @@ import type { Security } from "../../common/security.js";
 import { DeviceLink, DEVICE_TIMEOUT_MS } from "./device-link.js";
 import type { HypervisorMetrics } from "./metrics.js";
 import type { Hypervisor } from "./model/hypervisor.js";
-import type { PageTrackingDriver } from "./model/page-tracking-driver.js";
+import type { PageTrackingDriver } from "./model/page-tracking-device.js";
 import type { Vm } from "./model/vm.js";
 
 /** What the page-tracking device must answer to be registered. */

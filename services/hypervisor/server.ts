@@ -250,17 +250,12 @@ export function hypervisorHandlers(
     },
     pauseVm(req) {
       const vm = hv.vm(req.vm);
-      for (const i of vcpuList(vm, req.vcpus, "pause")) vm.vcpus[i].paused = true;
+      vm.pause(vcpuList(vm, req.vcpus, "pause"));
       return { vm: vmInfo(vm) };
     },
     resumeVm(req) {
       const vm = hv.vm(req.vm);
-      for (const i of vcpuList(vm, req.vcpus, "resume")) {
-        const v = vm.vcpus[i];
-        // A resumed vCPU picks up at the VM's present time; time spent paused is not owed.
-        if (v.paused) v.time = Math.max(v.time, vm.clockNs);
-        v.paused = false;
-      }
+      vm.resume(vcpuList(vm, req.vcpus, "resume"));
       return { vm: vmInfo(vm) };
     },
     setUserMemoryRegion(req) {

@@ -13,7 +13,7 @@ import { BATCH } from "./workload.js";
 import { KNOWN_FLAGS, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MAX_SLOT_PAGES, Memslot, USER_MEM_SLOTS } from "./memslot.js";
 import { INITIALLY_SET, MANUAL_PROTECT_ENABLE, Vm, type BackingPageSize, type ClockDrive } from "./vm.js";
 import type { WorkloadSpec } from "./workload.js";
-import type { PageTrackingDriver } from "./page-tracking-driver.js";
+import type { PageTrackingDriver } from "./page-tracking-device.js";
 import type { GetDirtyLogResult, ClearDirtyLogResult } from "./dirty-bitmap.js";
 
 export const CAP = {

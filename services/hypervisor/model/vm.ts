@@ -15,6 +15,9 @@ import { Tlb } from "./tlb.js";
 import { Vcpu } from "./vcpu.js";
 import { BATCH, IDLE, WorkloadGen, type WorkloadSpec } from "./workload.js";
 import { WriteTracker } from "./write-track.js";
+import { DbmScan } from "./dbm.js";
+import type { HardwareDirty, HardwareDirtyName } from "./hardware-dirty.js";
+import { DeviceAssist } from "./page-tracking-device.js";
 
 export type BackingPageSize = "4K" | "2M" | "1G";
 export type ClockDrive = "stepped" | "realtime";
@@ -59,6 +62,12 @@ interface Segment {
 const QUANTUM_NS = 1_000_000;
 const TWO32 = 4294967296;
 
+const HW_NAMES: Record<HardwareDirtyName, string> = {
+  dbm: "hardware dirty logging (DBM scan)",
+  device: "the page-tracking device",
+  hdbss: "FEAT_HDBSS",
+};
+
 export class Vm {
   readonly slots = new Map<number, Memslot>();
   readonly vcpus: Vcpu[];
@@ -72,17 +81,11 @@ export class Vm {
   /** DIRTY_LOG_RING_WITH_BITMAP. */
   ringWithBitmap = false;
   /**
-   * VTCR_EL2.HD, and where the dirty state it produces is collected: "dbm"
-   * scans descriptors at every sync (seed 003); "device" has the
-   * page-tracking device log the hardware updates (seed 000).
+   * VTCR_EL2.HD, and the assist that collects the dirty state it produces
+   * (see hardware-dirty.ts); null: write protection only.
    */
-  hwDirty: "off" | "dbm" | "device" = "off";
+  hw: HardwareDirty | null = null;
   hwDirtyUpdates = 0;
-  /**
-   * Device mode: receives the GPA of every write that completed without a
-   * fault on a writable-clean page (what the hardware agent observes).
-   */
-  deviceSink: ((vcpu: number, gpa: number) => void) | null = null;
   /** Set by writeMiss: the miss took a stage-2 fault (as opposed to a walk or a hardware update), and what it did. */
   private missFaulted = false;
   private lastFault: WriteOutcome | null = null;
@@ -110,8 +113,12 @@ export class Vm {
   }
 
   /** The dirty-tracking mechanism in force, for metric labels. */
-  get mechanism(): "ring" | "dbm" | "device" | "bitmap" {
-    return this.ringEnabled ? "ring" : this.hwDirty === "off" ? "bitmap" : this.hwDirty;
+  get mechanism(): "ring" | HardwareDirtyName | "bitmap" {
+    return this.ringEnabled ? "ring" : (this.hw?.name ?? "bitmap");
+  }
+
+  get hwDirty(): "off" | HardwareDirtyName {
+    return this.hw?.name ?? "off";
   }
 
   get name(): string {
@@ -209,6 +216,25 @@ export class Vm {
 
   workloadOf(vcpu: number): WorkloadSpec {
     return this.specs[vcpu];
+  }
+
+  /** Kicks vCPUs out of KVM_RUN: each is put (vcpu_put), so per-vCPU hardware logs reach the dirty log. */
+  pause(indices: number[]): void {
+    for (const i of indices) {
+      const v = this.vcpus[i];
+      if (v.paused) continue;
+      v.paused = true;
+      this.hw?.vcpuPut(v);
+    }
+  }
+
+  /** A resumed vCPU picks up at the VM's present time; time spent paused is not owed. */
+  resume(indices: number[]): void {
+    for (const i of indices) {
+      const v = this.vcpus[i];
+      if (v.paused) v.time = Math.max(v.time, this.clockNs);
+      v.paused = false;
+    }
   }
 
   // ---- TLB maintenance ------------------------------------------------------------------------
@@ -421,22 +447,25 @@ export class Vm {
         v.tlb.fill(gfn);
         return 0;
       }
-    } else if (level === Level.Page && this.hwDirty !== "off" && slot.s2.pte.hi[p] & HI_DBM) {
-      this.hwUpdate(v, slot, p, gfn);
-      return this.costs.dbmUpdateNs;
+    } else if (level === Level.Page && this.hw !== null && slot.s2.pte.hi[p] & HI_DBM) {
+      return this.hwUpdate(v, slot, p, gfn);
     }
     this.missFaulted = true;
     this.lastFault = this.fault(v, slot, p, gfn, level, lo, hi, t);
     return this.lastFault.costNs;
   }
 
-  /** Arm ARM D8.5.2: a write through a writable-clean descriptor with HD set makes it writable-dirty, no fault. */
-  private hwUpdate(v: Vcpu, slot: Memslot, p: number, gfn: number): void {
+  /**
+   * Arm ARM D8.5.2: a write through a writable-clean descriptor with HD set
+   * makes it writable-dirty, no fault; the assist records it. Returns the cost.
+   */
+  private hwUpdate(v: Vcpu, slot: Memslot, p: number, gfn: number): number {
+    const extra = this.hw!.recorded(v, slot, p, gfn);
     slot.s2.hwSetDirty(p);
     v.tlb.fill(gfn);
     this.hwDirtyUpdates++;
     v.dirtied();
-    this.deviceSink?.(v.index, gfn * 4096);
+    return this.costs.dbmUpdateNs + extra;
   }
 
   /**
@@ -464,8 +493,8 @@ export class Vm {
         s2.mapPage(p, PAGE_RW);
       } else if (level === Level.Page) s2.setPageAttrs(p, PAGE_RW);
       else s2.mapPage(p, PAGE_RW);
-      // Seed 000: with the device, KVM sets DBM when faulting a page in; later writes are the device's to log.
-      if (this.hwDirty === "device") s2.pte.hi[p] |= HI_DBM;
+      // Seed 000 and HDBSS: KVM sets DBM when faulting a page in; later writes are the hardware's to log.
+      if (this.hw?.dbmOnFault) s2.pte.hi[p] |= HI_DBM;
     } else {
       const target = this.blockLevelFor(slot, p);
       if (target === Level.Page) {
@@ -618,56 +647,61 @@ export class Vm {
   // ---- hardware dirty state -------------------------------------------------------------------
 
   get dbmOnProtect(): boolean {
-    return this.hwDirty === "dbm";
+    return this.hw?.dbmOnProtect ?? false;
+  }
+
+  /** kvm_arch_sync_dirty_log, the synchronous part (the device's read happens before, in its driver). */
+  archSync(slot: Memslot): { pages: number; hostNs: number } {
+    return this.hw ? this.hw.sync(slot) : { pages: 0, hostNs: 0 };
   }
 
   /**
-   * kvm_arch_sync_dirty_log. With hardware DBM: scan the slot's descriptors
-   * (seed 003: about 40 ms per 64 GB in the kernel). With the device, its
-   * GPAs were marked (markDirtyGpas) by the caller just before.
+   * Turns a hardware assist on (one at a time, and none with a dirty ring: the
+   * seeds and series sync hardware state into bitmaps only), or off (null).
    */
-  archSync(slot: Memslot): { pages: number; hostNs: number } {
-    if (this.hwDirty !== "dbm" || !slot.dirtyBitmap) return { pages: 0, hostNs: 0 };
-    const pages = slot.s2.scanDirtyInto(slot.dirtyBitmap);
-    slot.pagesDirtied += pages;
-    return { pages, hostNs: slot.npages * this.costs.dbmScanPteNs };
+  setHardwareDirty(hw: HardwareDirty | null, what: string): void {
+    if (hw && this.ringEnabled) throw failedPrecondition(`${what}: VM ${this.name} logs to dirty rings; hardware dirty state syncs into bitmaps only`, "EINVAL");
+    if (hw && this.hw && this.hw.name !== hw.name) throw failedPrecondition(`${what}: ${HW_NAMES[this.hw.name]} already owns VM ${this.name}'s hardware dirty state`, "EBUSY");
+    if (hw) {
+      this.hw ??= hw;
+      return;
+    }
+    if (this.hw) this.stopHardwareDirty();
   }
 
   /** Seed 003's KVM_CAP_ARM_HW_DIRTY_LOG, on or off at any time. */
   setHardwareDirtyLogging(on: boolean): void {
-    if (this.ringEnabled) throw failedPrecondition(`ENABLE_CAP(ARM_HW_DIRTY_LOG): VM ${this.name} logs to dirty rings; hardware dirty state syncs into bitmaps only`, "EINVAL");
-    if (this.hwDirty === "device") throw failedPrecondition(`ENABLE_CAP(ARM_HW_DIRTY_LOG): the page-tracking device owns VM ${this.name}'s dirty state`, "EBUSY");
-    if (on) this.hwDirty = "dbm";
-    else if (this.hwDirty === "dbm") this.stopHardwareDirty();
+    if (!on && this.hw && this.hw.name !== "dbm") return;
+    this.setHardwareDirty(on ? new DbmScan(this.costs) : null, "ENABLE_CAP(ARM_HW_DIRTY_LOG)");
   }
 
   /**
-   * Turning hardware dirty logging off: what the descriptors hold goes to the
-   * logs first, then DBM is cleared and every page write-protected again, so
-   * that writes fault and are logged as before.
+   * Turning hardware dirty logging off: what the assist and the descriptors
+   * hold goes to the logs first, then DBM is cleared and every page
+   * write-protected again, so that writes fault and are logged as before.
    */
   private stopHardwareDirty(): void {
+    this.hw?.stop();
     for (const s of this.slots.values()) {
       if (s.dirtyBitmap) s.pagesDirtied += s.s2.scanDirtyInto(s.dirtyBitmap);
       s.s2.clearDbmAll();
       if (s.logging) s.s2.writeProtectAll();
     }
-    this.hwDirty = "off";
+    this.hw = null;
     this.flushAllTlbs();
   }
 
   enableDeviceMode(sink: (vcpu: number, gpa: number) => void): void {
-    if (this.ringEnabled) throw failedPrecondition(`ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE): VM ${this.name} has a dirty ring, which the device does not support yet`, "EINVAL");
-    if (this.hwDirty === "dbm") throw failedPrecondition(`ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE): hardware dirty logging (DBM scan) is on for VM ${this.name}`, "EBUSY");
-    this.hwDirty = "device";
-    this.deviceSink = sink;
+    const what = "ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE)";
+    if (this.ringEnabled) throw failedPrecondition(`${what}: VM ${this.name} has a dirty ring, which the device does not support yet`, "EINVAL");
+    // Re-enabled after an overflow: a fresh sink, the same mode.
+    if (this.hw?.name === "device") this.hw = null;
+    this.setHardwareDirty(new DeviceAssist(sink), what);
   }
 
   /** The device was disabled cleanly (its last pages read): back to plain write protection. */
   disableDeviceMode(): void {
-    if (this.hwDirty !== "device") return;
-    this.deviceSink = null;
-    this.stopHardwareDirty();
+    if (this.hw?.name === "device") this.stopHardwareDirty();
   }
 
   /**
@@ -684,8 +718,7 @@ export class Vm {
       if (s.npages & 31) bm[full] |= (2 ** (s.npages & 31) - 1) | 0;
       pages += s.npages;
     }
-    this.deviceSink = null;
-    if (this.hwDirty === "device") this.stopHardwareDirty();
+    if (this.hw?.name === "device") this.stopHardwareDirty();
     return pages;
   }
 

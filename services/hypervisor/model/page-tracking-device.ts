@@ -6,6 +6,9 @@
  * gRPC lives beside the server (device-registry.ts, device-link.ts); the
  * model sees only this.
  */
+import type { HardwareDirty } from "./hardware-dirty.js";
+import type { Memslot } from "./memslot.js";
+import type { Vcpu } from "./vcpu.js";
 import type { Vm } from "./vm.js";
 
 export interface PageTrackingDriver {
@@ -19,4 +22,32 @@ export interface PageTrackingDriver {
   sync(vm: Vm): Promise<{ pages: number; hostNs: number }>;
   /** Sends the writes observed since the last call (after each guest step). */
   flushReports(): void;
+}
+
+/**
+ * The arm64 side of the device (seed 000): a write fault while logging maps
+ * its page with DBM, so the first write to a page faults and is logged by KVM
+ * and later ones complete without a fault; the GPA of each of those is what
+ * the device's agent observes, handed to the driver's sink. The device's log
+ * is read by the driver's asynchronous sync, not here.
+ */
+export class DeviceAssist implements HardwareDirty {
+  readonly name = "device";
+  readonly dbmOnProtect = false;
+  readonly dbmOnFault = true;
+
+  constructor(private readonly sink: (vcpu: number, gpa: number) => void) {}
+
+  recorded(v: Vcpu, _slot: Memslot, _p: number, gfn: number): number {
+    this.sink(v.index, gfn * 4096);
+    return 0;
+  }
+
+  sync(): { pages: number; hostNs: number } {
+    return { pages: 0, hostNs: 0 };
+  }
+
+  vcpuPut(): void {}
+
+  stop(): void {}
 }

@@ -1,0 +1,37 @@
+/**
+ * arm64's hardware dirty-state assists (VTCR_EL2.HD with stage-2 DBM), as the
+ * generic code reaches them: how write protection and the write-fault handler
+ * set DBM, where a hardware clean -> dirty update is recorded, and what
+ * kvm_arch_sync_dirty_log and vcpu_put do. A VM has at most one; each lives
+ * in a file named after it: dbm.ts (seed 003), page-tracking-device.ts
+ * (seed 000), hdbss.ts (FEAT_HDBSS).
+ */
+import type { Memslot } from "./memslot.js";
+import type { Vcpu } from "./vcpu.js";
+
+export type HardwareDirtyName = "dbm" | "device" | "hdbss";
+
+/** What an assist may ask of its VM: the generic core's mark_page_dirty, by frame. */
+export interface HardwareDirtyVm {
+  /** Marks guest frame gfn dirty in its slot's log (kvm_vcpu_mark_page_dirty); false if no slot logs it. */
+  markGfnDirty(v: Vcpu | null, gfn: number): boolean;
+}
+
+export interface HardwareDirty {
+  readonly name: HardwareDirtyName;
+  /** Write protection makes writable descriptors writable-clean (DBM set): seed 003's way. */
+  readonly dbmOnProtect: boolean;
+  /** A write fault while logging maps its page with DBM, so later writes are the hardware's (seed 000, HDBSS v3). */
+  readonly dbmOnFault: boolean;
+  /**
+   * The hardware made page p of slot writable-dirty for vCPU v (no fault).
+   * Returns what it cost the vCPU beyond the update itself (a buffer-full fault).
+   */
+  recorded(v: Vcpu, slot: Memslot, p: number, gfn: number): number;
+  /** kvm_arch_sync_dirty_log's part before slot's log is read. Returns pages added and host ns. */
+  sync(slot: Memslot): { pages: number; hostNs: number };
+  /** vcpu_put: a vCPU leaves the CPU (a pause), and per-vCPU state goes to the log. */
+  vcpuPut(v: Vcpu): void;
+  /** The assist is turned off: what it holds goes to the log first. */
+  stop(): void;
+}
