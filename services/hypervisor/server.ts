@@ -31,6 +31,7 @@ import { toU64, outputAddressOf, AF, HI_DBM, S2AP_R, S2AP_W } from "./model/desc
 import { DEFAULT_CHUNK_PAGES, digest, readMemory, writeMemory } from "./model/guest-memory.js";
 import type { Hypervisor } from "./model/hypervisor.js";
 import { Level } from "./model/stage2.js";
+import { Hdbss } from "./model/hdbss.js";
 import type { StepStats } from "./model/vcpu.js";
 import type { Vm, BackingPageSize as Backing, LogTarget } from "./model/vm.js";
 import type { Pattern, WorkloadSpec } from "./model/workload.js";
@@ -135,6 +136,8 @@ export function vmInfo(vm: Vm): VmInfo {
       dirtyRingFullExits: BigInt(v.total.ringFullExits),
       dirtyRingStallNs: BigInt(Math.round(v.total.ringStallNs)),
       dirtyRingEntries: v.ring?.used ?? 0,
+      hdbssFullFaults: BigInt(v.total.hdbssFullFaults),
+      hdbssEntries: vm.hw instanceof Hdbss ? vm.hw.index[v.index] : 0,
     })),
     memslots: vm.sortedSlots().map((s) => ({
       memslot: { slot: s.id, guestPhysAddr: BigInt(s.gpa), memorySize: BigInt(s.size), flags: s.flags },
@@ -156,6 +159,7 @@ export function vmInfo(vm: Vm): VmInfo {
     hardwareDirty: vm.hwDirty !== "off",
     pageTrackingDevice: vm.hwDirty === "device",
     hardwareDirtyUpdates: BigInt(vm.hwDirtyUpdates),
+    hdbssBufferEntries: vm.hw instanceof Hdbss ? vm.hw.entries : 0,
   };
 }
 
@@ -347,6 +351,7 @@ export function hypervisorHandlers(
           achievedWritesPerSecond: v.achievedWritesPerSecond,
           exits: exitsOf(v.step),
           dirtyRingStallNs: BigInt(Math.round(v.step.ringStallNs)),
+          hdbssFullFaults: BigInt(v.step.hdbssFullFaults),
         };
       });
       return { clockNs: BigInt(Math.round(vm.clockNs)), vcpus, writes: BigInt(writes), writeFaults: BigInt(faults) };

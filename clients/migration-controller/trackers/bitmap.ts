@@ -5,21 +5,25 @@
  * QEMU's clear-bitmap does; INITIALLY_SET additionally skips protecting the
  * whole slot at enable time (round 0 sends every page anyway).
  *
- * The same interface carries the two arm64 hardware mechanisms, which only
+ * The same interface carries the arm64 hardware mechanisms, which only
  * change where KVM's arch sync finds dirty state: `dbm` turns on seed 003's
  * hardware dirty logging (a descriptor scan at every GET), `device` turns on
- * seed 000's page-tracking device (its GPAs read at every GET). Either is
- * turned on before logging and off after it.
+ * seed 000's page-tracking device (its GPAs read at every GET), `hdbss`
+ * FEAT_HDBSS (per-vCPU buffers flushed at every GET). Each is turned on
+ * before logging and off after it.
  */
 import { Capability, type VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import type { HypervisorClient } from "../../../services/hypervisor/client.js";
 import { setLogging, type DirtyTracker, type SyncResult } from "./tracker.js";
 
-export type BitmapMode = "bitmap" | "bitmap-manual" | "bitmap-initially-set" | "dbm" | "device";
+export type BitmapMode = "bitmap" | "bitmap-manual" | "bitmap-initially-set" | "dbm" | "device" | "hdbss";
 
-const HARDWARE_CAP: Partial<Record<BitmapMode, Capability>> = {
-  dbm: Capability.CAPABILITY_ARM_HW_DIRTY_LOG,
-  device: Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE,
+/** The capability of each hardware mechanism, and its arguments to turn it on and off. */
+const HARDWARE_CAP: Partial<Record<BitmapMode, { capability: Capability; on: bigint[]; off: bigint[]; stat: string }>> = {
+  dbm: { capability: Capability.CAPABILITY_ARM_HW_DIRTY_LOG, on: [1n], off: [0n], stat: "pages_found_by_descriptor_scan" },
+  device: { capability: Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE, on: [1n], off: [0n], stat: "pages_read_from_device" },
+  // Order 0: 512 entries per vCPU, the size of Intel's PML buffer.
+  hdbss: { capability: Capability.CAPABILITY_ARM_HW_DIRTY_STATE_TRACK, on: [0n, 1n], off: [0n, 0n], stat: "pages_flushed_from_hdbss" },
 };
 
 const MANUAL_PROTECT_ENABLE = 1n;
@@ -50,7 +54,7 @@ export class BitmapTracker implements DirtyTracker {
     await this.client.enableCap({ vm: this.vm.vm, capability: Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2, args: [want] });
     const hw = HARDWARE_CAP[this.name];
     if (hw) {
-      await this.client.enableCap({ vm: this.vm.vm, capability: hw, args: [1n] });
+      await this.client.enableCap({ vm: this.vm.vm, capability: hw.capability, args: hw.on });
       this.hardwareOn = true;
     }
     const { slots, hostNs } = await setLogging(this.client, this.vm, true);
@@ -85,7 +89,7 @@ export class BitmapTracker implements DirtyTracker {
     this.enabled = [];
     const hw = HARDWARE_CAP[this.name];
     if (hw && this.hardwareOn) {
-      await this.client.enableCap({ vm: this.vm.vm, capability: hw, args: [0n] });
+      await this.client.enableCap({ vm: this.vm.vm, capability: hw.capability, args: hw.off });
       this.hardwareOn = false;
     }
     await this.client.enableCap({ vm: this.vm.vm, capability: Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2, args: [this.previousManual] });
@@ -93,7 +97,8 @@ export class BitmapTracker implements DirtyTracker {
 
   stats(): Record<string, number> {
     const out: Record<string, number> = { get_dirty_log_calls: this.gets, clear_dirty_log_calls: this.clears };
-    if (HARDWARE_CAP[this.name]) out[this.name === "dbm" ? "pages_found_by_descriptor_scan" : "pages_read_from_device"] = this.synced;
+    const hw = HARDWARE_CAP[this.name];
+    if (hw) out[hw.stat] = this.synced;
     return out;
   }
 }

@@ -12,6 +12,7 @@ export const MECHANISMS = {
   ring: "per-vCPU dirty rings: reaped while pages are sent and at every sync; the backup bitmap at the end",
   dbm: "arm64 hardware DBM (seed 003): writes to write-protected pages do not fault; GET scans descriptors",
   device: "arm64 page-tracking device (seed 000): first writes fault, later ones are logged by the device; GET reads it",
+  hdbss: "arm64 FEAT_HDBSS: first writes fault, later ones are appended to per-vCPU buffers (512 entries); GET flushes them",
 } as const;
 
 export type Mechanism = keyof typeof MECHANISMS;
@@ -27,6 +28,7 @@ export function createTracker(mechanism: Mechanism, client: HypervisorClient, vm
     case "bitmap-initially-set":
     case "dbm":
     case "device":
+    case "hdbss":
       return new BitmapTracker(mechanism, client, vm);
     case "ring":
       return new RingTracker(client, vm);

@@ -57,6 +57,12 @@ export interface CostModel {
   deviceReadCallNs: number;
   /** Marking one GPA the device returned dirty. */
   deviceReadGpaNs: number;
+  /** FEAT_HDBSS: appending an entry to the vCPU's buffer, on top of the DBM update. */
+  hdbssEntryNs: number;
+  /** FEAT_HDBSS: the HDBSSF permission fault of a full buffer (the exit and re-entry, before the flush). */
+  hdbssFullFaultNs: number;
+  /** FEAT_HDBSS: flushing one buffer entry into the dirty log. */
+  hdbssFlushEntryNs: number;
 }
 
 export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
@@ -80,6 +86,9 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   dbmScanPteNs: 2.4, // [LIT] seed 003 / Keqian RFC: scanning the PTEs of 64 GB takes about 40 ms
   deviceReadCallNs: 1000, // [ASSUMED] one driver call into the device; no public figure for the Graviton PTA
   deviceReadGpaNs: 5, // [ASSUMED] set_bit per returned GPA
+  hdbssEntryNs: 2, // [ASSUMED] one 64-bit store beside the descriptor update; no HDBSS figure is published
+  hdbssFullFaultNs: 2430, // [ASSUMED] the stage-2 permission-fault path, as a write-protection fault ([KVM-HERE] 2.43 us)
+  hdbssFlushEntryNs: 10, // [ASSUMED] decode one entry and set its bit under mmu_lock (set_bit as deviceReadGpaNs, plus the slot lookup)
 });
 
 export function loadCostModel(path?: string): CostModel {

@@ -13,6 +13,7 @@ export class DbmScan implements HardwareDirty {
   readonly name = "dbm";
   readonly dbmOnProtect = true;
   readonly dbmOnFault = false;
+  readonly allocatedBytes = 0;
 
   constructor(private readonly costs: CostModel) {}
 

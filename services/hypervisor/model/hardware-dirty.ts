@@ -13,7 +13,8 @@ export type HardwareDirtyName = "dbm" | "device" | "hdbss";
 
 /** What an assist may ask of its VM: the generic core's mark_page_dirty, by frame. */
 export interface HardwareDirtyVm {
-  /** Marks guest frame gfn dirty in its slot's log (kvm_vcpu_mark_page_dirty); false if no slot logs it. */
+  readonly vcpus: Vcpu[];
+  /** Marks guest frame gfn dirty in its slot's log (kvm_vcpu_mark_page_dirty); false if it was already, or no slot logs it. */
   markGfnDirty(v: Vcpu | null, gfn: number): boolean;
 }
 
@@ -34,4 +35,6 @@ export interface HardwareDirty {
   vcpuPut(v: Vcpu): void;
   /** The assist is turned off: what it holds goes to the log first. */
   stop(): void;
+  /** Bytes of its own state (the memory budget counts them). */
+  readonly allocatedBytes: number;
 }

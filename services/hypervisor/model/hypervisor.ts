@@ -10,6 +10,7 @@ import type { CostModel } from "./cost-model.js";
 import { PAGE_SIZE } from "./descriptor.js";
 import { checkRingBytes, DirtyRing, ENTRY_BYTES, MAX_ENTRIES } from "./dirty-ring.js";
 import { BATCH } from "./workload.js";
+import { Hdbss, MAX_ORDER as HDBSS_MAX_ORDER } from "./hdbss.js";
 import { KNOWN_FLAGS, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MAX_SLOT_PAGES, Memslot, USER_MEM_SLOTS } from "./memslot.js";
 import { INITIALLY_SET, MANUAL_PROTECT_ENABLE, Vm, type BackingPageSize, type ClockDrive } from "./vm.js";
 import type { WorkloadSpec } from "./workload.js";
@@ -22,6 +23,7 @@ export const CAP = {
   DIRTY_LOG_RING_ACQ_REL: 223,
   DIRTY_LOG_RING_WITH_BITMAP: 225,
   ARM_PAGE_TRACKING_DEVICE: 239,
+  ARM_HW_DIRTY_STATE_TRACK: 245,
   ARM_HW_DIRTY_LOG: 1001,
   ARM_EAGER_SPLIT_CHUNK_SIZE: 228,
   ARM_SUPPORTED_BLOCK_SIZES: 229,
@@ -307,6 +309,7 @@ export class Hypervisor {
         return MAX_ENTRIES * ENTRY_BYTES;
       case CAP.DIRTY_LOG_RING_WITH_BITMAP:
       case CAP.ARM_HW_DIRTY_LOG:
+      case CAP.ARM_HW_DIRTY_STATE_TRACK:
         return 1;
       case CAP.ARM_PAGE_TRACKING_DEVICE:
         return this.deviceRegistered ? 1 : 0;
@@ -366,6 +369,16 @@ export class Hypervisor {
         if (flags !== 0 || arg0 > 1n) throw invalidArgument(`${what}: args[0] must be 1 (on) or 0 (off)`, "EINVAL");
         vm.setHardwareDirtyLogging(arg0 === 1n);
         return;
+      case CAP.ARM_HW_DIRTY_STATE_TRACK: {
+        if (flags !== 0 || (args[1] ?? 0n) > 1n) throw invalidArgument(`${what}: args[0] is the buffer order, args[1] 1 (on) or 0 (off)`, "EINVAL");
+        const on = args[1] === 1n;
+        const order = Number(arg0);
+        if (on && !(vm.hw instanceof Hdbss) && order >= 0 && order <= HDBSS_MAX_ORDER) {
+          this.checkBudget(Hdbss.bytesFor(vm.vcpus.length, order), `HDBSS buffers of order ${order} for ${vm.vcpus.length} vCPUs`);
+        }
+        vm.setHdbss(on, order);
+        return;
+      }
       case CAP.ARM_PAGE_TRACKING_DEVICE:
         throw failedPrecondition(`${what}: the page-tracking device is enabled through the hypervisor service, which talks to the device`, "EINVAL");
       default:

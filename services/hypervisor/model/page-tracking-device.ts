@@ -35,6 +35,7 @@ export class DeviceAssist implements HardwareDirty {
   readonly name = "device";
   readonly dbmOnProtect = false;
   readonly dbmOnFault = true;
+  readonly allocatedBytes = 0;
 
   constructor(private readonly sink: (vcpu: number, gpa: number) => void) {}
 

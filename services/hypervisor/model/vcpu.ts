@@ -13,9 +13,11 @@ export interface StepStats {
   ringStallNs: number;
   /** Pages this vCPU dirtied: newly logged by a fault, or made writable-dirty by hardware. */
   pagesDirtied: number;
+  /** FEAT_HDBSS: HDBSSF permission faults (the buffer was full), handled inside KVM. */
+  hdbssFullFaults: number;
 }
 
-const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0, pagesDirtied: 0 });
+const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0, pagesDirtied: 0, hdbssFullFaults: 0 });
 
 export class Vcpu {
   paused = false;

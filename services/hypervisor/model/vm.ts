@@ -18,6 +18,7 @@ import { WriteTracker } from "./write-track.js";
 import { DbmScan } from "./dbm.js";
 import type { HardwareDirty, HardwareDirtyName } from "./hardware-dirty.js";
 import { DeviceAssist } from "./page-tracking-device.js";
+import { Hdbss, MAX_ORDER } from "./hdbss.js";
 
 export type BackingPageSize = "4K" | "2M" | "1G";
 export type ClockDrive = "stepped" | "realtime";
@@ -331,7 +332,7 @@ export class Vm {
     let n = 0;
     for (const s of this.slots.values()) n += s.allocatedBytes;
     for (const v of this.vcpus) n += v.allocatedBytes;
-    return n + this.writeTrack.allocatedBytes;
+    return n + this.writeTrack.allocatedBytes + (this.hw?.allocatedBytes ?? 0);
   }
 
   /** Runs vCPU v's workload until its local clock reaches until. The hot loop: typed arrays only. */
@@ -667,6 +668,31 @@ export class Vm {
       return;
     }
     if (this.hw) this.stopHardwareDirty();
+  }
+
+  /**
+   * KVM_CAP_ARM_HW_DIRTY_STATE_TRACK (FEAT_HDBSS): on with a buffer of
+   * 4 KiB x 2^order per vCPU, or off (the buffers are flushed first). The
+   * caller has checked the memory budget.
+   */
+  setHdbss(on: boolean, order: number): void {
+    const what = "ENABLE_CAP(ARM_HW_DIRTY_STATE_TRACK)";
+    if (!on) {
+      if (this.hw?.name === "hdbss") this.stopHardwareDirty();
+      return;
+    }
+    if (!Number.isInteger(order) || order < 0 || order > MAX_ORDER) throw invalidArgument(`${what}: buffer order ${order} must be in [0, ${MAX_ORDER}] (4 KiB to 2 MiB)`, "EINVAL");
+    if (this.hw instanceof Hdbss && this.hw.order !== order) throw failedPrecondition(`${what}: HDBSS is on with order ${this.hw.order}; turn it off first`, "EBUSY");
+    this.setHardwareDirty(new Hdbss(this, this.vcpus.length, order, this.costs), what);
+  }
+
+  /** kvm_vcpu_mark_page_dirty by frame, for a hardware log that records frames (HDBSS). */
+  markGfnDirty(v: Vcpu | null, gfn: number): boolean {
+    const slot = this.slotOfGpa(gfn * 4096);
+    if (!slot?.logging) return false;
+    const before = slot.pagesDirtied;
+    this.markPageDirty(v, slot, gfn - slot.baseGfn);
+    return slot.pagesDirtied > before;
   }
 
   /** Seed 003's KVM_CAP_ARM_HW_DIRTY_LOG, on or off at any time. */

@@ -76,6 +76,11 @@ export enum Capability {
   /** CAPABILITY_ARM_PAGE_TRACKING_DEVICE - The page-tracking-device RFC's proposed number. */
   CAPABILITY_ARM_PAGE_TRACKING_DEVICE = 239,
   /**
+   * CAPABILITY_ARM_HW_DIRTY_STATE_TRACK - FEAT_HDBSS (the Huawei KVM series v3, proposed number): args[0] the buffer order (0-9:
+   * 4 KiB x 2^order per vCPU, 512 to 262,144 entries), args[1] 1 on, 0 off.
+   */
+  CAPABILITY_ARM_HW_DIRTY_STATE_TRACK = 245,
+  /**
    * CAPABILITY_ARM_HW_DIRTY_LOG - Seed 003's KVM_CAP_ARM_HW_DIRTY_LOG (args[0]: 1 on, 0 off, at any time).
    * The series' number is not recorded in our references; 1001 is this model's.
    */
@@ -109,6 +114,9 @@ export function capabilityFromJSON(object: any): Capability {
     case 239:
     case "CAPABILITY_ARM_PAGE_TRACKING_DEVICE":
       return Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE;
+    case 245:
+    case "CAPABILITY_ARM_HW_DIRTY_STATE_TRACK":
+      return Capability.CAPABILITY_ARM_HW_DIRTY_STATE_TRACK;
     case 1001:
     case "CAPABILITY_ARM_HW_DIRTY_LOG":
       return Capability.CAPABILITY_ARM_HW_DIRTY_LOG;
@@ -137,6 +145,8 @@ export function capabilityToJSON(object: Capability): string {
       return "CAPABILITY_ARM_SUPPORTED_BLOCK_SIZES";
     case Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE:
       return "CAPABILITY_ARM_PAGE_TRACKING_DEVICE";
+    case Capability.CAPABILITY_ARM_HW_DIRTY_STATE_TRACK:
+      return "CAPABILITY_ARM_HW_DIRTY_STATE_TRACK";
     case Capability.CAPABILITY_ARM_HW_DIRTY_LOG:
       return "CAPABILITY_ARM_HW_DIRTY_LOG";
     case Capability.UNRECOGNIZED:
@@ -596,6 +606,12 @@ export interface VcpuInfo {
   dirtyRingStallNs: bigint;
   /** Entries pushed and not yet reset. */
   dirtyRingEntries: number;
+  /**
+   * FEAT_HDBSS: permission faults taken because the vCPU's buffer was full (HDBSSF), and the
+   * entries the buffer holds now.
+   */
+  hdbssFullFaults: bigint;
+  hdbssEntries: number;
 }
 
 export interface MemslotInfo {
@@ -636,6 +652,8 @@ export interface VmInfo {
   pageTrackingDevice: boolean;
   /** Clean -> dirty descriptor updates done by hardware, without a fault. */
   hardwareDirtyUpdates: bigint;
+  /** FEAT_HDBSS: entries of each vCPU's buffer (0: HDBSS off). */
+  hdbssBufferEntries: number;
 }
 
 export interface GetVmRequest {
@@ -807,6 +825,8 @@ export interface VcpuStep {
   achievedWritesPerSecond: number;
   exits: ExitCount[];
   dirtyRingStallNs: bigint;
+  /** FEAT_HDBSS buffer-full faults (handled in KVM, not exits to userspace). */
+  hdbssFullFaults: bigint;
 }
 
 export interface AdvanceVmResponse {
@@ -1927,6 +1947,8 @@ function createBaseVcpuInfo(): VcpuInfo {
     dirtyRingFullExits: 0n,
     dirtyRingStallNs: 0n,
     dirtyRingEntries: 0,
+    hdbssFullFaults: 0n,
+    hdbssEntries: 0,
   };
 }
 
@@ -1976,6 +1998,15 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
     }
     if (message.dirtyRingEntries !== 0) {
       writer.uint32(80).uint32(message.dirtyRingEntries);
+    }
+    if (message.hdbssFullFaults !== 0n) {
+      if (BigInt.asUintN(64, message.hdbssFullFaults) !== message.hdbssFullFaults) {
+        throw new globalThis.Error("value provided for field message.hdbssFullFaults of type uint64 too large");
+      }
+      writer.uint32(88).uint64(message.hdbssFullFaults);
+    }
+    if (message.hdbssEntries !== 0) {
+      writer.uint32(96).uint32(message.hdbssEntries);
     }
     return writer;
   },
@@ -2073,6 +2104,22 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
             message.dirtyRingEntries = reader.uint32();
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.hdbssFullFaults = reader.uint64() as bigint;
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.hdbssEntries = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2121,6 +2168,16 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
         : isSet(object.dirty_ring_entries)
         ? globalThis.Number(object.dirty_ring_entries)
         : 0,
+      hdbssFullFaults: isSet(object.hdbssFullFaults)
+        ? BigInt(object.hdbssFullFaults)
+        : isSet(object.hdbss_full_faults)
+        ? BigInt(object.hdbss_full_faults)
+        : 0n,
+      hdbssEntries: isSet(object.hdbssEntries)
+        ? globalThis.Number(object.hdbssEntries)
+        : isSet(object.hdbss_entries)
+        ? globalThis.Number(object.hdbss_entries)
+        : 0,
     };
   },
 
@@ -2156,6 +2213,12 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
     if (message.dirtyRingEntries !== 0) {
       obj.dirtyRingEntries = Math.round(message.dirtyRingEntries);
     }
+    if (message.hdbssFullFaults !== 0n) {
+      obj.hdbssFullFaults = message.hdbssFullFaults.toString();
+    }
+    if (message.hdbssEntries !== 0) {
+      obj.hdbssEntries = Math.round(message.hdbssEntries);
+    }
     return obj;
   },
 
@@ -2184,6 +2247,10 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
       ? BigInt(object.dirtyRingStallNs)
       : 0n;
     message.dirtyRingEntries = object.dirtyRingEntries ?? 0;
+    message.hdbssFullFaults = (object.hdbssFullFaults !== undefined && object.hdbssFullFaults !== null)
+      ? BigInt(object.hdbssFullFaults)
+      : 0n;
+    message.hdbssEntries = object.hdbssEntries ?? 0;
     return message;
   },
 };
@@ -2405,6 +2472,7 @@ function createBaseVmInfo(): VmInfo {
     hardwareDirty: false,
     pageTrackingDevice: false,
     hardwareDirtyUpdates: 0n,
+    hdbssBufferEntries: 0,
   };
 }
 
@@ -2502,6 +2570,9 @@ export const VmInfo: MessageFns<VmInfo> = {
         throw new globalThis.Error("value provided for field message.hardwareDirtyUpdates of type uint64 too large");
       }
       writer.uint32(184).uint64(message.hardwareDirtyUpdates);
+    }
+    if (message.hdbssBufferEntries !== 0) {
+      writer.uint32(192).uint32(message.hdbssBufferEntries);
     }
     return writer;
   },
@@ -2703,6 +2774,14 @@ export const VmInfo: MessageFns<VmInfo> = {
             message.hardwareDirtyUpdates = reader.uint64() as bigint;
             continue;
           }
+          case 24: {
+            if (tag !== 192) {
+              break;
+            }
+
+            message.hdbssBufferEntries = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2808,6 +2887,11 @@ export const VmInfo: MessageFns<VmInfo> = {
         : isSet(object.hardware_dirty_updates)
         ? BigInt(object.hardware_dirty_updates)
         : 0n,
+      hdbssBufferEntries: isSet(object.hdbssBufferEntries)
+        ? globalThis.Number(object.hdbssBufferEntries)
+        : isSet(object.hdbss_buffer_entries)
+        ? globalThis.Number(object.hdbss_buffer_entries)
+        : 0,
     };
   },
 
@@ -2882,6 +2966,9 @@ export const VmInfo: MessageFns<VmInfo> = {
     if (message.hardwareDirtyUpdates !== 0n) {
       obj.hardwareDirtyUpdates = message.hardwareDirtyUpdates.toString();
     }
+    if (message.hdbssBufferEntries !== 0) {
+      obj.hdbssBufferEntries = Math.round(message.hdbssBufferEntries);
+    }
     return obj;
   },
 
@@ -2926,6 +3013,7 @@ export const VmInfo: MessageFns<VmInfo> = {
     message.hardwareDirtyUpdates = (object.hardwareDirtyUpdates !== undefined && object.hardwareDirtyUpdates !== null)
       ? BigInt(object.hardwareDirtyUpdates)
       : 0n;
+    message.hdbssBufferEntries = object.hdbssBufferEntries ?? 0;
     return message;
   },
 };
@@ -5497,6 +5585,7 @@ function createBaseVcpuStep(): VcpuStep {
     achievedWritesPerSecond: 0,
     exits: [],
     dirtyRingStallNs: 0n,
+    hdbssFullFaults: 0n,
   };
 }
 
@@ -5534,6 +5623,12 @@ export const VcpuStep: MessageFns<VcpuStep> = {
         throw new globalThis.Error("value provided for field message.dirtyRingStallNs of type uint64 too large");
       }
       writer.uint32(56).uint64(message.dirtyRingStallNs);
+    }
+    if (message.hdbssFullFaults !== 0n) {
+      if (BigInt.asUintN(64, message.hdbssFullFaults) !== message.hdbssFullFaults) {
+        throw new globalThis.Error("value provided for field message.hdbssFullFaults of type uint64 too large");
+      }
+      writer.uint32(64).uint64(message.hdbssFullFaults);
     }
     return writer;
   },
@@ -5607,6 +5702,14 @@ export const VcpuStep: MessageFns<VcpuStep> = {
             message.dirtyRingStallNs = reader.uint64() as bigint;
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.hdbssFullFaults = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5646,6 +5749,11 @@ export const VcpuStep: MessageFns<VcpuStep> = {
         : isSet(object.dirty_ring_stall_ns)
         ? BigInt(object.dirty_ring_stall_ns)
         : 0n,
+      hdbssFullFaults: isSet(object.hdbssFullFaults)
+        ? BigInt(object.hdbssFullFaults)
+        : isSet(object.hdbss_full_faults)
+        ? BigInt(object.hdbss_full_faults)
+        : 0n,
     };
   },
 
@@ -5672,6 +5780,9 @@ export const VcpuStep: MessageFns<VcpuStep> = {
     if (message.dirtyRingStallNs !== 0n) {
       obj.dirtyRingStallNs = message.dirtyRingStallNs.toString();
     }
+    if (message.hdbssFullFaults !== 0n) {
+      obj.hdbssFullFaults = message.hdbssFullFaults.toString();
+    }
     return obj;
   },
 
@@ -5692,6 +5803,9 @@ export const VcpuStep: MessageFns<VcpuStep> = {
     message.exits = object.exits?.map((e) => ExitCount.fromPartial(e)) || [];
     message.dirtyRingStallNs = (object.dirtyRingStallNs !== undefined && object.dirtyRingStallNs !== null)
       ? BigInt(object.dirtyRingStallNs)
+      : 0n;
+    message.hdbssFullFaults = (object.hdbssFullFaults !== undefined && object.hdbssFullFaults !== null)
+      ? BigInt(object.hdbssFullFaults)
       : 0n;
     return message;
   },
