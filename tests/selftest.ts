@@ -6,7 +6,7 @@
  * other page less. The collect step is the mechanism under test.
  */
 import type { HypervisorClient } from "../services/hypervisor/client.js";
-import { ManualProtectFlag, Capability, MemslotFlag, WorkloadPattern, WriteValue } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { ManualProtectFlag, Capability, MemslotFlag, WorkloadPattern, WriteValue, type SetFaultInjectionRequest } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { bit, GiB } from "./hypervisor-harness.js";
 
 export type Collect = (c: HypervisorClient, vm: string, slot: number, numPages: number) => Promise<Uint8Array>;
@@ -65,7 +65,8 @@ export async function runSelftest(
     /** Runs after the VM exists and before its slot starts logging (e.g. to turn on DBM or the device). */
     beforeLogging?: (c: HypervisorClient, vm: string) => Promise<void>;
     iterations?: number;
-    skipTlbFlush?: boolean;
+    /** Bugs to switch on before logging starts (SetFaultInjection), to show the invariant catches them. */
+    inject?: Omit<Partial<SetFaultInjectionRequest>, "vm">;
     /** Guest time per half iteration. */
     halfNs?: bigint;
     writesPerSecond?: number;
@@ -84,7 +85,7 @@ export async function runSelftest(
     const flags = ManualProtectFlag.MANUAL_PROTECT_FLAG_MANUAL_PROTECT_ENABLE | ManualProtectFlag.MANUAL_PROTECT_FLAG_INITIALLY_SET;
     await c.enableCap({ vm: opts.vm, capability: Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2, args: [BigInt(flags)] });
   }
-  if (opts.skipTlbFlush) await c.setFaultInjection({ vm: opts.vm, skipTlbFlushAfterWriteProtect: true });
+  if (opts.inject) await c.setFaultInjection({ ...opts.inject, vm: opts.vm });
   await opts.beforeLogging?.(c, opts.vm);
   await c.setUserMemoryRegion({
     vm: opts.vm,

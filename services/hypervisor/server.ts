@@ -529,7 +529,11 @@ export function hypervisorHandlers(
       if (!hv.options.allowFaultInjection) {
         throw permissionDenied("fault injection is disabled on this hypervisor (start it with HYPERVISOR_ALLOW_FAULT_INJECTION=1)");
       }
-      hv.vm(req.vm).skipTlbFlushAfterWriteProtect = req.skipTlbFlushAfterWriteProtect;
+      Object.assign(hv.vm(req.vm).injected, {
+        skipTlbFlushAfterWriteProtect: req.skipTlbFlushAfterWriteProtect,
+        skipHdbssFlush: req.skipHdbssFlush,
+        skipRingEntryAtWrap: req.skipRingEntryAtWrap,
+      });
       return {};
     },
   };

@@ -88,20 +88,23 @@ export class DirtyRing {
    * The VMM's harvest: from its fetch index, every entry KVM has published
    * (DIRTY, not yet RESET), in order, up to max; each is marked RESET and
    * written as struct kvm_dirty_gfn into out (16 bytes each). Returns the count.
+   * skipAtWrap is an injected bug: the entry at each wrap-around is marked
+   * collected but not reported.
    */
-  harvest(max: number, out: DataView | null): number {
+  harvest(max: number, out: DataView | null, skipAtWrap = false): number {
     let n = 0;
     while (n < max) {
       const i = this.fetchIndex & (this.size - 1);
       if ((this.flags[i] & (DIRTY_GFN_F_DIRTY | DIRTY_GFN_F_RESET)) !== DIRTY_GFN_F_DIRTY) break;
       this.flags[i] |= DIRTY_GFN_F_RESET;
+      this.fetchIndex++;
+      if (skipAtWrap && i === 0 && this.fetchIndex > this.size) continue;
       if (out) {
         out.setUint32(n * ENTRY_BYTES, this.flags[i], true);
         out.setUint32(n * ENTRY_BYTES + 4, this.slot[i], true);
         out.setUint32(n * ENTRY_BYTES + 8, this.offset[i], true);
         out.setUint32(n * ENTRY_BYTES + 12, 0, true);
       }
-      this.fetchIndex++;
       n++;
     }
     this.harvested += n;

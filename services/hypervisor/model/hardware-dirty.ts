@@ -14,6 +14,8 @@ export type HardwareDirtyName = "dbm" | "device" | "hdbss";
 /** What an assist may ask of its VM: the generic core's mark_page_dirty, by frame. */
 export interface HardwareDirtyVm {
   readonly vcpus: Vcpu[];
+  /** Injected bugs an assist honours (SetFaultInjection). */
+  readonly injected: { readonly skipHdbssFlush: boolean };
   /** Marks guest frame gfn dirty in its slot's log (kvm_vcpu_mark_page_dirty); false if it was already, or no slot logs it. */
   markGfnDirty(v: Vcpu | null, gfn: number): boolean;
 }

@@ -93,6 +93,12 @@ export class Hdbss implements HardwareDirty {
 
   /** KVM_REQ_FLUSH_HDBSS to every vCPU before GET: all buffers drain into the log. */
   sync(): { pages: number; hostNs: number } {
+    // The injected bug: the buffers are not drained before the log is read.
+    if (this.vm.injected.skipHdbssFlush) return { pages: 0, hostNs: 0 };
+    return this.flushAll();
+  }
+
+  private flushAll(): { pages: number; hostNs: number } {
     let entries = 0;
     let pages = 0;
     for (const v of this.vm.vcpus) {
@@ -104,10 +110,10 @@ export class Hdbss implements HardwareDirty {
   }
 
   vcpuPut(v: Vcpu): void {
-    this.flush(v);
+    if (!this.vm.injected.skipHdbssFlush) this.flush(v);
   }
 
   stop(): void {
-    this.sync();
+    this.flushAll();
   }
 }

@@ -78,7 +78,8 @@ export class Vm {
   manualProtectFlags = 0n;
   eagerSplitChunk = 0;
   tlbFlushes = 0;
-  skipTlbFlushAfterWriteProtect = false;
+  /** Bugs a test switches on (SetFaultInjection), to show that the checks catch them. */
+  readonly injected = { skipTlbFlushAfterWriteProtect: false, skipHdbssFlush: false, skipRingEntryAtWrap: false };
   /** DIRTY_LOG_RING_WITH_BITMAP. */
   ringWithBitmap = false;
   /**
@@ -246,7 +247,7 @@ export class Vm {
   }
 
   flushTlbsAfterWriteProtect(): boolean {
-    if (this.skipTlbFlushAfterWriteProtect) return false;
+    if (this.injected.skipTlbFlushAfterWriteProtect) return false;
     this.flushAllTlbs();
     return true;
   }
@@ -792,7 +793,7 @@ export class Vm {
     const ring = this.ringOf(vcpu, "harvest dirty ring");
     const n = Math.min(max || ring.size, ring.pending);
     const entries = new Uint8Array(n * ENTRY_BYTES);
-    const count = ring.harvest(n, new DataView(entries.buffer));
+    const count = ring.harvest(n, new DataView(entries.buffer), this.injected.skipRingEntryAtWrap);
     return { entries, count, hostNs: count * this.costs.ringHarvestEntryNs };
   }
 

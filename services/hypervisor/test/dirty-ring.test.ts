@@ -30,8 +30,16 @@ describe("dirty rings", () => {
   });
 
   test("skipping the TLB flush after a ring reset loses pages, caught by the invariant", async () => {
-    const r = await runSelftest(h.client, { vm: "st-ring-noflush", collect: collectDirtyRing, ringBytes: 1 << 20, skipTlbFlush: true });
+    const r = await runSelftest(h.client, { vm: "st-ring-noflush", collect: collectDirtyRing, ringBytes: 1 << 20, inject: { skipTlbFlushAfterWriteProtect: true } });
     assert.ok(r.lost > 0);
+  });
+
+  test("a harvest that skips the entry at each wrap-around is caught: RESET frees more entries than were collected", async () => {
+    // 4096-entry rings: every iteration of the selftest goes round them.
+    await assert.rejects(
+      runSelftest(h.client, { vm: "st-ring-wrap", collect: collectDirtyRing, ringBytes: 4096 * 16, inject: { skipRingEntryAtWrap: true } }),
+      /RESET cleared \d+ entries, \d+ were harvested/,
+    );
   });
 
   test("exact ring-full arithmetic: a 4096-entry ring takes exactly its soft limit (4032) before DIRTY_RING_FULL", async () => {

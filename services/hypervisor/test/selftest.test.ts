@@ -26,9 +26,9 @@ describe("kernel dirty_log_test invariant over gRPC (slot of 1 GiB + 3 pages)", 
   });
 
   test("skipping the TLB flush after write protection loses dirty pages, and the invariant catches it", async () => {
-    const dirty = await runSelftest(h.client, { vm: "st-noflush", collect: collectDirtyLog, skipTlbFlush: true });
+    const dirty = await runSelftest(h.client, { vm: "st-noflush", collect: collectDirtyLog, inject: { skipTlbFlushAfterWriteProtect: true } });
     assert.ok(dirty.lost > 0, "writes through stale writable TLB entries must go unlogged");
-    const clear = await runSelftest(h.client, { vm: "st-noflush-clear", collect: collectClearLog, initiallySet: true, skipTlbFlush: true });
+    const clear = await runSelftest(h.client, { vm: "st-noflush-clear", collect: collectClearLog, initiallySet: true, inject: { skipTlbFlushAfterWriteProtect: true } });
     assert.ok(clear.lost > 0);
   });
 });

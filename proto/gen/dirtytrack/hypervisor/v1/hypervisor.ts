@@ -933,6 +933,16 @@ export interface SetFaultInjectionRequest {
    * stale writable TLB entries then go unlogged, and migrations lose pages.
    */
   skipTlbFlushAfterWriteProtect: boolean;
+  /**
+   * FEAT_HDBSS: neither GET's arch sync nor vcpu_put flushes the vCPUs' buffers (only a full
+   * buffer is flushed), so a GET misses the pages still buffered.
+   */
+  skipHdbssFlush: boolean;
+  /**
+   * Dirty ring: the harvest (the VMM reading the ring) steps over the entry at each wrap-around:
+   * it is marked collected but never reported, and RESET's count no longer matches.
+   */
+  skipRingEntryAtWrap: boolean;
 }
 
 export interface SetFaultInjectionResponse {
@@ -7415,7 +7425,7 @@ export const GetMemoryDigestResponse: MessageFns<GetMemoryDigestResponse> = {
 };
 
 function createBaseSetFaultInjectionRequest(): SetFaultInjectionRequest {
-  return { vm: "", skipTlbFlushAfterWriteProtect: false };
+  return { vm: "", skipTlbFlushAfterWriteProtect: false, skipHdbssFlush: false, skipRingEntryAtWrap: false };
 }
 
 export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
@@ -7425,6 +7435,12 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
     }
     if (message.skipTlbFlushAfterWriteProtect !== false) {
       writer.uint32(16).bool(message.skipTlbFlushAfterWriteProtect);
+    }
+    if (message.skipHdbssFlush !== false) {
+      writer.uint32(24).bool(message.skipHdbssFlush);
+    }
+    if (message.skipRingEntryAtWrap !== false) {
+      writer.uint32(32).bool(message.skipRingEntryAtWrap);
     }
     return writer;
   },
@@ -7458,6 +7474,22 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
             message.skipTlbFlushAfterWriteProtect = reader.bool();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.skipHdbssFlush = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.skipRingEntryAtWrap = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -7478,6 +7510,16 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
         : isSet(object.skip_tlb_flush_after_write_protect)
         ? globalThis.Boolean(object.skip_tlb_flush_after_write_protect)
         : false,
+      skipHdbssFlush: isSet(object.skipHdbssFlush)
+        ? globalThis.Boolean(object.skipHdbssFlush)
+        : isSet(object.skip_hdbss_flush)
+        ? globalThis.Boolean(object.skip_hdbss_flush)
+        : false,
+      skipRingEntryAtWrap: isSet(object.skipRingEntryAtWrap)
+        ? globalThis.Boolean(object.skipRingEntryAtWrap)
+        : isSet(object.skip_ring_entry_at_wrap)
+        ? globalThis.Boolean(object.skip_ring_entry_at_wrap)
+        : false,
     };
   },
 
@@ -7489,6 +7531,12 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
     if (message.skipTlbFlushAfterWriteProtect !== false) {
       obj.skipTlbFlushAfterWriteProtect = message.skipTlbFlushAfterWriteProtect;
     }
+    if (message.skipHdbssFlush !== false) {
+      obj.skipHdbssFlush = message.skipHdbssFlush;
+    }
+    if (message.skipRingEntryAtWrap !== false) {
+      obj.skipRingEntryAtWrap = message.skipRingEntryAtWrap;
+    }
     return obj;
   },
 
@@ -7499,6 +7547,8 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
     const message = createBaseSetFaultInjectionRequest();
     message.vm = object.vm ?? "";
     message.skipTlbFlushAfterWriteProtect = object.skipTlbFlushAfterWriteProtect ?? false;
+    message.skipHdbssFlush = object.skipHdbssFlush ?? false;
+    message.skipRingEntryAtWrap = object.skipRingEntryAtWrap ?? false;
     return message;
   },
 };
