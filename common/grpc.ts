@@ -4,7 +4,6 @@
  * boundary, records go-grpc-prometheus RPC metrics, and adds the standard
  * health and reflection services.
  */
-import { once } from "node:events";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { ReflectionService } from "@grpc/reflection";

@@ -25,7 +25,7 @@ import { MigrationLimits } from "./limits.js";
 import { Link, PAGE_SIZE } from "./link.js";
 import { MigrationError, type FailureKind } from "./errors.js";
 import { createTracker, type Mechanism } from "./trackers/index.js";
-import { CHUNK_ALIGN, type DirtyTracker } from "./trackers/tracker.js";
+import { CHUNK_ALIGN } from "./trackers/tracker.js";
 
 export { MigrationError, type FailureKind };
 
@@ -574,9 +574,6 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
   }
 }
 
-function formatMiB(bytes: number): string {
-  return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
-}
 
 function validate(cfg: MigrationConfig): void {
   const bad = (m: string) => new MigrationError("usage", m);

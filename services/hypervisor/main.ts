@@ -3,7 +3,7 @@
  * port, and shuts down cleanly on SIGTERM / SIGINT.
  */
 import { totalmem } from "node:os";
-import { ConfigError, envBool, envHost, envPort, envString, parseBytes } from "../../common/config.js";
+import { ConfigError, envBool, envHost, envPort, parseBytes } from "../../common/config.js";
 import { runMain, untilSignal } from "../../common/component.js";
 import { securityFromEnv } from "../../common/security.js";
 import { loadCostModel } from "./model/cost-model.js";

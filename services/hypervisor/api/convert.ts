@@ -1,0 +1,162 @@
+/**
+ * The hypervisor API's message conversions: wire values to model values and
+ * back (uint64s, enums, workloads, VmInfo), with precise errors for values
+ * the model cannot take.
+ */
+import { invalidArgument } from "../../../common/errors.js";
+import {
+  BackingPageSize,
+  ClockDrive,
+  ExitReason,
+  FaultKind,
+  LogTarget as ProtoLogTarget,
+  WorkloadPattern,
+  WriteValue,
+  type VmInfo,
+  type Workload,
+} from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { Hdbss } from "../model/hdbss.js";
+import type { StepStats } from "../model/vcpu.js";
+import type { Vm, BackingPageSize as Backing, LogTarget } from "../model/vm.js";
+import type { Pattern, WorkloadSpec } from "../model/workload.js";
+
+/** A uint64 from the wire as a JS number, refusing values past 2^53. */
+export function num(v: bigint, what: string): number {
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw invalidArgument(`${what} ${v} is too large`);
+  return Number(v);
+}
+
+export const asBuffer = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+
+export const BACKING: Record<number, Backing> = {
+  [BackingPageSize.BACKING_PAGE_SIZE_UNSPECIFIED]: "4K",
+  [BackingPageSize.BACKING_PAGE_SIZE_4K]: "4K",
+  [BackingPageSize.BACKING_PAGE_SIZE_2M]: "2M",
+  [BackingPageSize.BACKING_PAGE_SIZE_1G]: "1G",
+};
+const BACKING_OUT: Record<Backing, BackingPageSize> = {
+  "4K": BackingPageSize.BACKING_PAGE_SIZE_4K,
+  "2M": BackingPageSize.BACKING_PAGE_SIZE_2M,
+  "1G": BackingPageSize.BACKING_PAGE_SIZE_1G,
+};
+const PATTERN: Record<number, Pattern> = {
+  [WorkloadPattern.WORKLOAD_PATTERN_UNSPECIFIED]: "idle",
+  [WorkloadPattern.WORKLOAD_PATTERN_IDLE]: "idle",
+  [WorkloadPattern.WORKLOAD_PATTERN_UNIFORM]: "uniform",
+  [WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD]: "hot-cold",
+  [WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL]: "sequential",
+};
+const PATTERN_OUT: Record<Pattern, WorkloadPattern> = {
+  idle: WorkloadPattern.WORKLOAD_PATTERN_IDLE,
+  uniform: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM,
+  "hot-cold": WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD,
+  sequential: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL,
+};
+
+export function workloadFromProto(w: Workload): WorkloadSpec {
+  const pattern = PATTERN[w.pattern];
+  if (!pattern) throw invalidArgument(`unknown workload pattern ${w.pattern}`);
+  if (w.value !== WriteValue.WRITE_VALUE_UNSPECIFIED && w.value !== WriteValue.WRITE_VALUE_SEQUENCE && w.value !== WriteValue.WRITE_VALUE_EPOCH) {
+    throw invalidArgument(`unknown write value mode ${w.value}`);
+  }
+  return {
+    pattern,
+    writesPerSecond: w.writesPerSecond,
+    firstPage: num(w.workingSetFirstPage, "working_set_first_page"),
+    pages: num(w.workingSetPages, "working_set_pages"),
+    hotFraction: w.hotFraction || 0.1,
+    hotWriteFraction: w.hotWriteFraction || 0.9,
+    value: w.value === WriteValue.WRITE_VALUE_EPOCH ? "epoch" : "sequence",
+    epoch: w.epoch,
+    seed: w.seed,
+  };
+}
+
+export function workloadToProto(s: WorkloadSpec): Workload {
+  return {
+    pattern: PATTERN_OUT[s.pattern],
+    writesPerSecond: s.writesPerSecond,
+    workingSetFirstPage: BigInt(s.firstPage),
+    workingSetPages: BigInt(s.pages),
+    hotFraction: s.hotFraction,
+    hotWriteFraction: s.hotWriteFraction,
+    value: s.value === "epoch" ? WriteValue.WRITE_VALUE_EPOCH : WriteValue.WRITE_VALUE_SEQUENCE,
+    epoch: s.epoch,
+    seed: s.seed,
+  };
+}
+
+export function vmInfo(vm: Vm): VmInfo {
+  return {
+    vm: vm.name,
+    vmid: vm.config.vmid,
+    clock: vm.config.clock === "realtime" ? ClockDrive.CLOCK_DRIVE_REALTIME : ClockDrive.CLOCK_DRIVE_STEPPED,
+    realtimeSpeed: vm.config.realtimeSpeed,
+    clockNs: BigInt(Math.round(vm.clockNs)),
+    backingPageSize: BACKING_OUT[vm.config.backing],
+    ipaBits: vm.config.ipaBits,
+    eagerSplitChunkSize: BigInt(vm.eagerSplitChunk),
+    manualDirtyLogProtect: vm.manualProtectFlags,
+    vcpus: vm.vcpus.map((v) => ({
+      index: v.index,
+      paused: v.paused,
+      workload: workloadToProto(vm.workloadOf(v.index)),
+      writes: BigInt(v.total.writes),
+      writeFaults: BigInt(v.total.writeFaults),
+      trackingOverheadNs: BigInt(Math.round(v.total.overheadNs)),
+      achievedWritesPerSecond: v.achievedWritesPerSecond,
+      dirtyRingFullExits: BigInt(v.total.ringFullExits),
+      dirtyRingStallNs: BigInt(Math.round(v.total.ringStallNs)),
+      dirtyRingEntries: v.ring?.used ?? 0,
+      hdbssFullFaults: BigInt(v.total.hdbssFullFaults),
+      hdbssEntries: vm.hw instanceof Hdbss ? vm.hw.index[v.index] : 0,
+    })),
+    memslots: vm.sortedSlots().map((s) => ({
+      memslot: { slot: s.id, guestPhysAddr: BigInt(s.gpa), memorySize: BigInt(s.size), flags: s.flags },
+      numPages: BigInt(s.npages),
+      logging: s.logging,
+      mappedPages4k: BigInt(s.s2.pages4k),
+      mappedBlocks2m: BigInt(s.s2.blocks2m),
+      mappedBlocks1g: BigInt(s.s2.blocks1g),
+    })),
+    memoryBytes: BigInt(vm.memoryBytes),
+    tlbFlushes: BigInt(vm.tlbFlushes),
+    tlbEntries: vm.config.tlbEntries,
+    seed: vm.config.seed,
+    dirtyRingBytes: BigInt(vm.config.ringBytes),
+    dirtyRingSoftLimit: vm.vcpus[0]?.ring?.softLimit ?? 0,
+    dirtyRingWithBitmap: vm.ringWithBitmap,
+    writeTrackedPages: vm.writeTrack.trackedPages,
+    writeTrackSubscribers: vm.writeTrack.subscribers.size,
+    hardwareDirty: vm.hwDirty !== "off",
+    pageTrackingDevice: vm.hwDirty === "device",
+    hardwareDirtyUpdates: BigInt(vm.hwDirtyUpdates),
+    hdbssBufferEntries: vm.hw instanceof Hdbss ? vm.hw.entries : 0,
+  };
+}
+
+export const FAULT_OUT = {
+  none: FaultKind.FAULT_KIND_UNSPECIFIED,
+  translation: FaultKind.FAULT_KIND_TRANSLATION,
+  permission: FaultKind.FAULT_KIND_PERMISSION,
+  tracked: FaultKind.FAULT_KIND_TRACKED,
+};
+export const LOG_TARGET_OUT: Record<LogTarget, ProtoLogTarget> = {
+  none: ProtoLogTarget.LOG_TARGET_UNSPECIFIED,
+  bitmap: ProtoLogTarget.LOG_TARGET_BITMAP,
+  "backup-bitmap": ProtoLogTarget.LOG_TARGET_BACKUP_BITMAP,
+  ring: ProtoLogTarget.LOG_TARGET_RING,
+};
+
+export function exitsOf(s: StepStats) {
+  const out = [];
+  if (s.mmioExits) out.push({ reason: ExitReason.EXIT_REASON_MMIO, count: BigInt(s.mmioExits) });
+  if (s.ringFullExits) out.push({ reason: ExitReason.EXIT_REASON_DIRTY_RING_FULL, count: BigInt(s.ringFullExits) });
+  return out;
+}
+
+export function vcpuList(vm: Vm, list: number[], what: string): number[] {
+  if (list.length === 0) return vm.vcpus.map((v) => v.index);
+  for (const i of list) vm.vcpu(i, what);
+  return list;
+}
