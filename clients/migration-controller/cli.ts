@@ -19,7 +19,7 @@ import { createLogger } from "../../common/log.js";
 import { progressPrinter } from "./progress.js";
 import { MigrationService } from "./service.js";
 import { htmlReport, jsonReport, textReport } from "./report.js";
-import { isMechanism, MECHANISMS } from "./trackers/index.js";
+import { ALIASES, MechanismError, parseMechanism, PARTS } from "./trackers/index.js";
 import { parseBandwidth } from "./units.js";
 
 export const EXIT: Record<FailureKind | "ok", number> = {
@@ -73,7 +73,9 @@ demo options:
   --ring-entries N           dirty-ring entries per vCPU with --mechanism ring (default 4096, QEMU's advice)
 
 policy and link (both commands):
-  --mechanism M              ${Object.keys(MECHANISMS).join(" | ")} (default bitmap)
+  --mechanism M              LOG[+PROTECTION][+ASSIST] (default bitmap):
+${Object.entries(PARTS).map(([k, d]) => `                               ${k.padEnd(14)} ${d}`).join("\n")}
+                             aliases: ${Object.entries(ALIASES).map(([a, m]) => `${a} = ${m}`).join(", ")}
   --bandwidth RATE           link bandwidth, e.g. 10Gbit, 800Mbit, 1.25GB/s (default 10Gbit)
   --latency MS               link latency in ms (default 0.1)
   --downtime-limit MS        switch over when the dirty bytes fit in bandwidth x this (default 300, as QEMU)
@@ -156,8 +158,13 @@ function number(v: string | undefined, name: string, fallback: number, check: (n
 }
 
 function policy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> {
-  const mechanism = v.mechanism ?? DEFAULT_CONFIG.mechanism;
-  if (!isMechanism(mechanism)) throw new UsageError(`--mechanism ${mechanism}: must be one of ${Object.keys(MECHANISMS).join(", ")}`);
+  let mechanism: string;
+  try {
+    mechanism = parseMechanism(v.mechanism ?? DEFAULT_CONFIG.mechanism).name;
+  } catch (e) {
+    if (e instanceof MechanismError) throw new UsageError(`--mechanism ${e.message}`);
+    throw e;
+  }
   let bandwidth = DEFAULT_CONFIG.bandwidthBitsPerSecond;
   if (v.bandwidth !== undefined) {
     try {
@@ -340,7 +347,8 @@ async function runDemo(v: Values, io: Io): Promise<number> {
         throw explain(err, "source", src.address);
       });
     try {
-      if (cfg.mechanism === "device") {
+      const mechanism = parseMechanism(cfg.mechanism);
+      if (mechanism.assist === "device") {
         say("starting a page-tracking device beside the source hypervisor");
         services.push(
           await spawnService("services/page-tracking-device/main.ts", {
@@ -361,7 +369,7 @@ async function runDemo(v: Values, io: Io): Promise<number> {
           ipaBits: Math.max(40, Math.ceil(Math.log2(2 ** 30 + memory))),
           memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(memory) }],
           // Rings exist only if the VM is created with them (KVM enables them before vCPUs).
-          dirtyRing: cfg.mechanism === "ring" ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: BigInt(ringEntries * 16), withBitmap: true } : undefined,
+          dirtyRing: mechanism.log === "ring" ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: BigInt(ringEntries * 16), withBitmap: true } : undefined,
           // First the guest touches all of its memory, as a booted OS with a page cache would have.
           workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e8 },
         }),

@@ -24,7 +24,7 @@ import { RealtimeClock, SteppedClock, type ClockWatch, type MigrationClock } fro
 import { MigrationLimits } from "./limits.js";
 import { Link, PAGE_SIZE } from "./link.js";
 import { MigrationError, type FailureKind } from "./errors.js";
-import { createTracker, type Mechanism } from "./trackers/index.js";
+import { createTracker, MechanismError, parseMechanism, type Mechanism } from "./trackers/index.js";
 import { CHUNK_ALIGN } from "./trackers/tracker.js";
 
 export { MigrationError, type FailureKind };
@@ -287,7 +287,8 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
       );
     }
   }
-  const tracker = createTracker(cfg.mechanism, source, src);
+  const mechanism = parseMechanism(cfg.mechanism);
+  const tracker = createTracker(mechanism, source, src);
   const memoryBytes = Number(src.memoryBytes);
   const bwBytesPerMs = link.bytesPerSecond / 1000;
   const thresholdBytes = bwBytesPerMs * cfg.downtimeLimitMs;
@@ -318,7 +319,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
     status: "failed",
     source: { address: source.address, vm: cfg.sourceVm },
     destination: { address: destination.address, vm: cfg.destinationVm },
-    mechanism: cfg.mechanism,
+    mechanism: mechanism.name,
     drive: clock.drive,
     config: { ...cfg },
     memoryBytes,
@@ -588,5 +589,11 @@ function validate(cfg: MigrationConfig): void {
   }
   if (!(cfg.rpcTimeoutMs >= 100) || !Number.isFinite(cfg.rpcTimeoutMs)) throw bad(`RPC timeout must be at least 100 ms (got ${cfg.rpcTimeoutMs})`);
   if (!cfg.sourceVm || !cfg.destinationVm) throw bad("source and destination VM names are required");
+  try {
+    parseMechanism(cfg.mechanism);
+  } catch (e) {
+    if (e instanceof MechanismError) throw bad(`mechanism ${e.message}`);
+    throw e;
+  }
 }
 

@@ -79,7 +79,7 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
 
     // Let migrations complete and syncs happen while Prometheus scrapes every 2 s.
     const ctlMetrics = () => fetch(`http://127.0.0.1:${ctl.httpPort}/metrics`).then((r) => r.text());
-    await waitFor("two completed migrations", async () => /migration_migrations_total\{result="completed",mechanism="device"\} ([2-9]|\d\d)/.test(await ctlMetrics()), 90_000);
+    await waitFor("two completed migrations", async () => /migration_migrations_total\{result="completed",mechanism="bitmap\+device"\} ([2-9]|\d\d)/.test(await ctlMetrics()), 90_000);
     for (let i = 0; i < 3; i++) {
       for (const vm of ["dbm-vm", "dev-vm"]) await a.getDirtyLog({ vm, slot: 0 });
       await sleep(2000);

@@ -62,7 +62,7 @@ describe("migration controller CLI", () => {
     assert.equal(j.units["ram.dirty-pages-rate"], "pages/s");
     assert.equal(j.units.downtime.split(" ")[0], "ms");
     assert.equal(j.verification.match, true);
-    assert.equal(j.mechanism, "bitmap-manual");
+    assert.equal(j.mechanism, "bitmap+manual");
     for (const k of Object.keys(j.rounds[0])) assert.ok(["round", "stop-and-copy"].includes(k) || j.units[`rounds[].${k}`], `unit of rounds[].${k}`);
     const page = await readFile(html, "utf8");
     assert.match(page, /<svg[^>]*aria-label="Dirty rate at each sync"/);
@@ -75,7 +75,13 @@ describe("migration controller CLI", () => {
       [["migrate", "--vm", "web", "--bandwidth", "0"], /bandwidth '0' must be greater than zero/],
       [["migrate", "--vm", "web", "--bandwidth", "fast"], /'fast' is not a bandwidth/],
       [["migrate"], /--vm NAME is required/],
-      [["migrate", "--vm", "web", "--mechanism", "magic"], /--mechanism magic: must be one of/],
+      [["migrate", "--vm", "web", "--mechanism", "magic"], /--mechanism 'magic' must start with the log, bitmap or ring/],
+      [["migrate", "--vm", "web", "--mechanism", "ring+dbm"], /'ring\+dbm': hardware assists sync into bitmaps only/],
+      [["migrate", "--vm", "web", "--mechanism", "ring+manual"], /rings are re-protected by RESET_DIRTY_RINGS/],
+      [["migrate", "--vm", "web", "--mechanism", "bitmap+dbm+device"], /names two hardware assists \(dbm, device\)/],
+      [["migrate", "--vm", "web", "--mechanism", "bitmap+manual+initially-set"], /names two protections/],
+      [["migrate", "--vm", "web", "--mechanism", "bitmap+pml"], /Intel PML is x86's/],
+      [["migrate", "--vm", "web", "--mechanism", "bitmap+turbo"], /unknown part 'turbo'/],
       [["migrate", "--vm", "web", "--downtime-limit=-1"], /--downtime-limit -1/],
       [["teleport"], /unknown command 'teleport' \(use demo, migrate or serve\)/],
       [["serve", "--hypervisor-a", "127.0.0.1:1"], /serve needs --hypervisor-a and --hypervisor-b/],
@@ -87,6 +93,22 @@ describe("migration controller CLI", () => {
       assert.equal(r.code, EXIT.usage, `${args.join(" ")}: ${r.err}`);
       assert.match(r.err, re);
       noStack(r.err);
+    }
+  });
+
+  test("--mechanism composes the log, the protection and the assist; the first milestone's names are aliases of their compositions", async () => {
+    for (const [given, canonical] of [
+      ["bitmap-manual", "bitmap+manual"],
+      ["bitmap+initially-set+dbm", "bitmap+initially-set+dbm"],
+      ["bitmap+dbm+initially-set", "bitmap+initially-set+dbm"],
+      ["dbm", "bitmap+dbm"],
+      ["bitmap+get+none", "bitmap"],
+    ]) {
+      const json = join(dir, `mech-${given}.json`);
+      await h.client.createVm({ vm: `m-${given.replaceAll("+", "-")}`, vcpus: 1, memslots: [{ slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(8 * MiB) }] });
+      const r = await cli(["migrate", "--source", h.address, "--vm", `m-${given.replaceAll("+", "-")}`, "--mechanism", given, "--json", json, "--quiet"]);
+      assert.equal(r.code, 0, r.err);
+      assert.equal(JSON.parse(await readFile(json, "utf8")).mechanism, canonical);
     }
   });
 

@@ -4,7 +4,7 @@ import { Capability, WorkloadPattern } from "../../../proto/gen/dirtytrack/hyper
 import { GiB, MiB, startDevice, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 import { NORMAL_PAGE_BYTES } from "../link.js";
 import { migrate, MigrationError } from "../migrate.js";
-import { MECHANISMS, type Mechanism } from "../trackers/index.js";
+import { allMechanisms } from "../trackers/index.js";
 
 /** A running VM whose memory is all written once, then a workload. */
 async function createVm(h: RunningHypervisor, vm: string, opts: { bytes: number; vcpus: number; workload: object; populate?: boolean; ringEntries?: number }) {
@@ -40,9 +40,9 @@ describe("migration controller", () => {
   });
   const ends = () => ({ source: src.client, destination: dst.client });
 
-  for (const mechanism of Object.keys(MECHANISMS) as Mechanism[]) {
+  for (const { name: mechanism } of allMechanisms()) {
     test(`${mechanism}: a converging hot/cold workload migrates and verifies`, async () => {
-      const vm = `conv-${mechanism}`;
+      const vm = `conv-${mechanism.replaceAll("+", "-")}`;
       await createVm(src, vm, {
         bytes: 256 * MiB,
         vcpus: 2,

@@ -14,12 +14,11 @@
  */
 import { Capability, type VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import type { HypervisorClient } from "../../../services/hypervisor/client.js";
+import type { Assist, MechanismSpec } from "./mechanism.js";
 import { setLogging, type DirtyTracker, type SyncResult } from "./tracker.js";
 
-export type BitmapMode = "bitmap" | "bitmap-manual" | "bitmap-initially-set" | "dbm" | "device" | "hdbss";
-
-/** The capability of each hardware mechanism, and its arguments to turn it on and off. */
-const HARDWARE_CAP: Partial<Record<BitmapMode, { capability: Capability; on: bigint[]; off: bigint[]; stat: string }>> = {
+/** The capability of each hardware assist, and its arguments to turn it on and off. */
+const HARDWARE_CAP: Partial<Record<Assist, { capability: Capability; on: bigint[]; off: bigint[]; stat: string }>> = {
   dbm: { capability: Capability.CAPABILITY_ARM_HW_DIRTY_LOG, on: [1n], off: [0n], stat: "pages_found_by_descriptor_scan" },
   device: { capability: Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE, on: [1n], off: [0n], stat: "pages_read_from_device" },
   // Order 0: 512 entries per vCPU, the size of Intel's PML buffer.
@@ -36,23 +35,26 @@ export class BitmapTracker implements DirtyTracker {
   private synced = 0;
   private clears = 0;
 
+  readonly name: string;
   constructor(
-    readonly name: BitmapMode,
+    private readonly spec: MechanismSpec,
     private readonly client: HypervisorClient,
     private readonly vm: VmInfo,
-  ) {}
+  ) {
+    this.name = spec.name;
+  }
 
   private hardwareOn = false;
 
   private get manual(): boolean {
-    return this.name === "bitmap-manual" || this.name === "bitmap-initially-set";
+    return this.spec.protection !== "get";
   }
 
   async start(): Promise<number> {
-    const want = this.name === "bitmap-manual" ? MANUAL_PROTECT_ENABLE : this.name === "bitmap-initially-set" ? MANUAL_PROTECT_ENABLE | INITIALLY_SET : 0n;
+    const want = { get: 0n, manual: MANUAL_PROTECT_ENABLE, "initially-set": MANUAL_PROTECT_ENABLE | INITIALLY_SET }[this.spec.protection];
     this.previousManual = this.vm.manualDirtyLogProtect;
     await this.client.enableCap({ vm: this.vm.vm, capability: Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2, args: [want] });
-    const hw = HARDWARE_CAP[this.name];
+    const hw = HARDWARE_CAP[this.spec.assist];
     if (hw) {
       await this.client.enableCap({ vm: this.vm.vm, capability: hw.capability, args: hw.on });
       this.hardwareOn = true;
@@ -87,7 +89,7 @@ export class BitmapTracker implements DirtyTracker {
   async stop(): Promise<void> {
     await setLogging(this.client, this.vm, false, this.enabled);
     this.enabled = [];
-    const hw = HARDWARE_CAP[this.name];
+    const hw = HARDWARE_CAP[this.spec.assist];
     if (hw && this.hardwareOn) {
       await this.client.enableCap({ vm: this.vm.vm, capability: hw.capability, args: hw.off });
       this.hardwareOn = false;
@@ -97,7 +99,7 @@ export class BitmapTracker implements DirtyTracker {
 
   stats(): Record<string, number> {
     const out: Record<string, number> = { get_dirty_log_calls: this.gets, clear_dirty_log_calls: this.clears };
-    const hw = HARDWARE_CAP[this.name];
+    const hw = HARDWARE_CAP[this.spec.assist];
     if (hw) out[hw.stat] = this.synced;
     return out;
   }
