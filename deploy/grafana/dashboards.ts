@@ -70,6 +70,11 @@ export function dirtyRates() {
       ]),
     )
     .withPanel(
+      panel("HDBSS buffer-full faults (faults/s)", "short", "FEAT_HDBSS permission faults of vCPUs whose buffer was full: KVM flushed it into the dirty log and resumed.", [
+        { expr: "sum by (vm, vcpu) (rate(hypervisor_hdbss_full_faults_total[1m]))", legend: "{{vm}} vCPU {{vcpu}}" },
+      ]),
+    )
+    .withPanel(
       panel("Sync host time, p90 (seconds)", "s", "Simulated host time of one dirty-log sync call, by interface (get, clear, ring_reset, dbm_scan, device_read).", [
         { expr: "histogram_quantile(0.9, sum by (le, interface) (rate(hypervisor_dirty_log_sync_host_seconds_bucket[1m])))", legend: "{{interface}}" },
       ]),

@@ -50,18 +50,19 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
     const ctl = await spawnServe(hvA, hvB);
     services.push(ctl);
 
-    // Long-lived VMs on A so that every mechanism's series exist: a ring (small, so it fills), DBM, the device.
+    // Long-lived VMs on A so that every mechanism's series exist: a ring (small, so it fills), DBM, the device, HDBSS.
     const a = connectHypervisor(hvA.address);
     const slot = { slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(64 * 2 ** 20), flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES };
     const workload = { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 20_000 };
     const realtime = { vcpus: 2, clock: ClockDrive.CLOCK_DRIVE_REALTIME };
     await a.createVm({ vm: "ring-vm", ...realtime, workload, dirtyRing: { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: 65536n }, memslots: [slot] });
-    for (const [vm, capability] of [
-      ["dbm-vm", Capability.CAPABILITY_ARM_HW_DIRTY_LOG],
-      ["dev-vm", Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE],
+    for (const [vm, capability, args] of [
+      ["dbm-vm", Capability.CAPABILITY_ARM_HW_DIRTY_LOG, [1n]],
+      ["dev-vm", Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE, [1n]],
+      ["hdbss-vm", Capability.CAPABILITY_ARM_HW_DIRTY_STATE_TRACK, [0n, 1n]],
     ] as const) {
       await a.createVm({ vm, ...realtime });
-      await a.enableCap({ vm, capability, args: [1n] });
+      await a.enableCap({ vm, capability, args: [...args] });
       await a.setUserMemoryRegion({ vm, memslot: slot });
       await a.setWorkload({ vm, workload });
     }
@@ -81,7 +82,7 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
     const ctlMetrics = () => fetch(`http://127.0.0.1:${ctl.httpPort}/metrics`).then((r) => r.text());
     await waitFor("two completed migrations", async () => /migration_migrations_total\{result="completed",mechanism="bitmap\+device"\} ([2-9]|\d\d)/.test(await ctlMetrics()), 90_000);
     for (let i = 0; i < 3; i++) {
-      for (const vm of ["dbm-vm", "dev-vm"]) await a.getDirtyLog({ vm, slot: 0 });
+      for (const vm of ["dbm-vm", "dev-vm", "hdbss-vm"]) await a.getDirtyLog({ vm, slot: 0 });
       await sleep(2000);
     }
     await waitFor("every target up", async () => {
