@@ -13,6 +13,7 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { MemslotFlag, WorkloadPattern } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { DEFAULT_COSTS } from "../services/hypervisor/model/cost-model.js";
+import { Hdbss } from "../services/hypervisor/model/hdbss.js";
 import { Hypervisor, type CreateVmSpec } from "../services/hypervisor/model/hypervisor.js";
 import type { Vm } from "../services/hypervisor/model/vm.js";
 import type { WorkloadSpec } from "../services/hypervisor/model/workload.js";
@@ -340,7 +341,7 @@ function cScanMs(pages: number): number | null {
 /** Hardware DBM's descriptor scan of a 64 GiB guest, and the device's ReadDirty throughput over gRPC. */
 async function hardwareBench(gib: number) {
   const pages = (gib * 2 ** 30) / 4096;
-  console.log(`\nhardware DBM and the page-tracking device (${gib} GiB guest)`);
+  console.log(`\nhardware DBM, FEAT_HDBSS and the page-tracking device (${gib} GiB guest)`);
   const hv = benchHypervisor();
   const vm = benchVm(hv, "dbm", gib * 2 ** 30, {
     memslots: [{ slot: 0, gpa: 2 ** 30, size: gib * 2 ** 30, flags: 0 }],
@@ -376,6 +377,34 @@ async function hardwareBench(gib: number) {
   );
   report("the same scan reading the descriptors' low words", `${fmt(plane, 2)} ms`, "(for reference; the kernel figure is 40 ms per 64 GB)");
   await hv.destroyVm("dbm");
+
+  // FEAT_HDBSS with 512-entry buffers: a pass of hardware updates appends every page and takes a
+  // buffer-full fault every 512 writes; then GET's flush of what the buffers still hold.
+  const hd = benchVm(hv, "hdbss", gib * 2 ** 30, { workload: workload("sequential", 1e9 / DEFAULT_COSTS.writeNs) });
+  hd.setHdbss(true, 0);
+  const hslot = hd.slots.get(0)!;
+  const perPage = DEFAULT_COSTS.writeNs + DEFAULT_COSTS.translationFaultNs;
+  hd.advance(pages * perPage + 1); // first writes fault: pages mapped writable with DBM
+  hd.getDirtyLog(0); // writable-clean from here on
+  const t0 = process.hrtime.bigint();
+  hd.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.dbmUpdateNs + DEFAULT_COSTS.hdbssEntryNs) + 1);
+  const passMs = ms(t0);
+  const faults = hd.vcpus[0].step.hdbssFullFaults;
+  report(`guest writes/s with HDBSS logging (every write a hardware update, ${fmt(faults, 0)} buffer-full faults)`, `${fmt(hd.vcpus[0].step.writes / passMs / 1e3, 2)} M/s`);
+  const flush = median(
+    9,
+    () => {
+      hd.getDirtyLog(0); // flushes, and makes every page writable-clean again
+      hd.advance(500 * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.dbmUpdateNs + DEFAULT_COSTS.hdbssEntryNs)); // most of a buffer
+      const entries = hd.hw instanceof Hdbss ? hd.hw.index[0] : 0;
+      const t1 = process.hrtime.bigint();
+      hd.archSync(hslot);
+      return { ns: Number(process.hrtime.bigint() - t1) / Math.max(1, entries), entries };
+    },
+    (r) => r.ns,
+  );
+  report(`HDBSS flush per entry at GET (${fmt(flush.entries, 0)} entries, median of 9)`, `${fmt(flush.ns, 0)} ns`);
+  await hv.destroyVm("hdbss");
 
   const { startDevice } = await import("../tests/hypervisor-harness.js");
   const { gpasToBytes } = await import("../services/page-tracking-device/client.js");
