@@ -62,6 +62,8 @@ function benchVm(hv: Hypervisor, name: string, bytes: number, extra: Partial<Cre
     startPaused: false,
     tlbEntries: 1024,
     dirtyRing: null,
+    arch: "arm64",
+    pml: false,
     ...extra,
   });
 }

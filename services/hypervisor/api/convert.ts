@@ -5,6 +5,7 @@
  */
 import { invalidArgument } from "../../../common/errors.js";
 import {
+  Arch as ProtoArch,
   BackingPageSize,
   ClockDrive,
   ExitReason,
@@ -16,8 +17,9 @@ import {
   type Workload,
 } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { Hdbss } from "../model/hdbss.js";
+import { Pml } from "../model/pml.js";
 import type { StepStats } from "../model/vcpu.js";
-import type { Vm, BackingPageSize as Backing, LogTarget } from "../model/vm.js";
+import type { Arch, Vm, BackingPageSize as Backing, LogTarget } from "../model/vm.js";
 import type { Pattern, WorkloadSpec } from "../model/workload.js";
 
 /** A uint64 from the wire as a JS number, refusing values past 2^53. */
@@ -110,6 +112,8 @@ export function vmInfo(vm: Vm): VmInfo {
       dirtyRingEntries: v.ring?.used ?? 0,
       hdbssFullFaults: BigInt(v.total.hdbssFullFaults),
       hdbssEntries: vm.hw instanceof Hdbss ? vm.hw.index[v.index] : 0,
+      pmlFullExits: BigInt(v.total.pmlFullExits),
+      pmlEntries: vm.hw instanceof Pml ? vm.hw.used[v.index] : 0,
     })),
     memslots: vm.sortedSlots().map((s) => ({
       memslot: { slot: s.id, guestPhysAddr: BigInt(s.gpa), memorySize: BigInt(s.size), flags: s.flags },
@@ -132,6 +136,8 @@ export function vmInfo(vm: Vm): VmInfo {
     pageTrackingDevice: vm.hwDirty === "device",
     hardwareDirtyUpdates: BigInt(vm.hwDirtyUpdates),
     hdbssBufferEntries: vm.hw instanceof Hdbss ? vm.hw.entries : 0,
+    arch: ARCH_OUT[vm.config.arch],
+    pml: vm.config.pml,
   };
 }
 
@@ -160,3 +166,10 @@ export function vcpuList(vm: Vm, list: number[], what: string): number[] {
   for (const i of list) vm.vcpu(i, what);
   return list;
 }
+
+export const ARCH: Record<number, Arch> = {
+  [ProtoArch.ARCH_UNSPECIFIED]: "arm64",
+  [ProtoArch.ARCH_ARM64]: "arm64",
+  [ProtoArch.ARCH_X86_64]: "x86_64",
+};
+const ARCH_OUT: Record<Arch, ProtoArch> = { arm64: ProtoArch.ARCH_ARM64, x86_64: ProtoArch.ARCH_X86_64 };

@@ -3,9 +3,10 @@ import { setImmediate as yieldToEventLoop } from "node:timers/promises";
 import { DomainError, failedPrecondition, invalidArgument, permissionDenied } from "../../../common/errors.js";
 import { Capability, ClockDrive, ExitReason } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { AF, HI_DBM, outputAddressOf, S2AP_R, S2AP_W, toU64 } from "../model/descriptor.js";
+import { eptEntry } from "../model/ept.js";
 import { Level } from "../model/stage2.js";
 import type { Vm } from "../model/vm.js";
-import { asBuffer, BACKING, exitsOf, FAULT_OUT, num, vcpuList, vmInfo, workloadFromProto, workloadToProto } from "./convert.js";
+import { ARCH, asBuffer, BACKING, exitsOf, FAULT_OUT, num, vcpuList, vmInfo, workloadFromProto, workloadToProto } from "./convert.js";
 import type { ApiContext, Handlers } from "./context.js";
 
 /** Longest single AdvanceVm: an hour of guest time. */
@@ -29,6 +30,8 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
       }
       const backing = BACKING[req.backingPageSize];
       if (!backing) throw invalidArgument(`unknown backing page size ${req.backingPageSize}`);
+      const arch = ARCH[req.arch];
+      if (!arch) throw invalidArgument(`unknown architecture ${req.arch}`);
       const vm = hv.createVm({
         name: req.vm,
         vcpus: req.vcpus,
@@ -50,6 +53,8 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
         dirtyRing: req.dirtyRing
           ? { capability: req.dirtyRing.capability, bytes: req.dirtyRing.bytes, withBitmap: req.dirtyRing.withBitmap }
           : null,
+        arch,
+        pml: req.pml,
       });
       return { vm: vmInfo(vm) };
     },
@@ -130,6 +135,7 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
           exits: exitsOf(v.step),
           dirtyRingStallNs: BigInt(Math.round(v.step.ringStallNs)),
           hdbssFullFaults: BigInt(v.step.hdbssFullFaults),
+          pmlFullExits: BigInt(v.step.pmlFullExits),
         };
       });
       return { clockNs: BigInt(Math.round(vm.clockNs)), vcpus, writes: BigInt(writes), writeFaults: BigInt(faults) };
@@ -178,11 +184,16 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
         tlbWritableVcpus: vm.vcpus.filter((v) => v.tlb.holds(gfn)).map((v) => v.index),
       };
       if (level === Level.Unmapped) {
-        return { ...base, mapped: false, level: 0, descriptor: 0n, readable: false, writable: false, accessFlag: false, dbm: false, outputAddress: 0n };
+        return { ...base, mapped: false, level: 0, descriptor: 0n, readable: false, writable: false, accessFlag: false, dbm: false, outputAddress: 0n, accessed: false, dirty: false };
       }
       const [pl, i] = slot.s2.leafRef(p, level);
       const lo = pl.lo[i];
       const hi = pl.hi[i];
+      const outputAddress = BigInt(outputAddressOf(lo, hi));
+      if (vm.config.arch === "x86_64") {
+        const e = eptEntry(lo, hi, level, vm.config.pml);
+        return { ...base, mapped: true, level, ...e, accessFlag: e.accessed, dbm: false, outputAddress };
+      }
       return {
         ...base,
         mapped: true,
@@ -192,7 +203,9 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
         writable: (lo & S2AP_W) !== 0,
         accessFlag: (lo & AF) !== 0,
         dbm: (hi & HI_DBM) !== 0,
-        outputAddress: BigInt(outputAddressOf(lo, hi)),
+        outputAddress,
+        accessed: (lo & AF) !== 0,
+        dirty: false,
       };
     },
     unmapGpaRange(req) {
@@ -204,7 +217,7 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
       }
       Object.assign(hv.vm(req.vm).injected, {
         skipTlbFlushAfterWriteProtect: req.skipTlbFlushAfterWriteProtect,
-        skipHdbssFlush: req.skipHdbssFlush,
+        skipHwLogDrain: req.skipHwLogDrain,
         skipRingEntryAtWrap: req.skipRingEntryAtWrap,
       });
       return {};

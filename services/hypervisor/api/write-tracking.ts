@@ -12,7 +12,7 @@ export function writeTrackingHandlers(ctx: ApiContext): Pick<Handlers, "addWrite
       return { count: hv.vm(req.vm).removeWriteTracking(num(req.gfn, "gfn")) };
     },
     async *watchWriteTracking(req, ctx) {
-      const tracker = hv.vm(req.vm).writeTrack;
+      const tracker = hv.vm(req.vm).requireWriteTracking("watch write tracking");
       const sub = tracker.subscribe();
       const onAbort = () => {
         if (tracker.subscribers.has(sub.id)) tracker.unsubscribe(sub.id);
@@ -48,7 +48,7 @@ export function writeTrackingHandlers(ctx: ApiContext): Pick<Handlers, "addWrite
       }
     },
     unwatchWriteTracking(req) {
-      hv.vm(req.vm).writeTrack.unsubscribe(num(req.subscriptionId, "subscription_id"));
+      hv.vm(req.vm).requireWriteTracking("unwatch write tracking").unsubscribe(num(req.subscriptionId, "subscription_id"));
       return {};
     },
   };

@@ -63,6 +63,12 @@ export interface CostModel {
   hdbssFullFaultNs: number;
   /** FEAT_HDBSS: flushing one buffer entry into the dirty log. */
   hdbssFlushEntryNs: number;
+  /** Intel PML: logging the GPA of a write that set a D bit, on top of the D-bit update. */
+  pmlLogNs: number;
+  /** Intel PML: the PML-full VM exit and re-entry, before the drain. */
+  pmlFullExitNs: number;
+  /** Intel PML: draining one logged GPA into the dirty log. */
+  pmlDrainEntryNs: number;
 }
 
 export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
@@ -89,6 +95,9 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   hdbssEntryNs: 2, // [ASSUMED] one 64-bit store beside the descriptor update; no HDBSS figure is published
   hdbssFullFaultNs: 2430, // [ASSUMED] the stage-2 permission-fault path, as a write-protection fault ([KVM-HERE] 2.43 us)
   hdbssFlushEntryNs: 10, // [ASSUMED] decode one entry and set its bit under mmu_lock (set_bit as deviceReadGpaNs, plus the slot lookup)
+  pmlLogNs: 2, // [ASSUMED] one 8-byte store by the CPU beside the D-bit update (PML overhead 0.06-0.45% [LIT], Kai Huang 2015, secondary)
+  pmlFullExitNs: 1500, // [ASSUMED] a light VM exit and re-entry with no instruction emulation
+  pmlDrainEntryNs: 10, // [ASSUMED] kvm_vcpu_mark_page_dirty per GPA, as hdbssFlushEntryNs
 });
 
 export function loadCostModel(path?: string): CostModel {

@@ -4,7 +4,8 @@
  * Each entry is struct kvm_dirty_gfn {u32 flags; u32 slot; u64 offset}. Its
  * life: 00 -> 01 (KVM pushes, DIRTY) -> 1X (userspace harvested it, RESET)
  * -> 00 (KVM_RESET_DIRTY_RINGS re-protects the page and frees the entry).
- * A push that brings the ring to its soft limit (entries - 64) makes the vCPU
+ * A push that brings the ring to its soft limit (entries - 64, less what a
+ * hardware log may drain into it at once: PML's 512 on x86) makes the vCPU
  * exit with KVM_EXIT_DIRTY_RING_FULL; it stays out until a reset brings the
  * ring back under the limit. The harvest side (the VMM reading the mmapped
  * ring) is modelled here too, with its fetch index.
@@ -18,18 +19,17 @@ export const ENTRY_BYTES = 16;
 export const RSVD_ENTRIES = 64;
 /** KVM_DIRTY_RING_MAX_ENTRIES (1 MiB of entries). */
 export const MAX_ENTRIES = 65536;
-/** cpu_dirty_log_size(): PML's 512 on x86; arm64 has no hardware buffer to drain into the ring. */
-export const CPU_DIRTY_LOG_SIZE = 0;
-
 /**
  * kvm_vm_ioctl_enable_dirty_log_ring's checks, in its order; size is args[0]
- * truncated to u32, as the kernel's parameter is.
+ * truncated to u32, as the kernel's parameter is. cpuDirtyLogSize is
+ * kvm_cpu_dirty_log_size(): 512 with Intel PML, 0 on arm64.
  */
-export function checkRingBytes(size: number, ringSet: boolean, vcpusExist: boolean): void {
+export function checkRingBytes(size: number, ringSet: boolean, vcpusExist: boolean, cpuDirtyLogSize = 0): void {
   const what = "ENABLE_CAP(DIRTY_LOG_RING)";
+  const rsvd = RSVD_ENTRIES + cpuDirtyLogSize;
   if (size === 0 || (size & (size - 1)) !== 0) throw invalidArgument(`${what}: ring size ${size} bytes is not a power of two`, "EINVAL");
-  if (size < RSVD_ENTRIES * ENTRY_BYTES || size < 4096) {
-    throw invalidArgument(`${what}: ring size ${size} bytes is smaller than one page or ${RSVD_ENTRIES} entries`, "EINVAL");
+  if (size < rsvd * ENTRY_BYTES || size < 4096) {
+    throw invalidArgument(`${what}: ring size ${size} bytes is smaller than one page or the ${rsvd} reserved entries`, "EINVAL");
   }
   if (size > MAX_ENTRIES * ENTRY_BYTES) throw invalidArgument(`${what}: ${size} bytes is more than ${MAX_ENTRIES} entries (1 MiB)`, "E2BIG");
   if (ringSet) throw failedPrecondition(`${what}: a dirty ring is already configured`, "EINVAL");
@@ -49,11 +49,15 @@ export class DirtyRing {
   harvested = 0;
   readonly softLimit: number;
 
-  constructor(readonly size: number) {
+  constructor(
+    readonly size: number,
+    /** kvm_cpu_dirty_log_size(): entries a hardware log may drain at once, reserved below the soft limit. */
+    cpuDirtyLogSize = 0,
+  ) {
     this.flags = new Uint8Array(size);
     this.slot = new Int32Array(size);
     this.offset = new Int32Array(size);
-    this.softLimit = size - (RSVD_ENTRIES + CPU_DIRTY_LOG_SIZE);
+    this.softLimit = size - (RSVD_ENTRIES + cpuDirtyLogSize);
   }
 
   get allocatedBytes(): number {

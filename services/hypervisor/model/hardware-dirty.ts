@@ -1,21 +1,22 @@
 /**
- * arm64's hardware dirty-state assists (VTCR_EL2.HD with stage-2 DBM), as the
- * generic code reaches them: how write protection and the write-fault handler
- * set DBM, where a hardware clean -> dirty update is recorded, and what
- * kvm_arch_sync_dirty_log and vcpu_put do. A VM has at most one; each lives
- * in a file named after it: dbm.ts (seed 003), page-tracking-device.ts
- * (seed 000), hdbss.ts (FEAT_HDBSS).
+ * The hardware dirty-state assists, as the generic code reaches them: how
+ * write protection and the write-fault handler prepare descriptors for a
+ * hardware clean -> dirty update (arm64: DBM with S2AP_W clear; x86: W with
+ * the D bit clear), where such an update is recorded, and what
+ * kvm_arch_sync_dirty_log, a VM exit and vcpu_put do. A VM has at most one;
+ * each lives in a file named after it: dbm.ts (seed 003),
+ * page-tracking-device.ts (seed 000), hdbss.ts (FEAT_HDBSS), pml.ts (Intel PML).
  */
 import type { Memslot } from "./memslot.js";
 import type { Vcpu } from "./vcpu.js";
 
-export type HardwareDirtyName = "dbm" | "device" | "hdbss";
+export type HardwareDirtyName = "dbm" | "device" | "hdbss" | "pml";
 
 /** What an assist may ask of its VM: the generic core's mark_page_dirty, by frame. */
 export interface HardwareDirtyVm {
   readonly vcpus: Vcpu[];
   /** Injected bugs an assist honours (SetFaultInjection). */
-  readonly injected: { readonly skipHdbssFlush: boolean };
+  readonly injected: { readonly skipHwLogDrain: boolean };
   /** Marks guest frame gfn dirty in its slot's log (kvm_vcpu_mark_page_dirty); false if it was already, or no slot logs it. */
   markGfnDirty(v: Vcpu | null, gfn: number): boolean;
 }
@@ -35,6 +36,12 @@ export interface HardwareDirty {
   sync(slot: Memslot): { pages: number; hostNs: number };
   /** vcpu_put: a vCPU leaves the CPU (a pause), and per-vCPU state goes to the log. */
   vcpuPut(v: Vcpu): void;
+  /** Any VM exit of v (a fault, MMIO): PML drains the vCPU's buffer at every exit. */
+  vcpuExit?(v: Vcpu): void;
+  /** Logging with a dirty ring is allowed (PML drains into rings; the arm64 assists sync into bitmaps only). */
+  readonly allowsRing?: boolean;
+  /** kvm_cpu_dirty_log_size(): ring entries reserved for one drain of this log. */
+  readonly cpuDirtyLogSize?: number;
   /** The assist is turned off: what it holds goes to the log first. */
   stop(): void;
   /** Bytes of its own state (the memory budget counts them). */

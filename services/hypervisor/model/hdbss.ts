@@ -94,7 +94,7 @@ export class Hdbss implements HardwareDirty {
   /** KVM_REQ_FLUSH_HDBSS to every vCPU before GET: all buffers drain into the log. */
   sync(): { pages: number; hostNs: number } {
     // The injected bug: the buffers are not drained before the log is read.
-    if (this.vm.injected.skipHdbssFlush) return { pages: 0, hostNs: 0 };
+    if (this.vm.injected.skipHwLogDrain) return { pages: 0, hostNs: 0 };
     return this.flushAll();
   }
 
@@ -110,7 +110,7 @@ export class Hdbss implements HardwareDirty {
   }
 
   vcpuPut(v: Vcpu): void {
-    if (!this.vm.injected.skipHdbssFlush) this.flush(v);
+    if (!this.vm.injected.skipHwLogDrain) this.flush(v);
   }
 
   stop(): void {

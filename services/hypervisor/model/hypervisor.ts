@@ -12,7 +12,8 @@ import { checkRingBytes, DirtyRing, ENTRY_BYTES, MAX_ENTRIES } from "./dirty-rin
 import { BATCH } from "./workload.js";
 import { Hdbss, MAX_ORDER as HDBSS_MAX_ORDER } from "./hdbss.js";
 import { KNOWN_FLAGS, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MAX_SLOT_PAGES, Memslot, USER_MEM_SLOTS } from "./memslot.js";
-import { INITIALLY_SET, MANUAL_PROTECT_ENABLE, Vm, type BackingPageSize, type ClockDrive } from "./vm.js";
+import { INITIALLY_SET, MANUAL_PROTECT_ENABLE, Vm, type Arch, type BackingPageSize, type ClockDrive } from "./vm.js";
+import { Pml, PML_ENTRIES } from "./pml.js";
 import type { WorkloadSpec } from "./workload.js";
 import type { PageTrackingDriver } from "./page-tracking-device.js";
 import type { GetDirtyLogResult, ClearDirtyLogResult } from "./dirty-bitmap.js";
@@ -28,6 +29,9 @@ export const CAP = {
   ARM_EAGER_SPLIT_CHUNK_SIZE: 228,
   ARM_SUPPORTED_BLOCK_SIZES: 229,
 } as const;
+
+/** Capabilities only arm64 VMs have (checked as 0, enabled as EINVAL on x86_64). */
+const ARM_ONLY = [CAP.ARM_PAGE_TRACKING_DEVICE, CAP.ARM_HW_DIRTY_STATE_TRACK, CAP.ARM_HW_DIRTY_LOG, CAP.ARM_EAGER_SPLIT_CHUNK_SIZE, CAP.ARM_SUPPORTED_BLOCK_SIZES] as const;
 
 /** KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES with a 4 KiB granule: 4 KiB, 2 MiB, 1 GiB. */
 export const SUPPORTED_BLOCK_SIZES = 2 ** 12 + 2 ** 21 + 2 ** 30;
@@ -56,6 +60,9 @@ export interface CreateVmSpec {
   startPaused: boolean;
   tlbEntries: number;
   dirtyRing: { capability: number; bytes: bigint; withBitmap: boolean } | null;
+  arch: Arch;
+  /** x86_64 only: Intel PML on. */
+  pml: boolean;
 }
 
 export interface HypervisorOptions {
@@ -115,16 +122,20 @@ export class Hypervisor {
     }
     const speed = spec.realtimeSpeed || 1;
     if (!(speed > 0 && speed <= 1000)) throw invalidArgument(`realtime_speed ${spec.realtimeSpeed} must be in (0, 1000]`);
+    if (spec.pml && spec.arch !== "x86_64") throw invalidArgument("create VM: PML is Intel's (x86_64); this VM is arm64", "EINVAL");
+    if (spec.arch === "x86_64" && spec.eagerSplitChunkSize !== 0) {
+      throw invalidArgument("create VM: KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE is arm64's (x86's TDP MMU splits eagerly by its module parameter)", "EINVAL");
+    }
     // KVM's order: the ring before any vCPU exists, its backup bitmap before any memslot.
     let ringBytes = 0;
     if (spec.dirtyRing) {
-      ringBytes = this.ringSize(spec.dirtyRing.capability, spec.dirtyRing.bytes);
-      checkRingBytes(ringBytes, false, false);
+      ringBytes = this.ringSize(spec.arch, spec.dirtyRing.capability, spec.dirtyRing.bytes);
+      checkRingBytes(ringBytes, false, false, spec.pml ? PML_ENTRIES : 0);
     }
     // Sizes that are not whole pages are refused per slot below, with their own message.
     const ring = spec.dirtyRing !== null;
     const slotBytes = spec.memslots.reduce((n, s) => n + (s.size > 0 && s.size % PAGE_SIZE === 0 ? Memslot.bytesFor(s.gpa, s.size, s.flags, ring, Boolean(spec.dirtyRing?.withBitmap)) : 0), 0);
-    const vcpuBytes = spec.vcpus * (8 * tlbEntries + DirtyRing.bytesFor(ringBytes / ENTRY_BYTES) + 4 * BATCH);
+    const vcpuBytes = spec.vcpus * (8 * tlbEntries + DirtyRing.bytesFor(ringBytes / ENTRY_BYTES) + 4 * BATCH) + (spec.pml ? Pml.bytesFor(spec.vcpus) : 0);
     this.checkBudget(slotBytes + vcpuBytes, `VM '${spec.name}' (${formatBytes(spec.memslots.reduce((n, s) => n + s.size, 0))} of guest memory, ${spec.vcpus} vCPUs)`);
     const vm = new Vm({
       name: spec.name,
@@ -138,6 +149,8 @@ export class Hypervisor {
       tlbEntries,
       costs: this.options.costs,
       ringBytes,
+      arch: spec.arch,
+      pml: spec.pml,
     });
     if (spec.dirtyRing?.withBitmap) this.enableCap(vm, CAP.DIRTY_LOG_RING_WITH_BITMAP, 0, []);
     if (spec.eagerSplitChunkSize !== 0) this.enableCap(vm, CAP.ARM_EAGER_SPLIT_CHUNK_SIZE, 0, [BigInt(spec.eagerSplitChunkSize)]);
@@ -215,6 +228,7 @@ export class Hypervisor {
   /** ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE): 1 hands vm's hardware dirty state to the device, 0 takes it back. */
   async setPageTracking(vm: Vm, flags: number, args: bigint[]): Promise<void> {
     const what = "ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE)";
+    if (vm.config.arch !== "arm64") throw invalidArgument(`${what}: the page-tracking device is arm64's; VM ${vm.name} is x86_64`, "EINVAL");
     const on = args[0] ?? 0n;
     if (flags !== 0 || on > 1n) throw invalidArgument(`${what}: args[0] must be 1 (on) or 0 (off)`, "EINVAL");
     if (on === 1n) {
@@ -287,9 +301,9 @@ export class Hypervisor {
     return vm.addSlot(new Memslot(m.slot, m.gpa, m.size, m.flags, hostBase + (m.gpa % 2 ** 30)));
   }
 
-  /** The ring capability's size argument (u32 in the kernel); arm64, weakly ordered, offers only ACQ_REL. */
-  private ringSize(cap: number, arg: bigint): number {
-    if (cap !== CAP.DIRTY_LOG_RING_ACQ_REL) {
+  /** The ring capability's size argument (u32 in the kernel); arm64, weakly ordered, offers only ACQ_REL; x86 (TSO) both. */
+  private ringSize(arch: Arch, cap: number, arg: bigint): number {
+    if (cap !== CAP.DIRTY_LOG_RING_ACQ_REL && !(arch === "x86_64" && cap === CAP.DIRTY_LOG_RING)) {
       throw invalidArgument(
         cap === CAP.DIRTY_LOG_RING
           ? "ENABLE_CAP(DIRTY_LOG_RING): arm64 is weakly ordered and offers only DIRTY_LOG_RING_ACQ_REL"
@@ -300,8 +314,12 @@ export class Hypervisor {
     return Number(arg & 0xffffffffn);
   }
 
-  /** KVM_CHECK_EXTENSION; vm is null for the system-wide query. */
-  checkExtension(_vm: Vm | null, cap: number): number {
+  /** KVM_CHECK_EXTENSION; vm is null for the system-wide query, which answers for arm64 (the default). */
+  checkExtension(vm: Vm | null, cap: number): number {
+    if (vm?.config.arch === "x86_64") {
+      if ((ARM_ONLY as readonly number[]).includes(cap)) return 0;
+      if (cap === CAP.DIRTY_LOG_RING) return MAX_ENTRIES * ENTRY_BYTES;
+    }
     switch (cap) {
       case CAP.DIRTY_LOG_RING:
         return 0;
@@ -328,6 +346,9 @@ export class Hypervisor {
   enableCap(vm: Vm, cap: number, flags: number, args: bigint[]): void {
     const what = `ENABLE_CAP(${cap})`;
     const arg0 = args[0] ?? 0n;
+    if (vm.config.arch === "x86_64" && (ARM_ONLY as readonly number[]).includes(cap)) {
+      throw invalidArgument(`${what}: capability ${cap} is arm64's; VM ${vm.name} is x86_64`, "EINVAL");
+    }
     switch (cap) {
       case CAP.MANUAL_DIRTY_LOG_PROTECT2: {
         const allowed = arg0 & MANUAL_PROTECT_ENABLE ? MANUAL_PROTECT_ENABLE | INITIALLY_SET : MANUAL_PROTECT_ENABLE;
@@ -357,7 +378,7 @@ export class Hypervisor {
         throw invalidArgument(`${what}: KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES can only be queried`, "EINVAL");
       case CAP.DIRTY_LOG_RING:
       case CAP.DIRTY_LOG_RING_ACQ_REL:
-        checkRingBytes(this.ringSize(cap, arg0), vm.ringEnabled, vm.vcpus.length > 0);
+        checkRingBytes(this.ringSize(vm.config.arch, cap, arg0), vm.ringEnabled, vm.vcpus.length > 0, vm.config.pml ? PML_ENTRIES : 0);
         return;
       case CAP.DIRTY_LOG_RING_WITH_BITMAP:
         if (!vm.ringEnabled) throw failedPrecondition(`${what}: DIRTY_LOG_RING_WITH_BITMAP needs a dirty ring first`, "EINVAL");
@@ -388,6 +409,7 @@ export class Hypervisor {
 
   /** kvm_write_track_add_gfn, within the budget (a slot's first tracked page allocates its counts). */
   addWriteTracking(vm: Vm, gfn: number): number {
+    vm.requireWriteTracking("write track add");
     const slot = vm.slotOfGpa(gfn * PAGE_SIZE);
     if (slot) this.checkBudget(vm.writeTrack.bytesToTrack(slot), `write tracking in slot ${slot.id}`);
     return vm.addWriteTracking(gfn);

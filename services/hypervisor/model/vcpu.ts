@@ -15,9 +15,11 @@ export interface StepStats {
   pagesDirtied: number;
   /** FEAT_HDBSS: HDBSSF permission faults (the buffer was full), handled inside KVM. */
   hdbssFullFaults: number;
+  /** Intel PML: PML-full exits, handled inside KVM. */
+  pmlFullExits: number;
 }
 
-const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0, pagesDirtied: 0, hdbssFullFaults: 0 });
+const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0, pagesDirtied: 0, hdbssFullFaults: 0, pmlFullExits: 0 });
 
 export class Vcpu {
   paused = false;

@@ -3,7 +3,7 @@
  * virtual clock, the capabilities enabled on it, and the write path every
  * guest write takes (TLB, descriptor walk, stage-2 fault, dirty log).
  */
-import { failedPrecondition, invalidArgument, notFound } from "../../../common/errors.js";
+import { failedPrecondition, invalidArgument, notFound, unimplemented } from "../../../common/errors.js";
 import type { CostModel } from "./cost-model.js";
 import { BLOCK_RW, HI_DBM, PAGES_1G, PAGES_2M, PAGE_RO, PAGE_RW, S2AP_W } from "./descriptor.js";
 import * as bitmapLog from "./dirty-bitmap.js";
@@ -19,8 +19,10 @@ import { DbmScan } from "./dbm.js";
 import type { HardwareDirty, HardwareDirtyName } from "./hardware-dirty.js";
 import { DeviceAssist } from "./page-tracking-device.js";
 import { Hdbss, MAX_ORDER } from "./hdbss.js";
+import { Pml, PML_ENTRIES } from "./pml.js";
 
 export type BackingPageSize = "4K" | "2M" | "1G";
+export type Arch = "arm64" | "x86_64";
 export type ClockDrive = "stepped" | "realtime";
 
 export const MANUAL_PROTECT_ENABLE = 1n;
@@ -39,6 +41,9 @@ export interface VmConfig {
   costs: CostModel;
   /** Dirty ring size in bytes, set before the vCPUs are created; 0 for none. */
   ringBytes: number;
+  arch: Arch;
+  /** x86_64: Intel PML on (kvm_intel's enable_pml), for the VM's life. */
+  pml: boolean;
 }
 
 export type FaultKind = "none" | "translation" | "permission" | "tracked";
@@ -67,6 +72,7 @@ const HW_NAMES: Record<HardwareDirtyName, string> = {
   dbm: "hardware dirty logging (DBM scan)",
   device: "the page-tracking device",
   hdbss: "FEAT_HDBSS",
+  pml: "Intel PML",
 };
 
 export class Vm {
@@ -79,7 +85,7 @@ export class Vm {
   eagerSplitChunk = 0;
   tlbFlushes = 0;
   /** Bugs a test switches on (SetFaultInjection), to show that the checks catch them. */
-  readonly injected = { skipTlbFlushAfterWriteProtect: false, skipHdbssFlush: false, skipRingEntryAtWrap: false };
+  readonly injected = { skipTlbFlushAfterWriteProtect: false, skipHwLogDrain: false, skipRingEntryAtWrap: false };
   /** DIRTY_LOG_RING_WITH_BITMAP. */
   ringWithBitmap = false;
   /**
@@ -107,7 +113,9 @@ export class Vm {
   constructor(readonly config: VmConfig) {
     this.specs = Array.from({ length: config.vcpus }, () => IDLE);
     const entries = config.ringBytes / ENTRY_BYTES;
-    this.vcpus = this.specs.map((s, i) => new Vcpu(i, new Tlb(config.tlbEntries), this.makeGen(s, i), entries ? new DirtyRing(entries) : null));
+    const reserve = config.pml ? PML_ENTRIES : 0;
+    this.vcpus = this.specs.map((s, i) => new Vcpu(i, new Tlb(config.tlbEntries), this.makeGen(s, i), entries ? new DirtyRing(entries, reserve) : null));
+    if (config.pml) this.hw = new Pml(this, config.vcpus, config.costs);
   }
 
   get ringEnabled(): boolean {
@@ -364,7 +372,7 @@ export class Vm {
     let overhead = 0;
     // The batch cursor lives in a local: writeMiss() cannot move it, but the JIT cannot know that.
     let cur = gen.cursor;
-    // Only a fault can fill a ring, so only the slow path can stop the loop early.
+    // Only the slow path (a miss) can make an exit pending, so only it can stop the loop early.
     let stop = false;
     while (t < until && !stop) {
       if (cur === BATCH) {
@@ -393,9 +401,10 @@ export class Vm {
           if (this.missFaulted) {
             faults++;
             if (seg.slot.logging) overhead += cost;
-            // The push that filled the ring completes this write; the next guest entry exits.
-            stop = v.ringFull;
           }
+          // One exit condition, whatever made it pending on the miss (a fault's push, a PML drain that
+          // filled the ring): this write completes; the next guest entry exits.
+          stop = v.ringFull;
         }
       }
       if (epochMode) {
@@ -481,6 +490,8 @@ export class Vm {
   private fault(v: Vcpu, slot: Memslot, p: number, gfn: number, level: Level, lo: number, hi: number, t: number): WriteOutcome {
     const s2 = slot.s2;
     const c = this.costs;
+    // The fault is a VM exit: PML's buffer drains first, as at every exit.
+    this.hw?.vcpuExit?.(v);
     if (this.writeTrack.isTracked(slot, p)) {
       if (level === Level.Unmapped) s2.mapPage(p, PAGE_RO);
       const logged = this.markPageDirty(v, slot, p) !== "none";
@@ -555,6 +566,7 @@ export class Vm {
     const slot = this.slotOfGpa(gpa);
     if (!slot) throw invalidArgument(`guest write: GPA 0x${gpa.toString(16)} is outside every memslot of VM ${this.name}`);
     if (slot.readonly) {
+      this.hw?.vcpuExit?.(v);
       v.count({ mmioExits: 1 });
       return { fault: "none", logged: false, mmio: true, costNs: 0 };
     }
@@ -662,7 +674,8 @@ export class Vm {
    * seeds and series sync hardware state into bitmaps only), or off (null).
    */
   setHardwareDirty(hw: HardwareDirty | null, what: string): void {
-    if (hw && this.ringEnabled) throw failedPrecondition(`${what}: VM ${this.name} logs to dirty rings; hardware dirty state syncs into bitmaps only`, "EINVAL");
+    if (hw && this.ringEnabled && !hw.allowsRing) throw failedPrecondition(`${what}: VM ${this.name} logs to dirty rings; hardware dirty state syncs into bitmaps only`, "EINVAL");
+    if (hw && hw.name !== "pml" && this.config.arch !== "arm64") throw invalidArgument(`${what}: VM ${this.name} is x86_64; ${HW_NAMES[hw.name]} is arm64's`, "EINVAL");
     if (hw && this.hw && this.hw.name !== hw.name) throw failedPrecondition(`${what}: ${HW_NAMES[this.hw.name]} already owns VM ${this.name}'s hardware dirty state`, "EBUSY");
     if (hw) {
       this.hw ??= hw;
@@ -828,11 +841,18 @@ export class Vm {
     throw invalidArgument(`${what}: GFN 0x${gfn.toString(16)} is not in any memslot of VM ${this.name}`, "EINVAL");
   }
 
+  /** Write tracking (seed 002, arch/x86/kvm/mmu/page_track.c) is x86's: arm64 KVM has no such interface. */
+  requireWriteTracking(what: string): WriteTracker {
+    if (this.config.arch !== "x86_64") throw unimplemented(`${what}: write tracking is x86's (arch/x86/kvm/mmu/page_track.c); VM ${this.name} is arm64`, "EOPNOTSUPP");
+    return this.writeTrack;
+  }
+
   /**
    * kvm_write_track_add_gfn: the first reference write-protects the page; a
    * block holding it is split so that the page is mapped on its own.
    */
   addWriteTracking(gfn: number): number {
+    this.requireWriteTracking("write track add");
     const slot = this.slotOfGfn(gfn, "write track add");
     const p = gfn - slot.baseGfn;
     const n = this.writeTrack.add(slot, p);
@@ -846,6 +866,7 @@ export class Vm {
   }
 
   removeWriteTracking(gfn: number): number {
+    this.requireWriteTracking("write track remove");
     const slot = this.slotOfGfn(gfn, "write track remove");
     return this.writeTrack.remove(slot, gfn - slot.baseGfn);
   }

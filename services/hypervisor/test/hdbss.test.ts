@@ -27,7 +27,7 @@ describe("FEAT_HDBSS on its own", () => {
     assert.deepEqual([0, 9].map(hdbssEntries), [512, 262_144]);
     const marked: number[] = [];
     const vcpu = new Vcpu(0, new Tlb(16), new WorkloadGen(IDLE, 0, 1n, 0, 1), null);
-    const hd = new Hdbss({ vcpus: [vcpu], injected: { skipHdbssFlush: false }, markGfnDirty: (_v, gfn) => (marked.push(gfn), true) }, 1, 0, DEFAULT_COSTS);
+    const hd = new Hdbss({ vcpus: [vcpu], injected: { skipHwLogDrain: false }, markGfnDirty: (_v, gfn) => (marked.push(gfn), true) }, 1, 0, DEFAULT_COSTS);
     const slot = null as never;
     let faultCost = 0;
     for (let g = 0; g < 512; g++) faultCost += hd.recorded(vcpu, slot, g, 2 ** 40 + g) - DEFAULT_COSTS.hdbssEntryNs;
@@ -103,7 +103,7 @@ describe("FEAT_HDBSS over gRPC", () => {
       vm: "st-hdbss-noflush",
       collect: collectDirtyLog,
       beforeLogging: (cl, vm) => cl.enableCap({ vm, capability: HDBSS, args: [3n, 1n] }).then(() => undefined),
-      inject: { skipHdbssFlush: true },
+      inject: { skipHwLogDrain: true },
     });
     assert.ok(r.lost > 0, `${r.lost} pages lost`);
   });

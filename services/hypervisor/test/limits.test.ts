@@ -35,6 +35,8 @@ const spec = (over: Partial<CreateVmSpec> = {}): CreateVmSpec => ({
   startPaused: false,
   tlbEntries: 4096,
   dirtyRing: { capability: 223, bytes: 65536n, withBitmap: true },
+  arch: "arm64",
+  pml: false,
   ...over,
 });
 

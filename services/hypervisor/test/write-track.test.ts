@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { status } from "@grpc/grpc-js";
 import { after, before, describe, test } from "node:test";
-import { BackingPageSize, Capability, FaultKind, MemslotFlag, WorkloadPattern, type WatchWriteTrackingResponse } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { Arch, BackingPageSize, Capability, FaultKind, MemslotFlag, WorkloadPattern, type WatchWriteTrackingResponse } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { bit, GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 import { MAX_QUEUED_EVENTS, USHRT_MAX } from "../model/write-track.js";
 import { rejects } from "../../../tests/grpc-assert.js";
@@ -32,7 +32,7 @@ describe("write tracking with notifiers", () => {
 
   test("tracking write-protects the page, splits its block, and keeps blocks away while tracked", async () => {
     const c = h.client;
-    await c.createVm({ vm: "wp", vcpus: 1, backingPageSize: BackingPageSize.BACKING_PAGE_SIZE_2M, memslots: [{ slot: 0, guestPhysAddr: BASE, memorySize: BigInt(4 * MiB) }] });
+    await c.createVm({ arch: Arch.ARCH_X86_64, vm: "wp", vcpus: 1, backingPageSize: BackingPageSize.BACKING_PAGE_SIZE_2M, memslots: [{ slot: 0, guestPhysAddr: BASE, memorySize: BigInt(4 * MiB) }] });
     await c.guestWrite({ vm: "wp", writes: [{ vcpu: 0, gpa: BASE }] });
     assert.equal((await c.translateGpa({ vm: "wp", gpa: BASE + 4096n * 3n })).level, 2);
     assert.equal((await c.addWriteTracking({ vm: "wp", gfn: GFN + 3n })).count, 1);
@@ -57,7 +57,7 @@ describe("write tracking with notifiers", () => {
 
   test("every tracked write reaches every subscriber once, in order per vCPU, with its new value", async () => {
     const c = h.client;
-    await c.createVm({ vm: "n", vcpus: 2, memslots: [{ slot: 0, guestPhysAddr: BASE, memorySize: BigInt(MiB) }] });
+    await c.createVm({ arch: Arch.ARCH_X86_64, vm: "n", vcpus: 2, memslots: [{ slot: 0, guestPhysAddr: BASE, memorySize: BigInt(MiB) }] });
     await c.addWriteTracking({ vm: "n", gfn: GFN + 1n });
     await c.addWriteTracking({ vm: "n", gfn: GFN + 2n });
     const a = watch(h, "n");
@@ -94,7 +94,7 @@ describe("write tracking with notifiers", () => {
   test("tracked writes are logged once per round, in the bitmap and in the ring", async () => {
     const c = h.client;
     const flags = MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES;
-    await c.createVm({ vm: "bm", vcpus: 1, memslots: [{ slot: 0, guestPhysAddr: BASE, memorySize: BigInt(MiB), flags }] });
+    await c.createVm({ arch: Arch.ARCH_X86_64, vm: "bm", vcpus: 1, memslots: [{ slot: 0, guestPhysAddr: BASE, memorySize: BigInt(MiB), flags }] });
     await c.addWriteTracking({ vm: "bm", gfn: GFN + 5n });
     const three = [1n, 2n, 3n].map((value) => ({ vcpu: 0, gpa: BASE + 4096n * 5n, value }));
     await c.guestWrite({ vm: "bm", writes: three });
@@ -104,6 +104,7 @@ describe("write tracking with notifiers", () => {
     assert.equal((await c.getDirtyLog({ vm: "bm", slot: 0 })).dirtyPages, 1n, "written again after the sync: logged again");
 
     await c.createVm({
+      arch: Arch.ARCH_X86_64,
       vm: "rg",
       vcpus: 1,
       dirtyRing: { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: 65536n },
@@ -120,7 +121,7 @@ describe("write tracking with notifiers", () => {
 
   test("bad input: GFN outside every slot, past USHRT_MAX references, unknown VM", async () => {
     const c = h.client;
-    await c.createVm({ vm: "lim", vcpus: 1, memslots: [{ slot: 0, guestPhysAddr: BASE, memorySize: BigInt(MiB) }] });
+    await c.createVm({ arch: Arch.ARCH_X86_64, vm: "lim", vcpus: 1, memslots: [{ slot: 0, guestPhysAddr: BASE, memorySize: BigInt(MiB) }] });
     await rejects(c.addWriteTracking({ vm: "lim", gfn: 7n }), status.INVALID_ARGUMENT, /not in any memslot.*EINVAL/);
     await rejects(c.removeWriteTracking({ vm: "lim", gfn: GFN + 10000n }), status.INVALID_ARGUMENT, /not in any memslot/);
     const vm = h.hypervisor.vm("lim");
@@ -132,6 +133,7 @@ describe("write tracking with notifiers", () => {
   test("a subscriber that stops reading is disconnected, the guest never stalls", async () => {
     const c = h.client;
     await c.createVm({
+      arch: Arch.ARCH_X86_64,
       vm: "slow",
       vcpus: 1,
       memslots: [{ slot: 0, guestPhysAddr: BASE, memorySize: BigInt(MiB) }],

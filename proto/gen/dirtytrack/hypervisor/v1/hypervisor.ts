@@ -474,6 +474,45 @@ export function faultKindToJSON(object: FaultKind): string {
   }
 }
 
+export enum Arch {
+  ARCH_UNSPECIFIED = 0,
+  ARCH_ARM64 = 1,
+  ARCH_X86_64 = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function archFromJSON(object: any): Arch {
+  switch (object) {
+    case 0:
+    case "ARCH_UNSPECIFIED":
+      return Arch.ARCH_UNSPECIFIED;
+    case 1:
+    case "ARCH_ARM64":
+      return Arch.ARCH_ARM64;
+    case 2:
+    case "ARCH_X86_64":
+      return Arch.ARCH_X86_64;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return Arch.UNRECOGNIZED;
+  }
+}
+
+export function archToJSON(object: Arch): string {
+  switch (object) {
+    case Arch.ARCH_UNSPECIFIED:
+      return "ARCH_UNSPECIFIED";
+    case Arch.ARCH_ARM64:
+      return "ARCH_ARM64";
+    case Arch.ARCH_X86_64:
+      return "ARCH_X86_64";
+    case Arch.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 export enum LogTarget {
   /** LOG_TARGET_UNSPECIFIED - not logged: the slot is not logging */
   LOG_TARGET_UNSPECIFIED = 0,
@@ -575,7 +614,19 @@ export interface CreateVmRequest {
    * Dirty rings, enabled in KVM's order: the ring before any vCPU, the
    * backup bitmap before any memslot.
    */
-  dirtyRing: DirtyRingConfig | undefined;
+  dirtyRing:
+    | DirtyRingConfig
+    | undefined;
+  /**
+   * The guest's architecture: arm64 (stage 2: DBM, HDBSS, the page-tracking device) or x86_64
+   * (EPT with A/D bits: PML, write tracking). Unspecified means arm64.
+   */
+  arch: Arch;
+  /**
+   * x86_64 only: the host runs kvm_intel with enable_pml, so dirty logging clears D bits and
+   * Intel PML logs the GPAs of writes that set them (INVALID_ARGUMENT on arm64).
+   */
+  pml: boolean;
 }
 
 export interface DirtyRingConfig {
@@ -612,6 +663,9 @@ export interface VcpuInfo {
    */
   hdbssFullFaults: bigint;
   hdbssEntries: number;
+  /** Intel PML: PML-full exits (handled in KVM), and the GPAs the buffer holds now. */
+  pmlFullExits: bigint;
+  pmlEntries: number;
 }
 
 export interface MemslotInfo {
@@ -652,6 +706,9 @@ export interface VmInfo {
   pageTrackingDevice: boolean;
   /** Clean -> dirty descriptor updates done by hardware, without a fault. */
   hardwareDirtyUpdates: bigint;
+  arch: Arch;
+  /** x86_64: PML on (see CreateVmRequest.pml). */
+  pml: boolean;
   /** FEAT_HDBSS: entries of each vCPU's buffer (0: HDBSS off). */
   hdbssBufferEntries: number;
 }
@@ -827,6 +884,8 @@ export interface VcpuStep {
   dirtyRingStallNs: bigint;
   /** FEAT_HDBSS buffer-full faults (handled in KVM, not exits to userspace). */
   hdbssFullFaults: bigint;
+  /** Intel PML-full exits (handled in KVM, not exits to userspace). */
+  pmlFullExits: bigint;
 }
 
 export interface AdvanceVmResponse {
@@ -878,6 +937,9 @@ export interface TranslateGpaResponse {
   tlbWritableVcpus: number[];
   content: bigint;
   slot: number;
+  /** x86_64 VMs: the EPT entry's accessed and dirty bits (8 and 9); descriptor is then the EPT entry. */
+  accessed: boolean;
+  dirty: boolean;
 }
 
 export interface MemoryChunk {
@@ -934,10 +996,11 @@ export interface SetFaultInjectionRequest {
    */
   skipTlbFlushAfterWriteProtect: boolean;
   /**
-   * FEAT_HDBSS: neither GET's arch sync nor vcpu_put flushes the vCPUs' buffers (only a full
-   * buffer is flushed), so a GET misses the pages still buffered.
+   * FEAT_HDBSS and Intel PML: the vCPUs' hardware logs are not drained before the log is read
+   * (neither at GET, nor at vcpu_put or another exit; only a full buffer is), so a GET misses
+   * the pages still buffered.
    */
-  skipHdbssFlush: boolean;
+  skipHwLogDrain: boolean;
   /**
    * Dirty ring: the harvest (the VMM reading the ring) steps over the entry at each wrap-around:
    * it is marked collected but never reported, and RESET's count no longer matches.
@@ -1470,6 +1533,8 @@ function createBaseCreateVmRequest(): CreateVmRequest {
     startPaused: false,
     tlbEntries: 0,
     dirtyRing: undefined,
+    arch: 0,
+    pml: false,
   };
 }
 
@@ -1519,6 +1584,12 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
     }
     if (message.dirtyRing !== undefined) {
       DirtyRingConfig.encode(message.dirtyRing, writer.uint32(106).fork()).join();
+    }
+    if (message.arch !== 0) {
+      writer.uint32(112).int32(message.arch);
+    }
+    if (message.pml !== false) {
+      writer.uint32(120).bool(message.pml);
     }
     return writer;
   },
@@ -1640,6 +1711,22 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
             message.dirtyRing = DirtyRingConfig.decode(reader, reader.uint32());
             continue;
           }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.arch = reader.int32() as any;
+            continue;
+          }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.pml = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1695,6 +1782,8 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
         : isSet(object.dirty_ring)
         ? DirtyRingConfig.fromJSON(object.dirty_ring)
         : undefined,
+      arch: isSet(object.arch) ? archFromJSON(object.arch) : 0,
+      pml: isSet(object.pml) ? globalThis.Boolean(object.pml) : false,
     };
   },
 
@@ -1739,6 +1828,12 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
     if (message.dirtyRing !== undefined) {
       obj.dirtyRing = DirtyRingConfig.toJSON(message.dirtyRing);
     }
+    if (message.arch !== 0) {
+      obj.arch = archToJSON(message.arch);
+    }
+    if (message.pml !== false) {
+      obj.pml = message.pml;
+    }
     return obj;
   },
 
@@ -1766,6 +1861,8 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
     message.dirtyRing = (object.dirtyRing !== undefined && object.dirtyRing !== null)
       ? DirtyRingConfig.fromPartial(object.dirtyRing)
       : undefined;
+    message.arch = object.arch ?? 0;
+    message.pml = object.pml ?? false;
     return message;
   },
 };
@@ -1959,6 +2056,8 @@ function createBaseVcpuInfo(): VcpuInfo {
     dirtyRingEntries: 0,
     hdbssFullFaults: 0n,
     hdbssEntries: 0,
+    pmlFullExits: 0n,
+    pmlEntries: 0,
   };
 }
 
@@ -2017,6 +2116,15 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
     }
     if (message.hdbssEntries !== 0) {
       writer.uint32(96).uint32(message.hdbssEntries);
+    }
+    if (message.pmlFullExits !== 0n) {
+      if (BigInt.asUintN(64, message.pmlFullExits) !== message.pmlFullExits) {
+        throw new globalThis.Error("value provided for field message.pmlFullExits of type uint64 too large");
+      }
+      writer.uint32(104).uint64(message.pmlFullExits);
+    }
+    if (message.pmlEntries !== 0) {
+      writer.uint32(112).uint32(message.pmlEntries);
     }
     return writer;
   },
@@ -2130,6 +2238,22 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
             message.hdbssEntries = reader.uint32();
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.pmlFullExits = reader.uint64() as bigint;
+            continue;
+          }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.pmlEntries = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2188,6 +2312,16 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
         : isSet(object.hdbss_entries)
         ? globalThis.Number(object.hdbss_entries)
         : 0,
+      pmlFullExits: isSet(object.pmlFullExits)
+        ? BigInt(object.pmlFullExits)
+        : isSet(object.pml_full_exits)
+        ? BigInt(object.pml_full_exits)
+        : 0n,
+      pmlEntries: isSet(object.pmlEntries)
+        ? globalThis.Number(object.pmlEntries)
+        : isSet(object.pml_entries)
+        ? globalThis.Number(object.pml_entries)
+        : 0,
     };
   },
 
@@ -2229,6 +2363,12 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
     if (message.hdbssEntries !== 0) {
       obj.hdbssEntries = Math.round(message.hdbssEntries);
     }
+    if (message.pmlFullExits !== 0n) {
+      obj.pmlFullExits = message.pmlFullExits.toString();
+    }
+    if (message.pmlEntries !== 0) {
+      obj.pmlEntries = Math.round(message.pmlEntries);
+    }
     return obj;
   },
 
@@ -2261,6 +2401,10 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
       ? BigInt(object.hdbssFullFaults)
       : 0n;
     message.hdbssEntries = object.hdbssEntries ?? 0;
+    message.pmlFullExits = (object.pmlFullExits !== undefined && object.pmlFullExits !== null)
+      ? BigInt(object.pmlFullExits)
+      : 0n;
+    message.pmlEntries = object.pmlEntries ?? 0;
     return message;
   },
 };
@@ -2482,6 +2626,8 @@ function createBaseVmInfo(): VmInfo {
     hardwareDirty: false,
     pageTrackingDevice: false,
     hardwareDirtyUpdates: 0n,
+    arch: 0,
+    pml: false,
     hdbssBufferEntries: 0,
   };
 }
@@ -2580,6 +2726,12 @@ export const VmInfo: MessageFns<VmInfo> = {
         throw new globalThis.Error("value provided for field message.hardwareDirtyUpdates of type uint64 too large");
       }
       writer.uint32(184).uint64(message.hardwareDirtyUpdates);
+    }
+    if (message.arch !== 0) {
+      writer.uint32(200).int32(message.arch);
+    }
+    if (message.pml !== false) {
+      writer.uint32(208).bool(message.pml);
     }
     if (message.hdbssBufferEntries !== 0) {
       writer.uint32(192).uint32(message.hdbssBufferEntries);
@@ -2784,6 +2936,22 @@ export const VmInfo: MessageFns<VmInfo> = {
             message.hardwareDirtyUpdates = reader.uint64() as bigint;
             continue;
           }
+          case 25: {
+            if (tag !== 200) {
+              break;
+            }
+
+            message.arch = reader.int32() as any;
+            continue;
+          }
+          case 26: {
+            if (tag !== 208) {
+              break;
+            }
+
+            message.pml = reader.bool();
+            continue;
+          }
           case 24: {
             if (tag !== 192) {
               break;
@@ -2897,6 +3065,8 @@ export const VmInfo: MessageFns<VmInfo> = {
         : isSet(object.hardware_dirty_updates)
         ? BigInt(object.hardware_dirty_updates)
         : 0n,
+      arch: isSet(object.arch) ? archFromJSON(object.arch) : 0,
+      pml: isSet(object.pml) ? globalThis.Boolean(object.pml) : false,
       hdbssBufferEntries: isSet(object.hdbssBufferEntries)
         ? globalThis.Number(object.hdbssBufferEntries)
         : isSet(object.hdbss_buffer_entries)
@@ -2976,6 +3146,12 @@ export const VmInfo: MessageFns<VmInfo> = {
     if (message.hardwareDirtyUpdates !== 0n) {
       obj.hardwareDirtyUpdates = message.hardwareDirtyUpdates.toString();
     }
+    if (message.arch !== 0) {
+      obj.arch = archToJSON(message.arch);
+    }
+    if (message.pml !== false) {
+      obj.pml = message.pml;
+    }
     if (message.hdbssBufferEntries !== 0) {
       obj.hdbssBufferEntries = Math.round(message.hdbssBufferEntries);
     }
@@ -3023,6 +3199,8 @@ export const VmInfo: MessageFns<VmInfo> = {
     message.hardwareDirtyUpdates = (object.hardwareDirtyUpdates !== undefined && object.hardwareDirtyUpdates !== null)
       ? BigInt(object.hardwareDirtyUpdates)
       : 0n;
+    message.arch = object.arch ?? 0;
+    message.pml = object.pml ?? false;
     message.hdbssBufferEntries = object.hdbssBufferEntries ?? 0;
     return message;
   },
@@ -5596,6 +5774,7 @@ function createBaseVcpuStep(): VcpuStep {
     exits: [],
     dirtyRingStallNs: 0n,
     hdbssFullFaults: 0n,
+    pmlFullExits: 0n,
   };
 }
 
@@ -5639,6 +5818,12 @@ export const VcpuStep: MessageFns<VcpuStep> = {
         throw new globalThis.Error("value provided for field message.hdbssFullFaults of type uint64 too large");
       }
       writer.uint32(64).uint64(message.hdbssFullFaults);
+    }
+    if (message.pmlFullExits !== 0n) {
+      if (BigInt.asUintN(64, message.pmlFullExits) !== message.pmlFullExits) {
+        throw new globalThis.Error("value provided for field message.pmlFullExits of type uint64 too large");
+      }
+      writer.uint32(72).uint64(message.pmlFullExits);
     }
     return writer;
   },
@@ -5720,6 +5905,14 @@ export const VcpuStep: MessageFns<VcpuStep> = {
             message.hdbssFullFaults = reader.uint64() as bigint;
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.pmlFullExits = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5764,6 +5957,11 @@ export const VcpuStep: MessageFns<VcpuStep> = {
         : isSet(object.hdbss_full_faults)
         ? BigInt(object.hdbss_full_faults)
         : 0n,
+      pmlFullExits: isSet(object.pmlFullExits)
+        ? BigInt(object.pmlFullExits)
+        : isSet(object.pml_full_exits)
+        ? BigInt(object.pml_full_exits)
+        : 0n,
     };
   },
 
@@ -5793,6 +5991,9 @@ export const VcpuStep: MessageFns<VcpuStep> = {
     if (message.hdbssFullFaults !== 0n) {
       obj.hdbssFullFaults = message.hdbssFullFaults.toString();
     }
+    if (message.pmlFullExits !== 0n) {
+      obj.pmlFullExits = message.pmlFullExits.toString();
+    }
     return obj;
   },
 
@@ -5816,6 +6017,9 @@ export const VcpuStep: MessageFns<VcpuStep> = {
       : 0n;
     message.hdbssFullFaults = (object.hdbssFullFaults !== undefined && object.hdbssFullFaults !== null)
       ? BigInt(object.hdbssFullFaults)
+      : 0n;
+    message.pmlFullExits = (object.pmlFullExits !== undefined && object.pmlFullExits !== null)
+      ? BigInt(object.pmlFullExits)
       : 0n;
     return message;
   },
@@ -6437,6 +6641,8 @@ function createBaseTranslateGpaResponse(): TranslateGpaResponse {
     tlbWritableVcpus: [],
     content: 0n,
     slot: 0,
+    accessed: false,
+    dirty: false,
   };
 }
 
@@ -6487,6 +6693,12 @@ export const TranslateGpaResponse: MessageFns<TranslateGpaResponse> = {
     }
     if (message.slot !== 0) {
       writer.uint32(88).uint32(message.slot);
+    }
+    if (message.accessed !== false) {
+      writer.uint32(96).bool(message.accessed);
+    }
+    if (message.dirty !== false) {
+      writer.uint32(104).bool(message.dirty);
     }
     return writer;
   },
@@ -6602,6 +6814,22 @@ export const TranslateGpaResponse: MessageFns<TranslateGpaResponse> = {
             message.slot = reader.uint32();
             continue;
           }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.accessed = reader.bool();
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.dirty = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -6639,6 +6867,8 @@ export const TranslateGpaResponse: MessageFns<TranslateGpaResponse> = {
         : [],
       content: isSet(object.content) ? BigInt(object.content) : 0n,
       slot: isSet(object.slot) ? globalThis.Number(object.slot) : 0,
+      accessed: isSet(object.accessed) ? globalThis.Boolean(object.accessed) : false,
+      dirty: isSet(object.dirty) ? globalThis.Boolean(object.dirty) : false,
     };
   },
 
@@ -6677,6 +6907,12 @@ export const TranslateGpaResponse: MessageFns<TranslateGpaResponse> = {
     if (message.slot !== 0) {
       obj.slot = Math.round(message.slot);
     }
+    if (message.accessed !== false) {
+      obj.accessed = message.accessed;
+    }
+    if (message.dirty !== false) {
+      obj.dirty = message.dirty;
+    }
     return obj;
   },
 
@@ -6700,6 +6936,8 @@ export const TranslateGpaResponse: MessageFns<TranslateGpaResponse> = {
     message.tlbWritableVcpus = object.tlbWritableVcpus?.map((e) => e) || [];
     message.content = (object.content !== undefined && object.content !== null) ? BigInt(object.content) : 0n;
     message.slot = object.slot ?? 0;
+    message.accessed = object.accessed ?? false;
+    message.dirty = object.dirty ?? false;
     return message;
   },
 };
@@ -7425,7 +7663,7 @@ export const GetMemoryDigestResponse: MessageFns<GetMemoryDigestResponse> = {
 };
 
 function createBaseSetFaultInjectionRequest(): SetFaultInjectionRequest {
-  return { vm: "", skipTlbFlushAfterWriteProtect: false, skipHdbssFlush: false, skipRingEntryAtWrap: false };
+  return { vm: "", skipTlbFlushAfterWriteProtect: false, skipHwLogDrain: false, skipRingEntryAtWrap: false };
 }
 
 export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
@@ -7436,8 +7674,8 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
     if (message.skipTlbFlushAfterWriteProtect !== false) {
       writer.uint32(16).bool(message.skipTlbFlushAfterWriteProtect);
     }
-    if (message.skipHdbssFlush !== false) {
-      writer.uint32(24).bool(message.skipHdbssFlush);
+    if (message.skipHwLogDrain !== false) {
+      writer.uint32(24).bool(message.skipHwLogDrain);
     }
     if (message.skipRingEntryAtWrap !== false) {
       writer.uint32(32).bool(message.skipRingEntryAtWrap);
@@ -7479,7 +7717,7 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
               break;
             }
 
-            message.skipHdbssFlush = reader.bool();
+            message.skipHwLogDrain = reader.bool();
             continue;
           }
           case 4: {
@@ -7510,10 +7748,10 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
         : isSet(object.skip_tlb_flush_after_write_protect)
         ? globalThis.Boolean(object.skip_tlb_flush_after_write_protect)
         : false,
-      skipHdbssFlush: isSet(object.skipHdbssFlush)
-        ? globalThis.Boolean(object.skipHdbssFlush)
-        : isSet(object.skip_hdbss_flush)
-        ? globalThis.Boolean(object.skip_hdbss_flush)
+      skipHwLogDrain: isSet(object.skipHwLogDrain)
+        ? globalThis.Boolean(object.skipHwLogDrain)
+        : isSet(object.skip_hw_log_drain)
+        ? globalThis.Boolean(object.skip_hw_log_drain)
         : false,
       skipRingEntryAtWrap: isSet(object.skipRingEntryAtWrap)
         ? globalThis.Boolean(object.skipRingEntryAtWrap)
@@ -7531,8 +7769,8 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
     if (message.skipTlbFlushAfterWriteProtect !== false) {
       obj.skipTlbFlushAfterWriteProtect = message.skipTlbFlushAfterWriteProtect;
     }
-    if (message.skipHdbssFlush !== false) {
-      obj.skipHdbssFlush = message.skipHdbssFlush;
+    if (message.skipHwLogDrain !== false) {
+      obj.skipHwLogDrain = message.skipHwLogDrain;
     }
     if (message.skipRingEntryAtWrap !== false) {
       obj.skipRingEntryAtWrap = message.skipRingEntryAtWrap;
@@ -7547,7 +7785,7 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
     const message = createBaseSetFaultInjectionRequest();
     message.vm = object.vm ?? "";
     message.skipTlbFlushAfterWriteProtect = object.skipTlbFlushAfterWriteProtect ?? false;
-    message.skipHdbssFlush = object.skipHdbssFlush ?? false;
+    message.skipHwLogDrain = object.skipHwLogDrain ?? false;
     message.skipRingEntryAtWrap = object.skipRingEntryAtWrap ?? false;
     return message;
   },
