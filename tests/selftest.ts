@@ -6,7 +6,7 @@
  * other page less. The collect step is the mechanism under test.
  */
 import type { HypervisorClient } from "../services/hypervisor/client.js";
-import { ManualProtectFlag, Capability, MemslotFlag, WorkloadPattern, WriteValue, type SetFaultInjectionRequest } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { Arch, ManualProtectFlag, Capability, MemslotFlag, WorkloadPattern, WriteValue, type SetFaultInjectionRequest } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { bit, GiB } from "./hypervisor-harness.js";
 
 export type Collect = (c: HypervisorClient, vm: string, slot: number, numPages: number) => Promise<Uint8Array>;
@@ -65,6 +65,8 @@ export async function runSelftest(
     /** Runs after the VM exists and before its slot starts logging (e.g. to turn on DBM or the device). */
     beforeLogging?: (c: HypervisorClient, vm: string) => Promise<void>;
     iterations?: number;
+    /** More of the VM's creation: its architecture, PML. */
+    create?: { arch?: Arch; pml?: boolean };
     /** Bugs to switch on before logging starts (SetFaultInjection), to show the invariant catches them. */
     inject?: Omit<Partial<SetFaultInjectionRequest>, "vm">;
     /** Guest time per half iteration. */
@@ -79,6 +81,7 @@ export async function runSelftest(
     vm: opts.vm,
     vcpus: 1,
     seed: 0x5eedn,
+    ...opts.create,
     dirtyRing: opts.ringBytes ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: BigInt(opts.ringBytes) } : undefined,
   });
   if (opts.initiallySet) {

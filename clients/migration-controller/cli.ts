@@ -12,14 +12,14 @@ import { ConfigError, envHost, envPort, parseBytes } from "../../common/config.j
 import type { ClientOptions } from "../../common/client.js";
 import { securityFromEnv } from "../../common/security.js";
 import { spawnService, type SpawnedService } from "../../common/spawn.js";
-import { Capability, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { Arch, Capability, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor, type HypervisorClient } from "../../services/hypervisor/client.js";
 import { DEFAULT_CONFIG, explain, migrate, MigrationError, type CleanupReport, type FailureKind, type MigrationConfig, type MigrationReport } from "./migrate.js";
 import { createLogger } from "../../common/log.js";
 import { progressPrinter } from "./progress.js";
 import { MigrationService } from "./service.js";
 import { htmlReport, jsonReport, textReport } from "./report.js";
-import { ALIASES, MechanismError, parseMechanism, PARTS } from "./trackers/index.js";
+import { ALIASES, archOf, MechanismError, parseMechanism, PARTS } from "./trackers/index.js";
 import { parseBandwidth } from "./units.js";
 
 export const EXIT: Record<FailureKind | "ok", number> = {
@@ -71,6 +71,7 @@ demo options:
   --hot-write-fraction F     share of writes to hot pages (default 0.9)
   --seed N                   workload seed (default 1)
   --ring-entries N           dirty-ring entries per vCPU with --mechanism ring (default 4096, QEMU's advice)
+  --arch A                   arm64 | x86_64 (default arm64; x86_64 when the mechanism uses pml)
 
 policy and link (both commands):
   --mechanism M              LOG[+PROTECTION][+ASSIST] (default bitmap):
@@ -123,6 +124,7 @@ const OPTIONS = {
   "hot-write-fraction": { type: "string" },
   seed: { type: "string" },
   "ring-entries": { type: "string" },
+  arch: { type: "string" },
   "hypervisor-a": { type: "string" },
   "hypervisor-b": { type: "string" },
   "http-port": { type: "string" },
@@ -332,6 +334,10 @@ async function runDemo(v: Values, io: Io): Promise<number> {
 
   checkOutputs(v);
   const opts = clientOptions(v, io, cfg);
+  const mechanism = parseMechanism(cfg.mechanism);
+  const arch = v.arch ?? (archOf(mechanism) === "x86_64" ? "x86_64" : "arm64");
+  if (arch !== "arm64" && arch !== "x86_64") throw new UsageError(`--arch ${arch}: must be arm64 or x86_64`);
+  if (archOf(mechanism) !== "any" && archOf(mechanism) !== arch) throw new UsageError(`--mechanism ${mechanism.name} needs --arch ${archOf(mechanism)}`);
   const say = (s: string) => v.quiet || io.err.write(`${s}\n`);
   const services: SpawnedService[] = [];
   const interrupt = interruptOnSignals();
@@ -347,7 +353,6 @@ async function runDemo(v: Values, io: Io): Promise<number> {
         throw explain(err, "source", src.address);
       });
     try {
-      const mechanism = parseMechanism(cfg.mechanism);
       if (mechanism.assist === "device") {
         say("starting a page-tracking device beside the source hypervisor");
         services.push(
@@ -359,12 +364,14 @@ async function runDemo(v: Values, io: Io): Promise<number> {
           }),
         );
       }
-      say(`source ${src.address}, destination ${dst.address}; creating VM 'demo' (${memory / 2 ** 30} GiB, ${vcpus} vCPUs)`);
+      say(`source ${src.address}, destination ${dst.address}; creating VM 'demo' (${memory / 2 ** 30} GiB, ${vcpus} vCPUs, ${arch})`);
       await setUp(() =>
         source.createVm({
           vm: "demo",
           vcpus,
           seed: BigInt(seed),
+          arch: arch === "x86_64" ? Arch.ARCH_X86_64 : Arch.ARCH_ARM64,
+          pml: mechanism.assist === "pml",
           // Room for the guest: the smallest IPA size (at least the default, 40 bits) that holds memory above 1 GiB.
           ipaBits: Math.max(40, Math.ceil(Math.log2(2 ** 30 + memory))),
           memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(memory) }],

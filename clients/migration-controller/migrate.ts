@@ -265,6 +265,8 @@ async function createDestination(dst: HypervisorClient, name: string, src: VmInf
     seed: src.seed,
     startPaused: true,
     tlbEntries: src.tlbEntries,
+    arch: src.arch,
+    pml: src.pml,
   });
 }
 

@@ -75,6 +75,11 @@ export function dirtyRates() {
       ]),
     )
     .withPanel(
+      panel("PML-full exits (exits/s)", "short", "Intel PML-full exits of x86 vCPUs: KVM drained the 512-entry buffer into the dirty log and re-entered.", [
+        { expr: "sum by (vm, vcpu) (rate(hypervisor_pml_full_exits_total[1m]))", legend: "{{vm}} vCPU {{vcpu}}" },
+      ]),
+    )
+    .withPanel(
       panel("Sync host time, p90 (seconds)", "s", "Simulated host time of one dirty-log sync call, by interface (get, clear, ring_reset, dbm_scan, device_read).", [
         { expr: "histogram_quantile(0.9, sum by (le, interface) (rate(hypervisor_dirty_log_sync_host_seconds_bucket[1m])))", legend: "{{interface}}" },
       ]),

@@ -13,7 +13,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 import { spawnService, type SpawnedService } from "../../common/spawn.js";
-import { Capability, ClockDrive, MemslotFlag, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { Arch, Capability, ClockDrive, MemslotFlag, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor } from "../../services/hypervisor/client.js";
 import { allQueries } from "../grafana/dashboards.js";
 import { freePort } from "../../tests/hypervisor-harness.js";
@@ -50,7 +50,7 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
     const ctl = await spawnServe(hvA, hvB);
     services.push(ctl);
 
-    // Long-lived VMs on A so that every mechanism's series exist: a ring (small, so it fills), DBM, the device, HDBSS.
+    // Long-lived VMs on A so that every mechanism's series exist: a ring (small, so it fills), DBM, the device, HDBSS, x86 PML.
     const a = connectHypervisor(hvA.address);
     const slot = { slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(64 * 2 ** 20), flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES };
     const workload = { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 20_000 };
@@ -67,6 +67,8 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
       await a.setWorkload({ vm, workload });
     }
 
+    await a.createVm({ vm: "pml-vm", ...realtime, arch: Arch.ARCH_X86_64, pml: true, workload, memslots: [slot] });
+
     // Prometheus with the project's configuration; only the targets point at 127.0.0.1.
     cpSync(join(ROOT, "deploy/prometheus"), dir, { recursive: true });
     const targets = (list: SpawnedService[]) => JSON.stringify([{ targets: list.map((s) => `127.0.0.1:${s.httpPort}`) }]);
@@ -82,7 +84,7 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
     const ctlMetrics = () => fetch(`http://127.0.0.1:${ctl.httpPort}/metrics`).then((r) => r.text());
     await waitFor("two completed migrations", async () => /migration_migrations_total\{result="completed",mechanism="bitmap\+device"\} ([2-9]|\d\d)/.test(await ctlMetrics()), 90_000);
     for (let i = 0; i < 3; i++) {
-      for (const vm of ["dbm-vm", "dev-vm", "hdbss-vm"]) await a.getDirtyLog({ vm, slot: 0 });
+      for (const vm of ["dbm-vm", "dev-vm", "hdbss-vm", "pml-vm"]) await a.getDirtyLog({ vm, slot: 0 });
       await sleep(2000);
     }
     await waitFor("every target up", async () => {

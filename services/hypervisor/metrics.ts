@@ -139,6 +139,19 @@ export class HypervisorMetrics {
         }
       },
     });
+    new Counter({
+      name: "hypervisor_pml_full_exits_total",
+      help: "Intel PML-full exits of each vCPU (KVM drained the 512-entry buffer into the dirty log and re-entered).",
+      labelNames: ["vm", "vcpu"],
+      registers,
+      collect() {
+        this.reset();
+        for (const vm of hv.vms.values()) {
+          if (vm.hwDirty !== "pml") continue;
+          for (const v of vm.vcpus) this.inc({ vm: vm.name, vcpu: String(v.index) }, v.total.pmlFullExits);
+        }
+      },
+    });
     perVcpuRing("hypervisor_dirty_ring_pushes_total", "Entries KVM pushed to each vCPU's dirty ring.", (v) => v.ring!.pushed);
     perVcpuRing("hypervisor_dirty_ring_full_exits_total", "KVM_EXIT_DIRTY_RING_FULL exits of each vCPU.", (v) => v.total.ringFullExits);
     perVcpuRing("hypervisor_dirty_ring_stall_seconds_total", "Guest time each vCPU spent out of the guest on a full ring.", (v) => v.total.ringStallNs / 1e9);

@@ -1,15 +1,16 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { Capability, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { Arch, Capability, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { GiB, MiB, startDevice, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 import { NORMAL_PAGE_BYTES } from "../link.js";
 import { migrate, MigrationError } from "../migrate.js";
 import { allMechanisms } from "../trackers/index.js";
 
 /** A running VM whose memory is all written once, then a workload. */
-async function createVm(h: RunningHypervisor, vm: string, opts: { bytes: number; vcpus: number; workload: object; populate?: boolean; ringEntries?: number }) {
+async function createVm(h: RunningHypervisor, vm: string, opts: { bytes: number; vcpus: number; workload: object; populate?: boolean; ringEntries?: number; pml?: boolean }) {
   await h.client.createVm({
     vm,
+    ...(opts.pml ? { arch: Arch.ARCH_X86_64, pml: true } : {}),
     vcpus: opts.vcpus,
     seed: 11n,
     dirtyRing: opts.ringEntries ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: BigInt(opts.ringEntries * 16), withBitmap: true } : undefined,
@@ -40,14 +41,15 @@ describe("migration controller", () => {
   });
   const ends = () => ({ source: src.client, destination: dst.client });
 
-  for (const { name: mechanism } of allMechanisms()) {
+  for (const { name: mechanism, assist } of allMechanisms()) {
     test(`${mechanism}: a converging hot/cold workload migrates and verifies`, async () => {
       const vm = `conv-${mechanism.replaceAll("+", "-")}`;
       await createVm(src, vm, {
         bytes: 256 * MiB,
         vcpus: 2,
         workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD, writesPerSecond: 100_000, hotFraction: 0.02, hotWriteFraction: 0.95 },
-        ringEntries: mechanism === "ring" ? 65536 : undefined,
+        ringEntries: mechanism.startsWith("ring") ? 65536 : undefined,
+        pml: assist === "pml",
       });
       const r = await migrate({ sourceVm: vm, destinationVm: vm, mechanism, bandwidthBitsPerSecond: 1e9, downtimeLimitMs: 100 }, ends());
       assert.equal(r.status, "completed");
@@ -65,6 +67,20 @@ describe("migration controller", () => {
       assert.equal(s.manualDirtyLogProtect, 0n, "the manual-protect capability is restored");
     });
   }
+
+  test("a mechanism the VM cannot run is refused before anything changes: the architecture, PML present or not", async () => {
+    await createVm(src, "x86-pml", { bytes: 16 * MiB, vcpus: 1, workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_IDLE }, pml: true });
+    await createVm(src, "arm", { bytes: 16 * MiB, vcpus: 1, workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_IDLE } });
+    for (const [vm, mechanism, re] of [
+      ["x86-pml", "bitmap", /logs with Intel PML \(the host's enable_pml\): use bitmap\+pml/],
+      ["x86-pml", "dbm", /mechanism bitmap\+dbm needs an arm64 VM; 'x86-pml' is x86_64/],
+      ["arm", "bitmap+pml", /mechanism bitmap\+pml needs an x86_64 VM; 'arm' is arm64/],
+    ] as const) {
+      await assert.rejects(migrate({ sourceVm: vm, destinationVm: `${vm}-d`, mechanism }, ends()), (e: MigrationError) => e.kind === "precondition" && re.test(e.message));
+      assert.ok((await src.client.getVm({ vm })).vm!.memslots.every((m) => !m.logging));
+      await assert.rejects(dst.client.getVm({ vm: `${vm}-d` }));
+    }
+  });
 
   test("switchover happens at the round QEMU's rule predicts (sequential workload, dirty pages halve each round)", async () => {
     const pages = 65536;

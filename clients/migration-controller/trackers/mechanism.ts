@@ -3,12 +3,12 @@
  * per-vCPU rings), how the bitmap is re-protected (GET snapshots and clears;
  * manual: GET copies and CLEAR re-protects chunk by chunk; initially-set:
  * manual, and nothing protected at enable), and the hardware assist (none,
- * arm64 DBM, the page-tracking device, FEAT_HDBSS). Written `log+choice+…`,
+ * arm64 DBM, the page-tracking device, FEAT_HDBSS; x86 PML). Written `log+choice+…`,
  * e.g. `bitmap+manual+hdbss`; the first milestone's names stay as aliases.
  */
 export type Log = "bitmap" | "ring";
 export type Protection = "get" | "manual" | "initially-set";
-export type Assist = "none" | "dbm" | "device" | "hdbss";
+export type Assist = "none" | "dbm" | "device" | "hdbss" | "pml";
 
 export interface MechanismSpec {
   log: Log;
@@ -19,7 +19,7 @@ export interface MechanismSpec {
 }
 
 const PROTECTIONS: Protection[] = ["get", "manual", "initially-set"];
-const ASSISTS: Assist[] = ["none", "dbm", "device", "hdbss"];
+const ASSISTS: Assist[] = ["none", "dbm", "device", "hdbss", "pml"];
 
 export const PARTS: Record<string, string> = {
   bitmap: "write protection + dirty bitmap (the log)",
@@ -30,6 +30,7 @@ export const PARTS: Record<string, string> = {
   dbm: "arm64 hardware DBM (seed 003): writes to write-protected pages do not fault; GET scans descriptors",
   device: "arm64 page-tracking device (seed 000): first writes fault, later ones are logged by the device; GET reads it",
   hdbss: "arm64 FEAT_HDBSS: first writes fault, later ones are appended to per-vCPU buffers (512 entries); GET flushes them",
+  pml: "x86_64 Intel PML (a VM created with pml): D bits instead of write protection, 512-entry buffers drained at exits and GET",
 };
 
 /** The first milestone's names, and what they stand for. */
@@ -63,21 +64,26 @@ export function parseMechanism(text: string): MechanismSpec {
     } else if ((ASSISTS as string[]).includes(p) && p !== "none") {
       if (assist !== "none") throw new MechanismError(`'${text}' names two hardware assists (${assist}, ${p}); a VM has at most one`);
       assist = p as Assist;
-    } else if (p === "pml") {
-      throw new MechanismError(`'${text}': Intel PML is x86's, and this model's VMs are arm64`);
     } else if (p !== "get" && p !== "none") {
-      throw new MechanismError(`'${text}': unknown part '${p}' (protections: manual, initially-set; assists: dbm, device, hdbss)`);
+      throw new MechanismError(`'${text}': unknown part '${p}' (protections: manual, initially-set; assists: dbm, device, hdbss, pml)`);
     }
   }
   if (log === "ring" && protection !== "get") throw new MechanismError(`'${text}': rings are re-protected by RESET_DIRTY_RINGS, not by GET or CLEAR`);
-  if (log === "ring" && assist !== "none") throw new MechanismError(`'${text}': hardware assists sync into bitmaps only, not into rings (KVM refuses them together)`);
+  if (log === "ring" && assist !== "none" && assist !== "pml") {
+    throw new MechanismError(`'${text}': the arm64 assists sync into bitmaps only, not into rings (KVM refuses them together); PML drains into rings`);
+  }
   return { log, protection, assist, name: nameOf(log, protection, assist) };
 }
 
-/** Every valid combination, canonical names first-milestone order: what `compare` and the tests go over. */
+/** The architecture a mechanism needs: PML is x86's, the other assists arm64's; the rest run on both. */
+export function archOf(spec: MechanismSpec): "arm64" | "x86_64" | "any" {
+  return spec.assist === "pml" ? "x86_64" : spec.assist === "none" ? "any" : "arm64";
+}
+
+/** Every valid combination: what `compare` and the tests go over. */
 export function allMechanisms(): MechanismSpec[] {
   const out: MechanismSpec[] = [];
   for (const protection of PROTECTIONS) for (const assist of ASSISTS) out.push(parseMechanism(nameOf("bitmap", protection, assist)));
-  out.push(parseMechanism("ring"));
+  out.push(parseMechanism("ring"), parseMechanism("ring+pml"));
   return out;
 }

@@ -821,7 +821,7 @@ export class Vm {
     const protect = (slotId: number, first: number, last: number) => {
       const slot = this.slots.get(slotId);
       if (!slot || last >= slot.npages) return;
-      slot.s2.writeProtectRange(first, last + 1);
+      slot.s2.writeProtectRange(first, last + 1, this.dbmOnProtect); // with PML: D bits cleared, not W
       const rp = slot.ringPending;
       if (rp) for (let p = first; p <= last; p++) rp[p >>> 5] &= ~(1 << (p & 31));
     };
