@@ -349,6 +349,37 @@ function cScanMs(pages: number): number | null {
   return out === null ? null : Number(out.split(" ")[0]);
 }
 
+/**
+ * A per-vCPU hardware log (HDBSS, PML) on vm's one vCPU: a pass in which the
+ * first writes fault, a GET (now every page is writable-clean), a pass of
+ * hardware updates into the log with its traps when full, and the drain per
+ * entry at GET of a log that holds 500 entries (median of 9).
+ */
+function hardwareLogBench(vm: Vm, pages: number, entryNs: number, what: string, traps: string, trapStat: "hdbssFullFaults" | "pmlFullExits", drainWhat: string) {
+  const slot = vm.slots.get(0)!;
+  vm.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.translationFaultNs) + 1);
+  vm.getDirtyLog(0);
+  const perWrite = DEFAULT_COSTS.writeNs + DEFAULT_COSTS.dbmUpdateNs + entryNs;
+  const t0 = process.hrtime.bigint();
+  vm.advance(pages * perWrite + 1);
+  const passMs = ms(t0);
+  const v = vm.vcpus[0];
+  report(`guest writes/s with ${what} (every write a hardware update, ${fmt(v.step[trapStat], 0)} ${traps})`, `${fmt(v.step.writes / passMs / 1e3, 2)} M/s`);
+  const drain = median(
+    9,
+    () => {
+      vm.getDirtyLog(0); // drains, and makes every page writable-clean again
+      vm.advance(500 * perWrite);
+      const entries = vm.hw instanceof Hdbss || vm.hw instanceof Pml ? vm.hw.used[0] : 0;
+      const t = process.hrtime.bigint();
+      vm.archSync(slot);
+      return { ns: Number(process.hrtime.bigint() - t) / Math.max(1, entries), entries };
+    },
+    (r) => r.ns,
+  );
+  report(`${drainWhat} per entry at GET (${fmt(drain.entries, 0)} entries, median of 9)`, `${fmt(drain.ns, 0)} ns`);
+}
+
 /** Hardware DBM's descriptor scan of a 64 GiB guest, and the device's ReadDirty throughput over gRPC. */
 async function hardwareBench(gib: number) {
   const pages = (gib * 2 ** 30) / 4096;
@@ -389,56 +420,13 @@ async function hardwareBench(gib: number) {
   report("the same scan reading the descriptors' low words", `${fmt(plane, 2)} ms`, "(for reference; the kernel figure is 40 ms per 64 GB)");
   await hv.destroyVm("dbm");
 
-  // FEAT_HDBSS with 512-entry buffers: a pass of hardware updates appends every page and takes a
-  // buffer-full fault every 512 writes; then GET's flush of what the buffers still hold.
+  // The per-vCPU hardware logs with 512 entries: FEAT_HDBSS on arm64, Intel PML on x86_64.
   const hd = benchVm(hv, "hdbss", gib * 2 ** 30, { workload: workload("sequential", 1e9 / DEFAULT_COSTS.writeNs) });
   hd.setHdbss(true, 0);
-  const hslot = hd.slots.get(0)!;
-  const perPage = DEFAULT_COSTS.writeNs + DEFAULT_COSTS.translationFaultNs;
-  hd.advance(pages * perPage + 1); // first writes fault: pages mapped writable with DBM
-  hd.getDirtyLog(0); // writable-clean from here on
-  const t0 = process.hrtime.bigint();
-  hd.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.dbmUpdateNs + DEFAULT_COSTS.hdbssEntryNs) + 1);
-  const passMs = ms(t0);
-  const faults = hd.vcpus[0].step.hdbssFullFaults;
-  report(`guest writes/s with HDBSS logging (every write a hardware update, ${fmt(faults, 0)} buffer-full faults)`, `${fmt(hd.vcpus[0].step.writes / passMs / 1e3, 2)} M/s`);
-  const flush = median(
-    9,
-    () => {
-      hd.getDirtyLog(0); // flushes, and makes every page writable-clean again
-      hd.advance(500 * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.dbmUpdateNs + DEFAULT_COSTS.hdbssEntryNs)); // most of a buffer
-      const entries = hd.hw instanceof Hdbss ? hd.hw.index[0] : 0;
-      const t1 = process.hrtime.bigint();
-      hd.archSync(hslot);
-      return { ns: Number(process.hrtime.bigint() - t1) / Math.max(1, entries), entries };
-    },
-    (r) => r.ns,
-  );
-  report(`HDBSS flush per entry at GET (${fmt(flush.entries, 0)} entries, median of 9)`, `${fmt(flush.ns, 0)} ns`);
+  hardwareLogBench(hd, pages, DEFAULT_COSTS.hdbssEntryNs, "HDBSS logging", "buffer-full faults", "hdbssFullFaults", "HDBSS flush");
   await hv.destroyVm("hdbss");
-
-  // Intel PML on an x86_64 VM: the same pass, D-bit updates logged into 512-entry buffers; then a GET's drain.
   const px = benchVm(hv, "pml", gib * 2 ** 30, { workload: workload("sequential", 1e9 / DEFAULT_COSTS.writeNs), arch: "x86_64", pml: true });
-  const pslot = px.slots.get(0)!;
-  px.advance(pages * perPage + 1); // first writes are EPT violations
-  px.getDirtyLog(0); // re-arm: D bits cleared
-  const t2 = process.hrtime.bigint();
-  px.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.dbmUpdateNs + DEFAULT_COSTS.pmlLogNs) + 1);
-  const pmlMs = ms(t2);
-  report(`guest writes/s with PML logging on x86 (${fmt(px.vcpus[0].step.pmlFullExits, 0)} PML-full exits)`, `${fmt(px.vcpus[0].step.writes / pmlMs / 1e3, 2)} M/s`);
-  const drain = median(
-    9,
-    () => {
-      px.getDirtyLog(0);
-      px.advance(500 * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.dbmUpdateNs + DEFAULT_COSTS.pmlLogNs));
-      const entries = px.hw instanceof Pml ? px.hw.used[0] : 0;
-      const t = process.hrtime.bigint();
-      px.archSync(pslot);
-      return { ns: Number(process.hrtime.bigint() - t) / Math.max(1, entries), entries };
-    },
-    (r) => r.ns,
-  );
-  report(`PML drain per entry at GET (${fmt(drain.entries, 0)} entries, median of 9)`, `${fmt(drain.ns, 0)} ns`);
+  hardwareLogBench(px, pages, DEFAULT_COSTS.pmlLogNs, "PML logging on x86", "PML-full exits", "pmlFullExits", "PML drain");
   await hv.destroyVm("pml");
 
   const { startDevice } = await import("../tests/hypervisor-harness.js");

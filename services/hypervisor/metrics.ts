@@ -5,6 +5,8 @@
  */
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
 import type { Hypervisor } from "./model/hypervisor.js";
+import type { Vcpu } from "./model/vcpu.js";
+import type { Vm } from "./model/vm.js";
 
 /** The interfaces the sync histogram is labelled with. */
 export const SYNC_INTERFACES = ["get", "clear", "ring_reset", "dbm_scan", "device_read"] as const;
@@ -112,7 +114,8 @@ export class HypervisorMetrics {
         for (const vm of hv.vms.values()) this.inc({ vm: vm.name }, vm.tlbFlushes);
       },
     });
-    const perVcpuRing = (name: string, help: string, pick: (v: { ring: { pushed: number; harvested: number } | null; total: { ringFullExits: number; ringStallNs: number } }) => number) =>
+    /** A per-vCPU counter of the VMs that have some feature (a ring, an assist). */
+    const perVcpuOf = (name: string, help: string, has: (vm: Vm) => boolean, pick: (v: Vcpu) => number) =>
       new Counter({
         name,
         help,
@@ -121,37 +124,24 @@ export class HypervisorMetrics {
         collect() {
           this.reset();
           for (const vm of hv.vms.values()) {
-            if (!vm.ringEnabled) continue;
+            if (!has(vm)) continue;
             for (const v of vm.vcpus) this.inc({ vm: vm.name, vcpu: String(v.index) }, pick(v));
           }
         },
       });
-    new Counter({
-      name: "hypervisor_hdbss_full_faults_total",
-      help: "FEAT_HDBSS permission faults of each vCPU whose buffer was full (KVM flushed it and resumed).",
-      labelNames: ["vm", "vcpu"],
-      registers,
-      collect() {
-        this.reset();
-        for (const vm of hv.vms.values()) {
-          if (vm.hwDirty !== "hdbss") continue;
-          for (const v of vm.vcpus) this.inc({ vm: vm.name, vcpu: String(v.index) }, v.total.hdbssFullFaults);
-        }
-      },
-    });
-    new Counter({
-      name: "hypervisor_pml_full_exits_total",
-      help: "Intel PML-full exits of each vCPU (KVM drained the 512-entry buffer into the dirty log and re-entered).",
-      labelNames: ["vm", "vcpu"],
-      registers,
-      collect() {
-        this.reset();
-        for (const vm of hv.vms.values()) {
-          if (vm.hwDirty !== "pml") continue;
-          for (const v of vm.vcpus) this.inc({ vm: vm.name, vcpu: String(v.index) }, v.total.pmlFullExits);
-        }
-      },
-    });
+    const perVcpuRing = (name: string, help: string, pick: (v: Vcpu) => number) => perVcpuOf(name, help, (vm) => vm.ringEnabled, pick);
+    perVcpuOf(
+      "hypervisor_hdbss_full_faults_total",
+      "FEAT_HDBSS permission faults of each vCPU whose buffer was full (KVM flushed it and resumed).",
+      (vm) => vm.hwDirty === "hdbss",
+      (v) => v.total.hdbssFullFaults,
+    );
+    perVcpuOf(
+      "hypervisor_pml_full_exits_total",
+      "Intel PML-full exits of each vCPU (KVM drained the 512-entry buffer into the dirty log and re-entered).",
+      (vm) => vm.hwDirty === "pml",
+      (v) => v.total.pmlFullExits,
+    );
     perVcpuRing("hypervisor_dirty_ring_pushes_total", "Entries KVM pushed to each vCPU's dirty ring.", (v) => v.ring!.pushed);
     perVcpuRing("hypervisor_dirty_ring_full_exits_total", "KVM_EXIT_DIRTY_RING_FULL exits of each vCPU.", (v) => v.total.ringFullExits);
     perVcpuRing("hypervisor_dirty_ring_stall_seconds_total", "Guest time each vCPU spent out of the guest on a full ring.", (v) => v.total.ringStallNs / 1e9);

@@ -111,7 +111,7 @@ export function vmInfo(vm: Vm): VmInfo {
       dirtyRingStallNs: BigInt(Math.round(v.total.ringStallNs)),
       dirtyRingEntries: v.ring?.used ?? 0,
       hdbssFullFaults: BigInt(v.total.hdbssFullFaults),
-      hdbssEntries: vm.hw instanceof Hdbss ? vm.hw.index[v.index] : 0,
+      hdbssEntries: vm.hw instanceof Hdbss ? vm.hw.used[v.index] : 0,
       pmlFullExits: BigInt(v.total.pmlFullExits),
       pmlEntries: vm.hw instanceof Pml ? vm.hw.used[v.index] : 0,
     })),

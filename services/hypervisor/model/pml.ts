@@ -15,32 +15,25 @@
  */
 import type { CostModel } from "./cost-model.js";
 import type { HardwareDirty, HardwareDirtyVm } from "./hardware-dirty.js";
-import type { Memslot } from "./memslot.js";
 import type { Vcpu } from "./vcpu.js";
+import { VcpuDirtyLog } from "./vcpu-dirty-log.js";
 
 /** PML_LOG_NR_ENTRIES. */
 export const PML_ENTRIES = 512;
 
-export class Pml implements HardwareDirty {
+export class Pml extends VcpuDirtyLog implements HardwareDirty {
   readonly name = "pml";
   /** Re-arming clears D bits: writable pages become writable-clean. */
   readonly dbmOnProtect = true;
-  readonly dbmOnFault = false;
   /** PML drains into rings as well as bitmaps (x86 logs with both). */
   readonly allowsRing = true;
   readonly cpuDirtyLogSize = PML_ENTRIES;
-  /** Each vCPU's buffer of GFNs, oldest first (the hardware fills it from the top; the order is what matters). */
+  /** Each vCPU's buffer of logged GFNs, oldest first (the hardware fills it from the top; the order is what matters). */
   private readonly buffers: Float64Array[];
-  /** Entries each vCPU's buffer holds. */
-  readonly used: Int32Array;
 
-  constructor(
-    private readonly vm: HardwareDirtyVm,
-    vcpus: number,
-    private readonly costs: CostModel,
-  ) {
+  constructor(vm: HardwareDirtyVm, vcpus: number, costs: CostModel) {
+    super(vm, vcpus, PML_ENTRIES, { entryNs: costs.pmlLogNs, fullNs: costs.pmlFullExitNs, drainEntryNs: costs.pmlDrainEntryNs }, "pmlFullExits");
     this.buffers = Array.from({ length: vcpus }, () => new Float64Array(PML_ENTRIES));
-    this.used = new Int32Array(vcpus);
   }
 
   static bytesFor(vcpus: number): number {
@@ -51,58 +44,16 @@ export class Pml implements HardwareDirty {
     return this.buffers.length * PML_ENTRIES * 8 + this.used.byteLength;
   }
 
-  recorded(v: Vcpu, _slot: Memslot, _p: number, gfn: number): number {
-    let cost = this.costs.pmlLogNs;
-    const i = v.index;
-    if (this.used[i] === PML_ENTRIES) {
-      // PML-full: the write did not set the D bit; KVM drains and re-enters, and the retried write logs.
-      const exitNs = this.costs.pmlFullExitNs + this.drain(v).entries * this.costs.pmlDrainEntryNs;
-      v.count({ pmlFullExits: 1, overheadNs: exitNs });
-      cost += exitNs;
-    }
-    this.buffers[i][this.used[i]++] = gfn;
-    return cost;
+  protected store(i: number, k: number, gfn: number): void {
+    this.buffers[i][k] = gfn;
   }
 
-  /** vmx_flush_pml_buffer: every logged GPA marked dirty (kvm_vcpu_mark_page_dirty), oldest first. */
-  drain(v: Vcpu): { entries: number; added: number } {
-    const i = v.index;
-    const n = this.used[i];
-    const buf = this.buffers[i];
-    let added = 0;
-    for (let k = 0; k < n; k++) if (this.vm.markGfnDirty(v, buf[k])) added++;
-    this.used[i] = 0;
-    return { entries: n, added };
+  protected load(i: number, k: number): number {
+    return this.buffers[i][k];
   }
 
-  /** GET kicks every vCPU: their buffers are drained before the log is read. */
-  sync(): { pages: number; hostNs: number } {
-    // The injected bug: the buffers are not drained before the log is read.
-    if (this.vm.injected.skipHwLogDrain) return { pages: 0, hostNs: 0 };
-    return this.drainAll();
-  }
-
-  private drainAll(): { pages: number; hostNs: number } {
-    let entries = 0;
-    let pages = 0;
-    for (const v of this.vm.vcpus) {
-      const d = this.drain(v);
-      entries += d.entries;
-      pages += d.added;
-    }
-    return { pages, hostNs: entries * this.costs.pmlDrainEntryNs };
-  }
-
-  /** Any VM exit drains the vCPU's buffer. */
+  /** Any VM exit drains the vCPU's buffer (vmx_flush_pml_buffer at every exit). */
   vcpuExit(v: Vcpu): void {
     if (!this.vm.injected.skipHwLogDrain) this.drain(v);
-  }
-
-  vcpuPut(v: Vcpu): void {
-    if (!this.vm.injected.skipHwLogDrain) this.drain(v);
-  }
-
-  stop(): void {
-    this.drainAll();
   }
 }

@@ -31,14 +31,14 @@ describe("FEAT_HDBSS on its own", () => {
     const slot = null as never;
     let faultCost = 0;
     for (let g = 0; g < 512; g++) faultCost += hd.recorded(vcpu, slot, g, 2 ** 40 + g) - DEFAULT_COSTS.hdbssEntryNs;
-    assert.deepEqual([faultCost, vcpu.total.hdbssFullFaults, hd.index[0], marked.length], [0, 0, 512, 0]);
+    assert.deepEqual([faultCost, vcpu.total.hdbssFullFaults, hd.used[0], marked.length], [0, 0, 512, 0]);
     const cost = hd.recorded(vcpu, slot, 512, 2 ** 40 + 512);
     assert.equal(vcpu.total.hdbssFullFaults, 1);
     assert.equal(cost, DEFAULT_COSTS.hdbssEntryNs + DEFAULT_COSTS.hdbssFullFaultNs + 512 * DEFAULT_COSTS.hdbssFlushEntryNs);
     assert.deepEqual(marked, Array.from({ length: 512 }, (_, g) => 2 ** 40 + g), "IPAs above 4 GiB decode exactly, in order");
-    assert.equal(hd.index[0], 1, "the retried update is the buffer's first entry");
+    assert.equal(hd.used[0], 1, "the retried update is the buffer's first entry");
     hd.vcpuPut(vcpu);
-    assert.deepEqual([hd.index[0], marked.at(-1)], [0, 2 ** 40 + 512]);
+    assert.deepEqual([hd.used[0], marked.at(-1)], [0, 2 ** 40 + 512]);
   });
 });
 
