@@ -219,6 +219,7 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
         skipTlbFlushAfterWriteProtect: req.skipTlbFlushAfterWriteProtect,
         skipHwLogDrain: req.skipHwLogDrain,
         skipRingEntryAtWrap: req.skipRingEntryAtWrap,
+        failEveryOtherGetCopy: req.failEveryOtherGetCopy,
       });
       return {};
     },

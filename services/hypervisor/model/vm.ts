@@ -3,7 +3,7 @@
  * virtual clock, the capabilities enabled on it, and the write path every
  * guest write takes (TLB, descriptor walk, stage-2 fault, dirty log).
  */
-import { failedPrecondition, invalidArgument, notFound, unimplemented } from "../../../common/errors.js";
+import { DomainError, failedPrecondition, invalidArgument, notFound, unimplemented } from "../../../common/errors.js";
 import type { CostModel } from "./cost-model.js";
 import { BLOCK_RW, HI_DBM, PAGES_1G, PAGES_2M, PAGE_RO, PAGE_RW, S2AP_W } from "./descriptor.js";
 import * as bitmapLog from "./dirty-bitmap.js";
@@ -85,7 +85,8 @@ export class Vm {
   eagerSplitChunk = 0;
   tlbFlushes = 0;
   /** Bugs a test switches on (SetFaultInjection), to show that the checks catch them. */
-  readonly injected = { skipTlbFlushAfterWriteProtect: false, skipHwLogDrain: false, skipRingEntryAtWrap: false };
+  readonly injected = { skipTlbFlushAfterWriteProtect: false, skipHwLogDrain: false, skipRingEntryAtWrap: false, failEveryOtherGetCopy: false };
+  private gets = 0;
   /** DIRTY_LOG_RING_WITH_BITMAP. */
   ringWithBitmap = false;
   /**
@@ -644,7 +645,12 @@ export class Vm {
   getDirtyLog(slotId: number): bitmapLog.GetDirtyLogResult & { numPages: number } {
     this.checkLogAccess(slotId, "GET_DIRTY_LOG");
     const slot = this.bitmapSlot(slotId, "GET_DIRTY_LOG");
-    return { ...bitmapLog.getDirtyLog(this, slot), numPages: slot.npages };
+    const r = bitmapLog.getDirtyLog(this, slot);
+    // The injected bug: the bits are consumed, then the copy out fails.
+    if (this.injected.failEveryOtherGetCopy && this.gets++ % 2 === 0) {
+      throw new DomainError("aborted", `GET_DIRTY_LOG: copying the bitmap of slot ${slotId} out failed after it was cleared (an injected bug)`, "EFAULT");
+    }
+    return { ...r, numPages: slot.npages };
   }
 
   clearDirtyLog(slotId: number, firstPage: number, numPages: number, bitmap: Uint8Array): bitmapLog.ClearDirtyLogResult {

@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
-import { collectClearLog, collectDirtyLog, runSelftest } from "../../../tests/selftest.js";
+import { status } from "@grpc/grpc-js";
+import { collectClearLog, collectDirtyLog, runSelftest, type Collect } from "../../../tests/selftest.js";
 
 describe("kernel dirty_log_test invariant over gRPC (slot of 1 GiB + 3 pages)", () => {
   let h: RunningHypervisor;
@@ -31,4 +32,24 @@ describe("kernel dirty_log_test invariant over gRPC (slot of 1 GiB + 3 pages)", 
     const clear = await runSelftest(h.client, { vm: "st-noflush-clear", collect: collectClearLog, initiallySet: true, inject: { skipTlbFlushAfterWriteProtect: true } });
     assert.ok(clear.lost > 0);
   });
+
+  test("a GET that consumes the bits and then fails to copy them loses pages for a caller that retries: the invariant catches it", async () => {
+    // The VMM's natural reaction to a failed GET, retrying it, gets only what was dirtied since.
+    const failures: { code: number; details: string }[] = [];
+    const retrying: Collect = async (c, vm, slot, n) => {
+      try {
+        return await collectDirtyLog(c, vm, slot, n);
+      } catch (err) {
+        failures.push(err as { code: number; details: string });
+        return collectDirtyLog(c, vm, slot, n);
+      }
+    };
+    const r = await runSelftest(h.client, { vm: "st-get-copy", collect: retrying, inject: { failEveryOtherGetCopy: true } });
+    assert.ok(r.lost > 0, `${r.lost} pages lost`);
+    // The failure itself is a precise status.
+    assert.ok(failures.length > 0);
+    assert.equal(failures[0].code, status.ABORTED);
+    assert.match(failures[0].details, /copying the bitmap of slot 1 out failed after it was cleared.*EFAULT/);
+  });
 });
+

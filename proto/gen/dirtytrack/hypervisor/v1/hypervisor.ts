@@ -1006,6 +1006,12 @@ export interface SetFaultInjectionRequest {
    * it is marked collected but never reported, and RESET's count no longer matches.
    */
   skipRingEntryAtWrap: boolean;
+  /**
+   * Every other GET_DIRTY_LOG consumes the bits (snapshot, clear, re-protect) and then fails to
+   * copy them out (ABORTED, EFAULT): a caller that retries gets only what was dirtied since, as
+   * Firecracker's non-transactional snapshots lost it (firecracker #4545).
+   */
+  failEveryOtherGetCopy: boolean;
 }
 
 export interface SetFaultInjectionResponse {
@@ -7663,7 +7669,13 @@ export const GetMemoryDigestResponse: MessageFns<GetMemoryDigestResponse> = {
 };
 
 function createBaseSetFaultInjectionRequest(): SetFaultInjectionRequest {
-  return { vm: "", skipTlbFlushAfterWriteProtect: false, skipHwLogDrain: false, skipRingEntryAtWrap: false };
+  return {
+    vm: "",
+    skipTlbFlushAfterWriteProtect: false,
+    skipHwLogDrain: false,
+    skipRingEntryAtWrap: false,
+    failEveryOtherGetCopy: false,
+  };
 }
 
 export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
@@ -7679,6 +7691,9 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
     }
     if (message.skipRingEntryAtWrap !== false) {
       writer.uint32(32).bool(message.skipRingEntryAtWrap);
+    }
+    if (message.failEveryOtherGetCopy !== false) {
+      writer.uint32(40).bool(message.failEveryOtherGetCopy);
     }
     return writer;
   },
@@ -7728,6 +7743,14 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
             message.skipRingEntryAtWrap = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.failEveryOtherGetCopy = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -7758,6 +7781,11 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
         : isSet(object.skip_ring_entry_at_wrap)
         ? globalThis.Boolean(object.skip_ring_entry_at_wrap)
         : false,
+      failEveryOtherGetCopy: isSet(object.failEveryOtherGetCopy)
+        ? globalThis.Boolean(object.failEveryOtherGetCopy)
+        : isSet(object.fail_every_other_get_copy)
+        ? globalThis.Boolean(object.fail_every_other_get_copy)
+        : false,
     };
   },
 
@@ -7775,6 +7803,9 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
     if (message.skipRingEntryAtWrap !== false) {
       obj.skipRingEntryAtWrap = message.skipRingEntryAtWrap;
     }
+    if (message.failEveryOtherGetCopy !== false) {
+      obj.failEveryOtherGetCopy = message.failEveryOtherGetCopy;
+    }
     return obj;
   },
 
@@ -7787,6 +7818,7 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
     message.skipTlbFlushAfterWriteProtect = object.skipTlbFlushAfterWriteProtect ?? false;
     message.skipHwLogDrain = object.skipHwLogDrain ?? false;
     message.skipRingEntryAtWrap = object.skipRingEntryAtWrap ?? false;
+    message.failEveryOtherGetCopy = object.failEveryOtherGetCopy ?? false;
     return message;
   },
 };
