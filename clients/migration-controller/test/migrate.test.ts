@@ -68,6 +68,16 @@ describe("migration controller", () => {
     });
   }
 
+  test("a GET that fails after consuming the bits fails the migration cleanly: the controller never retries a destructive GET", async () => {
+    await createVm(src, "getfail", { bytes: 64 * MiB, vcpus: 1, workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 50_000 } });
+    await src.client.setFaultInjection({ vm: "getfail", failEveryOtherGetCopy: true });
+    await assert.rejects(migrate({ sourceVm: "getfail", destinationVm: "getfail" }, ends()), (e: MigrationError) => {
+      assert.match(e.message, /copying the bitmap of slot 0 out failed after it was cleared.*EFAULT/);
+      assert.deepEqual([e.report?.cleanup?.sourceRunning, e.report?.cleanup?.sourceLogging, e.report?.cleanup?.destinationRemoved], [true, false, true]);
+      return true;
+    });
+  });
+
   test("a mechanism the VM cannot run is refused before anything changes: the architecture, PML present or not", async () => {
     await createVm(src, "x86-pml", { bytes: 16 * MiB, vcpus: 1, workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_IDLE }, pml: true });
     await createVm(src, "arm", { bytes: 16 * MiB, vcpus: 1, workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_IDLE } });
