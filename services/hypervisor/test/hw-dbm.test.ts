@@ -99,3 +99,30 @@ describe("arm64 hardware DBM (seed 003)", () => {
     assert.equal((await c().checkExtension({ capability: HW })).value, 1n);
   });
 });
+
+describe("the DBM and page-tracking-device assists on their own", () => {
+  test("DBM: the descriptors are the log, so recording costs nothing and the arch sync scans them into the bitmap", async () => {
+    const { DbmScan } = await import("../model/dbm.js");
+    const { Memslot } = await import("../model/memslot.js");
+    const { DEFAULT_COSTS } = await import("../model/cost-model.js");
+    const slot = new Memslot(0, GiB, 64 * 4096, 1, 0x80000000);
+    slot.dirtyBitmap = new Int32Array(2);
+    for (const p of [3, 40]) slot.s2.mapPage(p, 0x4c3 | 0x80); // valid, S2AP R/W, AF: writable-dirty
+    const dbm = new DbmScan(DEFAULT_COSTS);
+    assert.deepEqual([dbm.dbmOnProtect, dbm.dbmOnFault, dbm.recorded()], [true, false, 0]);
+    const r = dbm.sync(slot);
+    assert.deepEqual([r.pages, r.hostNs], [2, 64 * DEFAULT_COSTS.dbmScanPteNs]);
+    assert.deepEqual([bit(new Uint8Array(slot.dirtyBitmap.buffer), 3), bit(new Uint8Array(slot.dirtyBitmap.buffer), 40)], [1, 1]);
+    assert.equal(dbm.sync(slot).pages, 0, "found once");
+  });
+
+  test("the device assist hands the GPA of every fault-free write to the driver's sink, and its sync is the driver's", async () => {
+    const { DeviceAssist } = await import("../model/page-tracking-device.js");
+    const seen: [number, number][] = [];
+    const dev = new DeviceAssist((vcpu, gpa) => seen.push([vcpu, gpa]));
+    assert.deepEqual([dev.dbmOnProtect, dev.dbmOnFault], [false, true]);
+    assert.equal(dev.recorded({ index: 2 } as never, null as never, 0, 0x40001), 0);
+    assert.deepEqual(seen, [[2, 0x40001 * 4096]]);
+    assert.deepEqual(dev.sync(), { pages: 0, hostNs: 0 });
+  });
+});
