@@ -18,7 +18,7 @@
  * again so that the report says what was observed; a MigrationError says why.
  */
 import { status as GrpcStatus } from "@grpc/grpc-js";
-import { ClockDrive, ExitReason, type VmInfo, type WriteMemoryRequest } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { ClockDrive, ExitReason, type MemoryChunk, type VmInfo, type WriteMemoryRequest } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import type { HypervisorClient } from "../../services/hypervisor/client.js";
 import { RealtimeClock, SteppedClock, type ClockWatch, type MigrationClock } from "./clock.js";
 import { MigrationLimits } from "./limits.js";
@@ -50,6 +50,13 @@ export interface MigrationConfig {
    * calls (guest steps, page streams, digests) get six times as long, at least a minute.
    */
   rpcTimeoutMs: number;
+  /**
+   * A VMM bug switched on by tests, to show that the verification catches it:
+   * Firecracker's multi-slot diff snapshots (PRs #5696/#5705) wrote a slot's
+   * pages at the wrong offset when the slot's last page was clean. Here the
+   * pages of every slot after the first land one page too high in such a chunk.
+   */
+  injectSlotOffsetBug?: boolean;
 }
 
 export const DEFAULT_CONFIG: Omit<MigrationConfig, "sourceVm" | "destinationVm"> = {
@@ -252,6 +259,22 @@ function orBitmaps(a: Map<number, Uint8Array>, b: Map<number, Uint8Array>): Map<
   return out;
 }
 
+/**
+ * The injected bug (injectSlotOffsetBug): a chunk of a slot after the first
+ * whose selection leaves the slot's last page clean is written one page too
+ * high. The selection's last bit is clear, so the shifted chunk still fits.
+ */
+function misplaced(chunk: MemoryChunk, slot: number, vm: VmInfo): MemoryChunk {
+  const index = vm.memslots.findIndex((m) => m.memslot!.slot === slot);
+  const pages = Number(vm.memslots[index].numPages);
+  const first = Number(chunk.firstPage);
+  const last = chunk.numPages - 1;
+  const endsSlot = first + chunk.numPages === pages;
+  const lastClean = chunk.bitmap.length > 0 && !((chunk.bitmap[last >>> 3] >> (last & 7)) & 1);
+  if (index === 0 || !endsSlot || !lastClean) return chunk;
+  return { ...chunk, firstPage: BigInt(first + 1), numPages: chunk.numPages - 1, bitmap: chunk.bitmap.subarray(0, Math.ceil((chunk.numPages - 1) / 8)) };
+}
+
 /** Creates the destination with the source's layout, paused, logging off. */
 async function createDestination(dst: HypervisorClient, name: string, src: VmInfo): Promise<void> {
   await dst.createVm({
@@ -399,7 +422,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         const z = countZeroWords(r.chunk!.contents);
         zero += z;
         normal += r.chunk!.contents.length / 8 - z;
-        chunks.push({ vm: cfg.destinationVm, chunk: r.chunk });
+        chunks.push({ vm: cfg.destinationVm, chunk: cfg.injectSlotOffsetBug ? misplaced(r.chunk!, slot, src) : r.chunk });
       }
     } catch (err) {
       interrupted(signal);
