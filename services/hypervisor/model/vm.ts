@@ -124,8 +124,14 @@ export class Vm {
   }
 
   /** The dirty-tracking mechanism in force, for metric labels. */
-  get mechanism(): "ring" | HardwareDirtyName | "bitmap" {
-    return this.ringEnabled ? "ring" : (this.hw?.name ?? "bitmap");
+  /**
+   * How this VM logs, named as the controller names mechanisms (the log, the
+   * protection, the assist; defaults left out): `bitmap+manual+dbm`,
+   * `ring+pml`. A bounded label value.
+   */
+  get mechanism(): string {
+    const protection = !this.manualProtect || this.ringEnabled ? "" : this.initiallySet ? "+initially-set" : "+manual";
+    return `${this.ringEnabled ? "ring" : "bitmap"}${protection}${this.hw ? `+${this.hw.name}` : ""}`;
   }
 
   get hwDirty(): "off" | HardwareDirtyName {
