@@ -2,8 +2,7 @@
 import { setImmediate as yieldToEventLoop } from "node:timers/promises";
 import { DomainError, failedPrecondition, invalidArgument, permissionDenied } from "../../../common/errors.js";
 import { Capability, ClockDrive, ExitReason } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
-import { AF, HI_DBM, outputAddressOf, S2AP_R, S2AP_W, toU64 } from "../model/descriptor.js";
-import { eptEntry } from "../model/ept.js";
+import { AF, outputAddressOf } from "../model/descriptor.js";
 import { Level } from "../model/stage2.js";
 import type { Vm } from "../model/vm.js";
 import { ARCH, asBuffer, BACKING, exitsOf, FAULT_OUT, num, vcpuList, vmInfo, workloadFromProto, workloadToProto } from "./convert.js";
@@ -189,24 +188,7 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
       const [pl, i] = slot.s2.leafRef(p, level);
       const lo = pl.lo[i];
       const hi = pl.hi[i];
-      const outputAddress = BigInt(outputAddressOf(lo, hi));
-      if (vm.config.arch === "x86_64") {
-        const e = eptEntry(lo, hi, level, vm.config.pml);
-        return { ...base, mapped: true, level, ...e, accessFlag: e.accessed, dbm: false, outputAddress };
-      }
-      return {
-        ...base,
-        mapped: true,
-        level,
-        descriptor: toU64(lo, hi),
-        readable: (lo & S2AP_R) !== 0,
-        writable: (lo & S2AP_W) !== 0,
-        accessFlag: (lo & AF) !== 0,
-        dbm: (hi & HI_DBM) !== 0,
-        outputAddress,
-        accessed: (lo & AF) !== 0,
-        dirty: false,
-      };
+      return { ...base, mapped: true, level, ...vm.arch.view(lo, hi, level, vm.config.pml), accessFlag: (lo & AF) !== 0, outputAddress: BigInt(outputAddressOf(lo, hi)) };
     },
     unmapGpaRange(req) {
       return { dirtySaved: BigInt(hv.vm(req.vm).unmapGpaRange(num(req.gpa, "gpa"), num(req.size, "size"))) };

@@ -14,24 +14,12 @@ import { Hdbss, MAX_ORDER as HDBSS_MAX_ORDER } from "./hdbss.js";
 import { KNOWN_FLAGS, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MAX_SLOT_PAGES, Memslot, USER_MEM_SLOTS } from "./memslot.js";
 import { INITIALLY_SET, MANUAL_PROTECT_ENABLE, Vm, type Arch, type BackingPageSize, type ClockDrive } from "./vm.js";
 import { Pml, PML_ENTRIES } from "./pml.js";
+import { ARCHES, CAP, capOwner } from "./arch.js";
 import type { WorkloadSpec } from "./workload.js";
 import type { PageTrackingDriver } from "./page-tracking-device.js";
 import type { GetDirtyLogResult, ClearDirtyLogResult } from "./dirty-bitmap.js";
 
-export const CAP = {
-  MANUAL_DIRTY_LOG_PROTECT2: 168,
-  DIRTY_LOG_RING: 192,
-  DIRTY_LOG_RING_ACQ_REL: 223,
-  DIRTY_LOG_RING_WITH_BITMAP: 225,
-  ARM_PAGE_TRACKING_DEVICE: 239,
-  ARM_HW_DIRTY_STATE_TRACK: 245,
-  ARM_HW_DIRTY_LOG: 1001,
-  ARM_EAGER_SPLIT_CHUNK_SIZE: 228,
-  ARM_SUPPORTED_BLOCK_SIZES: 229,
-} as const;
-
-/** Capabilities only arm64 VMs have (checked as 0, enabled as EINVAL on x86_64). */
-const ARM_ONLY = [CAP.ARM_PAGE_TRACKING_DEVICE, CAP.ARM_HW_DIRTY_STATE_TRACK, CAP.ARM_HW_DIRTY_LOG, CAP.ARM_EAGER_SPLIT_CHUNK_SIZE, CAP.ARM_SUPPORTED_BLOCK_SIZES] as const;
+export { CAP } from "./arch.js";
 
 /** KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES with a 4 KiB granule: 4 KiB, 2 MiB, 1 GiB. */
 export const SUPPORTED_BLOCK_SIZES = 2 ** 12 + 2 ** 21 + 2 ** 30;
@@ -122,8 +110,9 @@ export class Hypervisor {
     }
     const speed = spec.realtimeSpeed || 1;
     if (!(speed > 0 && speed <= 1000)) throw invalidArgument(`realtime_speed ${spec.realtimeSpeed} must be in (0, 1000]`);
-    if (spec.pml && spec.arch !== "x86_64") throw invalidArgument("create VM: PML is Intel's (x86_64); this VM is arm64", "EINVAL");
-    if (spec.arch === "x86_64" && spec.eagerSplitChunkSize !== 0) {
+    const arch = ARCHES[spec.arch];
+    if (spec.pml && !arch.assists.includes("pml")) throw invalidArgument(`create VM: PML is Intel's (x86_64); this VM is ${arch.name}`, "EINVAL");
+    if (spec.eagerSplitChunkSize !== 0 && !arch.ownCaps.includes(CAP.ARM_EAGER_SPLIT_CHUNK_SIZE)) {
       throw invalidArgument("create VM: KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE is arm64's (x86's TDP MMU splits eagerly by its module parameter)", "EINVAL");
     }
     // KVM's order: the ring before any vCPU exists, its backup bitmap before any memslot.
@@ -228,7 +217,7 @@ export class Hypervisor {
   /** ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE): 1 hands vm's hardware dirty state to the device, 0 takes it back. */
   async setPageTracking(vm: Vm, flags: number, args: bigint[]): Promise<void> {
     const what = "ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE)";
-    if (vm.config.arch !== "arm64") throw invalidArgument(`${what}: the page-tracking device is arm64's; VM ${vm.name} is x86_64`, "EINVAL");
+    if (!vm.arch.assists.includes("device")) throw invalidArgument(`${what}: the page-tracking device is arm64's; VM ${vm.name} is ${vm.arch.name}`, "EINVAL");
     const on = args[0] ?? 0n;
     if (flags !== 0 || on > 1n) throw invalidArgument(`${what}: args[0] must be 1 (on) or 0 (off)`, "EINVAL");
     if (on === 1n) {
@@ -301,9 +290,9 @@ export class Hypervisor {
     return vm.addSlot(new Memslot(m.slot, m.gpa, m.size, m.flags, hostBase + (m.gpa % 2 ** 30)));
   }
 
-  /** The ring capability's size argument (u32 in the kernel); arm64, weakly ordered, offers only ACQ_REL; x86 (TSO) both. */
+  /** The ring capability's size argument (u32 in the kernel), for a ring variant the architecture offers. */
   private ringSize(arch: Arch, cap: number, arg: bigint): number {
-    if (cap !== CAP.DIRTY_LOG_RING_ACQ_REL && !(arch === "x86_64" && cap === CAP.DIRTY_LOG_RING)) {
+    if (!ARCHES[arch].ringCaps.includes(cap)) {
       throw invalidArgument(
         cap === CAP.DIRTY_LOG_RING
           ? "ENABLE_CAP(DIRTY_LOG_RING): arm64 is weakly ordered and offers only DIRTY_LOG_RING_ACQ_REL"
@@ -316,15 +305,13 @@ export class Hypervisor {
 
   /** KVM_CHECK_EXTENSION; vm is null for the system-wide query, which answers for arm64 (the default). */
   checkExtension(vm: Vm | null, cap: number): number {
-    if (vm?.config.arch === "x86_64") {
-      if ((ARM_ONLY as readonly number[]).includes(cap)) return 0;
-      if (cap === CAP.DIRTY_LOG_RING) return MAX_ENTRIES * ENTRY_BYTES;
-    }
+    const arch = vm?.arch ?? ARCHES.arm64;
+    const owner = capOwner(cap);
+    if (owner && owner !== arch.name) return 0;
     switch (cap) {
       case CAP.DIRTY_LOG_RING:
-        return 0;
       case CAP.DIRTY_LOG_RING_ACQ_REL:
-        return MAX_ENTRIES * ENTRY_BYTES;
+        return arch.ringCaps.includes(cap) ? MAX_ENTRIES * ENTRY_BYTES : 0;
       case CAP.DIRTY_LOG_RING_WITH_BITMAP:
       case CAP.ARM_HW_DIRTY_LOG:
       case CAP.ARM_HW_DIRTY_STATE_TRACK:
@@ -346,9 +333,8 @@ export class Hypervisor {
   enableCap(vm: Vm, cap: number, flags: number, args: bigint[]): void {
     const what = `ENABLE_CAP(${cap})`;
     const arg0 = args[0] ?? 0n;
-    if (vm.config.arch === "x86_64" && (ARM_ONLY as readonly number[]).includes(cap)) {
-      throw invalidArgument(`${what}: capability ${cap} is arm64's; VM ${vm.name} is x86_64`, "EINVAL");
-    }
+    const owner = capOwner(cap);
+    if (owner && owner !== vm.arch.name) throw invalidArgument(`${what}: capability ${cap} is ${owner}'s; VM ${vm.name} is ${vm.arch.name}`, "EINVAL");
     switch (cap) {
       case CAP.MANUAL_DIRTY_LOG_PROTECT2: {
         const allowed = arg0 & MANUAL_PROTECT_ENABLE ? MANUAL_PROTECT_ENABLE | INITIALLY_SET : MANUAL_PROTECT_ENABLE;

@@ -20,9 +20,10 @@ import type { HardwareDirty, HardwareDirtyName } from "./hardware-dirty.js";
 import { DeviceAssist } from "./page-tracking-device.js";
 import { Hdbss, MAX_ORDER } from "./hdbss.js";
 import { Pml, PML_ENTRIES } from "./pml.js";
+import { ARCHES, type ArchName, type ArchSpec } from "./arch.js";
 
 export type BackingPageSize = "4K" | "2M" | "1G";
-export type Arch = "arm64" | "x86_64";
+export type Arch = ArchName;
 export type ClockDrive = "stepped" | "realtime";
 
 export const MANUAL_PROTECT_ENABLE = 1n;
@@ -117,6 +118,10 @@ export class Vm {
     const reserve = config.pml ? PML_ENTRIES : 0;
     this.vcpus = this.specs.map((s, i) => new Vcpu(i, new Tlb(config.tlbEntries), this.makeGen(s, i), entries ? new DirtyRing(entries, reserve) : null));
     if (config.pml) this.hw = new Pml(this, config.vcpus, config.costs);
+  }
+
+  get arch(): ArchSpec {
+    return ARCHES[this.config.arch];
   }
 
   get ringEnabled(): boolean {
@@ -687,7 +692,7 @@ export class Vm {
    */
   setHardwareDirty(hw: HardwareDirty | null, what: string): void {
     if (hw && this.ringEnabled && !hw.allowsRing) throw failedPrecondition(`${what}: VM ${this.name} logs to dirty rings; hardware dirty state syncs into bitmaps only`, "EINVAL");
-    if (hw && hw.name !== "pml" && this.config.arch !== "arm64") throw invalidArgument(`${what}: VM ${this.name} is x86_64; ${HW_NAMES[hw.name]} is arm64's`, "EINVAL");
+    if (hw && !this.arch.assists.includes(hw.name)) throw invalidArgument(`${what}: VM ${this.name} is ${this.arch.name}, which has no ${HW_NAMES[hw.name]}`, "EINVAL");
     if (hw && this.hw && this.hw.name !== hw.name) throw failedPrecondition(`${what}: ${HW_NAMES[this.hw.name]} already owns VM ${this.name}'s hardware dirty state`, "EBUSY");
     if (hw) {
       this.hw ??= hw;
@@ -855,7 +860,7 @@ export class Vm {
 
   /** Write tracking (seed 002, arch/x86/kvm/mmu/page_track.c) is x86's: arm64 KVM has no such interface. */
   requireWriteTracking(what: string): WriteTracker {
-    if (this.config.arch !== "x86_64") throw unimplemented(`${what}: write tracking is x86's (arch/x86/kvm/mmu/page_track.c); VM ${this.name} is arm64`, "EOPNOTSUPP");
+    if (!this.arch.writeTracking) throw unimplemented(`${what}: write tracking is x86's (arch/x86/kvm/mmu/page_track.c); VM ${this.name} is ${this.arch.name}`, "EOPNOTSUPP");
     return this.writeTrack;
   }
 
