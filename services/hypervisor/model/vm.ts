@@ -5,7 +5,7 @@
  */
 import { DomainError, failedPrecondition, invalidArgument, notFound, unimplemented } from "../../../common/errors.js";
 import type { CostModel } from "./cost-model.js";
-import { BLOCK_RW, HI_DBM, PAGES_1G, PAGES_2M, PAGE_RO, PAGE_RW, S2AP_W } from "./descriptor.js";
+import { HI_DBM, PAGE_RO, S2AP_W } from "./descriptor.js";
 import * as bitmapLog from "./dirty-bitmap.js";
 import { DirtyRing, ENTRY_BYTES } from "./dirty-ring.js";
 import { KVM_MEM_LOG_DIRTY_PAGES, Memslot } from "./memslot.js";
@@ -15,6 +15,7 @@ import { Tlb } from "./tlb.js";
 import { Vcpu } from "./vcpu.js";
 import { BATCH, IDLE, WorkloadGen, type WorkloadSpec } from "./workload.js";
 import { WriteTracker } from "./write-track.js";
+import { handleWriteFault } from "./fault.js";
 import { DbmScan } from "./dbm.js";
 import type { HardwareDirty, HardwareDirtyName } from "./hardware-dirty.js";
 import { DeviceAssist } from "./page-tracking-device.js";
@@ -272,7 +273,7 @@ export class Vm {
     return true;
   }
 
-  private invalidateRangeAll(gfn: number, n: number): void {
+  invalidateRangeAll(gfn: number, n: number): void {
     for (const v of this.vcpus) v.tlb.invalidateRange(gfn, n);
   }
 
@@ -491,53 +492,10 @@ export class Vm {
     return this.costs.dbmUpdateNs + extra;
   }
 
-  /**
-   * user_mem_abort for a write. A write-tracked page is never made writable:
-   * the write is emulated, logged and notified. Otherwise, while the slot is
-   * logging, map a 4 KiB page (breaking a block first, its other pages to
-   * fault back in), make it writable and mark it dirty; with logging off, map
-   * the largest block the backing (and write tracking) allows, coalescing
-   * any table below it. (lo, hi) is the value being written, t its time.
-   */
+  /** The write-fault handler (fault.ts): the fault is a VM exit, so PML's buffer drains first. */
   private fault(v: Vcpu, slot: Memslot, p: number, gfn: number, level: Level, lo: number, hi: number, t: number): WriteOutcome {
-    const s2 = slot.s2;
-    const c = this.costs;
-    // The fault is a VM exit: PML's buffer drains first, as at every exit.
     this.hw?.vcpuExit?.(v);
-    if (this.writeTrack.isTracked(slot, p)) {
-      if (level === Level.Unmapped) s2.mapPage(p, PAGE_RO);
-      const logged = this.markPageDirty(v, slot, p) !== "none";
-      this.writeTrack.emit({ kind: "write", gpa: gfn * 4096, valueLo: lo, valueHi: hi, vcpu: v.index, timeNs: t });
-      return { fault: "tracked", logged, mmio: false, costNs: c.writeFaultNs + c.emulatedWriteNs };
-    }
-    if (slot.logging) {
-      if (level === Level.Block2M || level === Level.Block1G) {
-        const pages = level === Level.Block1G ? PAGES_1G : PAGES_2M;
-        s2.splitBlockAt(p, false);
-        this.invalidateRangeAll(Math.floor(gfn / pages) * pages, pages);
-        s2.mapPage(p, PAGE_RW);
-      } else if (level === Level.Page) s2.setPageAttrs(p, PAGE_RW);
-      else s2.mapPage(p, PAGE_RW);
-      // Seed 000 and HDBSS: KVM sets DBM when faulting a page in; later writes are the hardware's to log.
-      if (this.hw?.dbmOnFault) s2.pte.hi[p] |= HI_DBM;
-    } else {
-      const target = this.blockLevelFor(slot, p);
-      if (target === Level.Page) {
-        if (level === Level.Page) s2.setPageAttrs(p, PAGE_RW);
-        else s2.mapPage(p, PAGE_RW);
-      } else if (level === target) {
-        const [pl, i] = s2.leafRef(p, level);
-        pl.lo[i] |= S2AP_W;
-      } else {
-        const pages = target === Level.Block1G ? PAGES_1G : PAGES_2M;
-        s2.mapBlock(p, target, BLOCK_RW);
-        this.invalidateRangeAll(Math.floor(gfn / pages) * pages, pages);
-      }
-    }
-    v.tlb.fill(gfn);
-    const logged = this.markPageDirty(v, slot, p) !== "none";
-    const kind = level === Level.Unmapped ? "translation" : "permission";
-    return { fault: kind, logged, mmio: false, costNs: kind === "translation" ? c.translationFaultNs : c.writeFaultNs };
+    return handleWriteFault(this, v, slot, p, gfn, level, lo, hi, t);
   }
 
   /**
@@ -546,7 +504,7 @@ export class Vm {
    * slot's bitmap. A page is never recorded in both. Callers make sure a
    * write without a vCPU has a bitmap to go to.
    */
-  private markPageDirty(v: Vcpu | null, slot: Memslot, p: number): LogTarget {
+  markPageDirty(v: Vcpu | null, slot: Memslot, p: number): LogTarget {
     if (!slot.logging) return "none";
     if (v?.ring) {
       if (slot.markRingPending(p)) {
@@ -558,14 +516,6 @@ export class Vm {
     }
     if (slot.markDirty(p)) v?.dirtied();
     return this.ringEnabled ? "backup-bitmap" : "bitmap";
-  }
-
-  private blockLevelFor(slot: Memslot, p: number): Level.Page | Level.Block2M | Level.Block1G {
-    const b = this.config.backing;
-    const wt = this.writeTrack;
-    if (b === "1G" && slot.s2.blockFits(p, PAGES_1G) && !wt.blocksDisallowed(slot, p, PAGES_1G)) return Level.Block1G;
-    if (b !== "4K" && slot.s2.blockFits(p, PAGES_2M) && !wt.blocksDisallowed(slot, p, PAGES_2M)) return Level.Block2M;
-    return Level.Page;
   }
 
   /** One explicit guest write by vCPU vcpu, through its TLB, as the workload's writes go. */
