@@ -38,10 +38,18 @@ export class HypervisorMetrics {
     });
     new Gauge({
       name: "hypervisor_memory_budget_bytes",
-      help: "Guest memory this host may hold across all VMs.",
+      help: "Bytes this hypervisor may allocate for its VMs' state (HYPERVISOR_MEMORY_BUDGET).",
       registers,
       collect() {
         this.set(hv.options.memoryBudgetBytes);
+      },
+    });
+    new Gauge({
+      name: "hypervisor_memory_allocated_bytes",
+      help: "Bytes the VMs' state holds now (pages, logs, TLBs, rings, hardware logs), counted against the budget.",
+      registers,
+      collect() {
+        this.set(hv.memoryInUse);
       },
     });
     new Gauge({

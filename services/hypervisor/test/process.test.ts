@@ -20,6 +20,9 @@ test("the hypervisor binary serves gRPC, health, reflection-ready metrics, and e
     assert.equal(health.status, "ok");
     const metrics = await fetch(`http://127.0.0.1:${svc.httpPort}/metrics`).then((r) => r.text());
     assert.match(metrics, /^hypervisor_memory_budget_bytes 8589934592$/m);
+    // The 1 MiB VM's state: 256 pages at about 16 B, its TLB and workload batch.
+    const allocated = Number(/^hypervisor_memory_allocated_bytes (\d+)$/m.exec(metrics)?.[1]);
+    assert.ok(allocated > 256 * 16 && allocated < 64 * 1024, `${allocated} bytes allocated`);
     assert.match(metrics, /grpc_server_handled_total\{grpc_type="unary",grpc_service="dirtytrack.hypervisor.v1.HypervisorService",grpc_method="CreateVm",grpc_code="OK"\} 1/);
     // grpc.health.v1 answers SERVING for the service.
     await checkHealth(svc.address, "dirtytrack.hypervisor.v1.HypervisorService", { deadlineMs: 3000 });
