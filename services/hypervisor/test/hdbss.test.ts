@@ -11,7 +11,7 @@ import { Capability, MemslotFlag, WorkloadPattern } from "../../../proto/gen/dir
 import { migrate } from "../../../clients/migration-controller/migrate.js";
 import { bit, GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 import { rejects } from "../../../tests/grpc-assert.js";
-import { collectClearLog, collectDirtyLog, runSelftest } from "../../../tests/selftest.js";
+import { collectDirtyLog, runSelftest } from "../../../tests/selftest.js";
 import { DEFAULT_COSTS } from "../model/cost-model.js";
 import { Hdbss, hdbssEntries } from "../model/hdbss.js";
 import { Tlb } from "../model/tlb.js";
@@ -86,16 +86,6 @@ describe("FEAT_HDBSS over gRPC", () => {
     assert.equal((await vcpu0("p")).hdbssEntries, 0);
     const bm = h.hypervisor.vm("p").slots.get(0)!.dirtyBitmap!;
     assert.deepEqual([3, 4, 5].map((p) => (bm[0] >>> p) & 1), [1, 1, 0], "in the bitmap before any GET");
-  });
-
-  test("selftest invariant with HDBSS, GET and clear-log modes", async () => {
-    for (const [collect, initiallySet] of [
-      [collectDirtyLog, false],
-      [collectClearLog, true],
-    ] as const) {
-      const r = await runSelftest(c(), { vm: `st-hdbss-${initiallySet}`, collect, initiallySet, beforeLogging: (cl, vm) => cl.enableCap({ vm, capability: HDBSS, args: [0n, 1n] }).then(() => undefined) });
-      assert.deepEqual([r.falseDirty, r.lost], [0, 0]);
-    }
   });
 
   test("HDBSS buffers not drained before the log is read lose pages: the invariant catches it", async () => {
