@@ -15,7 +15,9 @@ import { MemslotFlag, WorkloadPattern } from "../proto/gen/dirtytrack/hypervisor
 import { DEFAULT_COSTS } from "../services/hypervisor/model/cost-model.js";
 import { Hdbss } from "../services/hypervisor/model/hdbss.js";
 import { Pml } from "../services/hypervisor/model/pml.js";
-import { Hypervisor, type CreateVmSpec } from "../services/hypervisor/model/hypervisor.js";
+import { CAP, Hypervisor, type CreateVmSpec } from "../services/hypervisor/model/hypervisor.js";
+import { getDirtyLog } from "../services/hypervisor/model/dirty-bitmap.js";
+import { harvestRing, resetDirtyRings } from "../services/hypervisor/model/dirty-ring.js";
 import type { Vm } from "../services/hypervisor/model/vm.js";
 import type { WorkloadSpec } from "../services/hypervisor/model/workload.js";
 import { spawnService } from "../common/spawn.js";
@@ -110,7 +112,7 @@ async function hypervisorBench(gib: number) {
     () => {
       vm.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs) + 1);
       const t = process.hrtime.bigint();
-      const r = vm.getDirtyLog(0);
+      const r = getDirtyLog(vm, 0);
       return { ms: ms(t), dirty: r.dirtyPages };
     },
     (r) => r.ms,
@@ -143,11 +145,11 @@ async function hypervisorBench(gib: number) {
     c === null ? "" : `JS/C ${fmt(a.perSecond / c.algorithm, 2)}x; plain C stores ${fmt(c.plain / 1e6, 1)} M/s`,
   );
 
-  vm.getDirtyLog(0);
+  getDirtyLog(vm, 0);
   vm.setWorkload(0, workload("uniform", 1e9 / DEFAULT_COSTS.writeNs, 4n));
   vm.advance(Math.round(pages * 0.01) * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs));
   t0 = process.hrtime.bigint();
-  const some = vm.getDirtyLog(0);
+  const some = getDirtyLog(vm, 0);
   report("GET_DIRTY_LOG in process, ~1% dirty", `${fmt(ms(t0), 2)} ms`, `(${fmt(some.dirtyPages, 0)} pages)`);
 
   await hv.destroyVm("bench");
@@ -234,8 +236,8 @@ async function ringBench() {
   });
   const fill = () => vm.advance(65536 * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs) * 2);
   fill(); // warm up the JIT and map the pages once
-  vm.harvestRing(0, 0);
-  vm.resetRings();
+  harvestRing(vm, 0, 0);
+  resetDirtyRings(vm);
   const rounds = 5;
   let push = 0;
   let harvest = 0;
@@ -246,10 +248,10 @@ async function ringBench() {
     fill();
     push += ms(t);
     t = process.hrtime.bigint();
-    const h = vm.harvestRing(0, 0);
+    const h = harvestRing(vm, 0, 0);
     harvest += ms(t);
     t = process.hrtime.bigint();
-    const r = vm.resetRings();
+    const r = resetDirtyRings(vm);
     reset += ms(t);
     if (r.cleared !== h.count) throw new Error(`reset ${r.cleared} != harvested ${h.count}`);
     entries += h.count;
@@ -358,7 +360,7 @@ function cScanMs(pages: number): number | null {
 function hardwareLogBench(vm: Vm, pages: number, entryNs: number, what: string, traps: string, trapStat: "hdbssFullFaults" | "pmlFullExits", drainWhat: string) {
   const slot = vm.slots.get(0)!;
   vm.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.translationFaultNs) + 1);
-  vm.getDirtyLog(0);
+  getDirtyLog(vm, 0);
   const perWrite = DEFAULT_COSTS.writeNs + DEFAULT_COSTS.dbmUpdateNs + entryNs;
   const t0 = process.hrtime.bigint();
   vm.advance(pages * perWrite + 1);
@@ -368,11 +370,11 @@ function hardwareLogBench(vm: Vm, pages: number, entryNs: number, what: string, 
   const drain = median(
     9,
     () => {
-      vm.getDirtyLog(0); // drains, and makes every page writable-clean again
+      getDirtyLog(vm, 0); // drains, and makes every page writable-clean again
       vm.advance(500 * perWrite);
       const entries = vm.hw instanceof Hdbss || vm.hw instanceof Pml ? vm.hw.used[0] : 0;
       const t = process.hrtime.bigint();
-      vm.archSync(slot);
+      vm.arch.syncDirtyLog(vm, slot);
       return { ns: Number(process.hrtime.bigint() - t) / Math.max(1, entries), entries };
     },
     (r) => r.ns,
@@ -390,7 +392,7 @@ async function hardwareBench(gib: number) {
     workload: workload("sequential", 1e9 / DEFAULT_COSTS.writeNs),
   });
   vm.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.translationFaultNs) + 1); // every page writable
-  vm.setHardwareDirtyLogging(true);
+  hv.enableCap(vm, CAP.ARM_HW_DIRTY_LOG, 0, [1n]);
   const slot = vm.slots.get(0)!;
   vm.setSlotFlags(slot, MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES); // DBM on every page, all writable-clean
   vm.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.dbmUpdateNs) + 1); // hardware dirties every page, no fault
@@ -422,7 +424,7 @@ async function hardwareBench(gib: number) {
 
   // The per-vCPU hardware logs with 512 entries: FEAT_HDBSS on arm64, Intel PML on x86_64.
   const hd = benchVm(hv, "hdbss", gib * 2 ** 30, { workload: workload("sequential", 1e9 / DEFAULT_COSTS.writeNs) });
-  hd.setHdbss(true, 0);
+  hv.enableCap(hd, CAP.ARM_HW_DIRTY_STATE_TRACK, 0, [0n, 1n]);
   hardwareLogBench(hd, pages, DEFAULT_COSTS.hdbssEntryNs, "HDBSS logging", "buffer-full faults", "hdbssFullFaults", "HDBSS flush");
   await hv.destroyVm("hdbss");
   const px = benchVm(hv, "pml", gib * 2 ** 30, { workload: workload("sequential", 1e9 / DEFAULT_COSTS.writeNs), arch: "x86_64", pml: true });

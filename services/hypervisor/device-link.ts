@@ -20,6 +20,7 @@ import type { ReportWritesRequest, ReportWritesResponse } from "../../proto/gen/
 import { TrackingMode } from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
 import { bytesToGpas, connectDevice, gpasToBytes, type DeviceClient } from "../page-tracking-device/client.js";
 import type { ClientOptions, DeepPartial } from "../../common/client.js";
+import { deviceLost, disableDeviceMode, enableDeviceMode, markDirtyGpas } from "./model/page-tracking-device.js";
 import type { Vm } from "./model/vm.js";
 
 /** KVM reads the device one page of GPAs at a time; the cost model charges per such call. */
@@ -135,14 +136,19 @@ export class DeviceLink {
         if (batch.length >= BATCH_GPAS) this.send(a);
       },
     };
-    vm.enableDeviceMode(a.sink);
+    enableDeviceMode(vm, a.sink);
     this.attached.set(vm.name, a);
   }
 
-  /** Sends every pending batch of one VM (or all). */
-  send(only?: Attached): void {
+  /**
+   * Sends every pending batch of one VM (or all). A VM with the injected
+   * sync bug holds its batches back until its next read is done (force), so
+   * that they are still in flight when the device is read.
+   */
+  send(only?: Attached, force = false): void {
     if (this.lost || !this.stream) return;
     for (const a of only ? [only] : this.attached.values()) {
+      if (a.vm.injected.skipDeviceSyncWait && !force) continue;
       for (const [cpu, gpas] of a.pending) {
         if (gpas.length === 0) continue;
         this.stream.write({ vmid: a.vm.config.vmid, cpu, seq: ++this.seqSent, gpas: gpasToBytes(gpas) });
@@ -153,9 +159,10 @@ export class DeviceLink {
     }
   }
 
-  /** Resolves once the device acknowledged everything sent so far. */
-  private async drained(): Promise<void> {
+  /** Resolves once the device acknowledged everything sent so far (a's batches included, even held back). */
+  private async drained(a?: Attached): Promise<void> {
     this.send();
+    if (a) this.send(a, true);
     const seq = this.seqSent;
     if (seq <= this.seqAcked) return;
     await new Promise<void>((resolve, reject) => {
@@ -179,12 +186,12 @@ export class DeviceLink {
       const r = await this.client.readDirty({ tracker: a.tracker, cpu: -1, max: WIRE_READ_GPAS });
       if (r.overflowed) {
         // GPAs were dropped: everything the device tracks is dirty; tracking goes on.
-        pages += a.vm.deviceLost();
-        a.vm.enableDeviceMode(a.sink);
+        pages += deviceLost(a.vm);
+        enableDeviceMode(a.vm, a.sink);
       }
       if (r.count === 0) break;
       gpas += r.count;
-      pages += a.vm.markDirtyGpas(bytesToGpas(r.gpas));
+      pages += markDirtyGpas(a.vm, bytesToGpas(r.gpas));
     }
     const c = a.vm.costs;
     return { pages, hostNs: Math.max(1, Math.ceil(gpas / READ_CHUNK_GPAS)) * c.deviceReadCallNs + gpas * c.deviceReadGpaNs };
@@ -199,7 +206,14 @@ export class DeviceLink {
     const a = this.attached.get(vm.name);
     if (!a) return { pages: 0, hostNs: 0 };
     try {
-      await this.drained();
+      if (vm.injected.skipDeviceSyncWait) {
+        // The injected bug: the read does not wait for the last sequence number, so the batches
+        // still in flight reach the device after it was read, and this GET misses their GPAs.
+        const r = await this.readAll(a);
+        this.send(a, true);
+        return r;
+      }
+      await this.drained(a);
       return await this.readAll(a);
     } catch (err) {
       return { pages: this.fail(`sync of VM ${vm.name} failed: ${(err as Error).message}`), hostNs: 0 };
@@ -215,12 +229,12 @@ export class DeviceLink {
     const a = this.attached.get(vm.name);
     if (!a) return;
     try {
-      await this.drained();
+      await this.drained(a);
       await this.client.disableTracking({ tracker: a.tracker, cpu: -1 });
       await this.readAll(a);
       await this.client.releaseTracker({ tracker: a.tracker });
       this.attached.delete(vm.name);
-      vm.disableDeviceMode();
+      disableDeviceMode(vm);
     } catch (err) {
       this.fail(`disabling the device for VM ${vm.name} failed: ${(err as Error).message}`);
     }
@@ -231,7 +245,7 @@ export class DeviceLink {
     if (this.lost || (this.closing && this.attached.size === 0)) return 0;
     this.lost = reason;
     let pages = 0;
-    for (const a of this.attached.values()) pages += a.vm.deviceLost();
+    for (const a of this.attached.values()) pages += deviceLost(a.vm);
     this.attached.clear();
     for (const w of this.waiters) w.resolve();
     this.waiters = [];

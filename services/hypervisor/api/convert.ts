@@ -138,6 +138,7 @@ export function vmInfo(vm: Vm): VmInfo {
     hdbssBufferEntries: vm.hw instanceof Hdbss ? vm.hw.entries : 0,
     arch: ARCH_OUT[vm.config.arch],
     pml: vm.config.pml,
+    eagerPageSplit: vm.config.eagerPageSplit,
   };
 }
 

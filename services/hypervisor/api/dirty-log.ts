@@ -1,5 +1,6 @@
 /** The dirty-log interfaces: GET and CLEAR of the bitmap, the rings' harvest and reset, writes without a vCPU. */
 import { resourceExhausted } from "../../../common/errors.js";
+import { harvestRing, resetDirtyRings } from "../model/dirty-ring.js";
 import { asBuffer, LOG_TARGET_OUT, num } from "./convert.js";
 import type { ApiContext, Handlers } from "./context.js";
 
@@ -38,13 +39,13 @@ export function dirtyLogHandlers(ctx: ApiContext): Pick<Handlers, "getDirtyLog" 
       return { pagesCleared: BigInt(r.pagesCleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)) };
     },
     harvestDirtyRing(req) {
-      const r = hv.vm(req.vm).harvestRing(req.vcpu, req.maxEntries);
+      const r = harvestRing(hv.vm(req.vm), req.vcpu, req.maxEntries);
       metrics.ringHarvested.inc({ vm: req.vm }, r.count);
       return { entries: asBuffer(r.entries), count: r.count, hostNs: BigInt(Math.round(r.hostNs)) };
     },
     resetDirtyRings(req) {
       const vm = hv.vm(req.vm);
-      const r = vm.resetRings();
+      const r = resetDirtyRings(vm);
       metrics.ringResetEntries.inc({ vm: vm.name }, r.cleared);
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "ring_reset" }, r.hostNs / 1e9);
       return { cleared: BigInt(r.cleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)) };

@@ -54,6 +54,7 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
           : null,
         arch,
         pml: req.pml,
+        eagerPageSplit: req.eagerPageSplit,
       });
       return { vm: vmInfo(vm) };
     },
@@ -188,7 +189,7 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
       const [pl, i] = slot.s2.leafRef(p, level);
       const lo = pl.lo[i];
       const hi = pl.hi[i];
-      return { ...base, mapped: true, level, ...vm.arch.view(lo, hi, level, vm.config.pml), accessFlag: (lo & AF) !== 0, outputAddress: BigInt(outputAddressOf(lo, hi)) };
+      return { ...base, mapped: true, level, ...vm.arch.view(lo, hi, level, vm), accessFlag: (lo & AF) !== 0, outputAddress: BigInt(outputAddressOf(lo, hi)) };
     },
     unmapGpaRange(req) {
       return { dirtySaved: BigInt(hv.vm(req.vm).unmapGpaRange(num(req.gpa, "gpa"), num(req.size, "size"))) };
@@ -202,6 +203,7 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
         skipHwLogDrain: req.skipHwLogDrain,
         skipRingEntryAtWrap: req.skipRingEntryAtWrap,
         failEveryOtherGetCopy: req.failEveryOtherGetCopy,
+        skipDeviceSyncWait: req.skipDeviceSyncWait,
       });
       return {};
     },

@@ -1,4 +1,5 @@
 /** Write tracking (seed 002): reference-counted tracked pages and the notifier stream. */
+import { removeWriteTracking, writeTrackerOf } from "../model/write-track.js";
 import { num } from "./convert.js";
 import type { ApiContext, Handlers } from "./context.js";
 
@@ -9,10 +10,10 @@ export function writeTrackingHandlers(ctx: ApiContext): Pick<Handlers, "addWrite
       return { count: hv.addWriteTracking(hv.vm(req.vm), num(req.gfn, "gfn")) };
     },
     removeWriteTracking(req) {
-      return { count: hv.vm(req.vm).removeWriteTracking(num(req.gfn, "gfn")) };
+      return { count: removeWriteTracking(hv.vm(req.vm), num(req.gfn, "gfn")) };
     },
     async *watchWriteTracking(req, ctx) {
-      const tracker = hv.vm(req.vm).requireWriteTracking("watch write tracking");
+      const tracker = writeTrackerOf(hv.vm(req.vm), "watch write tracking");
       const sub = tracker.subscribe();
       const onAbort = () => {
         if (tracker.subscribers.has(sub.id)) tracker.unsubscribe(sub.id);
@@ -48,7 +49,7 @@ export function writeTrackingHandlers(ctx: ApiContext): Pick<Handlers, "addWrite
       }
     },
     unwatchWriteTracking(req) {
-      hv.vm(req.vm).requireWriteTracking("unwatch write tracking").unsubscribe(num(req.subscriptionId, "subscription_id"));
+      writeTrackerOf(hv.vm(req.vm), "unwatch write tracking").unsubscribe(num(req.subscriptionId, "subscription_id"));
       return {};
     },
   };

@@ -1,14 +1,18 @@
 /**
- * What differs between the two architectures where dirty tracking sees it,
- * in one place (arch/arm64/kvm and arch/x86/kvm as the generic code asks
- * them): the capabilities each has, the ring variants it offers, the hardware
- * assists it has, whether write tracking exists, and how a leaf descriptor
- * looks from outside. Everything else, the generic core does the same on both.
+ * The seam between the generic core (vm.ts, dirty-bitmap.ts, dirty-ring.ts:
+ * what virt/kvm does) and an architecture (arm64.ts, x86.ts: what
+ * arch/arm64/kvm and arch/x86/kvm do). The generic code reaches an
+ * architecture only through this interface, at the points where KVM's
+ * generic code calls kvm_arch_*: write protection by mask, the sync before a
+ * GET, the TLB flush, the write-fault handler, the hardware dirty update on a
+ * TLB miss and the exits it may take, and the ring's reserve. Its data says
+ * which capabilities, ring variants and assists the architecture offers.
  */
 import type { HardwareDirtyName } from "./hardware-dirty.js";
-import { eptEntry } from "./ept.js";
-import { AF, HI_DBM, S2AP_R, S2AP_W, toU64 } from "./descriptor.js";
+import type { Memslot } from "./memslot.js";
 import type { Level } from "./stage2.js";
+import type { Vcpu } from "./vcpu.js";
+import type { Vm, WriteOutcome } from "./vm.js";
 
 export type ArchName = "arm64" | "x86_64";
 
@@ -36,7 +40,17 @@ export interface LeafView {
   dbm: boolean;
 }
 
-export interface ArchSpec {
+/**
+ * kvm_arch_mmu_enable_log_dirty_pt_masked for a batch of masks: mask() re-arms
+ * the pages first + i for each bit i of the 64-bit mask (lo: bits 0-31, hi:
+ * 32-63); done() ends the batch and returns the 2 MiB units it split.
+ */
+export interface MaskedProtect {
+  mask(first: number, lo: number, hi: number): void;
+  done(): number;
+}
+
+export interface KvmArch {
   readonly name: ArchName;
   /** Capabilities only this architecture has (the other checks them as 0 and refuses them). */
   readonly ownCaps: readonly number[];
@@ -45,39 +59,26 @@ export interface ArchSpec {
   readonly assists: readonly HardwareDirtyName[];
   /** Write tracking (seed 002, arch/x86/kvm/mmu/page_track.c). */
   readonly writeTracking: boolean;
+  /** KVM_ADDRESS_SPACE_NUM: address spaces a slot id's upper 16 bits may name (x86 has SMM's). */
+  readonly addressSpaces: number;
   /** A leaf descriptor as TranslateGpa shows it. */
-  view(lo: number, hi: number, level: Level, pml: boolean): LeafView;
-}
-
-const ARM64: ArchSpec = {
-  name: "arm64",
-  ownCaps: [CAP.ARM_EAGER_SPLIT_CHUNK_SIZE, CAP.ARM_SUPPORTED_BLOCK_SIZES, CAP.ARM_PAGE_TRACKING_DEVICE, CAP.ARM_HW_DIRTY_STATE_TRACK, CAP.ARM_HW_DIRTY_LOG],
-  ringCaps: [CAP.DIRTY_LOG_RING_ACQ_REL],
-  assists: ["dbm", "device", "hdbss"],
-  writeTracking: false,
-  view: (lo, hi) => ({
-    descriptor: toU64(lo, hi),
-    readable: (lo & S2AP_R) !== 0,
-    writable: (lo & S2AP_W) !== 0,
-    accessed: (lo & AF) !== 0,
-    dirty: false,
-    dbm: (hi & HI_DBM) !== 0,
-  }),
-};
-
-const X86_64: ArchSpec = {
-  name: "x86_64",
-  ownCaps: [],
-  ringCaps: [CAP.DIRTY_LOG_RING, CAP.DIRTY_LOG_RING_ACQ_REL],
-  assists: ["pml"],
-  writeTracking: true,
-  view: (lo, hi, level, pml) => ({ ...eptEntry(lo, hi, level, pml), dbm: false }),
-};
-
-export const ARCHES: Record<ArchName, ArchSpec> = { arm64: ARM64, x86_64: X86_64 };
-
-/** The architecture that owns a capability, if only one does. */
-export function capOwner(cap: number): ArchName | null {
-  for (const a of Object.values(ARCHES)) if (a.ownCaps.includes(cap)) return a.name;
-  return null;
+  view(lo: number, hi: number, level: Level, vm: Vm): LeafView;
+  /** kvm_cpu_dirty_log_size(): ring entries one drain of a hardware log may push, reserved below the soft limit. */
+  cpuDirtyLogSize(pml: boolean): number;
+  /** Whether enabling logging splits blocks up front (eager) rather than on the first write fault. */
+  eagerSplit(vm: Vm): boolean;
+  /** Re-arms logging for the masked pages of slot (after GET, CLEAR, a ring reset); split: eager-split them too. */
+  protectMasked(vm: Vm, slot: Memslot, split: boolean): MaskedProtect;
+  /** Arms logging for a whole slot (LOG_DIRTY_PAGES turned on; kvm_mmu_slot_apply_flags). */
+  protectSlot(vm: Vm, slot: Memslot): void;
+  /** kvm_arch_sync_dirty_log, its synchronous part: hardware dirty state into slot's bitmap. Pages added, host ns. */
+  syncDirtyLog(vm: Vm, slot: Memslot): { pages: number; hostNs: number };
+  /** kvm_flush_remote_tlbs after write protection. */
+  flushRemoteTlbs(vm: Vm): void;
+  /** The write-fault handler: vCPU v's write to page p of slot (leaf at level) trapped. */
+  handleWriteFault(vm: Vm, v: Vcpu, slot: Memslot, p: number, gfn: number, level: Level, lo: number, hi: number, t: number): WriteOutcome;
+  /** The hardware's dirty update of a writable-clean page on a TLB miss (no fault); returns its cost, with any log-full exit. */
+  hardwareDirtyUpdate(vm: Vm, v: Vcpu, slot: Memslot, p: number, gfn: number): number;
+  /** Any other exit of v from the guest (MMIO): what the architecture does on every exit. */
+  vcpuExit(vm: Vm, v: Vcpu): void;
 }

@@ -11,6 +11,8 @@
  * ring) is modelled here too, with its fetch index.
  */
 import { invalidArgument, failedPrecondition } from "../../../common/errors.js";
+import type { MaskedProtect } from "./arch.js";
+import type { Vm } from "./vm.js";
 
 export const DIRTY_GFN_F_DIRTY = 1 << 0;
 export const DIRTY_GFN_F_RESET = 1 << 1;
@@ -123,14 +125,18 @@ export class DirtyRing {
   /**
    * kvm_dirty_ring_reset: frees harvested entries in order, stopping at the
    * first one userspace has not marked RESET, and coalesces runs of the same
-   * slot within 64 pages (forwards or backwards) into one re-protection of
-   * pages [first, last]. Returns the entries freed.
+   * slot within 64 pages (forwards, or backwards while the mask keeps its top
+   * bit) into one mask: protect(slot, first, lo, hi) re-arms pages first + i
+   * for each bit i of the mask (lo: bits 0-31, hi: 32-63), span: the highest
+   * bit. Returns the entries freed.
    */
-  reset(protect: (slot: number, first: number, last: number) => void): number {
+  reset(protect: (slot: number, first: number, lo: number, hi: number, span: number) => void): number {
     let cleared = 0;
     let curSlot = -1;
     let base = 0;
-    let last = 0;
+    let top = 0;
+    let lo = 0;
+    let hi = 0;
     let open = false;
     while (this.resetIndex < this.dirtyIndex) {
       const i = this.resetIndex & (this.size - 1);
@@ -141,22 +147,81 @@ export class DirtyRing {
       this.resetIndex++;
       cleared++;
       if (open && slot === curSlot) {
-        if (off >= base && off - base < 64) {
-          if (off > last) last = off;
+        const d = off - base;
+        if (d >= 0 && d < 64) {
+          if (d < 32) lo |= 1 << d;
+          else hi |= 1 << (d - 32);
+          if (d > top) top = d;
           continue;
         }
-        // Backwards: the mask shifted left by (base - off) must not lose its top bit.
-        if (off < base && last - off < 64) {
+        if (d < 0 && top - d < 64) {
+          const k = -d;
+          if (k >= 32) {
+            hi = lo << (k - 32);
+            lo = 0;
+          } else {
+            hi = (hi << k) | (lo >>> (32 - k));
+            lo <<= k;
+          }
+          lo |= 1;
+          top -= d;
           base = off;
           continue;
         }
       }
-      if (open) protect(curSlot, base, last);
+      if (open) protect(curSlot, base, lo, hi, top);
       curSlot = slot;
-      base = last = off;
+      base = off;
+      top = 0;
+      lo = 1;
+      hi = 0;
       open = true;
     }
-    if (open) protect(curSlot, base, last);
+    if (open) protect(curSlot, base, lo, hi, top);
     return cleared;
   }
+}
+
+function ringOf(vm: Vm, vcpu: number, what: string): DirtyRing {
+  const v = vm.vcpu(vcpu, what);
+  if (!v.ring) throw failedPrecondition(`${what}: VM ${vm.name} has no dirty ring`, "EINVAL");
+  return v.ring;
+}
+
+/** The VMM reading vCPU vcpu's ring: up to max entries (0: all) as struct kvm_dirty_gfn. */
+export function harvestRing(vm: Vm, vcpu: number, max: number): { entries: Uint8Array; count: number; hostNs: number } {
+  const ring = ringOf(vm, vcpu, "harvest dirty ring");
+  const n = Math.min(max || ring.size, ring.pending);
+  const entries = new Uint8Array(n * ENTRY_BYTES);
+  const count = ring.harvest(n, new DataView(entries.buffer), vm.injected.skipRingEntryAtWrap);
+  return { entries, count, hostNs: count * vm.costs.ringHarvestEntryNs };
+}
+
+/**
+ * KVM_RESET_DIRTY_RINGS: every vCPU's harvested entries are freed and their
+ * pages re-armed through the architecture (kvm_reset_dirty_gfn; a mask naming
+ * a missing slot or running past its end is skipped, as the kernel does);
+ * one VM-wide TLB flush if any.
+ */
+export function resetDirtyRings(vm: Vm): { cleared: number; tlbFlushed: boolean; hostNs: number } {
+  if (!vm.ringEnabled) throw failedPrecondition(`RESET_DIRTY_RINGS: VM ${vm.name} has no dirty ring`, "EINVAL");
+  const protectors = new Map<number, MaskedProtect>();
+  const protect = (slotId: number, first: number, lo: number, hi: number, span: number) => {
+    const slot = vm.slots.get(slotId);
+    if (!slot || first + span >= slot.npages) return;
+    let p = protectors.get(slotId);
+    if (!p) protectors.set(slotId, (p = vm.arch.protectMasked(vm, slot, false)));
+    p.mask(first, lo, hi);
+    const rp = slot.ringPending;
+    if (rp) for (let k = 0; k <= span; k++) if (((k < 32 ? lo >>> k : hi >>> (k - 32)) & 1) === 1) rp[(first + k) >>> 5] &= ~(1 << ((first + k) & 31));
+  };
+  let cleared = 0;
+  for (const v of vm.vcpus) {
+    cleared += v.ring!.reset(protect);
+    if (v.ringFull && !v.ring!.softFull) v.ringFull = false;
+  }
+  for (const p of protectors.values()) p.done();
+  const tlbFlushed = cleared > 0 && vm.flushTlbsAfterWriteProtect();
+  const c = vm.costs;
+  return { cleared, tlbFlushed, hostNs: c.ioctlNs + cleared * c.ringResetEntryNs + (tlbFlushed ? c.tlbFlushNs : 0) };
 }

@@ -7,8 +7,10 @@
  * each lives in a file named after it: dbm.ts (seed 003),
  * page-tracking-device.ts (seed 000), hdbss.ts (FEAT_HDBSS), pml.ts (Intel PML).
  */
+import { failedPrecondition, invalidArgument } from "../../../common/errors.js";
 import type { Memslot } from "./memslot.js";
 import type { Vcpu } from "./vcpu.js";
+import type { Vm } from "./vm.js";
 
 export type HardwareDirtyName = "dbm" | "device" | "hdbss" | "pml";
 
@@ -46,4 +48,55 @@ export interface HardwareDirty {
   stop(): void;
   /** Bytes of its own state (the memory budget counts them). */
   readonly allocatedBytes: number;
+}
+
+export const HW_NAMES: Record<HardwareDirtyName, string> = {
+  dbm: "hardware dirty logging (DBM scan)",
+  device: "the page-tracking device",
+  hdbss: "FEAT_HDBSS",
+  pml: "Intel PML",
+};
+
+/**
+ * Turns an assist on for vm: one at a time, one the architecture has, and
+ * none with a dirty ring unless it drains into rings (the arm64 seeds and
+ * series sync hardware state into bitmaps only). Turning the same one on again
+ * keeps the one in force.
+ */
+export function attachAssist(vm: Vm, hw: HardwareDirty, what: string): void {
+  if (vm.ringEnabled && !hw.allowsRing) throw failedPrecondition(`${what}: VM ${vm.name} logs to dirty rings; hardware dirty state syncs into bitmaps only`, "EINVAL");
+  if (!vm.arch.assists.includes(hw.name)) throw invalidArgument(`${what}: VM ${vm.name} is ${vm.arch.name}, which has no ${HW_NAMES[hw.name]}`, "EINVAL");
+  if (vm.hw && vm.hw.name !== hw.name) throw failedPrecondition(`${what}: ${HW_NAMES[vm.hw.name]} already owns VM ${vm.name}'s hardware dirty state`, "EBUSY");
+  vm.hw ??= hw;
+}
+
+/**
+ * Turns vm's assist off: what it and the descriptors hold goes to the logs
+ * first, then DBM is cleared and every logging slot write-protected again, so
+ * that writes fault and are logged as before.
+ */
+export function detachAssist(vm: Vm): void {
+  if (!vm.hw) return;
+  vm.hw.stop();
+  for (const s of vm.slots.values()) {
+    if (s.dirtyBitmap) s.pagesDirtied += s.s2.scanDirtyInto(s.dirtyBitmap);
+    s.s2.clearDbmAll();
+    if (s.logging) s.s2.writeProtectAll();
+  }
+  vm.hw = null;
+  vm.flushAllTlbs();
+}
+
+/**
+ * The hardware's clean -> dirty update on a TLB miss (Arm ARM D8.5.2: DBM
+ * sets S2AP_W; EPT: the D bit, bit 9), no fault; the assist records it,
+ * and returns what a full log cost (HDBSSF, PML-full). Returns the cost.
+ */
+export function hardwareSetDirty(vm: Vm, v: Vcpu, slot: Memslot, p: number, gfn: number): number {
+  const extra = vm.hw!.recorded(v, slot, p, gfn);
+  slot.s2.hwSetDirty(p);
+  v.tlb.fill(gfn);
+  vm.hwDirtyUpdates++;
+  v.dirtied();
+  return vm.costs.dbmUpdateNs + extra;
 }

@@ -10,19 +10,20 @@ import type { CostModel } from "./cost-model.js";
 import { PAGE_SIZE } from "./descriptor.js";
 import { checkRingBytes, DirtyRing, ENTRY_BYTES, MAX_ENTRIES } from "./dirty-ring.js";
 import { BATCH } from "./workload.js";
-import { Hdbss, MAX_ORDER as HDBSS_MAX_ORDER } from "./hdbss.js";
 import { KNOWN_FLAGS, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MAX_SLOT_PAGES, Memslot, USER_MEM_SLOTS } from "./memslot.js";
 import { INITIALLY_SET, MANUAL_PROTECT_ENABLE, Vm, type Arch, type BackingPageSize, type ClockDrive } from "./vm.js";
-import { Pml, PML_ENTRIES } from "./pml.js";
-import { ARCHES, CAP, capOwner } from "./arch.js";
+import { Pml } from "./pml.js";
+import { CAP } from "./arch.js";
+import { ARM64 } from "./arm64.js";
+import { ARCHES, capOwner } from "./arches.js";
+import * as bitmapLog from "./dirty-bitmap.js";
+import { addWriteTracking, writeTrackerOf } from "./write-track.js";
 import type { WorkloadSpec } from "./workload.js";
 import type { PageTrackingDriver } from "./page-tracking-device.js";
 import type { GetDirtyLogResult, ClearDirtyLogResult } from "./dirty-bitmap.js";
 
 export { CAP } from "./arch.js";
 
-/** KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES with a 4 KiB granule: 4 KiB, 2 MiB, 1 GiB. */
-export const SUPPORTED_BLOCK_SIZES = 2 ** 12 + 2 ** 21 + 2 ** 30;
 export const MAX_VCPUS = 512;
 export const DEFAULT_IPA_BITS = 40;
 export const DEFAULT_TLB_ENTRIES = 1024;
@@ -51,6 +52,8 @@ export interface CreateVmSpec {
   arch: Arch;
   /** x86_64 only: Intel PML on. */
   pml: boolean;
+  /** x86_64 only: kvm's eager_page_split (undefined: the kernel's default, Y). */
+  eagerPageSplit?: boolean;
 }
 
 export interface HypervisorOptions {
@@ -113,13 +116,16 @@ export class Hypervisor {
     const arch = ARCHES[spec.arch];
     if (spec.pml && !arch.assists.includes("pml")) throw invalidArgument(`create VM: PML is Intel's (x86_64); this VM is ${arch.name}`, "EINVAL");
     if (spec.eagerSplitChunkSize !== 0 && !arch.ownCaps.includes(CAP.ARM_EAGER_SPLIT_CHUNK_SIZE)) {
-      throw invalidArgument("create VM: KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE is arm64's (x86's TDP MMU splits eagerly by its module parameter)", "EINVAL");
+      throw invalidArgument("create VM: KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE is arm64's (x86's TDP MMU splits eagerly by its module parameter: eager_page_split)", "EINVAL");
+    }
+    if (spec.eagerPageSplit !== undefined && arch.name !== "x86_64") {
+      throw invalidArgument("create VM: eager_page_split is x86's kvm module parameter; arm64 splits eagerly by eager_split_chunk_size", "EINVAL");
     }
     // KVM's order: the ring before any vCPU exists, its backup bitmap before any memslot.
     let ringBytes = 0;
     if (spec.dirtyRing) {
       ringBytes = this.ringSize(spec.arch, spec.dirtyRing.capability, spec.dirtyRing.bytes);
-      checkRingBytes(ringBytes, false, false, spec.pml ? PML_ENTRIES : 0);
+      checkRingBytes(ringBytes, false, false, arch.cpuDirtyLogSize(spec.pml));
     }
     // Sizes that are not whole pages are refused per slot below, with their own message.
     const ring = spec.dirtyRing !== null;
@@ -140,6 +146,7 @@ export class Hypervisor {
       ringBytes,
       arch: spec.arch,
       pml: spec.pml,
+      eagerPageSplit: arch.name === "x86_64" && (spec.eagerPageSplit ?? true),
     });
     if (spec.dirtyRing?.withBitmap) this.enableCap(vm, CAP.DIRTY_LOG_RING_WITH_BITMAP, 0, []);
     if (spec.eagerSplitChunkSize !== 0) this.enableCap(vm, CAP.ARM_EAGER_SPLIT_CHUNK_SIZE, 0, [BigInt(spec.eagerSplitChunkSize)]);
@@ -196,7 +203,7 @@ export class Hypervisor {
    */
   async getDirtyLog(vm: Vm, slot: number): Promise<GetDirtyLogResult & { numPages: number; costs: SyncCosts }> {
     const dev = this.pageTracking?.owns(vm) ? await this.pageTracking.sync(vm) : { pages: 0, hostNs: 0 };
-    const r = vm.getDirtyLog(slot);
+    const r = bitmapLog.getDirtyLog(vm, slot);
     r.hostNs += dev.hostNs;
     r.pagesSynced += dev.pages;
     const costs: SyncCosts = { get: r.hostNs };
@@ -209,7 +216,7 @@ export class Hypervisor {
   async clearDirtyLog(vm: Vm, slot: number, firstPage: number, numPages: number, bitmap: Uint8Array): Promise<ClearDirtyLogResult> {
     const skipSync = vm.manualProtect && vm.initiallySet;
     const dev = !skipSync && this.pageTracking?.owns(vm) ? await this.pageTracking.sync(vm) : { hostNs: 0 };
-    const r = vm.clearDirtyLog(slot, firstPage, numPages, bitmap);
+    const r = bitmapLog.clearDirtyLog(vm, slot, firstPage, numPages, bitmap);
     r.hostNs += dev.hostNs;
     return r;
   }
@@ -245,7 +252,8 @@ export class Hypervisor {
     if (m.flags & ~KNOWN_FLAGS) throw invalidArgument(`${what}: unknown flags 0x${(m.flags & ~KNOWN_FLAGS).toString(16)}`, "EINVAL");
     const as = m.slot >>> 16;
     const id = m.slot & 0xffff;
-    if (as !== 0) throw invalidArgument(`${what}: address space ${as} does not exist on arm64`, "EINVAL");
+    if (as >= vm.arch.addressSpaces) throw invalidArgument(`${what}: address space ${as} does not exist on ${vm.arch.name}`, "EINVAL");
+    if (as !== 0) throw invalidArgument(`${what}: address space ${as} (SMM) is not modelled`, "EINVAL");
     if (id >= USER_MEM_SLOTS) throw invalidArgument(`${what}: slot id ${id} >= KVM_USER_MEM_SLOTS (${USER_MEM_SLOTS})`, "EINVAL");
     if (m.gpa % PAGE_SIZE !== 0) throw invalidArgument(`${what}: guest_phys_addr 0x${m.gpa.toString(16)} is not 4 KiB aligned`, "EINVAL");
     if (m.size % PAGE_SIZE !== 0) throw invalidArgument(`${what}: memory_size ${m.size} is not a multiple of 4 KiB`, "EINVAL");
@@ -305,25 +313,18 @@ export class Hypervisor {
 
   /** KVM_CHECK_EXTENSION; vm is null for the system-wide query, which answers for arm64 (the default). */
   checkExtension(vm: Vm | null, cap: number): number {
-    const arch = vm?.arch ?? ARCHES.arm64;
+    const arch = vm?.arch ?? ARM64;
     const owner = capOwner(cap);
     if (owner && owner !== arch.name) return 0;
+    if (owner === "arm64") return ARM64.checkOwnCap(cap, this.deviceRegistered);
     switch (cap) {
       case CAP.DIRTY_LOG_RING:
       case CAP.DIRTY_LOG_RING_ACQ_REL:
         return arch.ringCaps.includes(cap) ? MAX_ENTRIES * ENTRY_BYTES : 0;
       case CAP.DIRTY_LOG_RING_WITH_BITMAP:
-      case CAP.ARM_HW_DIRTY_LOG:
-      case CAP.ARM_HW_DIRTY_STATE_TRACK:
         return 1;
-      case CAP.ARM_PAGE_TRACKING_DEVICE:
-        return this.deviceRegistered ? 1 : 0;
       case CAP.MANUAL_DIRTY_LOG_PROTECT2:
         return Number(MANUAL_PROTECT_ENABLE | INITIALLY_SET);
-      case CAP.ARM_EAGER_SPLIT_CHUNK_SIZE:
-        return 1;
-      case CAP.ARM_SUPPORTED_BLOCK_SIZES:
-        return SUPPORTED_BLOCK_SIZES;
       default:
         return 0;
     }
@@ -335,6 +336,7 @@ export class Hypervisor {
     const arg0 = args[0] ?? 0n;
     const owner = capOwner(cap);
     if (owner && owner !== vm.arch.name) throw invalidArgument(`${what}: capability ${cap} is ${owner}'s; VM ${vm.name} is ${vm.arch.name}`, "EINVAL");
+    if (owner === "arm64") return ARM64.enableOwnCap(vm, cap, flags, args, (bytes, what) => this.checkBudget(bytes, what));
     switch (cap) {
       case CAP.MANUAL_DIRTY_LOG_PROTECT2: {
         const allowed = arg0 & MANUAL_PROTECT_ENABLE ? MANUAL_PROTECT_ENABLE | INITIALLY_SET : MANUAL_PROTECT_ENABLE;
@@ -350,21 +352,9 @@ export class Hypervisor {
         vm.manualProtectFlags = arg0;
         return;
       }
-      case CAP.ARM_EAGER_SPLIT_CHUNK_SIZE: {
-        if (flags !== 0) throw invalidArgument(`${what}: flags must be 0`, "EINVAL");
-        const size = Number(arg0);
-        if (size !== 0 && !(size === 2 ** 12 || size === 2 ** 21 || size === 2 ** 30)) {
-          throw invalidArgument(`${what}: chunk size ${size} is not 0 or a supported block size (4 KiB, 2 MiB, 1 GiB)`, "EINVAL");
-        }
-        if (vm.slots.size > 0) throw failedPrecondition(`${what}: the eager split chunk size can only be set before any memslot exists`, "EINVAL");
-        vm.eagerSplitChunk = size;
-        return;
-      }
-      case CAP.ARM_SUPPORTED_BLOCK_SIZES:
-        throw invalidArgument(`${what}: KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES can only be queried`, "EINVAL");
       case CAP.DIRTY_LOG_RING:
       case CAP.DIRTY_LOG_RING_ACQ_REL:
-        checkRingBytes(this.ringSize(vm.config.arch, cap, arg0), vm.ringEnabled, vm.vcpus.length > 0, vm.config.pml ? PML_ENTRIES : 0);
+        checkRingBytes(this.ringSize(vm.config.arch, cap, arg0), vm.ringEnabled, vm.vcpus.length > 0, vm.arch.cpuDirtyLogSize(vm.config.pml));
         return;
       case CAP.DIRTY_LOG_RING_WITH_BITMAP:
         if (!vm.ringEnabled) throw failedPrecondition(`${what}: DIRTY_LOG_RING_WITH_BITMAP needs a dirty ring first`, "EINVAL");
@@ -372,22 +362,6 @@ export class Hypervisor {
         if (vm.slots.size > 0) throw failedPrecondition(`${what}: DIRTY_LOG_RING_WITH_BITMAP can only be enabled before any memslot exists`, "EINVAL");
         vm.ringWithBitmap = true;
         return;
-      case CAP.ARM_HW_DIRTY_LOG:
-        if (flags !== 0 || arg0 > 1n) throw invalidArgument(`${what}: args[0] must be 1 (on) or 0 (off)`, "EINVAL");
-        vm.setHardwareDirtyLogging(arg0 === 1n);
-        return;
-      case CAP.ARM_HW_DIRTY_STATE_TRACK: {
-        if (flags !== 0 || (args[1] ?? 0n) > 1n) throw invalidArgument(`${what}: args[0] is the buffer order, args[1] 1 (on) or 0 (off)`, "EINVAL");
-        const on = args[1] === 1n;
-        const order = Number(arg0);
-        if (on && !(vm.hw instanceof Hdbss) && order >= 0 && order <= HDBSS_MAX_ORDER) {
-          this.checkBudget(Hdbss.bytesFor(vm.vcpus.length, order), `HDBSS buffers of order ${order} for ${vm.vcpus.length} vCPUs`);
-        }
-        vm.setHdbss(on, order);
-        return;
-      }
-      case CAP.ARM_PAGE_TRACKING_DEVICE:
-        throw failedPrecondition(`${what}: the page-tracking device is enabled through the hypervisor service, which talks to the device`, "EINVAL");
       default:
         throw invalidArgument(`${what}: capability ${cap} is not supported`, "EINVAL");
     }
@@ -395,10 +369,10 @@ export class Hypervisor {
 
   /** kvm_write_track_add_gfn, within the budget (a slot's first tracked page allocates its counts). */
   addWriteTracking(vm: Vm, gfn: number): number {
-    vm.requireWriteTracking("write track add");
+    const wt = writeTrackerOf(vm, "write track add");
     const slot = vm.slotOfGpa(gfn * PAGE_SIZE);
-    if (slot) this.checkBudget(vm.writeTrack.bytesToTrack(slot), `write tracking in slot ${slot.id}`);
-    return vm.addWriteTracking(gfn);
+    if (slot) this.checkBudget(wt.bytesToTrack(slot), `write tracking in slot ${slot.id}`);
+    return addWriteTracking(vm, gfn);
   }
 
   validateWorkload(vm: Vm, w: WorkloadSpec): void {

@@ -6,7 +6,8 @@
  * gRPC lives beside the server (device-registry.ts, device-link.ts); the
  * model sees only this.
  */
-import type { HardwareDirty } from "./hardware-dirty.js";
+import { failedPrecondition } from "../../../common/errors.js";
+import { attachAssist, detachAssist, type HardwareDirty } from "./hardware-dirty.js";
 import type { Memslot } from "./memslot.js";
 import type { Vcpu } from "./vcpu.js";
 import type { Vm } from "./vm.js";
@@ -51,4 +52,48 @@ export class DeviceAssist implements HardwareDirty {
   vcpuPut(): void {}
 
   stop(): void {}
+}
+
+/** ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE) on: later fault-free writes go to sink. Re-enabled after an overflow: a fresh sink. */
+export function enableDeviceMode(vm: Vm, sink: (vcpu: number, gpa: number) => void): void {
+  const what = "ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE)";
+  if (vm.ringEnabled) throw failedPrecondition(`${what}: VM ${vm.name} has a dirty ring, which the device does not support yet`, "EINVAL");
+  if (vm.hw?.name === "device") vm.hw = null;
+  attachAssist(vm, new DeviceAssist(sink), what);
+}
+
+/** The device was disabled cleanly (its last pages read): back to plain write protection. */
+export function disableDeviceMode(vm: Vm): void {
+  if (vm.hw?.name === "device") detachAssist(vm);
+}
+
+/**
+ * The device failed: whatever it had not reported is unknown, so every page
+ * of every logging slot is dirty; DBM goes, and writes fault again. Returns
+ * the pages marked.
+ */
+export function deviceLost(vm: Vm): number {
+  let pages = 0;
+  for (const s of vm.slots.values()) {
+    const bm = s.dirtyBitmap;
+    if (!bm) continue;
+    const full = s.npages >>> 5;
+    bm.fill(-1, 0, full);
+    if (s.npages & 31) bm[full] |= (2 ** (s.npages & 31) - 1) | 0;
+    pages += s.npages;
+  }
+  disableDeviceMode(vm);
+  return pages;
+}
+
+/** GPAs the device returned: each marked in its slot's bitmap; unknown GPAs are ignored, as KVM does. Returns pages newly marked. */
+export function markDirtyGpas(vm: Vm, gpas: Float64Array | number[]): number {
+  let slot: Memslot | undefined;
+  let added = 0;
+  for (const gpa of gpas) {
+    const gfn = Math.floor(gpa / 4096);
+    if (!slot || !slot.containsGfn(gfn)) slot = [...vm.slots.values()].find((s) => s.containsGfn(gfn));
+    if (slot?.dirtyBitmap && slot.markDirty(gfn - slot.baseGfn)) added++;
+  }
+  return added;
 }

@@ -1,27 +1,27 @@
 /**
- * A VM: memslots with their stage-2 ranges, vCPUs with TLBs and workloads, a
- * virtual clock, the capabilities enabled on it, and the write path every
- * guest write takes (TLB, descriptor walk, stage-2 fault, dirty log).
+ * A VM, the generic part (virt/kvm's struct kvm): memslots with their
+ * stage-2 / EPT ranges, vCPUs with TLBs and workloads, a virtual clock, the
+ * capabilities enabled on it, and the write path every guest write takes
+ * (TLB, descriptor walk, then the architecture's hardware update or fault
+ * handler, and mark_page_dirty_in_slot). The log interfaces are in
+ * dirty-bitmap.ts and dirty-ring.ts, the architecture behind arch.ts.
  */
-import { DomainError, failedPrecondition, invalidArgument, notFound, unimplemented } from "../../../common/errors.js";
+import { failedPrecondition, invalidArgument, notFound } from "../../../common/errors.js";
+import type { KvmArch, ArchName } from "./arch.js";
+import { ARCHES } from "./arches.js";
 import type { CostModel } from "./cost-model.js";
-import { HI_DBM, PAGE_RO, S2AP_W } from "./descriptor.js";
+import { HI_DBM, S2AP_W } from "./descriptor.js";
 import * as bitmapLog from "./dirty-bitmap.js";
 import { DirtyRing, ENTRY_BYTES } from "./dirty-ring.js";
+import type { HardwareDirty, HardwareDirtyName } from "./hardware-dirty.js";
 import { KVM_MEM_LOG_DIRTY_PAGES, Memslot } from "./memslot.js";
+import { Pml } from "./pml.js";
 import { deriveSeed } from "./rng.js";
 import { Level } from "./stage2.js";
 import { Tlb } from "./tlb.js";
 import { Vcpu } from "./vcpu.js";
 import { BATCH, IDLE, WorkloadGen, type WorkloadSpec } from "./workload.js";
 import { WriteTracker } from "./write-track.js";
-import { handleWriteFault } from "./fault.js";
-import { DbmScan } from "./dbm.js";
-import type { HardwareDirty, HardwareDirtyName } from "./hardware-dirty.js";
-import { DeviceAssist } from "./page-tracking-device.js";
-import { Hdbss, MAX_ORDER } from "./hdbss.js";
-import { Pml, PML_ENTRIES } from "./pml.js";
-import { ARCHES, type ArchName, type ArchSpec } from "./arch.js";
 
 export type BackingPageSize = "4K" | "2M" | "1G";
 export type Arch = ArchName;
@@ -46,6 +46,8 @@ export interface VmConfig {
   arch: Arch;
   /** x86_64: Intel PML on (kvm_intel's enable_pml), for the VM's life. */
   pml: boolean;
+  /** x86_64: kvm's eager_page_split parameter (blocks split when logging starts, not on each first write). */
+  eagerPageSplit: boolean;
 }
 
 export type FaultKind = "none" | "translation" | "permission" | "tracked";
@@ -70,13 +72,6 @@ interface Segment {
 const QUANTUM_NS = 1_000_000;
 const TWO32 = 4294967296;
 
-const HW_NAMES: Record<HardwareDirtyName, string> = {
-  dbm: "hardware dirty logging (DBM scan)",
-  device: "the page-tracking device",
-  hdbss: "FEAT_HDBSS",
-  pml: "Intel PML",
-};
-
 export class Vm {
   readonly slots = new Map<number, Memslot>();
   readonly vcpus: Vcpu[];
@@ -87,8 +82,17 @@ export class Vm {
   eagerSplitChunk = 0;
   tlbFlushes = 0;
   /** Bugs a test switches on (SetFaultInjection), to show that the checks catch them. */
-  readonly injected = { skipTlbFlushAfterWriteProtect: false, skipHwLogDrain: false, skipRingEntryAtWrap: false, failEveryOtherGetCopy: false };
-  private gets = 0;
+  readonly injected = {
+    skipTlbFlushAfterWriteProtect: false,
+    skipHwLogDrain: false,
+    skipRingEntryAtWrap: false,
+    failEveryOtherGetCopy: false,
+    skipDeviceSyncWait: false,
+    /** GETs seen while failEveryOtherGetCopy is on. */
+    getsSeen: 0,
+  };
+  /** The architecture: every arch-specific step of the generic code goes through it. */
+  readonly arch: KvmArch;
   /** DIRTY_LOG_RING_WITH_BITMAP. */
   ringWithBitmap = false;
   /**
@@ -114,22 +118,19 @@ export class Vm {
   destroyed = false;
 
   constructor(readonly config: VmConfig) {
+    this.arch = ARCHES[config.arch];
     this.specs = Array.from({ length: config.vcpus }, () => IDLE);
     const entries = config.ringBytes / ENTRY_BYTES;
-    const reserve = config.pml ? PML_ENTRIES : 0;
+    const reserve = this.arch.cpuDirtyLogSize(config.pml);
     this.vcpus = this.specs.map((s, i) => new Vcpu(i, new Tlb(config.tlbEntries), this.makeGen(s, i), entries ? new DirtyRing(entries, reserve) : null));
+    // kvm_intel's enable_pml is the host's, for the VM's life; the arm64 assists are capabilities.
     if (config.pml) this.hw = new Pml(this, config.vcpus, config.costs);
-  }
-
-  get arch(): ArchSpec {
-    return ARCHES[this.config.arch];
   }
 
   get ringEnabled(): boolean {
     return this.config.ringBytes > 0;
   }
 
-  /** The dirty-tracking mechanism in force, for metric labels. */
   /**
    * How this VM logs, named as the controller names mechanisms (the log, the
    * protection, the assist; defaults left out): `bitmap+manual+dbm`,
@@ -156,9 +157,6 @@ export class Vm {
   get initiallySet(): boolean {
     return (this.manualProtectFlags & INITIALLY_SET) !== 0n;
   }
-  get eagerSplit(): boolean {
-    return this.eagerSplitChunk !== 0;
-  }
   get memoryBytes(): number {
     let n = 0;
     for (const s of this.slots.values()) n += s.size;
@@ -180,7 +178,7 @@ export class Vm {
   }
 
   slot(id: number, what: string): Memslot {
-    if (id >>> 16 !== 0) throw invalidArgument(`${what}: address space ${id >>> 16} does not exist on arm64 (slot ${id})`, "EINVAL");
+    if (id >>> 16 >= this.arch.addressSpaces) throw invalidArgument(`${what}: address space ${id >>> 16} does not exist on ${this.arch.name} (slot ${id})`, "EINVAL");
     const s = this.slots.get(id);
     if (!s) throw notFound(`${what}: VM ${this.name} has no memslot ${id}`, "ENOENT");
     return s;
@@ -267,9 +265,10 @@ export class Vm {
     this.tlbFlushes++;
   }
 
+  /** Write protection took effect: the architecture flushes every vCPU's TLB, unless the injected bug skips it. */
   flushTlbsAfterWriteProtect(): boolean {
     if (this.injected.skipTlbFlushAfterWriteProtect) return false;
-    this.flushAllTlbs();
+    this.arch.flushRemoteTlbs(this);
     return true;
   }
 
@@ -472,30 +471,12 @@ export class Vm {
         return 0;
       }
     } else if (level === Level.Page && this.hw !== null && slot.s2.pte.hi[p] & HI_DBM) {
-      return this.hwUpdate(v, slot, p, gfn);
+      // Writable-clean (DBM set, or W with D clear; only ever with an assist on): the hardware's update, no fault.
+      return this.arch.hardwareDirtyUpdate(this, v, slot, p, gfn);
     }
     this.missFaulted = true;
-    this.lastFault = this.fault(v, slot, p, gfn, level, lo, hi, t);
+    this.lastFault = this.arch.handleWriteFault(this, v, slot, p, gfn, level, lo, hi, t);
     return this.lastFault.costNs;
-  }
-
-  /**
-   * Arm ARM D8.5.2: a write through a writable-clean descriptor with HD set
-   * makes it writable-dirty, no fault; the assist records it. Returns the cost.
-   */
-  private hwUpdate(v: Vcpu, slot: Memslot, p: number, gfn: number): number {
-    const extra = this.hw!.recorded(v, slot, p, gfn);
-    slot.s2.hwSetDirty(p);
-    v.tlb.fill(gfn);
-    this.hwDirtyUpdates++;
-    v.dirtied();
-    return this.costs.dbmUpdateNs + extra;
-  }
-
-  /** The write-fault handler (fault.ts): the fault is a VM exit, so PML's buffer drains first. */
-  private fault(v: Vcpu, slot: Memslot, p: number, gfn: number, level: Level, lo: number, hi: number, t: number): WriteOutcome {
-    this.hw?.vcpuExit?.(v);
-    return handleWriteFault(this, v, slot, p, gfn, level, lo, hi, t);
   }
 
   /**
@@ -528,7 +509,7 @@ export class Vm {
     const slot = this.slotOfGpa(gpa);
     if (!slot) throw invalidArgument(`guest write: GPA 0x${gpa.toString(16)} is outside every memslot of VM ${this.name}`);
     if (slot.readonly) {
-      this.hw?.vcpuExit?.(v);
+      this.arch.vcpuExit(this, v);
       v.count({ mmioExits: 1 });
       return { fault: "none", logged: false, mmio: true, costNs: 0 };
     }
@@ -587,85 +568,7 @@ export class Vm {
     return v;
   }
 
-  // ---- dirty log ------------------------------------------------------------------------------
-
-  /** The checks GET and CLEAR share, in KVM's order (ENXIO, then the slot id). */
-  private checkLogAccess(id: number, what: string): void {
-    if (this.ringEnabled && !this.ringWithBitmap) {
-      throw failedPrecondition(`${what}: VM ${this.name} logs to dirty rings; the bitmap interface needs DIRTY_LOG_RING_WITH_BITMAP`, "ENXIO");
-    }
-    if (id >>> 16 === 0 && (id & 0xffff) >= 32767) throw invalidArgument(`${what}: slot id ${id} >= KVM_USER_MEM_SLOTS`, "EINVAL");
-  }
-
-  private bitmapSlot(id: number, what: string): Memslot {
-    const slot = this.slot(id, what);
-    if (!slot.dirtyBitmap) throw failedPrecondition(`${what}: dirty logging is off for slot ${id} of VM ${this.name}`, "ENOENT");
-    return slot;
-  }
-
-  getDirtyLog(slotId: number): bitmapLog.GetDirtyLogResult & { numPages: number } {
-    this.checkLogAccess(slotId, "GET_DIRTY_LOG");
-    const slot = this.bitmapSlot(slotId, "GET_DIRTY_LOG");
-    const r = bitmapLog.getDirtyLog(this, slot);
-    // The injected bug: the bits are consumed, then the copy out fails.
-    if (this.injected.failEveryOtherGetCopy && this.gets++ % 2 === 0) {
-      throw new DomainError("aborted", `GET_DIRTY_LOG: copying the bitmap of slot ${slotId} out failed after it was cleared (an injected bug)`, "EFAULT");
-    }
-    return { ...r, numPages: slot.npages };
-  }
-
-  clearDirtyLog(slotId: number, firstPage: number, numPages: number, bitmap: Uint8Array): bitmapLog.ClearDirtyLogResult {
-    this.checkLogAccess(slotId, "CLEAR_DIRTY_LOG");
-    if (firstPage % 64 !== 0) throw invalidArgument(`CLEAR_DIRTY_LOG: first_page ${firstPage} is not a multiple of 64`, "EINVAL");
-    const slot = this.bitmapSlot(slotId, "CLEAR_DIRTY_LOG");
-    bitmapLog.checkClearRange(slot, firstPage, numPages, bitmap.byteLength);
-    const words = Math.ceil(numPages / 64);
-    const user = new Int32Array(2 * words);
-    new Uint8Array(user.buffer).set(bitmap.subarray(0, words * 8));
-    return bitmapLog.clearDirtyLog(this, slot, firstPage, numPages, user);
-  }
-
-  // ---- hardware dirty state -------------------------------------------------------------------
-
-  get dbmOnProtect(): boolean {
-    return this.hw?.dbmOnProtect ?? false;
-  }
-
-  /** kvm_arch_sync_dirty_log, the synchronous part (the device's read happens before, in its driver). */
-  archSync(slot: Memslot): { pages: number; hostNs: number } {
-    return this.hw ? this.hw.sync(slot) : { pages: 0, hostNs: 0 };
-  }
-
-  /**
-   * Turns a hardware assist on (one at a time, and none with a dirty ring: the
-   * seeds and series sync hardware state into bitmaps only), or off (null).
-   */
-  setHardwareDirty(hw: HardwareDirty | null, what: string): void {
-    if (hw && this.ringEnabled && !hw.allowsRing) throw failedPrecondition(`${what}: VM ${this.name} logs to dirty rings; hardware dirty state syncs into bitmaps only`, "EINVAL");
-    if (hw && !this.arch.assists.includes(hw.name)) throw invalidArgument(`${what}: VM ${this.name} is ${this.arch.name}, which has no ${HW_NAMES[hw.name]}`, "EINVAL");
-    if (hw && this.hw && this.hw.name !== hw.name) throw failedPrecondition(`${what}: ${HW_NAMES[this.hw.name]} already owns VM ${this.name}'s hardware dirty state`, "EBUSY");
-    if (hw) {
-      this.hw ??= hw;
-      return;
-    }
-    if (this.hw) this.stopHardwareDirty();
-  }
-
-  /**
-   * KVM_CAP_ARM_HW_DIRTY_STATE_TRACK (FEAT_HDBSS): on with a buffer of
-   * 4 KiB x 2^order per vCPU, or off (the buffers are flushed first). The
-   * caller has checked the memory budget.
-   */
-  setHdbss(on: boolean, order: number): void {
-    const what = "ENABLE_CAP(ARM_HW_DIRTY_STATE_TRACK)";
-    if (!on) {
-      if (this.hw?.name === "hdbss") this.stopHardwareDirty();
-      return;
-    }
-    if (!Number.isInteger(order) || order < 0 || order > MAX_ORDER) throw invalidArgument(`${what}: buffer order ${order} must be in [0, ${MAX_ORDER}] (4 KiB to 2 MiB)`, "EINVAL");
-    if (this.hw instanceof Hdbss && this.hw.order !== order) throw failedPrecondition(`${what}: HDBSS is on with order ${this.hw.order}; turn it off first`, "EBUSY");
-    this.setHardwareDirty(new Hdbss(this, this.vcpus.length, order, this.costs), what);
-  }
+  // ---- hardware dirty state -----------------------------------------------------------------
 
   /** kvm_vcpu_mark_page_dirty by frame, for a hardware log that records frames (HDBSS). */
   markGfnDirty(v: Vcpu | null, gfn: number): boolean {
@@ -674,71 +577,6 @@ export class Vm {
     const before = slot.pagesDirtied;
     this.markPageDirty(v, slot, gfn - slot.baseGfn);
     return slot.pagesDirtied > before;
-  }
-
-  /** Seed 003's KVM_CAP_ARM_HW_DIRTY_LOG, on or off at any time. */
-  setHardwareDirtyLogging(on: boolean): void {
-    if (!on && this.hw && this.hw.name !== "dbm") return;
-    this.setHardwareDirty(on ? new DbmScan(this.costs) : null, "ENABLE_CAP(ARM_HW_DIRTY_LOG)");
-  }
-
-  /**
-   * Turning hardware dirty logging off: what the assist and the descriptors
-   * hold goes to the logs first, then DBM is cleared and every page
-   * write-protected again, so that writes fault and are logged as before.
-   */
-  private stopHardwareDirty(): void {
-    this.hw?.stop();
-    for (const s of this.slots.values()) {
-      if (s.dirtyBitmap) s.pagesDirtied += s.s2.scanDirtyInto(s.dirtyBitmap);
-      s.s2.clearDbmAll();
-      if (s.logging) s.s2.writeProtectAll();
-    }
-    this.hw = null;
-    this.flushAllTlbs();
-  }
-
-  enableDeviceMode(sink: (vcpu: number, gpa: number) => void): void {
-    const what = "ENABLE_CAP(ARM_PAGE_TRACKING_DEVICE)";
-    if (this.ringEnabled) throw failedPrecondition(`${what}: VM ${this.name} has a dirty ring, which the device does not support yet`, "EINVAL");
-    // Re-enabled after an overflow: a fresh sink, the same mode.
-    if (this.hw?.name === "device") this.hw = null;
-    this.setHardwareDirty(new DeviceAssist(sink), what);
-  }
-
-  /** The device was disabled cleanly (its last pages read): back to plain write protection. */
-  disableDeviceMode(): void {
-    if (this.hw?.name === "device") this.stopHardwareDirty();
-  }
-
-  /**
-   * The device failed: whatever it had not reported is unknown, so every page
-   * of every logging slot is dirty; DBM goes, and writes fault again.
-   */
-  deviceLost(): number {
-    let pages = 0;
-    for (const s of this.slots.values()) {
-      const bm = s.dirtyBitmap;
-      if (!bm) continue;
-      const full = s.npages >>> 5;
-      bm.fill(-1, 0, full);
-      if (s.npages & 31) bm[full] |= (2 ** (s.npages & 31) - 1) | 0;
-      pages += s.npages;
-    }
-    if (this.hw?.name === "device") this.stopHardwareDirty();
-    return pages;
-  }
-
-  /** GPAs the device returned: each marked in its slot's bitmap; unknown GPAs are ignored, as KVM does. */
-  markDirtyGpas(gpas: Float64Array | number[]): number {
-    let slot: Memslot | undefined;
-    let added = 0;
-    for (const gpa of gpas) {
-      const gfn = Math.floor(gpa / 4096);
-      if (!slot || !slot.containsGfn(gfn)) slot = [...this.slots.values()].find((s) => s.containsGfn(gfn));
-      if (slot?.dirtyBitmap && slot.markDirty(gfn - slot.baseGfn)) added++;
-    }
-    return added;
   }
 
   /** kvm_unmap_gfn_range over [gpa, gpa + size): dirty state saved, mappings gone, TLBs invalidated. */
@@ -758,83 +596,5 @@ export class Vm {
     }
     this.flushAllTlbs();
     return saved;
-  }
-
-  // ---- dirty rings ----------------------------------------------------------------------------
-
-  private ringOf(vcpu: number, what: string) {
-    const v = this.vcpu(vcpu, what);
-    if (!v.ring) throw failedPrecondition(`${what}: VM ${this.name} has no dirty ring`, "EINVAL");
-    return v.ring;
-  }
-
-  /** The VMM reading vCPU vcpu's ring: up to max entries as struct kvm_dirty_gfn. */
-  harvestRing(vcpu: number, max: number): { entries: Uint8Array; count: number; hostNs: number } {
-    const ring = this.ringOf(vcpu, "harvest dirty ring");
-    const n = Math.min(max || ring.size, ring.pending);
-    const entries = new Uint8Array(n * ENTRY_BYTES);
-    const count = ring.harvest(n, new DataView(entries.buffer), this.injected.skipRingEntryAtWrap);
-    return { entries, count, hostNs: count * this.costs.ringHarvestEntryNs };
-  }
-
-  /**
-   * KVM_RESET_DIRTY_RINGS: every vCPU's harvested entries are freed and their
-   * pages re-protected (entries naming a missing slot or an offset past its
-   * end are skipped, as the kernel does); one VM-wide TLB flush if any.
-   */
-  resetRings(): { cleared: number; tlbFlushed: boolean; hostNs: number } {
-    if (!this.ringEnabled) throw failedPrecondition(`RESET_DIRTY_RINGS: VM ${this.name} has no dirty ring`, "EINVAL");
-    let cleared = 0;
-    const protect = (slotId: number, first: number, last: number) => {
-      const slot = this.slots.get(slotId);
-      if (!slot || last >= slot.npages) return;
-      slot.s2.writeProtectRange(first, last + 1, this.dbmOnProtect); // with PML: D bits cleared, not W
-      const rp = slot.ringPending;
-      if (rp) for (let p = first; p <= last; p++) rp[p >>> 5] &= ~(1 << (p & 31));
-    };
-    for (const v of this.vcpus) {
-      cleared += v.ring!.reset(protect);
-      if (v.ringFull && !v.ring!.softFull) v.ringFull = false;
-    }
-    const tlbFlushed = cleared > 0 && this.flushTlbsAfterWriteProtect();
-    const c = this.costs;
-    return { cleared, tlbFlushed, hostNs: c.ioctlNs + cleared * c.ringResetEntryNs + (tlbFlushed ? c.tlbFlushNs : 0) };
-  }
-
-  // ---- write tracking -------------------------------------------------------------------------
-
-  private slotOfGfn(gfn: number, what: string): Memslot {
-    for (const s of this.slots.values()) if (s.containsGfn(gfn)) return s;
-    throw invalidArgument(`${what}: GFN 0x${gfn.toString(16)} is not in any memslot of VM ${this.name}`, "EINVAL");
-  }
-
-  /** Write tracking (seed 002, arch/x86/kvm/mmu/page_track.c) is x86's: arm64 KVM has no such interface. */
-  requireWriteTracking(what: string): WriteTracker {
-    if (!this.arch.writeTracking) throw unimplemented(`${what}: write tracking is x86's (arch/x86/kvm/mmu/page_track.c); VM ${this.name} is ${this.arch.name}`, "EOPNOTSUPP");
-    return this.writeTrack;
-  }
-
-  /**
-   * kvm_write_track_add_gfn: the first reference write-protects the page; a
-   * block holding it is split so that the page is mapped on its own.
-   */
-  addWriteTracking(gfn: number): number {
-    this.requireWriteTracking("write track add");
-    const slot = this.slotOfGfn(gfn, "write track add");
-    const p = gfn - slot.baseGfn;
-    const n = this.writeTrack.add(slot, p);
-    if (n === 1) {
-      const level = slot.s2.leafLevel(p);
-      if (level === Level.Block1G || level === Level.Block2M) slot.s2.splitBlockAt(p, true);
-      if (slot.s2.leafLevel(p) === Level.Page) slot.s2.setPageAttrs(p, PAGE_RO);
-      this.flushAllTlbs();
-    }
-    return n;
-  }
-
-  removeWriteTracking(gfn: number): number {
-    this.requireWriteTracking("write track remove");
-    const slot = this.slotOfGfn(gfn, "write track remove");
-    return this.writeTrack.remove(slot, gfn - slot.baseGfn);
   }
 }

@@ -13,9 +13,11 @@
  * that falls further behind is disconnected with RESOURCE_EXHAUSTED (counted
  * in droppedSubscribers) rather than ever stalling the guest.
  */
-import { failedPrecondition, notFound, resourceExhausted } from "../../../common/errors.js";
-import { PAGES_1G, PAGES_2M } from "./descriptor.js";
+import { failedPrecondition, invalidArgument, notFound, resourceExhausted, unimplemented } from "../../../common/errors.js";
+import { PAGES_1G, PAGES_2M, PAGE_RO } from "./descriptor.js";
 import type { Memslot } from "./memslot.js";
+import { Level } from "./stage2.js";
+import type { Vm } from "./vm.js";
 
 export const USHRT_MAX = 65535;
 export const MAX_QUEUED_EVENTS = 65536;
@@ -187,4 +189,43 @@ export class WriteTracker {
     for (const s of this.subscribers.values()) s.close(reason);
     this.subscribers.clear();
   }
+}
+
+/** Write tracking is x86's (arch/x86/kvm/mmu/page_track.c): arm64 KVM has no such interface. */
+export function writeTrackerOf(vm: Vm, what: string): WriteTracker {
+  if (!vm.arch.writeTracking) throw unimplemented(`${what}: write tracking is x86's (arch/x86/kvm/mmu/page_track.c); VM ${vm.name} is ${vm.arch.name}`, "EOPNOTSUPP");
+  return vm.writeTrack;
+}
+
+function slotOfGfn(vm: Vm, gfn: number, what: string): Memslot {
+  for (const s of vm.slots.values()) if (s.containsGfn(gfn)) return s;
+  throw invalidArgument(`${what}: GFN 0x${gfn.toString(16)} is not in any memslot of VM ${vm.name}`, "EINVAL");
+}
+
+/**
+ * kvm_write_track_add_gfn: the first reference write-protects the page; a
+ * block holding it is split so that the page is mapped on its own. Returns
+ * the new count.
+ */
+export function addWriteTracking(vm: Vm, gfn: number): number {
+  const what = "write track add";
+  const wt = writeTrackerOf(vm, what);
+  const slot = slotOfGfn(vm, gfn, what);
+  const p = gfn - slot.baseGfn;
+  const n = wt.add(slot, p);
+  if (n === 1) {
+    const level = slot.s2.leafLevel(p);
+    if (level === Level.Block1G || level === Level.Block2M) slot.s2.splitBlockAt(p, true);
+    if (slot.s2.leafLevel(p) === Level.Page) slot.s2.setPageAttrs(p, PAGE_RO);
+    vm.flushAllTlbs();
+  }
+  return n;
+}
+
+/** kvm_write_track_remove_gfn: returns the new count. */
+export function removeWriteTracking(vm: Vm, gfn: number): number {
+  const what = "write track remove";
+  const wt = writeTrackerOf(vm, what);
+  const slot = slotOfGfn(vm, gfn, what);
+  return wt.remove(slot, gfn - slot.baseGfn);
 }

@@ -68,6 +68,24 @@ describe("the hypervisor with a page-tracking device", () => {
     }
   });
 
+  test("the injected bug of a sync that does not wait for the last sequence number loses pages, and the invariant catches it", async () => {
+    const d = await startDevice();
+    try {
+      await c().registerPageTrackingDevice({ address: d.address });
+      const r = await runSelftest(c(), {
+        vm: "st-dev-nowait",
+        collect: collectDirtyLog,
+        beforeLogging: (cl, vm) => cl.enableCap({ vm, capability: DEV, args: [1n] }).then(() => undefined),
+        writesPerSecond: 2e6,
+        inject: { skipDeviceSyncWait: true },
+      });
+      assert.ok(r.lost > 0, `pages written just before a GET reached the device after its read (${r.lost} lost)`);
+    } finally {
+      await c().unregisterPageTrackingDevice({ address: d.address }).catch(() => undefined);
+      await d.close();
+    }
+  });
+
   test("a device that dies: every tracked page dirty, capability dropped, writes fault again, nothing lost", async () => {
     const d = await startDevice();
     await c().registerPageTrackingDevice({ address: d.address });

@@ -627,6 +627,13 @@ export interface CreateVmRequest {
    * Intel PML logs the GPAs of writes that set them (INVALID_ARGUMENT on arm64).
    */
   pml: boolean;
+  /**
+   * x86_64 only: kvm's eager_page_split module parameter. Unset means Y, the kernel's default:
+   * enabling logging splits huge pages up front (with INITIALLY_SET, CLEAR splits what it arms);
+   * false splits each on its first write fault. INVALID_ARGUMENT on arm64, whose eager
+   * splitting is eager_split_chunk_size.
+   */
+  eagerPageSplit?: boolean | undefined;
 }
 
 export interface DirtyRingConfig {
@@ -711,6 +718,8 @@ export interface VmInfo {
   pml: boolean;
   /** FEAT_HDBSS: entries of each vCPU's buffer (0: HDBSS off). */
   hdbssBufferEntries: number;
+  /** x86_64: kvm's eager_page_split in force (see CreateVmRequest.eager_page_split); false on arm64. */
+  eagerPageSplit: boolean;
 }
 
 export interface GetVmRequest {
@@ -1012,6 +1021,12 @@ export interface SetFaultInjectionRequest {
    * Firecracker's non-transactional snapshots lost it (firecracker #4545).
    */
   failEveryOtherGetCopy: boolean;
+  /**
+   * The page-tracking device: a sync reads the device without waiting for the acknowledgement of
+   * the last batch of observed writes it sent (the last sequence number), so those GPAs reach the
+   * device after the read and that GET misses them.
+   */
+  skipDeviceSyncWait: boolean;
 }
 
 export interface SetFaultInjectionResponse {
@@ -1541,6 +1556,7 @@ function createBaseCreateVmRequest(): CreateVmRequest {
     dirtyRing: undefined,
     arch: 0,
     pml: false,
+    eagerPageSplit: undefined,
   };
 }
 
@@ -1596,6 +1612,9 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
     }
     if (message.pml !== false) {
       writer.uint32(120).bool(message.pml);
+    }
+    if (message.eagerPageSplit !== undefined) {
+      writer.uint32(128).bool(message.eagerPageSplit);
     }
     return writer;
   },
@@ -1733,6 +1752,14 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
             message.pml = reader.bool();
             continue;
           }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.eagerPageSplit = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1790,6 +1817,11 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
         : undefined,
       arch: isSet(object.arch) ? archFromJSON(object.arch) : 0,
       pml: isSet(object.pml) ? globalThis.Boolean(object.pml) : false,
+      eagerPageSplit: isSet(object.eagerPageSplit)
+        ? globalThis.Boolean(object.eagerPageSplit)
+        : isSet(object.eager_page_split)
+        ? globalThis.Boolean(object.eager_page_split)
+        : undefined,
     };
   },
 
@@ -1840,6 +1872,9 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
     if (message.pml !== false) {
       obj.pml = message.pml;
     }
+    if (message.eagerPageSplit !== undefined) {
+      obj.eagerPageSplit = message.eagerPageSplit;
+    }
     return obj;
   },
 
@@ -1869,6 +1904,7 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
       : undefined;
     message.arch = object.arch ?? 0;
     message.pml = object.pml ?? false;
+    message.eagerPageSplit = object.eagerPageSplit ?? undefined;
     return message;
   },
 };
@@ -2635,6 +2671,7 @@ function createBaseVmInfo(): VmInfo {
     arch: 0,
     pml: false,
     hdbssBufferEntries: 0,
+    eagerPageSplit: false,
   };
 }
 
@@ -2741,6 +2778,9 @@ export const VmInfo: MessageFns<VmInfo> = {
     }
     if (message.hdbssBufferEntries !== 0) {
       writer.uint32(192).uint32(message.hdbssBufferEntries);
+    }
+    if (message.eagerPageSplit !== false) {
+      writer.uint32(216).bool(message.eagerPageSplit);
     }
     return writer;
   },
@@ -2966,6 +3006,14 @@ export const VmInfo: MessageFns<VmInfo> = {
             message.hdbssBufferEntries = reader.uint32();
             continue;
           }
+          case 27: {
+            if (tag !== 216) {
+              break;
+            }
+
+            message.eagerPageSplit = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3078,6 +3126,11 @@ export const VmInfo: MessageFns<VmInfo> = {
         : isSet(object.hdbss_buffer_entries)
         ? globalThis.Number(object.hdbss_buffer_entries)
         : 0,
+      eagerPageSplit: isSet(object.eagerPageSplit)
+        ? globalThis.Boolean(object.eagerPageSplit)
+        : isSet(object.eager_page_split)
+        ? globalThis.Boolean(object.eager_page_split)
+        : false,
     };
   },
 
@@ -3161,6 +3214,9 @@ export const VmInfo: MessageFns<VmInfo> = {
     if (message.hdbssBufferEntries !== 0) {
       obj.hdbssBufferEntries = Math.round(message.hdbssBufferEntries);
     }
+    if (message.eagerPageSplit !== false) {
+      obj.eagerPageSplit = message.eagerPageSplit;
+    }
     return obj;
   },
 
@@ -3208,6 +3264,7 @@ export const VmInfo: MessageFns<VmInfo> = {
     message.arch = object.arch ?? 0;
     message.pml = object.pml ?? false;
     message.hdbssBufferEntries = object.hdbssBufferEntries ?? 0;
+    message.eagerPageSplit = object.eagerPageSplit ?? false;
     return message;
   },
 };
@@ -7675,6 +7732,7 @@ function createBaseSetFaultInjectionRequest(): SetFaultInjectionRequest {
     skipHwLogDrain: false,
     skipRingEntryAtWrap: false,
     failEveryOtherGetCopy: false,
+    skipDeviceSyncWait: false,
   };
 }
 
@@ -7694,6 +7752,9 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
     }
     if (message.failEveryOtherGetCopy !== false) {
       writer.uint32(40).bool(message.failEveryOtherGetCopy);
+    }
+    if (message.skipDeviceSyncWait !== false) {
+      writer.uint32(48).bool(message.skipDeviceSyncWait);
     }
     return writer;
   },
@@ -7751,6 +7812,14 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
             message.failEveryOtherGetCopy = reader.bool();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.skipDeviceSyncWait = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -7786,6 +7855,11 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
         : isSet(object.fail_every_other_get_copy)
         ? globalThis.Boolean(object.fail_every_other_get_copy)
         : false,
+      skipDeviceSyncWait: isSet(object.skipDeviceSyncWait)
+        ? globalThis.Boolean(object.skipDeviceSyncWait)
+        : isSet(object.skip_device_sync_wait)
+        ? globalThis.Boolean(object.skip_device_sync_wait)
+        : false,
     };
   },
 
@@ -7806,6 +7880,9 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
     if (message.failEveryOtherGetCopy !== false) {
       obj.failEveryOtherGetCopy = message.failEveryOtherGetCopy;
     }
+    if (message.skipDeviceSyncWait !== false) {
+      obj.skipDeviceSyncWait = message.skipDeviceSyncWait;
+    }
     return obj;
   },
 
@@ -7819,6 +7896,7 @@ export const SetFaultInjectionRequest: MessageFns<SetFaultInjectionRequest> = {
     message.skipHwLogDrain = object.skipHwLogDrain ?? false;
     message.skipRingEntryAtWrap = object.skipRingEntryAtWrap ?? false;
     message.failEveryOtherGetCopy = object.failEveryOtherGetCopy ?? false;
+    message.skipDeviceSyncWait = object.skipDeviceSyncWait ?? false;
     return message;
   },
 };
