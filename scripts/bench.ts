@@ -8,7 +8,7 @@
 import { execFileSync, spawn } from "node:child_process";
 import { monitorEventLoopDelay } from "node:perf_hooks";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { availableParallelism, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { MemslotFlag, WorkloadPattern } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
@@ -129,7 +129,7 @@ async function hypervisorBench(gib: number) {
   vm.advance(pages * (DEFAULT_COSTS.writeNs + DEFAULT_COSTS.writeFaultNs) + 1);
   vm.setWorkload(0, workload("uniform", 1e9 / DEFAULT_COSTS.writeNs, 3n));
   const a = median(5, () => timeWrites(vm, 20_000_000, DEFAULT_COSTS.writeNs), (r) => r.perSecond);
-  report("guest writes/s, logging on, no write faults (median of 5)", `${fmt(a.perSecond / 1e6, 2)} M/s`, `target >= 25 M/s (${fmt(a.faults, 0)} faults)`);
+  report("guest writes/s, logging on, no write faults (median of 5)", `${fmt(a.perSecond / 1e6, 2)} M/s`, `(${fmt(a.faults, 0)} faults)`);
   // The same no-fault pass on an x86_64 VM (write protection: the same loop, EPT's view of the same states).
   const x86 = benchVm(hv, "bench-x86", gib * 2 ** 30, { arch: "x86_64" });
   x86.setWorkload(0, workload("sequential", 1e9 / DEFAULT_COSTS.writeNs));
@@ -142,8 +142,14 @@ async function hypervisorBench(gib: number) {
   report(
     "the same write loop in C (cc -O2), same run: batch, TLB check, writable bit, store",
     c === null ? "no cc" : `${fmt(c.algorithm / 1e6, 2)} M/s`,
-    c === null ? "" : `JS/C ${fmt(a.perSecond / c.algorithm, 2)}x; plain C stores ${fmt(c.plain / 1e6, 1)} M/s`,
+    c === null ? "" : `plain C stores ${fmt(c.plain / 1e6, 1)} M/s`,
   );
+  if (c !== null) {
+    const ratio = (js: number) => `${fmt(js / c.algorithm, 2)}x`;
+    report("  JS/C, no faults, arm64", ratio(a.perSecond), "target >= 0.4x");
+    report("  JS/C, no faults, x86_64", ratio(ax.perSecond), "target >= 0.4x");
+    report("  JS/C, every write faulting (right after write protection)", ratio(b.perSecond), "(for reference)");
+  }
 
   getDirtyLog(vm, 0);
   vm.setWorkload(0, workload("uniform", 1e9 / DEFAULT_COSTS.writeNs, 4n));
@@ -567,7 +573,7 @@ async function limitsBench(gib: number) {
   }
 }
 
-console.log(`npm run bench on node ${process.version}, ${process.arch}`);
+console.log(`npm run bench on node ${process.version}, ${process.arch}; load average ${loadavg().map((l) => l.toFixed(2)).join(" ")} on ${availableParallelism()} CPUs (ratios are measured in the same run; absolute figures swing with the load)`);
 if (want("hypervisor")) await hypervisorBench(Number(args.gib));
 if (want("ring")) await ringBench();
 if (want("hardware")) await hardwareBench(Number(args.gib));

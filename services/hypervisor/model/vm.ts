@@ -72,6 +72,74 @@ interface Segment {
 const QUANTUM_NS = 1_000_000;
 const TWO32 = 4294967296;
 
+/** writeBurst's other results: the vCPU's clock, the write sequence, the batch cursor. */
+const burst = new Float64Array(3);
+/** Why writeBurst stopped: the batch ran out or the clock reached until; the next page is in another segment; a miss. */
+const BURST_DONE = 0;
+const BURST_SEGMENT = 1;
+const BURST_MISS = 2;
+
+/**
+ * The hot loop of every guest write that hits: from batch[cur], while the
+ * page is in the segment [segStart, segEnd) and the clock is before until,
+ * through the TLB (or, on a TLB miss, the writable bit of the level-3 walk
+ * cache), a store of the write's value. It stops at the first page it cannot
+ * write that way, leaving it unwritten for the slow path. Numbers and typed
+ * arrays only, no call and no allocation, so that the JIT keeps it in
+ * registers; results in burst, and why it stopped.
+ */
+function writeBurst(
+  batch: Uint32Array,
+  cur: number,
+  segStart: number,
+  segEnd: number,
+  base: number,
+  tlb: Float64Array,
+  mask: number,
+  writable: Int32Array,
+  content: Uint32Array,
+  t: number,
+  until: number,
+  interval: number,
+  seq: number,
+  epochMode: boolean,
+  eLo: number,
+  eHi: number,
+): number {
+  let why = BURST_DONE;
+  while (t < until && cur < BATCH) {
+    const vp = batch[cur];
+    if (vp < segStart || vp >= segEnd) {
+      why = BURST_SEGMENT;
+      break;
+    }
+    const p = vp - segStart;
+    const gfn = base + p;
+    const ti = gfn & mask;
+    if (tlb[ti] !== gfn) {
+      if ((writable[p >>> 5] >>> (p & 31)) & 1) tlb[ti] = gfn;
+      else {
+        why = BURST_MISS;
+        break;
+      }
+    }
+    if (epochMode) {
+      content[2 * p] = eLo;
+      content[2 * p + 1] = eHi;
+    } else {
+      seq++;
+      content[2 * p] = seq >>> 0; // ToUint32 is seq mod 2^32, without fmod
+      content[2 * p + 1] = seq < TWO32 ? 0 : Math.floor(seq / TWO32);
+    }
+    t += interval;
+    cur++;
+  }
+  burst[0] = t;
+  burst[1] = seq;
+  burst[2] = cur;
+  return why;
+}
+
 export class Vm {
   readonly slots = new Map<number, Memslot>();
   readonly vcpus: Vcpu[];
@@ -356,7 +424,14 @@ export class Vm {
     return n + this.writeTrack.allocatedBytes + (this.hw?.allocatedBytes ?? 0);
   }
 
-  /** Runs vCPU v's workload until its local clock reaches until. The hot loop: typed arrays only. */
+  /**
+   * Runs vCPU v's workload until its local clock reaches until: writeBurst()
+   * stores the writes that hit, and this loop refills the batch, moves between
+   * segments, and takes each miss through writeMiss(). The miss's write then
+   * completes; the loop stops early on one condition, whatever made it
+   * pending (a fault's push or a PML drain that filled the ring): the next
+   * guest entry exits.
+   */
   private run(v: Vcpu, until: number): void {
     const gen = v.gen;
     if (v.ringFull) return v.stall(v.time, until);
@@ -372,63 +447,46 @@ export class Vm {
     const mask = v.tlb.mask;
     const batch = gen.batch;
     let seg = this.segments[0];
-    let segStart = seg.start;
-    let segEnd = seg.end;
-    let writable = seg.slot.s2.writable;
-    let content = seg.slot.content;
-    let base = seg.slot.baseGfn;
+    let slot = seg.slot;
     let t = v.time;
     let seq = this.writeSeq;
     let writes = 0;
     let faults = 0;
     let overhead = 0;
-    // The batch cursor lives in a local: writeMiss() cannot move it, but the JIT cannot know that.
     let cur = gen.cursor;
-    // Only the slow path (a miss) can make an exit pending, so only it can stop the loop early.
-    let stop = false;
-    while (t < until && !stop) {
+    while (t < until) {
       if (cur === BATCH) {
         gen.refill();
         cur = 0;
       }
-      const vp = batch[cur++];
-      if (vp < segStart || vp >= segEnd) {
+      const vp = batch[cur];
+      if (vp < seg.start || vp >= seg.end) {
         seg = this.segmentOf(vp);
-        segStart = seg.start;
-        segEnd = seg.end;
-        writable = seg.slot.s2.writable;
-        content = seg.slot.content;
-        base = seg.slot.baseGfn;
+        slot = seg.slot;
       }
-      const p = vp - segStart;
-      const gfn = base + p;
-      const ti = gfn & mask;
-      if (tlb[ti] !== gfn) {
-        if ((writable[p >>> 5] >>> (p & 31)) & 1) tlb[ti] = gfn;
-        else {
-          // The value this write stores, computed on the slow path only (a tracked write reports it).
-          const next = seq + 1;
-          const cost = this.writeMiss(v, seg.slot, p, gfn, epochMode ? eLo : next >>> 0, epochMode ? eHi : next < TWO32 ? 0 : Math.floor(next / TWO32), t);
-          t += cost;
-          if (this.missFaulted) {
-            faults++;
-            if (seg.slot.logging) overhead += cost;
-          }
-          // One exit condition, whatever made it pending on the miss (a fault's push, a PML drain that
-          // filled the ring): this write completes; the next guest entry exits.
-          stop = v.ringFull;
-        }
+      const why = writeBurst(batch, cur, seg.start, seg.end, slot.baseGfn, tlb, mask, slot.s2.writable, slot.content, t, until, interval, seq, epochMode, eLo, eHi);
+      t = burst[0];
+      seq = burst[1];
+      const done = burst[2] | 0;
+      writes += done - cur;
+      cur = done;
+      if (why !== BURST_MISS) continue;
+      const p = batch[cur++] - seg.start;
+      // The value this write stores, computed on the slow path only (a tracked write reports it).
+      const next = seq + 1;
+      const lo = epochMode ? eLo : next >>> 0;
+      const hi = epochMode ? eHi : next < TWO32 ? 0 : Math.floor(next / TWO32);
+      const cost = this.writeMiss(v, slot, p, slot.baseGfn + p, lo, hi, t);
+      t += cost + interval;
+      if (this.missFaulted) {
+        faults++;
+        if (slot.logging) overhead += cost;
       }
-      if (epochMode) {
-        content[2 * p] = eLo;
-        content[2 * p + 1] = eHi;
-      } else {
-        seq++;
-        content[2 * p] = seq >>> 0; // ToUint32 is seq mod 2^32, without fmod
-        content[2 * p + 1] = seq < TWO32 ? 0 : Math.floor(seq / TWO32);
-      }
-      t += interval;
+      if (!epochMode) seq = next;
+      slot.content[2 * p] = lo;
+      slot.content[2 * p + 1] = hi;
       writes++;
+      if (v.ringFull) break;
     }
     gen.cursor = cur;
     this.writeSeq = seq;
