@@ -9,6 +9,7 @@
  * a stale TLB entry before the flush is already in the snapshot; every write
  * after the flush faults and is logged for the next round.
  */
+import { popcount32 } from "./bits.js";
 import type { Memslot } from "./memslot.js";
 import { DomainError, failedPrecondition, invalidArgument } from "../../../common/errors.js";
 import type { Vm } from "./vm.js";
@@ -30,11 +31,6 @@ export interface ClearDirtyLogResult {
   hostNs: number;
 }
 
-export function popcount32(x: number): number {
-  x -= (x >>> 1) & 0x55555555;
-  x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
-  return (((x + (x >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
-}
 
 const splitsInClear = (vm: Vm) => vm.manualProtect && vm.initiallySet && vm.arch.eagerSplit(vm);
 

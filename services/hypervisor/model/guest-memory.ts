@@ -6,7 +6,7 @@
  */
 import { createHash } from "node:crypto";
 import { invalidArgument } from "../../../common/errors.js";
-import { popcount32 } from "./dirty-bitmap.js";
+import { popcount32 } from "./bits.js";
 import type { Memslot } from "./memslot.js";
 import type { Vm } from "./vm.js";
 

@@ -9,9 +9,8 @@
  * enable.
  */
 import type { MaskedProtect } from "./arch.js";
+import { ctz32 } from "./bits.js";
 import type { Memslot } from "./memslot.js";
-
-const ctz32 = (x: number) => 31 - Math.clz32(x & -x);
 
 abstract class RunProtect implements MaskedProtect {
   private start = -1;
