@@ -14,6 +14,7 @@ export const SYNC_INTERFACES = ["get", "clear", "ring_reset", "dbm_scan", "devic
 export class HypervisorMetrics {
   readonly syncHostSeconds: Histogram<"vm" | "interface">;
   readonly ringHarvested: Counter<"vm">;
+  readonly memoryCopiedPages: Counter<"vm" | "direction">;
   readonly deviceLost: Counter<string>;
   readonly ringResetEntries: Counter<"vm">;
   private readonly syncDirtyRate: Gauge<"vm" | "slot" | "mechanism">;
@@ -153,6 +154,12 @@ export class HypervisorMetrics {
     perVcpuRing("hypervisor_dirty_ring_pushes_total", "Entries KVM pushed to each vCPU's dirty ring.", (v) => v.ring!.pushed);
     perVcpuRing("hypervisor_dirty_ring_full_exits_total", "KVM_EXIT_DIRTY_RING_FULL exits of each vCPU.", (v) => v.total.ringFullExits);
     perVcpuRing("hypervisor_dirty_ring_stall_seconds_total", "Guest time each vCPU spent out of the guest on a full ring.", (v) => v.total.ringStallNs / 1e9);
+    this.memoryCopiedPages = new Counter({
+      name: "hypervisor_memory_copied_pages_total",
+      help: "Guest pages copied out by ReadMemory (direction=read) and in by WriteMemory (direction=write).",
+      labelNames: ["vm", "direction"],
+      registers,
+    });
     this.ringHarvested = new Counter({
       name: "hypervisor_dirty_ring_harvested_entries_total",
       help: "Dirty-ring entries collected through HarvestDirtyRing.",
@@ -256,5 +263,6 @@ export class HypervisorMetrics {
     for (const iface of SYNC_INTERFACES) this.syncHostSeconds.remove({ vm, interface: iface });
     this.ringHarvested.remove({ vm });
     this.ringResetEntries.remove({ vm });
+    for (const direction of ["read", "write"]) this.memoryCopiedPages.remove({ vm, direction });
   }
 }

@@ -7,7 +7,7 @@ import { asBuffer, num } from "./convert.js";
 import type { ApiContext, Handlers } from "./context.js";
 
 export function memoryHandlers(ctx: ApiContext): Pick<Handlers, "readMemory" | "writeMemory" | "getMemoryDigest"> {
-  const { hv } = ctx;
+  const { hv, metrics } = ctx;
   return {
     async *readMemory(req) {
       const vm = hv.vm(req.vm);
@@ -20,6 +20,7 @@ export function memoryHandlers(ctx: ApiContext): Pick<Handlers, "readMemory" | "
         req.chunkPages || DEFAULT_CHUNK_PAGES,
       );
       for (const c of chunks) {
+        metrics.memoryCopiedPages.inc({ vm: vm.name, direction: "read" }, c.contents.byteLength / 8);
         yield { chunk: { slot: c.slot, firstPage: BigInt(c.firstPage), numPages: c.numPages, bitmap: asBuffer(c.bitmap), contents: asBuffer(c.contents) } };
       }
     },
@@ -30,13 +31,15 @@ export function memoryHandlers(ctx: ApiContext): Pick<Handlers, "readMemory" | "
         if (!vm) vm = hv.vm(r.vm);
         else if (r.vm && r.vm !== vm.name) throw invalidArgument(`write memory: stream started on VM ${vm.name} and then named ${r.vm}`);
         if (!r.chunk) throw invalidArgument("write memory: a message has no chunk");
-        pages += writeMemory(vm, {
+        const n = writeMemory(vm, {
           slot: r.chunk.slot,
           firstPage: num(r.chunk.firstPage, "first_page"),
           numPages: r.chunk.numPages,
           bitmap: r.chunk.bitmap,
           contents: r.chunk.contents,
         });
+        metrics.memoryCopiedPages.inc({ vm: vm.name, direction: "write" }, n);
+        pages += n;
       }
       return { pagesWritten: BigInt(pages) };
     },

@@ -6,7 +6,7 @@
  */
 import { createHash } from "node:crypto";
 import { invalidArgument } from "../../../common/errors.js";
-import { popcount32 } from "./bits.js";
+import { ctz32, popcount32 } from "./bits.js";
 import type { Memslot } from "./memslot.js";
 import type { Vm } from "./vm.js";
 
@@ -42,6 +42,23 @@ function countSelected(bitmap: Uint8Array, numPages: number): number {
   return n;
 }
 
+/**
+ * Calls visit(i) for each selected page i below numPages, in order, a byte
+ * (8 pages) at a time: clean bytes cost one test, not eight.
+ */
+function forEachSelected(bitmap: Uint8Array, numPages: number, visit: (i: number) => void): void {
+  const bytes = Math.ceil(numPages / 8);
+  for (let b = 0; b < bytes; b++) {
+    let m = bitmap[b];
+    while (m !== 0) {
+      const i = 8 * b + ctz32(m);
+      if (i >= numPages) return;
+      visit(i);
+      m &= m - 1;
+    }
+  }
+}
+
 /** Splits a read into chunks of at most chunkPages pages; a chunk with nothing selected is skipped. */
 export function* readMemory(
   vm: Vm,
@@ -73,11 +90,10 @@ export function* readMemory(
     if (k === 0) continue;
     const out = new Uint32Array(2 * k);
     let j = 0;
-    for (let i = 0; i < count; i++) {
-      if (!selected(sel, i)) continue;
+    forEachSelected(sel, count, (i) => {
       out[j++] = words[2 * (p0 + i)];
       out[j++] = words[2 * (p0 + i) + 1];
-    }
+    });
     // The chunk's own selection starts at bit 0; off is a multiple of 8 so the bytes line up.
     const chunkSel = new Uint8Array(sel.byteLength);
     chunkSel.set(sel);
@@ -103,11 +119,11 @@ export function writeMemory(vm: Vm, chunk: MemoryChunk): number {
     return k;
   }
   let j = 0;
-  for (let i = 0; i < chunk.numPages; i++) {
-    if (!selected(chunk.bitmap, i)) continue;
-    dst[2 * (chunk.firstPage + i)] = src[j++];
-    dst[2 * (chunk.firstPage + i) + 1] = src[j++];
-  }
+  const first = chunk.firstPage;
+  forEachSelected(chunk.bitmap, chunk.numPages, (i) => {
+    dst[2 * (first + i)] = src[j++];
+    dst[2 * (first + i) + 1] = src[j++];
+  });
   return k;
 }
 
