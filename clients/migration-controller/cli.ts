@@ -20,6 +20,7 @@ import { progressPrinter } from "./progress.js";
 import { MigrationService } from "./service.js";
 import { htmlReport, jsonReport, textReport } from "./report.js";
 import { ALIASES, archOf, MechanismError, parseMechanism, PARTS } from "./trackers/index.js";
+import { guestMemslots, ipaBitsFor } from "./guest.js";
 import { parseBandwidth } from "./units.js";
 
 export const EXIT: Record<FailureKind | "ok", number> = {
@@ -372,9 +373,8 @@ async function runDemo(v: Values, io: Io): Promise<number> {
           seed: BigInt(seed),
           arch: arch === "x86_64" ? Arch.ARCH_X86_64 : Arch.ARCH_ARM64,
           pml: mechanism.assist === "pml",
-          // Room for the guest: the smallest IPA size (at least the default, 40 bits) that holds memory above 1 GiB.
-          ipaBits: Math.max(40, Math.ceil(Math.log2(2 ** 30 + memory))),
-          memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(memory) }],
+          ipaBits: ipaBitsFor(memory),
+          memslots: guestMemslots(memory),
           // Rings exist only if the VM is created with them (KVM enables them before vCPUs).
           dirtyRing: mechanism.log === "ring" ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: BigInt(ringEntries * 16), withBitmap: true } : undefined,
           // First the guest touches all of its memory, as a booted OS with a page cache would have.

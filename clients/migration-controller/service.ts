@@ -13,6 +13,7 @@ import type { Logger } from "../../common/log.js";
 import { Capability, ClockDrive, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor, type HypervisorClient } from "../../services/hypervisor/client.js";
 import { migrate, MigrationError, type MigrationConfig, type ProgressEvent } from "./migrate.js";
+import { guestMemslots, ipaBitsFor } from "./guest.js";
 import { parseMechanism } from "./trackers/index.js";
 
 export interface ServiceConfig {
@@ -127,7 +128,8 @@ export class MigrationService {
       vcpus: this.cfg.vcpus,
       clock: ClockDrive.CLOCK_DRIVE_REALTIME,
       realtimeSpeed: this.cfg.realtimeSpeed,
-      memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(this.cfg.memoryBytes) }],
+      ipaBits: ipaBitsFor(this.cfg.memoryBytes),
+      memslots: guestMemslots(this.cfg.memoryBytes),
       dirtyRing:
         parseMechanism(this.cfg.policy.mechanism).log === "ring" ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: 65536n, withBitmap: true } : undefined,
       // First one pass over all of its memory in about a second of guest time, as a booted guest would have touched it.
