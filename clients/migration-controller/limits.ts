@@ -3,8 +3,9 @@
  * the controller looks (between chunks and between guest steps), not only at
  * syncs: the progress timeout (no new low of the remaining bytes for that
  * long) and the completion timeout (a duration per GiB of guest memory).
- * Progress is measured where QEMU and libvirt measure it, at each sync (the
- * bytes it found dirty); the clocks are what is watched continuously.
+ * Progress is QEMU's ram.remaining as libvirt reports it: the bytes a sync
+ * found dirty, falling as the pass sends them; a new low of it resets the
+ * progress clock, as KubeVirt's progress watermark does.
  */
 import { MigrationError } from "./errors.js";
 
@@ -29,12 +30,17 @@ export class MigrationLimits {
     return (this.cfg.completionTimeoutPerGiBS * 1e9 * this.memoryBytes) / 2 ** 30;
   }
 
-  /** The remaining bytes at a sync (and at the start: all of memory). */
-  update(remainingBytes: number): void {
+  /**
+   * The remaining bytes: at a sync, and as each chunk a pass sends goes out
+   * (at the start: all of memory). at is when that value is reached: for a
+   * chunk, the end of its transmission, since the remaining bytes fall all
+   * along it, so that a chunk slower than the progress timeout is progress.
+   */
+  update(remainingBytes: number, at = this.now()): void {
     this.remainingBytes = remainingBytes;
     if (remainingBytes < this.best) {
       this.best = remainingBytes;
-      this.bestAt = this.now();
+      this.bestAt = at;
     }
   }
 

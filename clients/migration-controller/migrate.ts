@@ -437,9 +437,11 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
    * Sends the selected pages of every slot (select null: all pages), chunk by
    * chunk; the guest runs for each chunk's time on the link (and the host time
    * of its CLEAR, with manual protect), and the limits are checked as it
-   * passes. Returns what was sent.
+   * passes. remainingBytes is what the pass starts with: QEMU's
+   * ram.remaining (the dirty pages not yet sent) falls as each chunk goes,
+   * and that is what KubeVirt's progress timeout watches. Returns what was sent.
    */
-  const sendPages = async (select: Map<number, Uint8Array> | null) => {
+  const sendPages = async (select: Map<number, Uint8Array> | null, remainingBytes: number) => {
     const out = { normal: 0, zero: 0, bytes: 0 };
     let pending: Promise<unknown> = Promise.resolve();
     for (const s of src.memslots) {
@@ -460,7 +462,9 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         out.normal += c.normal;
         out.zero += c.zero;
         out.bytes += bytes;
-        await on("source", source, () => clock.elapse(hostNs + link.transmitNs(bytes)), signal);
+        const chunkNs = hostNs + link.transmitNs(bytes);
+        if (limitsOn) limits.update(Math.max(0, remainingBytes - (out.normal + out.zero) * PAGE_SIZE), clock.now() + chunkNs);
+        await on("source", source, () => clock.elapse(chunkNs), signal);
       }
     }
     await pending;
@@ -493,7 +497,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
     let roundStart = clock.now();
     let atStart = await guestStats();
     let lastSyncAt = clock.now();
-    let sent = await sendPages(null);
+    let sent = await sendPages(null, totalPages * PAGE_SIZE);
     report.precopyBytes += sent.bytes;
     const pushRound = async (round: number, dirtyPages: number, syncHostNs: number, rate: number, remaining: number, stopAndCopy = false) => {
       const now = clock.now();
@@ -549,7 +553,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         await on("source", source, () => clock.elapse(last.hostNs), signal);
         const before = report.transferredBytes;
         const union = orBitmaps(sync.bitmaps, last.bitmaps);
-        sent = await sendPages(union);
+        sent = await sendPages(union, remaining);
         report.downtimeBytes = report.transferredBytes - before;
         const unionPages = [...union.values()].reduce((n, b) => n + popcount(b, b.length * 8), 0);
         await pushRound(report.rounds.length, unionPages, sync.hostNs + last.hostNs, rate, remaining, true);
@@ -586,7 +590,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         return report;
       }
 
-      sent = await sendPages(sync.bitmaps);
+      sent = await sendPages(sync.bitmaps, remaining);
       report.precopyBytes += sent.bytes;
       await pushRound(report.dirtySyncCount, sync.dirtyPages, sync.hostNs, rate, remaining);
     }
