@@ -11,7 +11,9 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { availableParallelism, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { MemslotFlag, WorkloadPattern } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import * as grpc from "@grpc/grpc-js";
+import { MemslotFlag, WorkloadPattern, type WriteMemoryRequest } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { channelOptions } from "../common/grpc.js";
 import { DEFAULT_COSTS } from "../services/hypervisor/model/cost-model.js";
 import { Hdbss } from "../services/hypervisor/model/hdbss.js";
 import { Pml } from "../services/hypervisor/model/pml.js";
@@ -29,7 +31,7 @@ const { values: args } = parseArgs({
   options: { only: { type: "string" }, gib: { type: "string", default: "64" }, help: { type: "boolean" } },
 });
 if (args.help) {
-  console.log("usage: npm run bench -- [--only hypervisor,ring,hardware,migration,limits] [--gib 64]");
+  console.log("usage: npm run bench -- [--only hypervisor,datapath,ring,hardware,migration,limits] [--gib 64]");
   process.exit(0);
 }
 const only = args.only?.split(",");
@@ -233,6 +235,90 @@ async function migrationBench() {
  * Dirty rings: push (the fault path included), harvest and reset per entry in
  * process, and entries harvested per second over gRPC, for 65536-entry rings.
  */
+/**
+ * The data path against a bare grpc-js stream of the same messages in the
+ * same process: ReadMemory of a whole guest in 2 MiB messages against a
+ * server stream of 2 MiB Buffers, WriteMemory against a client stream of
+ * them (identity serialization, the same channel options). Median of 5 each.
+ */
+async function datapathBench(gib: number) {
+  const MSG = 2 ** 21;
+  const messages = (gib * 2 ** 30) / 4096 / (MSG / 8);
+  console.log(`\ndata path: ${gib} GiB guest, ${messages} messages of 2 MiB each way, against bare grpc-js`);
+  const h = await startHypervisor({ memoryBudgetBytes: 2 ** 41 });
+  const identity = (b: Buffer) => b;
+  const payload = Buffer.alloc(MSG, 7);
+  const bare = new grpc.Server(channelOptions);
+  bare.addService(
+    {
+      read: { path: "/bare.Bare/Read", requestStream: false, responseStream: true, requestSerialize: identity, requestDeserialize: identity, responseSerialize: identity, responseDeserialize: identity },
+      write: { path: "/bare.Bare/Write", requestStream: true, responseStream: false, requestSerialize: identity, requestDeserialize: identity, responseSerialize: identity, responseDeserialize: identity },
+    },
+    {
+      read: async (call: grpc.ServerWritableStream<Buffer, Buffer>) => {
+        for (let i = 0; i < messages; i++) if (!call.write(payload)) await new Promise((r) => call.once("drain", r));
+        call.end();
+      },
+      write: (call: grpc.ServerReadableStream<Buffer, Buffer>, done: grpc.sendUnaryData<Buffer>) => {
+        call.on("data", () => undefined);
+        call.on("end", () => done(null, Buffer.alloc(0)));
+      },
+    },
+  );
+  const port = await new Promise<number>((resolve, reject) => bare.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (e, p) => (e ? reject(e) : resolve(p))));
+  const client = new grpc.Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), channelOptions);
+  const time = async (run: () => Promise<unknown>) => {
+    const ms: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      const t = performance.now();
+      await run();
+      ms.push(performance.now() - t);
+    }
+    return ms.sort((x, y) => x - y)[2];
+  };
+  try {
+    const c = h.client;
+    await c.createVm({ vm: "dp", vcpus: 1, memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(gib * 2 ** 30) }] });
+    await c.createVm({ vm: "dp-dst", vcpus: 1, memslots: [{ slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(gib * 2 ** 30) }] });
+    let chunks: WriteMemoryRequest[] = [];
+    const ours = await time(async () => {
+      chunks = [];
+      for await (const r of c.readMemory({ vm: "dp", slot: 0, chunkPages: MSG / 8 }, { deadlineMs: 600_000 })) chunks.push({ vm: "dp-dst", chunk: r.chunk });
+    });
+    const bareRead = await time(
+      () =>
+        new Promise<void>((resolve, reject) => {
+          const s = client.makeServerStreamRequest("/bare.Bare/Read", identity, identity, Buffer.alloc(0));
+          s.on("data", () => undefined);
+          s.on("end", () => resolve());
+          s.on("error", reject);
+        }),
+    );
+    report("ReadMemory of the whole guest / the bare stream", `${fmt(ours, 0)} / ${fmt(bareRead, 0)} ms`, `${fmt(ours / bareRead, 2)}x, target <= 1.3x`);
+    const oursWrite = await time(() => c.writeMemory(chunks, { deadlineMs: 600_000 }));
+    const bareWrite = await time(
+      () =>
+        new Promise<void>((resolve, reject) => {
+          const s = client.makeClientStreamRequest("/bare.Bare/Write", identity, identity, (e) => (e ? reject(e) : resolve()));
+          let i = 0;
+          const pump = () => {
+            while (i < messages) {
+              i++;
+              if (!s.write(payload)) return void s.once("drain", pump);
+            }
+            s.end();
+          };
+          pump();
+        }),
+    );
+    report("WriteMemory of the whole guest / the bare stream", `${fmt(oursWrite, 0)} / ${fmt(bareWrite, 0)} ms`, `${fmt(oursWrite / bareWrite, 2)}x, target <= 1.3x`);
+  } finally {
+    client.close();
+    bare.forceShutdown();
+    await h.close();
+  }
+}
+
 async function ringBench() {
   console.log("\ndirty ring: 65536 entries (1 MiB) per vCPU, one vCPU writing distinct pages");
   const bytes = 4 * 2 ** 30;
@@ -587,6 +673,7 @@ async function limitsBench(gib: number) {
 
 console.log(`npm run bench on node ${process.version}, ${process.arch}; load average ${loadavg().map((l) => l.toFixed(2)).join(" ")} on ${availableParallelism()} CPUs (ratios are measured in the same run; absolute figures swing with the load)`);
 if (want("hypervisor")) await hypervisorBench(Number(args.gib));
+if (want("datapath")) await datapathBench(16);
 if (want("ring")) await ringBench();
 if (want("hardware")) await hardwareBench(Number(args.gib));
 if (want("migration")) await migrationBench();

@@ -82,7 +82,7 @@ ${Object.entries(PARTS).map(([k, d]) => `                               ${k.padE
   --latency MS               link latency in ms (default 0.1)
   --downtime-limit MS        switch over when the dirty bytes fit in bandwidth x this (default 300, as QEMU)
   --max-rounds N             force the switchover after N syncs (Xen-style cap; default none, as QEMU)
-  --progress-timeout S       fail when remaining bytes make no new low for S guest seconds (default 150)
+  --progress-timeout S       fail when the remaining bytes have not fallen for S guest seconds (default 150)
   --completion-timeout-per-gib S   fail past S guest seconds per GiB of memory (default 150)
   --chunk-pages N            pages per copy chunk, a multiple of 64 (default 262144 = 1 GiB)
   --rpc-timeout S            wall seconds to wait for a hypervisor that stopped answering before the

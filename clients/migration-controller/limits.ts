@@ -1,19 +1,23 @@
 /**
  * KubeVirt's two limits on a migration, in guest time, evaluated whenever
  * the controller looks (between chunks and between guest steps), not only at
- * syncs: the progress timeout (no new low of the remaining bytes for that
- * long) and the completion timeout (a duration per GiB of guest memory).
- * Progress is QEMU's ram.remaining as libvirt reports it: the bytes a sync
- * found dirty, falling as the pass sends them; a new low of it resets the
- * progress clock, as KubeVirt's progress watermark does.
+ * syncs: the progress timeout and the completion timeout (a duration per GiB
+ * of guest memory). Progress is as KubeVirt's migration monitor judges it
+ * (virt-launcher's processInflightMigration without stall detection): at
+ * each look at libvirt's dataRemaining, QEMU's ram.remaining (the bytes a sync
+ * found dirty, falling as the pass sends them), the migration progressed if
+ * it is lower than at the previous look. A sync raises it, so what the
+ * timeout catches is a pass that stops moving, not a workload that keeps
+ * re-dirtying memory: that one runs into the completion timeout.
  */
 import { MigrationError } from "./errors.js";
 
 const MiB = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
 
 export class MigrationLimits {
-  private best = Infinity;
-  private bestAt = 0;
+  /** The remaining bytes at the previous look, and when they last fell. */
+  private previous = Infinity;
+  private progressAt = 0;
   remainingBytes = 0;
   /** For the messages: the last sync's rate and the link. */
   dirtyRatePagesPerSecond = 0;
@@ -38,15 +42,13 @@ export class MigrationLimits {
    */
   update(remainingBytes: number, at = this.now()): void {
     this.remainingBytes = remainingBytes;
-    if (remainingBytes < this.best) {
-      this.best = remainingBytes;
-      this.bestAt = at;
-    }
+    if (remainingBytes < this.previous) this.progressAt = at;
+    this.previous = remainingBytes;
   }
 
   /** Guest time at which a limit would fire if nothing changes. */
   nextDeadlineNs(): number {
-    return Math.min(this.completionLimitNs, this.bestAt + this.cfg.progressTimeoutS * 1e9);
+    return Math.min(this.completionLimitNs, this.progressAt + this.cfg.progressTimeoutS * 1e9);
   }
 
   check(): void {
@@ -59,10 +61,10 @@ export class MigrationLimits {
           `${MiB(this.remainingBytes)} still to send against a threshold of ${MiB(this.thresholdBytes)} (dirty rate ${Math.round(this.dirtyRatePagesPerSecond)} pages/s)`,
       );
     }
-    if (now - this.bestAt >= this.cfg.progressTimeoutS * 1e9) {
+    if (now - this.progressAt >= this.cfg.progressTimeoutS * 1e9) {
       throw new MigrationError(
         "not-converged",
-        `did not converge: no progress for ${this.cfg.progressTimeoutS} s (remaining bytes have not gone below ${MiB(this.best)}; ` +
+        `did not converge: no progress for ${this.cfg.progressTimeoutS} s (the remaining bytes have not fallen since; ${MiB(this.remainingBytes)} remain; ` +
           `threshold ${MiB(this.thresholdBytes)}, dirty rate ${Math.round(this.dirtyRatePagesPerSecond)} pages/s = ${MiB(this.dirtyRatePagesPerSecond * 4096)}/s ` +
           `against a link of ${MiB(this.linkBytesPerSecond)}/s)`,
       );

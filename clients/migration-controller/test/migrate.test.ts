@@ -145,17 +145,18 @@ describe("migration controller", () => {
     assert.equal(r.verification?.match, true);
   });
 
-  test("a workload dirtying faster than the link fails cleanly on the progress timeout; the source keeps running", async () => {
+  test("a workload dirtying faster than the link fails cleanly on the completion timeout, not the progress one (each pass moves); the source keeps running", async () => {
     await createVm(src, "hot", {
       bytes: 64 * MiB,
       vcpus: 4,
       workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 50_000 },
     });
     await assert.rejects(
-      migrate({ sourceVm: "hot", destinationVm: "hot", bandwidthBitsPerSecond: 1e8, progressTimeoutS: 3, completionTimeoutPerGiBS: 1e4 }, ends()),
+      // 100 s per GiB: 6.25 s for 64 MiB, twice the progress timeout.
+      migrate({ sourceVm: "hot", destinationVm: "hot", bandwidthBitsPerSecond: 1e8, progressTimeoutS: 3, completionTimeoutPerGiBS: 100 }, ends()),
       (e: MigrationError) => {
         assert.equal(e.kind, "not-converged");
-        assert.match(e.message, /did not converge: no progress for 3 s/);
+        assert.match(e.message, /did not converge: 6\.\d s reached the completion timeout of 100 s per GiB/);
         assert.equal(e.report?.status, "failed");
         return true;
       },

@@ -102,6 +102,14 @@ export function* readMemory(
   }
 }
 
+/** The bytes as 32-bit words: a view when they are aligned (as a decoded message's usually are), else a copy. */
+function wordsOf(bytes: Uint8Array, words: number): Uint32Array {
+  if (bytes.byteOffset % 4 === 0) return new Uint32Array(bytes.buffer, bytes.byteOffset, words);
+  const out = new Uint32Array(words);
+  new Uint8Array(out.buffer).set(bytes.subarray(0, 4 * words));
+  return out;
+}
+
 /** Writes one chunk's content words; returns pages written. */
 export function writeMemory(vm: Vm, chunk: MemoryChunk): number {
   const slot = vm.slot(chunk.slot, "write memory");
@@ -111,8 +119,7 @@ export function writeMemory(vm: Vm, chunk: MemoryChunk): number {
   if (chunk.contents.byteLength !== k * 8) {
     throw invalidArgument(`write memory: ${k} selected pages need ${k * 8} content bytes, got ${chunk.contents.byteLength}`);
   }
-  const src = new Uint32Array(k * 2);
-  new Uint8Array(src.buffer).set(chunk.contents);
+  const src = wordsOf(chunk.contents, 2 * k);
   const dst = slot.content;
   if (all) {
     dst.set(src, 2 * chunk.firstPage);
