@@ -201,21 +201,43 @@ function boundedWriter(call: { write(m: unknown, cb: () => void): boolean }, sig
   };
 }
 
+/** A generated module's namespace: each message type by name, with its encode(). */
+export type Messages = Record<string, unknown>;
+
 /**
  * Adds a service to a server: the handlers become grpc-js handlers through
  * bindService, and streamed responses reach grpc-js already serialized (so
- * that the writer knows their size without encoding them twice).
+ * that the writer knows their size without encoding them twice). With the
+ * generated module's messages (buf's STANDARD lint names each method's
+ * response <Method>Response), responses are encoded into a Buffer that views
+ * the encoder's output instead of copying it, as the generated serializer
+ * does; serializers replace the encoding of some (by method key) outright.
  */
 export function addService<D extends Record<string, MethodDef>>(
   server: grpc.Server,
   definition: D,
   handlers: ServiceHandlers<D>,
-  opts: { metrics?: GrpcServerMetrics; logger?: Logger } = {},
+  opts: { metrics?: GrpcServerMetrics; logger?: Logger; messages?: Messages; serializers?: Record<string, (v: unknown) => Buffer> } = {},
 ): void {
+  const defs = Object.fromEntries(
+    Object.entries(definition).map(([k, m]) => {
+      const [, , method] = /^\/(.+)\/([^/]+)$/.exec(m.path)!;
+      const type = opts.messages?.[`${method}Response`] as { encode(v: unknown): { finish(): Uint8Array } } | undefined;
+      const responseSerialize =
+        opts.serializers?.[k] ??
+        (type
+          ? (v: unknown) => {
+            const u = type.encode(v).finish();
+              return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+            }
+          : m.responseSerialize);
+      return [k, { ...m, responseSerialize }];
+    }),
+  ) as unknown as D;
   const wire = Object.fromEntries(
-    Object.entries(definition).map(([k, m]) => [k, m.responseStream ? { ...m, responseSerialize: (b: Buffer) => b } : m]),
+    Object.entries(defs).map(([k, m]) => [k, m.responseStream ? { ...m, responseSerialize: (b: Buffer) => b } : m]),
   );
-  server.addService(wire as unknown as grpc.ServiceDefinition, bindService(definition, handlers, opts));
+  server.addService(wire as unknown as grpc.ServiceDefinition, bindService(defs, handlers, opts));
 }
 
 /**

@@ -10,7 +10,9 @@ import { createComponentServer, type ComponentServer } from "../../common/compon
 import { addService, MAX_MESSAGE_BYTES } from "../../common/grpc.js";
 import type { Logger } from "../../common/log.js";
 import { INSECURE, type Security } from "../../common/security.js";
+import * as messages from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { HypervisorServiceService } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { serverSerializers } from "./wire.js";
 import { SyncClock, type ApiContext, type Handlers } from "./api/context.js";
 import { deviceHandlers } from "./api/device.js";
 import { dirtyLogHandlers } from "./api/dirty-log.js";
@@ -70,6 +72,8 @@ export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorSe
   addService(app.grpc, HypervisorServiceService, hypervisorHandlers(ctx), {
     metrics: app.rpcMetrics,
     logger: deps.logger,
+    messages,
+    serializers: serverSerializers,
   });
   return app;
 }

@@ -5,6 +5,7 @@ import { invalidArgument } from "../../common/errors.js";
 import { addService, type ServiceHandlers } from "../../common/grpc.js";
 import type { Logger } from "../../common/log.js";
 import type { Security } from "../../common/security.js";
+import * as messages from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
 import { PageTrackingDeviceServiceService, TrackingMode } from "../../proto/gen/dirtytrack/ptdevice/v1/ptdevice.js";
 import { bytesToGpas, gpasToBytes } from "./client.js";
 import type { PageTrackingDevice } from "./model/device.js";
@@ -151,6 +152,6 @@ export function createDeviceServer(deps: DeviceServerDeps): DeviceServer {
     health: () => ({ ok: true, detail: { trackers: deps.device.trackers.size } }),
   });
   const metrics = new DeviceMetrics(app.registry, deps.device);
-  addService(app.grpc, PageTrackingDeviceServiceService, deviceHandlers(deps.device, metrics), { metrics: app.rpcMetrics, logger: deps.logger });
+  addService(app.grpc, PageTrackingDeviceServiceService, deviceHandlers(deps.device, metrics), { metrics: app.rpcMetrics, logger: deps.logger, messages });
   return app;
 }
