@@ -7,7 +7,7 @@
  */
 import { execFileSync, spawn } from "node:child_process";
 import { monitorEventLoopDelay } from "node:perf_hooks";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { availableParallelism, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -25,13 +25,14 @@ import type { WorkloadSpec } from "../services/hypervisor/model/workload.js";
 import { spawnService } from "../common/spawn.js";
 import { connectHypervisor } from "../services/hypervisor/client.js";
 import { migrate } from "../clients/migration-controller/migrate.js";
+import { guestMemslots, ipaBitsFor } from "../clients/migration-controller/guest.js";
 import { startHypervisor } from "../tests/hypervisor-harness.js";
 
 const { values: args } = parseArgs({
-  options: { only: { type: "string" }, gib: { type: "string", default: "64" }, help: { type: "boolean" } },
+  options: { only: { type: "string" }, gib: { type: "string", default: "64" }, "scale-gib": { type: "string", default: "4,16,64,256,1024" }, help: { type: "boolean" } },
 });
 if (args.help) {
-  console.log("usage: npm run bench -- [--only hypervisor,datapath,ring,hardware,migration,limits] [--gib 64]");
+  console.log("usage: npm run bench -- [--only hypervisor,datapath,ring,hardware,migration,limits,scale] [--gib 64] [--scale-gib 4,16,64,256,1024]");
   process.exit(0);
 }
 const only = args.only?.split(",");
@@ -319,6 +320,67 @@ async function datapathBench(gib: number) {
     client.close();
     bare.forceShutdown();
     await h.close();
+  }
+}
+
+/** A process's peak resident set (VmHWM), in bytes; 0 where /proc is not there. */
+function peakRss(pid: number | undefined): number {
+  try {
+    const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+    return m ? Number(m[1]) * 1024 : 0;
+  } catch {
+    return 0;
+  }
+}
+
+/**
+ * Migration cost against guest size: the same workload (8 vCPUs, 10,000
+ * writes/s each, 90% of them into a fixed 200 MiB hot set) on guests of 4 GiB
+ * to 1 TiB laid out as the demo lays them out, over 10 Gbit/s, each on two
+ * fresh hypervisor processes; the wall time's exponent fitted in log-log, and
+ * each process's peak memory at 1 TiB.
+ */
+async function scaleBench(sizesGiB: number[]) {
+  console.log(`\nscale: ${sizesGiB.join(", ")} GiB, 8 vCPUs, 80,000 writes/s into a 200 MiB hot set, 10 Gbit/s`);
+  const env = { HYPERVISOR_GRPC_PORT: "0", HYPERVISOR_HTTP_PORT: "0", HYPERVISOR_ANNOUNCE: "1" };
+  const points: [number, number][] = [];
+  for (const gib of sizesGiB) {
+    const bytes = gib * 2 ** 30;
+    const [a, b] = await Promise.all([spawnService("services/hypervisor/main.ts", env), spawnService("services/hypervisor/main.ts", env)]);
+    const source = connectHypervisor(a.address, { deadlineMs: 3_600_000 });
+    const destination = connectHypervisor(b.address, { deadlineMs: 3_600_000 });
+    let controllerPeak = process.memoryUsage().rss;
+    const sampler = setInterval(() => (controllerPeak = Math.max(controllerPeak, process.memoryUsage().rss)), 200);
+    try {
+      const t0 = performance.now();
+      const pages = bytes / 4096;
+      await source.createVm({ vm: "scale", vcpus: 8, ipaBits: ipaBitsFor(bytes), memslots: guestMemslots(bytes), workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e8 } });
+      await source.advanceVm({ vm: "scale", durationNs: BigInt(Math.ceil((pages / 8) * 2440 + 1e6)) });
+      const hot = 51200 / pages;
+      await source.setWorkload({ vm: "scale", workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD, writesPerSecond: 10_000, hotFraction: hot, hotWriteFraction: 0.9 } });
+      await source.advanceVm({ vm: "scale", durationNs: 1_000_000_000n });
+      const setupMs = performance.now() - t0;
+      const r = await migrate({ sourceVm: "scale", destinationVm: "scale", rpcTimeoutMs: 600_000 }, { source, destination });
+      points.push([gib, r.wallTimeMs]);
+      report(
+        `${gib} GiB: migration wall time (simulated ${fmt(r.totalTimeMs / 1e3, 1)} s, ${r.dirtySyncCount} syncs, verified ${r.verification?.match})`,
+        `${fmt(r.wallTimeMs / 1e3, 2)} s`,
+        `${fmt(r.totalTimeMs / r.wallTimeMs, 1)}x real time; setup ${fmt(setupMs / 1e3, 1)} s; peak RSS source / destination / controller ${[peakRss(a.proc.pid), peakRss(b.proc.pid), controllerPeak].map((x) => fmt(x / 2 ** 30, 2)).join(" / ")} GiB`,
+      );
+    } finally {
+      clearInterval(sampler);
+      source.close();
+      destination.close();
+      await Promise.all([a.stop(), b.stop()]);
+    }
+  }
+  if (points.length >= 2) {
+    const xs = points.map(([g]) => Math.log(g));
+    const ys = points.map(([, ms]) => Math.log(ms));
+    const mx = xs.reduce((x, y) => x + y, 0) / xs.length;
+    const my = ys.reduce((x, y) => x + y, 0) / ys.length;
+    const slope = xs.reduce((n, x, i) => n + (x - mx) * (ys[i] - my), 0) / xs.reduce((n, x) => n + (x - mx) ** 2, 0);
+    report(`wall time ~ size^k, k fitted over ${sizesGiB[0]} GiB to ${sizesGiB.at(-1)} GiB`, fmt(slope, 3), "target <= 1.05");
   }
 }
 
@@ -681,5 +743,6 @@ if (want("ring")) await ringBench();
 if (want("hardware")) await hardwareBench(Number(args.gib));
 if (want("migration")) await migrationBench();
 if (want("limits")) await limitsBench(Number(args.gib));
+if (want("scale")) await scaleBench(String(args["scale-gib"]).split(",").map(Number));
 console.log("\nsummary (JSON):");
 console.log(JSON.stringify(rows));
