@@ -73,7 +73,7 @@ export class HypervisorMetrics {
         for (const vm of hv.vms.values()) this.set({ vm: vm.name }, vm.clockNs / 1e9);
       },
     });
-    const perVcpu = (name: string, help: string, pick: (t: { writes: number; writeFaults: number; overheadNs: number }) => number) =>
+    const perVcpu = (name: string, help: string, pick: (t: { writes: number; writeFaults: number; overheadNs: number; throttleNs: number }) => number) =>
       new Counter({
         name,
         help,
@@ -101,6 +101,17 @@ export class HypervisorMetrics {
       "Guest time each vCPU lost to faults in slots that are logging dirty pages.",
       (t) => t.overheadNs / 1e9,
     );
+    perVcpu("hypervisor_vcpu_throttle_seconds_total", "Guest time each vCPU slept under QEMU's vCPU throttle (auto-converge).", (t) => t.throttleNs / 1e9);
+    new Gauge({
+      name: "hypervisor_vcpu_cpu_throttle_percentage",
+      help: "QEMU's cpu-throttle-percentage of each throttled vCPU.",
+      labelNames: ["vm", "vcpu"],
+      registers,
+      collect() {
+        this.reset();
+        for (const vm of hv.vms.values()) for (const v of vm.vcpus) if (v.throttle) this.set({ vm: vm.name, vcpu: String(v.index) }, v.throttle.percentage);
+      },
+    });
     new Counter({
       name: "hypervisor_pages_dirtied_total",
       help: "Pages whose dirty-log bit went from clear to set (rate() of this is the dirty rate in pages/s).",

@@ -114,6 +114,8 @@ export function vmInfo(vm: Vm): VmInfo {
       hdbssEntries: vm.hw instanceof Hdbss ? vm.hw.used[v.index] : 0,
       pmlFullExits: BigInt(v.total.pmlFullExits),
       pmlEntries: vm.hw instanceof Pml ? vm.hw.used[v.index] : 0,
+      cpuThrottlePercentage: v.throttle?.percentage ?? 0,
+      cpuThrottleNs: BigInt(Math.round(v.total.throttleNs)),
     })),
     memslots: vm.sortedSlots().map((s) => ({
       memslot: { slot: s.id, guestPhysAddr: BigInt(s.gpa), memorySize: BigInt(s.size), flags: s.flags },

@@ -20,7 +20,7 @@ const stepped = (vm: Vm, what: string) => {
   if (vm.config.clock !== "stepped") throw failedPrecondition(`${what}: VM ${vm.name}'s clock is driven in real time`);
 };
 
-export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm" | "listVms" | "destroyVm" | "pauseVm" | "resumeVm" | "setUserMemoryRegion" | "checkExtension" | "enableCap" | "setWorkload" | "advanceVm" | "getVcpuState" | "setVcpuState" | "guestWrite" | "translateGpa" | "unmapGpaRange" | "setFaultInjection"> {
+export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm" | "listVms" | "destroyVm" | "pauseVm" | "resumeVm" | "setCpuThrottle" | "setUserMemoryRegion" | "checkExtension" | "enableCap" | "setWorkload" | "advanceVm" | "getVcpuState" | "setVcpuState" | "guestWrite" | "translateGpa" | "unmapGpaRange" | "setFaultInjection"> {
   const { hv, metrics } = ctx;
   return {
     createVm(req) {
@@ -74,6 +74,11 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
     resumeVm(req) {
       const vm = hv.vm(req.vm);
       vm.resume(vcpuList(vm, req.vcpus, "resume"));
+      return { vm: vmInfo(vm) };
+    },
+    setCpuThrottle(req) {
+      const vm = hv.vm(req.vm);
+      vm.setCpuThrottle(vcpuList(vm, req.vcpus, "set cpu throttle"), req.percentage);
       return { vm: vmInfo(vm) };
     },
     setUserMemoryRegion(req) {

@@ -1,4 +1,5 @@
 /** A vCPU: its TLB, its workload, its local clock and what it achieved. */
+import type { CpuThrottle } from "./cpu-throttle.js";
 import type { DirtyRing } from "./dirty-ring.js";
 import { Tlb } from "./tlb.js";
 import { WorkloadGen } from "./workload.js";
@@ -17,9 +18,11 @@ export interface StepStats {
   hdbssFullFaults: number;
   /** Intel PML: PML-full exits, handled inside KVM. */
   pmlFullExits: number;
+  /** Guest time asleep under QEMU's vCPU throttle. */
+  throttleNs: number;
 }
 
-const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0, pagesDirtied: 0, hdbssFullFaults: 0, pmlFullExits: 0 });
+const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0, pagesDirtied: 0, hdbssFullFaults: 0, pmlFullExits: 0, throttleNs: 0 });
 
 export class Vcpu {
   paused = false;
@@ -32,6 +35,8 @@ export class Vcpu {
   stepDurationNs = 0;
   /** Out of the guest with KVM_EXIT_DIRTY_RING_FULL until a reset brings the ring under its soft limit. */
   ringFull = false;
+  /** QEMU's vCPU throttle, when one is set. */
+  throttle: CpuThrottle | null = null;
 
   constructor(
     readonly index: number,

@@ -21,6 +21,7 @@ import { Level } from "./stage2.js";
 import { Tlb } from "./tlb.js";
 import { Vcpu } from "./vcpu.js";
 import { BATCH, IDLE, WorkloadGen, type WorkloadSpec } from "./workload.js";
+import { CPU_THROTTLE_PCT_MAX, CpuThrottle } from "./cpu-throttle.js";
 import { WriteTracker } from "./write-track.js";
 
 export type BackingPageSize = "4K" | "2M" | "1G";
@@ -378,6 +379,7 @@ export class Vm {
       const tq = Math.min(t + QUANTUM_NS, end);
       for (const v of this.vcpus) {
         if (v.paused || v.time >= tq) v.time = Math.max(v.time, tq);
+        else if (v.throttle) this.runThrottled(v, v.throttle, tq);
         else this.run(v, tq);
       }
       t = tq;
@@ -496,6 +498,29 @@ export class Vm {
       v.count({ ringFullExits: 1 });
       v.stall(t, until);
     }
+  }
+
+  /** run() within the throttle's running windows; its sleeps pass as guest time with no guest work. */
+  private runThrottled(v: Vcpu, th: CpuThrottle, until: number): void {
+    while (v.time < until && !v.ringFull) {
+      const ph = th.phase(v.time);
+      const end = Math.min(Math.max(ph.until, v.time + 1), until);
+      if (ph.asleep) {
+        v.count({ throttleNs: end - v.time });
+        v.time = end;
+      } else this.run(v, end);
+    }
+    if (v.ringFull) this.run(v, until);
+  }
+
+  /** QEMU's cpu_throttle_set (1-99) or cpu_throttle_stop (0) on the given vCPUs; its periods start now. */
+  setCpuThrottle(indices: number[], percentage: number): void {
+    const what = "set cpu throttle";
+    if (!Number.isInteger(percentage) || percentage < 0 || percentage > CPU_THROTTLE_PCT_MAX) {
+      throw invalidArgument(`${what}: percentage ${percentage} must be 0 (off) or 1-${CPU_THROTTLE_PCT_MAX} (max-cpu-throttle)`, "EINVAL");
+    }
+    const vcpus = indices.map((i) => this.vcpu(i, what));
+    for (const v of vcpus) v.throttle = percentage === 0 ? null : new CpuThrottle(percentage, Math.max(v.time, this.clockNs));
   }
 
   private segmentOf(vp: number): Segment {

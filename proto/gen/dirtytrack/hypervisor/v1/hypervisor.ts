@@ -673,6 +673,12 @@ export interface VcpuInfo {
   /** Intel PML: PML-full exits (handled in KVM), and the GPAs the buffer holds now. */
   pmlFullExits: bigint;
   pmlEntries: number;
+  /**
+   * QEMU's cpu-throttle-percentage for this vCPU (0: not throttled), and the guest time it slept
+   * throttled.
+   */
+  cpuThrottlePercentage: number;
+  cpuThrottleNs: bigint;
 }
 
 export interface MemslotInfo {
@@ -760,6 +766,18 @@ export interface ResumeVmRequest {
 }
 
 export interface ResumeVmResponse {
+  vm: VmInfo | undefined;
+}
+
+export interface SetCpuThrottleRequest {
+  vm: string;
+  /** Empty means every vCPU (QEMU throttles them all). */
+  vcpus: number[];
+  /** 1-99 throttles, 0 stops throttling. */
+  percentage: number;
+}
+
+export interface SetCpuThrottleResponse {
   vm: VmInfo | undefined;
 }
 
@@ -2100,6 +2118,8 @@ function createBaseVcpuInfo(): VcpuInfo {
     hdbssEntries: 0,
     pmlFullExits: 0n,
     pmlEntries: 0,
+    cpuThrottlePercentage: 0,
+    cpuThrottleNs: 0n,
   };
 }
 
@@ -2167,6 +2187,15 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
     }
     if (message.pmlEntries !== 0) {
       writer.uint32(112).uint32(message.pmlEntries);
+    }
+    if (message.cpuThrottlePercentage !== 0) {
+      writer.uint32(120).uint32(message.cpuThrottlePercentage);
+    }
+    if (message.cpuThrottleNs !== 0n) {
+      if (BigInt.asUintN(64, message.cpuThrottleNs) !== message.cpuThrottleNs) {
+        throw new globalThis.Error("value provided for field message.cpuThrottleNs of type uint64 too large");
+      }
+      writer.uint32(128).uint64(message.cpuThrottleNs);
     }
     return writer;
   },
@@ -2296,6 +2325,22 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
             message.pmlEntries = reader.uint32();
             continue;
           }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.cpuThrottlePercentage = reader.uint32();
+            continue;
+          }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.cpuThrottleNs = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2364,6 +2409,16 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
         : isSet(object.pml_entries)
         ? globalThis.Number(object.pml_entries)
         : 0,
+      cpuThrottlePercentage: isSet(object.cpuThrottlePercentage)
+        ? globalThis.Number(object.cpuThrottlePercentage)
+        : isSet(object.cpu_throttle_percentage)
+        ? globalThis.Number(object.cpu_throttle_percentage)
+        : 0,
+      cpuThrottleNs: isSet(object.cpuThrottleNs)
+        ? BigInt(object.cpuThrottleNs)
+        : isSet(object.cpu_throttle_ns)
+        ? BigInt(object.cpu_throttle_ns)
+        : 0n,
     };
   },
 
@@ -2411,6 +2466,12 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
     if (message.pmlEntries !== 0) {
       obj.pmlEntries = Math.round(message.pmlEntries);
     }
+    if (message.cpuThrottlePercentage !== 0) {
+      obj.cpuThrottlePercentage = Math.round(message.cpuThrottlePercentage);
+    }
+    if (message.cpuThrottleNs !== 0n) {
+      obj.cpuThrottleNs = message.cpuThrottleNs.toString();
+    }
     return obj;
   },
 
@@ -2447,6 +2508,10 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
       ? BigInt(object.pmlFullExits)
       : 0n;
     message.pmlEntries = object.pmlEntries ?? 0;
+    message.cpuThrottlePercentage = object.cpuThrottlePercentage ?? 0;
+    message.cpuThrottleNs = (object.cpuThrottleNs !== undefined && object.cpuThrottleNs !== null)
+      ? BigInt(object.cpuThrottleNs)
+      : 0n;
     return message;
   },
 };
@@ -3968,6 +4033,188 @@ export const ResumeVmResponse: MessageFns<ResumeVmResponse> = {
   },
   fromPartial(object: DeepPartial<ResumeVmResponse>): ResumeVmResponse {
     const message = createBaseResumeVmResponse();
+    message.vm = (object.vm !== undefined && object.vm !== null) ? VmInfo.fromPartial(object.vm) : undefined;
+    return message;
+  },
+};
+
+function createBaseSetCpuThrottleRequest(): SetCpuThrottleRequest {
+  return { vm: "", vcpus: [], percentage: 0 };
+}
+
+export const SetCpuThrottleRequest: MessageFns<SetCpuThrottleRequest> = {
+  encode(message: SetCpuThrottleRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.vcpus.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.vcpus) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.percentage !== 0) {
+      writer.uint32(24).uint32(message.percentage);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetCpuThrottleRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetCpuThrottleRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag === 16) {
+              message.vcpus.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.vcpus.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.percentage = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetCpuThrottleRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      vcpus: globalThis.Array.isArray(object?.vcpus) ? object.vcpus.map((e: any) => globalThis.Number(e)) : [],
+      percentage: isSet(object.percentage) ? globalThis.Number(object.percentage) : 0,
+    };
+  },
+
+  toJSON(message: SetCpuThrottleRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.vcpus?.length) {
+      obj.vcpus = message.vcpus.map((e) => Math.round(e));
+    }
+    if (message.percentage !== 0) {
+      obj.percentage = Math.round(message.percentage);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetCpuThrottleRequest>): SetCpuThrottleRequest {
+    return SetCpuThrottleRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetCpuThrottleRequest>): SetCpuThrottleRequest {
+    const message = createBaseSetCpuThrottleRequest();
+    message.vm = object.vm ?? "";
+    message.vcpus = object.vcpus?.map((e) => e) || [];
+    message.percentage = object.percentage ?? 0;
+    return message;
+  },
+};
+
+function createBaseSetCpuThrottleResponse(): SetCpuThrottleResponse {
+  return { vm: undefined };
+}
+
+export const SetCpuThrottleResponse: MessageFns<SetCpuThrottleResponse> = {
+  encode(message: SetCpuThrottleResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== undefined) {
+      VmInfo.encode(message.vm, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetCpuThrottleResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetCpuThrottleResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = VmInfo.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetCpuThrottleResponse {
+    return { vm: isSet(object.vm) ? VmInfo.fromJSON(object.vm) : undefined };
+  },
+
+  toJSON(message: SetCpuThrottleResponse): unknown {
+    const obj: any = {};
+    if (message.vm !== undefined) {
+      obj.vm = VmInfo.toJSON(message.vm);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetCpuThrottleResponse>): SetCpuThrottleResponse {
+    return SetCpuThrottleResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetCpuThrottleResponse>): SetCpuThrottleResponse {
+    const message = createBaseSetCpuThrottleResponse();
     message.vm = (object.vm !== undefined && object.vm !== null) ? VmInfo.fromPartial(object.vm) : undefined;
     return message;
   },
@@ -9984,6 +10231,22 @@ export const HypervisorServiceService = {
     responseDeserialize: (value: Buffer): ResumeVmResponse => ResumeVmResponse.decode(value),
   },
   /**
+   * QEMU's vCPU throttle (softmmu/cpu-throttle.c, what auto-converge drives): per 10 ms timeslice
+   * a throttled vCPU sleeps percentage/(100 - percentage) x 10 ms, so it runs (100 - percentage)%
+   * of the time. 0 stops it; at most 99 (CPU_THROTTLE_PCT_MAX).
+   */
+  setCpuThrottle: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/SetCpuThrottle" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SetCpuThrottleRequest): Buffer =>
+      Buffer.from(SetCpuThrottleRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SetCpuThrottleRequest => SetCpuThrottleRequest.decode(value),
+    responseSerialize: (value: SetCpuThrottleResponse): Buffer =>
+      Buffer.from(SetCpuThrottleResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SetCpuThrottleResponse => SetCpuThrottleResponse.decode(value),
+  },
+  /**
    * KVM_SET_USER_MEMORY_REGION: create a slot, change its flags (turning
    * dirty logging on or off), or delete it (memory_size 0).
    */
@@ -10301,6 +10564,12 @@ export interface HypervisorServiceServer extends UntypedServiceImplementation {
   pauseVm: handleUnaryCall<PauseVmRequest, PauseVmResponse>;
   resumeVm: handleUnaryCall<ResumeVmRequest, ResumeVmResponse>;
   /**
+   * QEMU's vCPU throttle (softmmu/cpu-throttle.c, what auto-converge drives): per 10 ms timeslice
+   * a throttled vCPU sleeps percentage/(100 - percentage) x 10 ms, so it runs (100 - percentage)%
+   * of the time. 0 stops it; at most 99 (CPU_THROTTLE_PCT_MAX).
+   */
+  setCpuThrottle: handleUnaryCall<SetCpuThrottleRequest, SetCpuThrottleResponse>;
+  /**
    * KVM_SET_USER_MEMORY_REGION: create a slot, change its flags (turning
    * dirty logging on or off), or delete it (memory_size 0).
    */
@@ -10470,6 +10739,26 @@ export interface HypervisorServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ResumeVmResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * QEMU's vCPU throttle (softmmu/cpu-throttle.c, what auto-converge drives): per 10 ms timeslice
+   * a throttled vCPU sleeps percentage/(100 - percentage) x 10 ms, so it runs (100 - percentage)%
+   * of the time. 0 stops it; at most 99 (CPU_THROTTLE_PCT_MAX).
+   */
+  setCpuThrottle(
+    request: SetCpuThrottleRequest,
+    callback: (error: ServiceError | null, response: SetCpuThrottleResponse) => void,
+  ): ClientUnaryCall;
+  setCpuThrottle(
+    request: SetCpuThrottleRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SetCpuThrottleResponse) => void,
+  ): ClientUnaryCall;
+  setCpuThrottle(
+    request: SetCpuThrottleRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SetCpuThrottleResponse) => void,
   ): ClientUnaryCall;
   /**
    * KVM_SET_USER_MEMORY_REGION: create a slot, change its flags (turning
