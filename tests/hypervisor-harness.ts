@@ -91,3 +91,25 @@ export async function freePort(): Promise<number> {
     });
   });
 }
+
+/**
+ * A source and a destination hypervisor for a test file's migrations, started
+ * before its tests and stopped after them (register with node:test's hooks).
+ */
+export function hypervisorPair(): { readonly src: RunningHypervisor; readonly dst: RunningHypervisor; start(): Promise<void>; stop(): Promise<void> } {
+  let pair: [RunningHypervisor, RunningHypervisor] | null = null;
+  return {
+    get src() {
+      return pair![0];
+    },
+    get dst() {
+      return pair![1];
+    },
+    async start() {
+      pair = await Promise.all([startHypervisor(), startHypervisor()]);
+    },
+    async stop() {
+      await Promise.all(pair!.map((h) => h.close()));
+    },
+  };
+}

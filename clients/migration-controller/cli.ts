@@ -22,6 +22,7 @@ import { htmlReport, jsonReport, textReport } from "./report.js";
 import { ALIASES, archOf, MechanismError, parseMechanism, PARTS } from "./trackers/index.js";
 import { guestMemslots, ipaBitsFor } from "./guest.js";
 import { parseBandwidth } from "./units.js";
+import { QEMU_AUTO_CONVERGE, type AutoConvergeConfig } from "./policies/auto-converge.js";
 
 export const EXIT: Record<FailureKind | "ok", number> = {
   ok: 0,
@@ -87,6 +88,13 @@ ${Object.entries(PARTS).map(([k, d]) => `                               ${k.padE
   --chunk-pages N            pages per copy chunk, a multiple of 64 (default 262144 = 1 GiB)
   --rpc-timeout S            wall seconds to wait for a hypervisor that stopped answering before the
                              migration fails cleanly (the deadline of ordinary calls; default 10)
+  --auto-converge            throttle the source's vCPUs when they dirty faster than the link carries,
+                             as QEMU's auto-converge (off by default, as in QEMU); with:
+    --throttle-trigger-threshold PCT   dirtied vs transferred bytes in a period that counts as high (50)
+    --cpu-throttle-initial PCT         the first throttle (20)
+    --cpu-throttle-increment PCT       added at each later trigger (10)
+    --cpu-throttle-tailslow            smaller steps near the ideal throttle
+    --max-cpu-throttle PCT             the cap (99)
 
 security (both commands; flags win over TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE, AUTH_TOKEN):
   --tls-ca FILE              use TLS and verify the hypervisors against this CA
@@ -141,6 +149,12 @@ const OPTIONS = {
   "completion-timeout-per-gib": { type: "string" },
   "chunk-pages": { type: "string" },
   "rpc-timeout": { type: "string" },
+  "auto-converge": { type: "boolean" },
+  "throttle-trigger-threshold": { type: "string" },
+  "cpu-throttle-initial": { type: "string" },
+  "cpu-throttle-increment": { type: "string" },
+  "cpu-throttle-tailslow": { type: "boolean" },
+  "max-cpu-throttle": { type: "string" },
   "tls-ca": { type: "string" },
   "tls-cert": { type: "string" },
   "tls-key": { type: "string" },
@@ -187,6 +201,28 @@ function policy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> 
     completionTimeoutPerGiBS: number(v["completion-timeout-per-gib"], "completion-timeout-per-gib", DEFAULT_CONFIG.completionTimeoutPerGiBS, pos, "a number of seconds > 0"),
     chunkPages: number(v["chunk-pages"], "chunk-pages", DEFAULT_CONFIG.chunkPages, (n) => Number.isInteger(n) && n >= 64 && n % 64 === 0 && n <= 1 << 20, "a multiple of 64 up to 1048576"),
     rpcTimeoutMs: number(v["rpc-timeout"], "rpc-timeout", DEFAULT_CONFIG.rpcTimeoutMs / 1e3, (n) => n >= 0.1 && n <= 3600, "a number of seconds in [0.1, 3600]") * 1e3,
+    autoConverge: autoConverge(v),
+  };
+}
+
+const AUTO_CONVERGE_FLAGS = ["throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle"] as const;
+
+/** --auto-converge and its parameters, QEMU's defaults where not given; a parameter without --auto-converge is an error. */
+function autoConverge(v: Values): AutoConvergeConfig | null {
+  const given = AUTO_CONVERGE_FLAGS.filter((f) => v[f] !== undefined);
+  if (!v["auto-converge"]) {
+    if (given.length) throw new UsageError(`--${given[0]} needs --auto-converge`);
+    return null;
+  }
+  const pct = (name: (typeof AUTO_CONVERGE_FLAGS)[number], fallback: number, lo: number, hi: number) =>
+    number(v[name] as string | undefined, name, fallback, (n) => Number.isInteger(n) && n >= lo && n <= hi, `a whole percentage in [${lo}, ${hi}]`);
+  const q = QEMU_AUTO_CONVERGE;
+  return {
+    throttleTriggerThreshold: pct("throttle-trigger-threshold", q.throttleTriggerThreshold, 1, 100),
+    cpuThrottleInitial: pct("cpu-throttle-initial", q.cpuThrottleInitial, 1, 99),
+    cpuThrottleIncrement: pct("cpu-throttle-increment", q.cpuThrottleIncrement, 1, 99),
+    cpuThrottleTailslow: v["cpu-throttle-tailslow"] ?? q.cpuThrottleTailslow,
+    maxCpuThrottle: pct("max-cpu-throttle", q.maxCpuThrottle, 1, 99),
   };
 }
 
@@ -224,7 +260,7 @@ export function describeCleanup(c: CleanupReport | null, vms: { source: string; 
   const src =
     c.sourceRunning === null
       ? `the state of the source VM '${vms.source}' could not be checked`
-      : `the source VM '${vms.source}' is ${c.sourceRunning ? "running" : "PAUSED"} and ${c.sourceLogging ? "STILL LOGGING" : "no longer logging"}`;
+      : `the source VM '${vms.source}' is ${c.sourceRunning ? "running" : "PAUSED"}${c.sourceThrottled ? ", STILL THROTTLED," : ""} and ${c.sourceLogging ? "STILL LOGGING" : "no longer logging"}`;
   const dst =
     c.destinationRemoved === null
       ? "the destination VM could not be checked"

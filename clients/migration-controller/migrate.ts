@@ -26,6 +26,7 @@ import { Link, PAGE_SIZE } from "./link.js";
 import { MigrationError, type FailureKind } from "./errors.js";
 import { createTracker, MechanismError, parseMechanism, type Mechanism } from "./trackers/index.js";
 import { CHUNK_ALIGN } from "./trackers/tracker.js";
+import { AutoConverge, checkAutoConverge, type AutoConvergeConfig } from "./policies/auto-converge.js";
 
 export { MigrationError, type FailureKind };
 
@@ -50,6 +51,8 @@ export interface MigrationConfig {
    * calls (guest steps, page streams, digests) get six times as long, at least a minute.
    */
   rpcTimeoutMs: number;
+  /** QEMU's auto-converge with its parameters (policies/auto-converge.ts); null: off, QEMU's default. */
+  autoConverge: AutoConvergeConfig | null;
   /**
    * A VMM bug switched on by tests, to show that the verification catches it:
    * Firecracker's multi-slot diff snapshots (PRs #5696/#5705) wrote a slot's
@@ -69,6 +72,7 @@ export const DEFAULT_CONFIG: Omit<MigrationConfig, "sourceVm" | "destinationVm">
   completionTimeoutPerGiBS: 150,
   chunkPages: 262144,
   rpcTimeoutMs: 10_000,
+  autoConverge: null,
 };
 
 export interface RoundReport {
@@ -95,6 +99,8 @@ export interface RoundReport {
   ringStallMs: number;
   /** The stop-and-copy round: the source was paused. */
   stopAndCopy: boolean;
+  /** QEMU's cpu-throttle-percentage while the round ran (auto-converge). */
+  cpuThrottlePercentage: number;
 }
 
 export interface MigrationReport {
@@ -119,6 +125,8 @@ export interface MigrationReport {
   zeroPages: number;
   /** Dirty rate at the last sync, pages per second. */
   dirtyRatePagesPerSecond: number;
+  /** QEMU's cpu-throttle-percentage at the end of pre-copy (auto-converge; 0: never throttled). */
+  cpuThrottlePercentage: number;
   mbps: number;
   rounds: RoundReport[];
   switchover: { round: number; remainingBytes: number; thresholdBytes: number; forced: boolean } | null;
@@ -132,6 +140,8 @@ export interface MigrationReport {
 export interface CleanupReport {
   sourceRunning: boolean | null;
   sourceLogging: boolean | null;
+  /** Any vCPU of the source still throttled (auto-converge). */
+  sourceThrottled: boolean | null;
   destinationRemoved: boolean | null;
   /** Why a step of the cleanup or a look failed. */
   problems: string[];
@@ -194,7 +204,7 @@ async function cleanUp(
   source: HypervisorClient,
   destination: HypervisorClient,
   vms: { source: string; destination: string },
-  did: { paused: boolean; trackerStarted: boolean; destinationCreated: boolean },
+  did: { paused: boolean; trackerStarted: boolean; destinationCreated: boolean; throttled: boolean },
   stopTracker: () => Promise<void>,
 ): Promise<CleanupReport> {
   const problems: string[] = [];
@@ -205,14 +215,16 @@ async function cleanUp(
       problems.push(`${what}: ${(err as { details?: string }).details ?? (err as Error).message}`);
     }
   };
+  if (did.throttled) await attempt("stopping the source's throttle", () => source.setCpuThrottle({ vm: vms.source, percentage: 0 }));
   if (did.paused) await attempt("resuming the source", () => source.resumeVm({ vm: vms.source }));
   if (did.trackerStarted) await attempt("turning logging off on the source", stopTracker);
   if (did.destinationCreated) await attempt("removing the destination VM", () => destination.destroyVm({ vm: vms.destination }));
-  const out: CleanupReport = { sourceRunning: null, sourceLogging: null, destinationRemoved: null, problems };
+  const out: CleanupReport = { sourceRunning: null, sourceLogging: null, sourceThrottled: null, destinationRemoved: null, problems };
   await attempt("looking at the source", async () => {
     const v = (await source.getVm({ vm: vms.source })).vm!;
     out.sourceRunning = v.vcpus.some((c) => !c.paused);
     out.sourceLogging = v.memslots.some((m) => m.logging) || v.hardwareDirty || v.pageTrackingDevice;
+    out.sourceThrottled = v.vcpus.some((c) => c.cpuThrottlePercentage > 0);
   });
   if (did.destinationCreated) {
     try {
@@ -359,6 +371,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
     normalPages: 0,
     zeroPages: 0,
     dirtyRatePagesPerSecond: 0,
+    cpuThrottlePercentage: 0,
     mbps: 0,
     rounds: [],
     switchover: null,
@@ -371,7 +384,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
   delete (report.config as Partial<MigrationConfig>).destinationVm;
 
   await on("destination", destination, () => createDestination(destination, cfg.destinationVm, src), signal);
-  const did = { paused: false, trackerStarted: false, destinationCreated: true };
+  const did = { paused: false, trackerStarted: false, destinationCreated: true, throttled: false };
   const progress = (phase: ProgressEvent["phase"], r: Partial<ProgressEvent> = {}) =>
     ep.onProgress?.({
       phase,
@@ -495,6 +508,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
     limitsOn = true;
     progress("round", { dirtyPages: totalPages, remainingBytes: totalPages * PAGE_SIZE });
     let roundStart = clock.now();
+    const converge = cfg.autoConverge ? new AutoConverge(cfg.autoConverge, clock.now()) : null;
     let atStart = await guestStats();
     let lastSyncAt = clock.now();
     let sent = await sendPages(null, totalPages * PAGE_SIZE);
@@ -519,6 +533,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
         ringFullExits: g.ringFullExits - atStart.ringFullExits,
         ringStallMs: (g.ringStallNs - atStart.ringStallNs) / 1e6,
         stopAndCopy,
+        cpuThrottlePercentage: converge?.percentage ?? 0,
       });
       roundStart = now;
       atStart = g;
@@ -536,6 +551,13 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
       lastSyncAt = now;
       limits.dirtyRatePagesPerSecond = rate;
       report.dirtyRatePagesPerSecond = rate;
+      // QEMU evaluates auto-converge's trigger inside the sync, before it decides to switch over.
+      const throttle = converge?.onSync(clock.now(), sync.dirtyPages, report.transferredBytes) ?? null;
+      if (throttle !== null) {
+        did.throttled = true;
+        await on("source", source, () => source.setCpuThrottle({ vm: cfg.sourceVm, percentage: throttle }), signal);
+        report.cpuThrottlePercentage = throttle;
+      }
       report.expectedDowntimeMs = remaining / bwBytesPerMs;
       progress("round", { dirtyPages: sync.dirtyPages, remainingBytes: remaining, dirtyRatePagesPerSecond: rate, expectedDowntimeMs: report.expectedDowntimeMs });
 
@@ -583,7 +605,18 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
           did.trackerStarted = false;
         } catch (err) {
           const why = (err as { details?: string }).details ?? (err as Error).message;
-          report.cleanup = { sourceRunning: false, sourceLogging: null, destinationRemoved: false, problems: [`turning logging off on the source: ${why}`] };
+          report.cleanup = { sourceRunning: false, sourceLogging: null, sourceThrottled: null, destinationRemoved: false, problems: [`turning logging off on the source: ${why}`] };
+        }
+        // migration_cleanup stops the throttle: a source resumed later runs at full speed.
+        if (did.throttled) {
+          try {
+            await source.setCpuThrottle({ vm: cfg.sourceVm, percentage: 0 });
+            did.throttled = false;
+          } catch (err) {
+            const why = (err as { details?: string }).details ?? (err as Error).message;
+            report.cleanup ??= { sourceRunning: false, sourceLogging: null, sourceThrottled: true, destinationRemoved: false, problems: [] };
+            report.cleanup.problems.push(`stopping the source's throttle: ${why}`);
+          }
         }
         finish();
         progress("done", { remainingBytes: 0 });
@@ -618,6 +651,8 @@ function validate(cfg: MigrationConfig): void {
   }
   if (!(cfg.rpcTimeoutMs >= 100) || !Number.isFinite(cfg.rpcTimeoutMs)) throw bad(`RPC timeout must be at least 100 ms (got ${cfg.rpcTimeoutMs})`);
   if (!cfg.sourceVm || !cfg.destinationVm) throw bad("source and destination VM names are required");
+  const converge = cfg.autoConverge && checkAutoConverge(cfg.autoConverge);
+  if (converge) throw bad(`auto-converge: ${converge}`);
   try {
     parseMechanism(cfg.mechanism);
   } catch (e) {

@@ -27,10 +27,12 @@ const COLUMNS: [string, (r: RoundReport) => string][] = [
   ["guest writes/s", (r) => fmt(r.guestWritesPerSecond, 0)],
   ["ring-full exits", (r) => fmt(r.ringFullExits, 0)],
   ["ring stall ms", (r) => fmt(r.ringStallMs)],
+  ["throttle %", (r) => String(r.cpuThrottlePercentage)],
 ];
 
-/** The ring columns only mean something for the ring mechanism. */
-const columnsFor = (r: MigrationReport) => (r.mechanism === "ring" ? COLUMNS : COLUMNS.filter(([h]) => !h.startsWith("ring")));
+/** The ring columns only mean something with a dirty ring, the throttle column with auto-converge. */
+const columnsFor = (r: MigrationReport) =>
+  COLUMNS.filter(([h]) => (r.mechanism.startsWith("ring") || !h.startsWith("ring")) && (r.config.autoConverge !== null || h !== "throttle %"));
 
 export function textReport(r: MigrationReport): string {
   const lines: string[] = [];
@@ -77,6 +79,7 @@ export function jsonReport(r: MigrationReport): object {
     "setup-time": r.setupTimeMs,
     downtime: r.downtimeMs,
     "expected-downtime": r.expectedDowntimeMs,
+    "cpu-throttle-percentage": r.cpuThrottlePercentage,
     ram: {
       transferred: r.transferredBytes,
       remaining: r.status === "completed" ? 0 : (r.rounds.at(-1)?.remainingBytes ?? r.memoryBytes),
@@ -110,6 +113,7 @@ export function jsonReport(r: MigrationReport): object {
       "ring-full-exits": x.ringFullExits,
       "ring-stall-time": x.ringStallMs,
       "stop-and-copy": x.stopAndCopy,
+      "cpu-throttle-percentage": x.cpuThrottlePercentage,
     })),
     switchover: r.switchover,
     verification: r.verification && {
@@ -129,6 +133,7 @@ export function jsonReport(r: MigrationReport): object {
       "setup-time": "ms (guest time)",
       downtime: "ms (guest time from pausing the source to resuming the destination)",
       "expected-downtime": "ms (dirty bytes at the last sync / bandwidth)",
+      "cpu-throttle-percentage": "% (auto-converge's vCPU throttle at the end of pre-copy; per round: during it)",
       "ram.transferred": "bytes",
       "ram.remaining": "bytes",
       "ram.total": "bytes",
@@ -157,6 +162,7 @@ export function jsonReport(r: MigrationReport): object {
       "rounds[].guest-writes-rate": "writes/s (guest time)",
       "rounds[].ring-full-exits": "count (KVM_EXIT_DIRTY_RING_FULL)",
       "rounds[].ring-stall-time": "ms (guest time vCPUs spent out on full rings)",
+      "rounds[].cpu-throttle-percentage": "% (auto-converge's vCPU throttle during the round)",
       "config.bandwidthBitsPerSecond": "bit/s",
       "config.latencyNs": "ns",
       "config.downtimeLimitMs": "ms",

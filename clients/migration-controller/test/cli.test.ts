@@ -89,6 +89,9 @@ describe("migration controller CLI", () => {
       [["demo", "--memory", "12KiB"], /--memory 12KiB: must be a multiple of 4 KiB and at least 1 MiB/],
       [["demo", "--ring-entries", "1000"], /--ring-entries 1000: must be a power of two/],
       [["--frobnicate"], /Unknown option '--frobnicate'/],
+      [["migrate", "--vm", "web", "--cpu-throttle-initial", "30"], /--cpu-throttle-initial needs --auto-converge/],
+      [["migrate", "--vm", "web", "--auto-converge", "--max-cpu-throttle", "100"], /--max-cpu-throttle 100: must be a whole percentage in \[1, 99\]/],
+      [["migrate", "--vm", "web", "--auto-converge", "--throttle-trigger-threshold", "0"], /--throttle-trigger-threshold 0/],
     ] as [string[], RegExp][]) {
       const r = await cli(args);
       assert.equal(r.code, EXIT.usage, `${args.join(" ")}: ${r.err}`);
