@@ -19,6 +19,8 @@ export class MigrationLimits {
   private previous = Infinity;
   private progressAt = 0;
   remainingBytes = 0;
+  /** What the last sync found dirty (at the start: all of memory), for the messages. */
+  private syncedBytes = 0;
   /** For the messages: the last sync's rate and the link. */
   dirtyRatePagesPerSecond = 0;
 
@@ -40,6 +42,12 @@ export class MigrationLimits {
    * chunk, the end of its transmission, since the remaining bytes fall all
    * along it, so that a chunk slower than the progress timeout is progress.
    */
+  /** A sync found remainingBytes dirty. */
+  synced(remainingBytes: number): void {
+    this.syncedBytes = remainingBytes;
+    this.update(remainingBytes);
+  }
+
   update(remainingBytes: number, at = this.now()): void {
     this.remainingBytes = remainingBytes;
     if (remainingBytes < this.previous) this.progressAt = at;
@@ -58,7 +66,7 @@ export class MigrationLimits {
         "not-converged",
         `did not converge: ${(now / 1e9).toFixed(1)} s reached the completion timeout of ${this.cfg.completionTimeoutPerGiBS} s per GiB ` +
           `(${(this.completionLimitNs / 1e9).toFixed(1)} s for ${(this.memoryBytes / 2 ** 30).toFixed(2)} GiB); ` +
-          `${MiB(this.remainingBytes)} still to send against a threshold of ${MiB(this.thresholdBytes)} (dirty rate ${Math.round(this.dirtyRatePagesPerSecond)} pages/s)`,
+          `the last sync found ${MiB(this.syncedBytes)} dirty against a threshold of ${MiB(this.thresholdBytes)} (dirty rate ${Math.round(this.dirtyRatePagesPerSecond)} pages/s)`,
       );
     }
     if (now - this.progressAt >= this.cfg.progressTimeoutS * 1e9) {

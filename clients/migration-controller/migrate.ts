@@ -156,6 +156,8 @@ export interface ProgressEvent {
   expectedDowntimeMs: number;
   elapsedMs: number;
   transferredBytes: number;
+  /** Auto-converge's vCPU throttle in force (0: none). */
+  cpuThrottlePercentage: number;
 }
 
 export interface Endpoints {
@@ -395,6 +397,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
       expectedDowntimeMs: report.expectedDowntimeMs ?? 0,
       elapsedMs: clock.now() / 1e6,
       transferredBytes: report.transferredBytes,
+      cpuThrottlePercentage: report.cpuThrottlePercentage,
       ...r,
     });
 
@@ -504,7 +507,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
 
     // Round 0: every page, while the guest runs.
     const totalPages = src.memslots.reduce((n, s) => n + Number(s.numPages), 0);
-    limits.update(totalPages * PAGE_SIZE);
+    limits.synced(totalPages * PAGE_SIZE);
     limitsOn = true;
     progress("round", { dirtyPages: totalPages, remainingBytes: totalPages * PAGE_SIZE });
     let roundStart = clock.now();
@@ -544,7 +547,7 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
       const sync = await on("source", source, () => tracker.sync(false), signal);
       report.dirtySyncCount++;
       const remaining = sync.dirtyPages * PAGE_SIZE;
-      limits.update(remaining);
+      limits.synced(remaining);
       await on("source", source, () => clock.elapse(sync.hostNs), signal);
       const now = clock.now();
       const rate = now > lastSyncAt ? (sync.dirtyPages * 1e9) / (now - lastSyncAt) : 0;

@@ -42,6 +42,7 @@ export class MigrationMetrics {
   readonly remaining: Gauge<"vm">;
   readonly transferred: Counter<"vm">;
   readonly dirtyRate: Gauge<"vm">;
+  readonly throttle: Gauge<"vm">;
   readonly expectedDowntime: Gauge<"vm">;
   readonly downtimeLimit: Gauge<"vm">;
   readonly inProgress: Gauge<"vm">;
@@ -55,6 +56,7 @@ export class MigrationMetrics {
     this.remaining = new Gauge({ name: "migration_remaining_bytes", help: "Bytes still dirty at the last sync of the current migration.", labelNames: ["vm"], registers });
     this.transferred = new Counter({ name: "migration_transferred_bytes_total", help: "Bytes sent on the migration link.", labelNames: ["vm"], registers });
     this.dirtyRate = new Gauge({ name: "migration_dirty_rate_pages_per_second", help: "Dirty rate computed at the last sync (QEMU's dirty-pages-rate), in pages per second.", labelNames: ["vm"], registers });
+    this.throttle = new Gauge({ name: "migration_cpu_throttle_percentage", help: "Auto-converge's vCPU throttle on the source (QEMU's cpu-throttle-percentage).", labelNames: ["vm"], registers });
     this.expectedDowntime = new Gauge({ name: "migration_expected_downtime_seconds", help: "Dirty bytes at the last sync divided by the bandwidth.", labelNames: ["vm"], registers });
     this.downtimeLimit = new Gauge({ name: "migration_downtime_limit_seconds", help: "The downtime limit the switchover rule uses.", labelNames: ["vm"], registers });
     this.inProgress = new Gauge({ name: "migration_in_progress", help: "1 while a migration of the VM runs.", labelNames: ["vm"], registers });
@@ -147,6 +149,7 @@ export class MigrationService {
   private onProgress(e: ProgressEvent, sent: { bytes: number }): void {
     const vm = this.cfg.vm;
     this.metrics.round.set({ vm }, e.round);
+    this.metrics.throttle.set({ vm }, e.cpuThrottlePercentage);
     if (e.phase === "round") {
       this.metrics.remaining.set({ vm }, e.remainingBytes);
       this.metrics.dirtyRate.set({ vm }, e.dirtyRatePagesPerSecond);
@@ -172,7 +175,7 @@ export class MigrationService {
         { ...this.cfg.policy, sourceVm: vm, destinationVm: vm },
         { source: this.clients[from], destination: this.clients[to], onProgress: (e) => this.onProgress(e, sent), signal: this.abort.signal },
       );
-      this.onProgress({ phase: "done", round: r.dirtySyncCount, dirtyPages: 0, remainingBytes: 0, dirtyRatePagesPerSecond: r.dirtyRatePagesPerSecond, expectedDowntimeMs: 0, elapsedMs: r.totalTimeMs, transferredBytes: r.transferredBytes }, sent);
+      this.onProgress({ phase: "done", round: r.dirtySyncCount, dirtyPages: 0, remainingBytes: 0, dirtyRatePagesPerSecond: r.dirtyRatePagesPerSecond, expectedDowntimeMs: 0, elapsedMs: r.totalTimeMs, transferredBytes: r.transferredBytes, cpuThrottlePercentage: 0 }, sent);
       this.metrics.migrations.inc({ result: "completed", mechanism });
       this.metrics.downtime.observe({ mechanism }, (r.downtimeMs ?? 0) / 1e3);
       this.metrics.totalTime.observe({ mechanism }, r.totalTimeMs / 1e3);
