@@ -220,6 +220,8 @@ ${status}
 <dt>syncs</dt><dd>${r.dirtySyncCount}</dd><dt>transferred</dt><dd>${esc(formatBytes(r.transferredBytes))}</dd></dl>
 ${barChart("Dirty rate at each sync", "pages/s", r.rounds.map((x) => x.dirtyRatePagesPerSecond))}
 ${barChart("Remaining (dirty) at each sync", "MiB", r.rounds.map((x) => x.remainingBytes / MiB), { value: threshold / MiB, label: "switchover threshold = bandwidth x downtime limit" })}
+${r.config.autoConverge ? `${barChart("vCPU throttle in each round (auto-converge)", "%", r.rounds.map((x) => x.cpuThrottlePercentage))}
+${barChart("Guest writes in each round", "writes/s", r.rounds.map((x) => x.guestWritesPerSecond))}` : ""}
 <table><thead><tr>${COLUMNS.map(([h]) => `<th>${esc(h)}</th>`).join("")}</tr></thead><tbody>
 ${rows}
 </tbody></table>

@@ -10,6 +10,7 @@ import { WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hyp
 import { GiB, hypervisorPair, MiB } from "../../../tests/hypervisor-harness.js";
 import { migrate, type MigrationError } from "../migrate.js";
 import { AutoConverge, checkAutoConverge, QEMU_AUTO_CONVERGE } from "../policies/auto-converge.js";
+import { htmlReport, jsonReport, textReport } from "../report.js";
 
 const S = 1e9;
 
@@ -76,6 +77,11 @@ describe("auto-converge in a migration", () => {
     const first = r.rounds[1].guestWritesPerSecond;
     const last = r.rounds.filter((x) => !x.stopAndCopy).at(-1)!;
     assert.ok(last.guestWritesPerSecond < first * (1 - last.cpuThrottlePercentage / 100) * 1.1, `guest ${first} -> ${last.guestWritesPerSecond} writes/s at ${last.cpuThrottlePercentage}%`);
+    const json = jsonReport(r) as { "cpu-throttle-percentage": number; rounds: { "cpu-throttle-percentage": number }[] };
+    assert.deepEqual(json.rounds.map((x) => x["cpu-throttle-percentage"]), r.rounds.map((x) => x.cpuThrottlePercentage), "QEMU's name in --json");
+    assert.equal(json["cpu-throttle-percentage"], 99);
+    assert.match(htmlReport(r), /vCPU throttle in each round \(auto-converge\)/);
+    assert.match(textReport(r), /throttle %/);
     const after = (await pair.src.client.getVm({ vm: "ac" })).vm!;
     assert.ok(after.vcpus.every((v) => v.cpuThrottlePercentage === 0), "the throttle stops with the migration");
   });
