@@ -142,15 +142,16 @@ export class DeviceLink {
 
   /**
    * Sends every pending batch of one VM (or all). A VM with the injected
-   * sync bug holds its batches back until its next read is done (force), so
-   * that they are still in flight when the device is read.
+   * sync bug holds each CPU's last, partial batch back until its next read is
+   * done (force), so that it is still in flight when the device is read; full
+   * batches go as usual, so what is held stays bounded.
    */
   send(only?: Attached, force = false): void {
     if (this.lost || !this.stream) return;
     for (const a of only ? [only] : this.attached.values()) {
-      if (a.vm.injected.skipDeviceSyncWait && !force) continue;
+      const holdPartial = a.vm.injected.skipDeviceSyncWait && !force;
       for (const [cpu, gpas] of a.pending) {
-        if (gpas.length === 0) continue;
+        if (gpas.length === 0 || (holdPartial && gpas.length < BATCH_GPAS)) continue;
         this.stream.write({ vmid: a.vm.config.vmid, cpu, seq: ++this.seqSent, gpas: gpasToBytes(gpas) });
         this.batchesSent++;
         this.gpasSent += gpas.length;
@@ -207,8 +208,8 @@ export class DeviceLink {
     if (!a) return { pages: 0, hostNs: 0 };
     try {
       if (vm.injected.skipDeviceSyncWait) {
-        // The injected bug: the read does not wait for the last sequence number, so the batches
-        // still in flight reach the device after it was read, and this GET misses their GPAs.
+        // The injected bug: the read does not wait for the last sequence number, so the last
+        // batches, still in flight, reach the device after it was read and this GET misses them.
         const r = await this.readAll(a);
         this.send(a, true);
         return r;
