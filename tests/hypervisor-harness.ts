@@ -96,7 +96,7 @@ export async function freePort(): Promise<number> {
  * A source and a destination hypervisor for a test file's migrations, started
  * before its tests and stopped after them (register with node:test's hooks).
  */
-export function hypervisorPair(): { readonly src: RunningHypervisor; readonly dst: RunningHypervisor; start(): Promise<void>; stop(): Promise<void> } {
+export function hypervisorPair(opts: Parameters<typeof startHypervisor>[0] = {}): { readonly src: RunningHypervisor; readonly dst: RunningHypervisor; start(): Promise<void>; stop(): Promise<void> } {
   let pair: [RunningHypervisor, RunningHypervisor] | null = null;
   return {
     get src() {
@@ -106,7 +106,7 @@ export function hypervisorPair(): { readonly src: RunningHypervisor; readonly ds
       return pair![1];
     },
     async start() {
-      pair = await Promise.all([startHypervisor(), startHypervisor()]);
+      pair = await Promise.all([startHypervisor(opts), startHypervisor(opts)]);
     },
     async stop() {
       await Promise.all(pair!.map((h) => h.close()));

@@ -1,5 +1,5 @@
 /** How a migration fails: the kind decides the CLI's exit code. */
-import type { MigrationReport } from "./migrate.js";
+import type { MigrationReport } from "./types.js";
 
 export type FailureKind = "usage" | "unreachable" | "not-found" | "precondition" | "not-converged" | "verification" | "interrupted" | "failed";
 

@@ -8,13 +8,11 @@
  * more each time (with tailslow, at most what would bring the dirty rate down
  * to the threshold), up to max-cpu-throttle.
  */
-export interface AutoConvergeConfig {
-  throttleTriggerThreshold: number;
-  cpuThrottleInitial: number;
-  cpuThrottleIncrement: number;
-  cpuThrottleTailslow: boolean;
-  maxCpuThrottle: number;
-}
+import type { AutoConvergeConfig } from "../types.js";
+import { CONTINUE, type Decision, type MigrationPolicy, type SyncState } from "./policy.js";
+
+export type { AutoConvergeConfig };
+
 
 /** QEMU's defaults (migration/options.c). */
 export const QEMU_AUTO_CONVERGE: AutoConvergeConfig = {
@@ -40,7 +38,8 @@ export function checkAutoConverge(c: AutoConvergeConfig): string | null {
   );
 }
 
-export class AutoConverge {
+export class AutoConverge implements MigrationPolicy {
+  readonly name = "auto-converge";
   private periodStartNs: number;
   private bytesXferPrev = 0;
   private dirtyPagesPeriod = 0;
@@ -55,11 +54,17 @@ export class AutoConverge {
     this.periodStartNs = startNs;
   }
 
+  /** QEMU evaluates the trigger inside the sync, before the switchover decision. */
+  onSync(s: SyncState): Decision {
+    const pct = this.trigger(s.nowNs, s.dirtyPages, s.transferredBytes);
+    return pct === null ? CONTINUE : { kind: "throttle", percentage: pct };
+  }
+
   /**
    * A sync at guest time nowNs found dirtyPages pages dirty; transferredBytes
    * have gone so far. Returns the new throttle percentage, or null for no change.
    */
-  onSync(nowNs: number, dirtyPages: number, transferredBytes: number): number | null {
+  trigger(nowNs: number, dirtyPages: number, transferredBytes: number): number | null {
     this.dirtyPagesPeriod += dirtyPages;
     if (nowNs - this.periodStartNs <= PERIOD_NS) return null;
     const bytesDirty = this.dirtyPagesPeriod * PAGE_SIZE;

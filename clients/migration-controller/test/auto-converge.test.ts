@@ -18,28 +18,28 @@ describe("auto-converge's trigger on its own", () => {
   test("periods over 1 s; the second high period throttles (the count survives a low one); 20, then +10, capped", () => {
     const ac = new AutoConverge({ ...QEMU_AUTO_CONVERGE, maxCpuThrottle: 45 }, 0);
     const MiB4 = 1024; // pages
-    assert.equal(ac.onSync(0.5 * S, 10 * MiB4, 10 * 4 * MiB), null, "a period of 1 s or less is not evaluated");
-    assert.equal(ac.onSync(1.5 * S, 10 * MiB4, 20 * 4 * MiB), null, "high once: 80 MiB dirtied > 50% of 80 MiB sent");
-    assert.equal(ac.onSync(3 * S, 1, 40 * 4 * MiB), null, "low");
-    assert.equal(ac.onSync(4.5 * S, 20 * MiB4, 60 * 4 * MiB), 20, "high twice, not in a row: cpu-throttle-initial");
-    assert.equal(ac.onSync(6 * S, 20 * MiB4, 80 * 4 * MiB), null);
-    assert.equal(ac.onSync(7.5 * S, 20 * MiB4, 100 * 4 * MiB), 30);
-    ac.onSync(9 * S, 20 * MiB4, 120 * 4 * MiB);
-    assert.equal(ac.onSync(10.5 * S, 20 * MiB4, 140 * 4 * MiB), 40);
-    ac.onSync(12 * S, 20 * MiB4, 160 * 4 * MiB);
-    assert.equal(ac.onSync(13.5 * S, 20 * MiB4, 180 * 4 * MiB), 45, "max-cpu-throttle");
+    assert.equal(ac.trigger(0.5 * S, 10 * MiB4, 10 * 4 * MiB), null, "a period of 1 s or less is not evaluated");
+    assert.equal(ac.trigger(1.5 * S, 10 * MiB4, 20 * 4 * MiB), null, "high once: 80 MiB dirtied > 50% of 80 MiB sent");
+    assert.equal(ac.trigger(3 * S, 1, 40 * 4 * MiB), null, "low");
+    assert.equal(ac.trigger(4.5 * S, 20 * MiB4, 60 * 4 * MiB), 20, "high twice, not in a row: cpu-throttle-initial");
+    assert.equal(ac.trigger(6 * S, 20 * MiB4, 80 * 4 * MiB), null);
+    assert.equal(ac.trigger(7.5 * S, 20 * MiB4, 100 * 4 * MiB), 30);
+    ac.trigger(9 * S, 20 * MiB4, 120 * 4 * MiB);
+    assert.equal(ac.trigger(10.5 * S, 20 * MiB4, 140 * 4 * MiB), 40);
+    ac.trigger(12 * S, 20 * MiB4, 160 * 4 * MiB);
+    assert.equal(ac.trigger(13.5 * S, 20 * MiB4, 180 * 4 * MiB), 45, "max-cpu-throttle");
   });
 
   test("tailslow steps at most to the throttle that would bring the dirty rate to the threshold", () => {
     const ac = new AutoConverge({ ...QEMU_AUTO_CONVERGE, cpuThrottleTailslow: true }, 0);
-    ac.onSync(1.5 * S, 1000, 4096 * 1000);
-    assert.equal(ac.onSync(3 * S, 1000, 2 * 4096 * 1000), 20);
-    ac.onSync(4.5 * S, 1100, 3 * 4096 * 1000);
+    ac.trigger(1.5 * S, 1000, 4096 * 1000);
+    assert.equal(ac.trigger(3 * S, 1000, 2 * 4096 * 1000), 20);
+    ac.trigger(4.5 * S, 1100, 3 * 4096 * 1000);
     // cpu_now 80, ideal 80 x (0.5 x 1000 / 1100) = 36: the step would be 44, capped at the increment.
-    assert.equal(ac.onSync(6 * S, 1100, 4 * 4096 * 1000), 30);
-    ac.onSync(7.5 * S, 530, 5 * 4096 * 1000);
+    assert.equal(ac.trigger(6 * S, 1100, 4 * 4096 * 1000), 30);
+    ac.trigger(7.5 * S, 530, 5 * 4096 * 1000);
     // cpu_now 70, ideal floor(70 x 500 / 530) = 66: a step of 4.
-    assert.equal(ac.onSync(9 * S, 530, 6 * 4096 * 1000), 34);
+    assert.equal(ac.trigger(9 * S, 530, 6 * 4096 * 1000), 34);
   });
 
   test("out-of-range parameters are named", () => {

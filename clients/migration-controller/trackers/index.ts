@@ -7,10 +7,7 @@ import { archOf, type MechanismSpec } from "./mechanism.js";
 import { RingTracker } from "./ring.js";
 import type { DirtyTracker } from "./tracker.js";
 
-export { ALIASES, allMechanisms, archOf, MechanismError, parseMechanism, PARTS, type MechanismSpec } from "./mechanism.js";
-
-/** A mechanism as the user writes it: an alias (bitmap, ring, dbm, …) or a composition (bitmap+manual+hdbss). */
-export type Mechanism = string;
+export { ALIASES, allMechanisms, archOf, MechanismError, parseMechanism, PARTS, type Mechanism, type MechanismSpec } from "./mechanism.js";
 
 /** The tracker for spec, once the VM can run it: its architecture, and PML exactly when the VM has it. */
 export function createTracker(spec: MechanismSpec, client: HypervisorClient, vm: VmInfo): DirtyTracker {

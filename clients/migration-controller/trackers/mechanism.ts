@@ -6,6 +6,9 @@
  * arm64 DBM, the page-tracking device, FEAT_HDBSS; x86 PML). Written `log+choice+…`,
  * e.g. `bitmap+manual+hdbss`; the first milestone's names stay as aliases.
  */
+/** A mechanism as the user writes it: an alias (bitmap, ring, dbm, …) or a composition (bitmap+manual+hdbss). */
+export type Mechanism = string;
+
 export type Log = "bitmap" | "ring";
 export type Protection = "get" | "manual" | "initially-set";
 export type Assist = "none" | "dbm" | "device" | "hdbss" | "pml";

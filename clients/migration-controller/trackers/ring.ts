@@ -26,6 +26,8 @@ export class RingTracker implements DirtyTracker {
   private pending = new Map<number, Uint8Array>();
   private sinceReapNs = 0;
   private harvested = 0;
+  /** Entries harvested from each vCPU's ring so far (QEMU's cpu->dirty_pages, which its per-vCPU dirty rates come from). */
+  private readonly perVcpu: number[];
   private resets = 0;
   private fullReaps = 0;
   private hostNs = 0;
@@ -33,7 +35,9 @@ export class RingTracker implements DirtyTracker {
   constructor(
     private readonly client: HypervisorClient,
     private readonly vm: VmInfo,
-  ) {}
+  ) {
+    this.perVcpu = vm.vcpus.map(() => 0);
+  }
 
   async start(): Promise<number> {
     if (this.vm.dirtyRingBytes === 0n) {
@@ -66,6 +70,7 @@ export class RingTracker implements DirtyTracker {
           if (bm) bm[off >>> 3] |= 1 << (off & 7);
         }
         n += r.count;
+        this.perVcpu[v.index] += r.count;
       }
     }
     this.harvested += n;
@@ -101,7 +106,7 @@ export class RingTracker implements DirtyTracker {
     }
     let dirtyPages = 0;
     for (const bm of bitmaps.values()) for (const b of bm) for (let x = b; x; x &= x - 1) dirtyPages++;
-    return { bitmaps, dirtyPages, hostNs };
+    return { bitmaps, dirtyPages, hostNs, vcpuDirtyPages: [...this.perVcpu] };
   }
 
   async beforeSend(): Promise<number> {

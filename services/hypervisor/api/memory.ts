@@ -44,7 +44,7 @@ export function memoryHandlers(ctx: ApiContext): Pick<Handlers, "readMemory" | "
       return { pagesWritten: BigInt(pages) };
     },
     async getMemoryDigest(req) {
-      const d = await digest(hv.vm(req.vm), yieldToEventLoop);
+      const d = await digest(hv.vm(req.vm), yieldToEventLoop, req.atResume);
       return { sha256: d.sha256, sha256Hex: d.sha256.toString("hex"), pages: BigInt(d.pages) };
     },
   };

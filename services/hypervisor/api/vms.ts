@@ -3,6 +3,7 @@ import { setImmediate as yieldToEventLoop } from "node:timers/promises";
 import { DomainError, failedPrecondition, invalidArgument, permissionDenied } from "../../../common/errors.js";
 import { Capability, ClockDrive, ExitReason } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { AF, outputAddressOf } from "../model/descriptor.js";
+import { resumeSnapshotBytes, takeResumeSnapshot } from "../model/guest-memory.js";
 import { Level } from "../model/stage2.js";
 import type { Vm } from "../model/vm.js";
 import { ARCH, asBuffer, BACKING, exitsOf, FAULT_OUT, num, vcpuList, vmInfo, workloadFromProto, workloadToProto } from "./convert.js";
@@ -73,7 +74,13 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
     },
     resumeVm(req) {
       const vm = hv.vm(req.vm);
-      vm.resume(vcpuList(vm, req.vcpus, "resume"));
+      const vcpus = vcpuList(vm, req.vcpus, "resume");
+      if (req.snapshot) {
+        vm.resumeSnapshot = null; // a new snapshot replaces the old one
+        hv.checkBudget(resumeSnapshotBytes(vm), `the resume snapshot of VM '${vm.name}'`);
+        takeResumeSnapshot(vm);
+      }
+      vm.resume(vcpus);
       return { vm: vmInfo(vm) };
     },
     setCpuThrottle(req) {

@@ -1,11 +1,13 @@
 /**
  * Guest memory as the VMM sees it: reading content words out of a slot (all
  * pages, a range, or those selected by a bitmap), writing them into another
- * VM from the host side, and a SHA-256 digest that proves two VMs equal.
+ * VM from the host side, and a SHA-256 digest that proves two VMs equal,
+ * of memory now or as it was at a resume (so that a migration's proof need
+ * not keep the destination paused while it hashes).
  * Host-side accesses bypass stage-2, so they neither fault nor log.
  */
 import { createHash } from "node:crypto";
-import { invalidArgument } from "../../../common/errors.js";
+import { failedPrecondition, invalidArgument } from "../../../common/errors.js";
 import { ctz32, popcount32 } from "./bits.js";
 import type { Memslot } from "./memslot.js";
 import type { Vm } from "./vm.js";
@@ -137,22 +139,40 @@ export function writeMemory(vm: Vm, chunk: MemoryChunk): number {
 /** Bytes hashed between yields to the event loop (about 30 ms of SHA-256 here; one update also takes at most 2^31 - 1 bytes). */
 const DIGEST_PIECE_BYTES = 64 * 1024 * 1024;
 
+/** Bytes a resume snapshot of vm takes: a copy of every slot's content words. */
+export function resumeSnapshotBytes(vm: Vm): number {
+  let n = 0;
+  for (const s of vm.slots.values()) n += s.content.byteLength;
+  return n;
+}
+
+/** Copies every slot's content as it is now, before the vCPUs resume (a memcpy: the guest's time does not move). */
+export function takeResumeSnapshot(vm: Vm): void {
+  vm.resumeSnapshot = new Map([...vm.slots.values()].map((s) => [s.id, s.content.slice()]));
+}
+
 /**
  * SHA-256 over each slot's (id, base GPA, pages) and content words, in
  * slot-id order, in pieces with a turn of the event loop between them.
  * yieldNow is awaited between pieces (the server passes setImmediate).
+ * atResume hashes the snapshot the last ResumeVm took instead, and frees it.
  */
-export async function digest(vm: Vm, yieldNow: () => Promise<unknown>): Promise<{ sha256: Buffer; pages: number }> {
+export async function digest(vm: Vm, yieldNow: () => Promise<unknown>, atResume = false): Promise<{ sha256: Buffer; pages: number }> {
+  const snapshot = vm.resumeSnapshot;
+  if (atResume && !snapshot) throw failedPrecondition(`memory digest at resume: VM ${vm.name} has no resume snapshot (ResumeVm with snapshot takes one; a digest frees it)`);
+  if (atResume) vm.resumeSnapshot = null;
   const h = createHash("sha256");
   let pages = 0;
   for (const s of [...vm.slots.values()].sort((a, b) => a.id - b.id)) {
+    const content = atResume ? snapshot!.get(s.id) : s.content;
+    if (!content) throw failedPrecondition(`memory digest at resume: slot ${s.id} of VM ${vm.name} was added after the resume`);
     const header = Buffer.alloc(24);
     header.writeUInt32LE(s.id, 0);
     header.writeBigUInt64LE(BigInt(s.gpa), 8);
     header.writeBigUInt64LE(BigInt(s.npages), 16);
     h.update(header);
-    for (let off = 0; off < s.content.byteLength; off += DIGEST_PIECE_BYTES) {
-      h.update(new Uint8Array(s.content.buffer, s.content.byteOffset + off, Math.min(DIGEST_PIECE_BYTES, s.content.byteLength - off)));
+    for (let off = 0; off < content.byteLength; off += DIGEST_PIECE_BYTES) {
+      h.update(new Uint8Array(content.buffer, content.byteOffset + off, Math.min(DIGEST_PIECE_BYTES, content.byteLength - off)));
       await yieldNow();
     }
     pages += s.npages;

@@ -169,6 +169,8 @@ export class Vm {
    * (see hardware-dirty.ts); null: write protection only.
    */
   hw: HardwareDirty | null = null;
+  /** Each slot's content as it was at the last ResumeVm that asked for it (guest-memory.ts: the verifying digest hashes it). */
+  resumeSnapshot: Map<number, Uint32Array> | null = null;
   hwDirtyUpdates = 0;
   /** Set by writeMiss: the miss took a stage-2 fault (as opposed to a walk or a hardware update), and what it did. */
   private missFaulted = false;
@@ -423,7 +425,9 @@ export class Vm {
     let n = 0;
     for (const s of this.slots.values()) n += s.allocatedBytes;
     for (const v of this.vcpus) n += v.allocatedBytes;
-    return n + this.writeTrack.allocatedBytes + (this.hw?.allocatedBytes ?? 0);
+    let snapshot = 0;
+    for (const c of this.resumeSnapshot?.values() ?? []) snapshot += c.byteLength;
+    return n + this.writeTrack.allocatedBytes + (this.hw?.allocatedBytes ?? 0) + snapshot;
   }
 
   /**

@@ -763,6 +763,13 @@ export interface PauseVmResponse {
 export interface ResumeVmRequest {
   vm: string;
   vcpus: number[];
+  /**
+   * Before the vCPUs run, keep a copy of memory as it is now, for GetMemoryDigest(at_resume) to
+   * hash: a migration proves the destination at its resume equal to the source at its stop
+   * without keeping the destination paused while it hashes. Counts against the memory budget
+   * until that digest frees it.
+   */
+  snapshot: boolean;
 }
 
 export interface ResumeVmResponse {
@@ -1007,6 +1014,8 @@ export interface WriteMemoryResponse {
 
 export interface GetMemoryDigestRequest {
   vm: string;
+  /** Hash the snapshot the last ResumeVm(snapshot) took, and free it; FAILED_PRECONDITION without one. */
+  atResume: boolean;
 }
 
 export interface GetMemoryDigestResponse {
@@ -3873,7 +3882,7 @@ export const PauseVmResponse: MessageFns<PauseVmResponse> = {
 };
 
 function createBaseResumeVmRequest(): ResumeVmRequest {
-  return { vm: "", vcpus: [] };
+  return { vm: "", vcpus: [], snapshot: false };
 }
 
 export const ResumeVmRequest: MessageFns<ResumeVmRequest> = {
@@ -3887,6 +3896,9 @@ export const ResumeVmRequest: MessageFns<ResumeVmRequest> = {
         writer.uint32(v);
       }
       writer.join();
+    }
+    if (message.snapshot !== false) {
+      writer.uint32(24).bool(message.snapshot);
     }
     return writer;
   },
@@ -3930,6 +3942,14 @@ export const ResumeVmRequest: MessageFns<ResumeVmRequest> = {
 
             break;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.snapshot = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3946,6 +3966,7 @@ export const ResumeVmRequest: MessageFns<ResumeVmRequest> = {
     return {
       vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
       vcpus: globalThis.Array.isArray(object?.vcpus) ? object.vcpus.map((e: any) => globalThis.Number(e)) : [],
+      snapshot: isSet(object.snapshot) ? globalThis.Boolean(object.snapshot) : false,
     };
   },
 
@@ -3957,6 +3978,9 @@ export const ResumeVmRequest: MessageFns<ResumeVmRequest> = {
     if (message.vcpus?.length) {
       obj.vcpus = message.vcpus.map((e) => Math.round(e));
     }
+    if (message.snapshot !== false) {
+      obj.snapshot = message.snapshot;
+    }
     return obj;
   },
 
@@ -3967,6 +3991,7 @@ export const ResumeVmRequest: MessageFns<ResumeVmRequest> = {
     const message = createBaseResumeVmRequest();
     message.vm = object.vm ?? "";
     message.vcpus = object.vcpus?.map((e) => e) || [];
+    message.snapshot = object.snapshot ?? false;
     return message;
   },
 };
@@ -7798,13 +7823,16 @@ export const WriteMemoryResponse: MessageFns<WriteMemoryResponse> = {
 };
 
 function createBaseGetMemoryDigestRequest(): GetMemoryDigestRequest {
-  return { vm: "" };
+  return { vm: "", atResume: false };
 }
 
 export const GetMemoryDigestRequest: MessageFns<GetMemoryDigestRequest> = {
   encode(message: GetMemoryDigestRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.vm !== "") {
       writer.uint32(10).string(message.vm);
+    }
+    if (message.atResume !== false) {
+      writer.uint32(16).bool(message.atResume);
     }
     return writer;
   },
@@ -7830,6 +7858,14 @@ export const GetMemoryDigestRequest: MessageFns<GetMemoryDigestRequest> = {
             message.vm = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.atResume = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -7843,13 +7879,23 @@ export const GetMemoryDigestRequest: MessageFns<GetMemoryDigestRequest> = {
   },
 
   fromJSON(object: any): GetMemoryDigestRequest {
-    return { vm: isSet(object.vm) ? globalThis.String(object.vm) : "" };
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      atResume: isSet(object.atResume)
+        ? globalThis.Boolean(object.atResume)
+        : isSet(object.at_resume)
+        ? globalThis.Boolean(object.at_resume)
+        : false,
+    };
   },
 
   toJSON(message: GetMemoryDigestRequest): unknown {
     const obj: any = {};
     if (message.vm !== "") {
       obj.vm = message.vm;
+    }
+    if (message.atResume !== false) {
+      obj.atResume = message.atResume;
     }
     return obj;
   },
@@ -7860,6 +7906,7 @@ export const GetMemoryDigestRequest: MessageFns<GetMemoryDigestRequest> = {
   fromPartial(object: DeepPartial<GetMemoryDigestRequest>): GetMemoryDigestRequest {
     const message = createBaseGetMemoryDigestRequest();
     message.vm = object.vm ?? "";
+    message.atResume = object.atResume ?? false;
     return message;
   },
 };

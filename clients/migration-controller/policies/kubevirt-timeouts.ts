@@ -10,72 +10,82 @@
  * timeout catches is a pass that stops moving, not a workload that keeps
  * re-dirtying memory: that one runs into the completion timeout.
  */
-import { MigrationError } from "./errors.js";
+import { CONTINUE, type Decision, type MigrationPolicy, type SyncState } from "./policy.js";
 
 const MiB = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
 
-export class MigrationLimits {
+export interface KubevirtTimeoutsConfig {
+  progressTimeoutS: number;
+  completionTimeoutPerGiBS: number;
+}
+
+export class KubevirtTimeouts implements MigrationPolicy {
+  readonly name = "kubevirt-timeouts";
   /** The remaining bytes at the previous look, and when they last fell. */
   private previous = Infinity;
   private progressAt = 0;
-  remainingBytes = 0;
-  /** What the last sync found dirty (at the start: all of memory), for the messages. */
+  private remainingBytes = 0;
+  /** For the messages: what the last sync found dirty (at the start: all of memory), and its rate. */
   private syncedBytes = 0;
-  /** For the messages: the last sync's rate and the link. */
-  dirtyRatePagesPerSecond = 0;
+  private dirtyRatePagesPerSecond = 0;
 
   constructor(
-    private readonly now: () => number,
-    private readonly cfg: { progressTimeoutS: number; completionTimeoutPerGiBS: number },
+    private readonly cfg: KubevirtTimeoutsConfig,
     private readonly memoryBytes: number,
     private readonly thresholdBytes: number,
     private readonly linkBytesPerSecond: number,
-  ) {}
+  ) {
+    this.syncedBytes = memoryBytes;
+    this.onSent(memoryBytes, 0);
+  }
 
   get completionLimitNs(): number {
     return (this.cfg.completionTimeoutPerGiBS * 1e9 * this.memoryBytes) / 2 ** 30;
   }
 
-  /**
-   * The remaining bytes: at a sync, and as each chunk a pass sends goes out
-   * (at the start: all of memory). at is when that value is reached: for a
-   * chunk, the end of its transmission, since the remaining bytes fall all
-   * along it, so that a chunk slower than the progress timeout is progress.
-   */
-  /** A sync found remainingBytes dirty. */
-  synced(remainingBytes: number): void {
-    this.syncedBytes = remainingBytes;
-    this.update(remainingBytes);
+  onSync(s: SyncState): Decision {
+    this.syncedBytes = s.remainingBytes;
+    this.dirtyRatePagesPerSecond = s.dirtyRatePagesPerSecond;
+    this.onSent(s.remainingBytes, s.nowNs);
+    return this.check(s.nowNs);
   }
 
-  update(remainingBytes: number, at = this.now()): void {
+  /**
+   * at is when the value is reached: for a chunk, the end of its
+   * transmission, since the remaining bytes fall all along it, so that a
+   * chunk slower than the progress timeout is progress.
+   */
+  onSent(remainingBytes: number, at: number): void {
     this.remainingBytes = remainingBytes;
     if (remainingBytes < this.previous) this.progressAt = at;
     this.previous = remainingBytes;
   }
 
-  /** Guest time at which a limit would fire if nothing changes. */
   nextDeadlineNs(): number {
     return Math.min(this.completionLimitNs, this.progressAt + this.cfg.progressTimeoutS * 1e9);
   }
 
-  check(): void {
-    const now = this.now();
+  check(now: number): Decision {
     if (now >= this.completionLimitNs) {
-      throw new MigrationError(
-        "not-converged",
-        `did not converge: ${(now / 1e9).toFixed(1)} s reached the completion timeout of ${this.cfg.completionTimeoutPerGiBS} s per GiB ` +
+      return {
+        kind: "fail",
+        failure: "not-converged",
+        message:
+          `did not converge: ${(now / 1e9).toFixed(1)} s reached the completion timeout of ${this.cfg.completionTimeoutPerGiBS} s per GiB ` +
           `(${(this.completionLimitNs / 1e9).toFixed(1)} s for ${(this.memoryBytes / 2 ** 30).toFixed(2)} GiB); ` +
           `the last sync found ${MiB(this.syncedBytes)} dirty against a threshold of ${MiB(this.thresholdBytes)} (dirty rate ${Math.round(this.dirtyRatePagesPerSecond)} pages/s)`,
-      );
+      };
     }
     if (now - this.progressAt >= this.cfg.progressTimeoutS * 1e9) {
-      throw new MigrationError(
-        "not-converged",
-        `did not converge: no progress for ${this.cfg.progressTimeoutS} s (the remaining bytes have not fallen since; ${MiB(this.remainingBytes)} remain; ` +
+      return {
+        kind: "fail",
+        failure: "not-converged",
+        message:
+          `did not converge: no progress for ${this.cfg.progressTimeoutS} s (the remaining bytes have not fallen since; ${MiB(this.remainingBytes)} remain; ` +
           `threshold ${MiB(this.thresholdBytes)}, dirty rate ${Math.round(this.dirtyRatePagesPerSecond)} pages/s = ${MiB(this.dirtyRatePagesPerSecond * 4096)}/s ` +
           `against a link of ${MiB(this.linkBytesPerSecond)}/s)`,
-      );
+      };
     }
+    return CONTINUE;
   }
 }

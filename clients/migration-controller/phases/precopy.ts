@@ -1,0 +1,78 @@
+/**
+ * Pre-copy (QEMU's migration_iteration_run): round 0 sends every page while
+ * the guest runs; then each sync of the dirty state (dirty-sync-count is the
+ * round counter) is shown to the policies, which act on the guest or end
+ * pre-copy, and otherwise what the sync found is sent in the next round.
+ */
+import { MigrationError } from "../errors.js";
+import { PAGE_SIZE } from "../link.js";
+import type { Decision, SyncState } from "../policies/policy.js";
+import type { MigrationRun } from "../run.js";
+import type { SyncResult } from "../trackers/tracker.js";
+import { sendPages } from "../transfer.js";
+
+/** How pre-copy ended: the last sync (its pages not sent yet), and why. */
+export interface PrecopyEnd {
+  sync: SyncResult;
+  remainingBytes: number;
+  dirtyRatePagesPerSecond: number;
+  verdict: Extract<Decision, { kind: "switchover" | "postcopy" }>;
+}
+
+/** Applies a decision that acts on the guest. */
+async function actOnGuest(run: MigrationRun, d: Decision): Promise<void> {
+  if (d.kind === "throttle") {
+    run.did.throttled = true;
+    await run.on("source", () => run.source.setCpuThrottle({ vm: run.cfg.sourceVm, percentage: d.percentage }));
+    run.report.cpuThrottlePercentage = d.percentage;
+  }
+}
+
+export async function precopy(run: MigrationRun): Promise<PrecopyEnd> {
+  const { report, tracker, clock } = run;
+  const totalPages = run.src.memslots.reduce((n, s) => n + Number(s.numPages), 0);
+  run.policies.active = true;
+  run.progress("round", { dirtyPages: totalPages, remainingBytes: totalPages * PAGE_SIZE });
+  await run.beginRounds();
+  let lastSyncAt = clock.now();
+  let vcpuPagesAt: number[] | null = null;
+  let sent = await sendPages(run, null, totalPages * PAGE_SIZE);
+  report.precopyBytes += sent.bytes;
+  await run.endRound({ round: 0, dirtyPages: totalPages, syncHostMs: 0, dirtyRatePagesPerSecond: 0, vcpuDirtyRatesPagesPerSecond: null, remainingBytes: totalPages * PAGE_SIZE, stopAndCopy: false }, sent);
+
+  for (;;) {
+    const sync = await run.on("source", () => tracker.sync(false));
+    report.dirtySyncCount++;
+    const remaining = sync.dirtyPages * PAGE_SIZE;
+    await run.elapse(sync.hostNs);
+    const now = clock.now();
+    const perS = (pages: number) => (now > lastSyncAt ? (pages * 1e9) / (now - lastSyncAt) : 0);
+    const rate = perS(sync.dirtyPages);
+    const vcpuRates = sync.vcpuDirtyPages ? sync.vcpuDirtyPages.map((n, i) => perS(n - (vcpuPagesAt?.[i] ?? 0))) : null;
+    vcpuPagesAt = sync.vcpuDirtyPages ?? null;
+    lastSyncAt = now;
+    report.dirtyRatePagesPerSecond = rate;
+    const state: SyncState = {
+      round: report.dirtySyncCount,
+      nowNs: now,
+      dirtyPages: sync.dirtyPages,
+      remainingBytes: remaining,
+      thresholdBytes: run.thresholdBytes,
+      dirtyRatePagesPerSecond: rate,
+      vcpuDirtyRatesPagesPerSecond: vcpuRates,
+      transferredBytes: report.transferredBytes,
+    };
+    const { actions, verdict } = run.policies.decide(state);
+    for (const a of actions) await actOnGuest(run, a);
+    report.expectedDowntimeMs = remaining / run.bwBytesPerMs;
+    run.progress("round", { dirtyPages: sync.dirtyPages, remainingBytes: remaining, dirtyRatePagesPerSecond: rate, expectedDowntimeMs: report.expectedDowntimeMs });
+    if (verdict.kind === "fail") throw new MigrationError(verdict.failure, verdict.message);
+    if (verdict.kind === "switchover" || verdict.kind === "postcopy") {
+      run.policies.active = false;
+      return { sync, remainingBytes: remaining, dirtyRatePagesPerSecond: rate, verdict };
+    }
+    sent = await sendPages(run, sync.bitmaps, remaining);
+    report.precopyBytes += sent.bytes;
+    await run.endRound({ round: report.dirtySyncCount, dirtyPages: sync.dirtyPages, syncHostMs: sync.hostNs / 1e6, dirtyRatePagesPerSecond: rate, vcpuDirtyRatesPagesPerSecond: vcpuRates, remainingBytes: remaining, stopAndCopy: false }, sent);
+  }
+}

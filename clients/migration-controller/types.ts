@@ -1,0 +1,155 @@
+/** What a migration is given and what it reports (QEMU's query-migrate names where they exist). */
+import type { HypervisorClient } from "../../services/hypervisor/client.js";
+import type { Mechanism } from "./trackers/mechanism.js";
+
+/** QEMU's auto-converge parameters (policies/auto-converge.ts). */
+export interface AutoConvergeConfig {
+  throttleTriggerThreshold: number;
+  cpuThrottleInitial: number;
+  cpuThrottleIncrement: number;
+  cpuThrottleTailslow: boolean;
+  maxCpuThrottle: number;
+}
+
+export interface MigrationConfig {
+  sourceVm: string;
+  destinationVm: string;
+  mechanism: Mechanism;
+  bandwidthBitsPerSecond: number;
+  latencyNs: number;
+  downtimeLimitMs: number;
+  /** null: no cap (QEMU). A number forces the switchover after that many syncs (Xen's last iteration). */
+  maxRounds: number | null;
+  /** Fail when the remaining bytes have not reached a new low for this long (KubeVirt: 150 s). */
+  progressTimeoutS: number;
+  /** Fail when the migration takes longer than this many seconds per GiB of guest memory (KubeVirt: 150 s). */
+  completionTimeoutPerGiBS: number;
+  /** Pages per read/write/CLEAR chunk; a multiple of 64. */
+  chunkPages: number;
+  /**
+   * Wall-clock bound on waiting for a hypervisor: the deadline of ordinary
+   * calls, and how soon keepalive finds a peer that stopped answering. Bulk
+   * calls (guest steps, page streams, digests) get six times as long, at least a minute.
+   */
+  rpcTimeoutMs: number;
+  /** QEMU's auto-converge with its parameters (policies/auto-converge.ts); null: off, QEMU's default. */
+  autoConverge: AutoConvergeConfig | null;
+  /**
+   * A VMM bug switched on by tests, to show that the verification catches it:
+   * Firecracker's multi-slot diff snapshots (PRs #5696/#5705) wrote a slot's
+   * pages at the wrong offset when the slot's last page was clean. Here the
+   * pages of every slot after the first land one page too high in such a chunk.
+   */
+  injectSlotOffsetBug?: boolean;
+}
+
+export const DEFAULT_CONFIG: Omit<MigrationConfig, "sourceVm" | "destinationVm"> = {
+  mechanism: "bitmap",
+  bandwidthBitsPerSecond: 10e9,
+  latencyNs: 100_000,
+  downtimeLimitMs: 300,
+  maxRounds: null,
+  progressTimeoutS: 150,
+  completionTimeoutPerGiBS: 150,
+  chunkPages: 262144,
+  rpcTimeoutMs: 10_000,
+  autoConverge: null,
+};
+
+export interface RoundReport {
+  /** 0 is the full copy; round i >= 1 sends what sync i found. */
+  round: number;
+  /** Pages the sync that opened this round found dirty (round 0: every page). */
+  dirtyPages: number;
+  pagesSent: number;
+  normalPages: number;
+  zeroPages: number;
+  bytesSent: number;
+  /** Guest time the round took, sync included. */
+  durationMs: number;
+  syncHostMs: number;
+  /** Pages dirtied per second of guest time since the previous sync (QEMU's dirty-pages-rate). */
+  dirtyRatePagesPerSecond: number;
+  /** The same per vCPU, where the mechanism can tell (the dirty ring, as QEMU's vcpu-dirty-rate); null otherwise. */
+  vcpuDirtyRatesPagesPerSecond: number[] | null;
+  remainingBytes: number;
+  thresholdBytes: number;
+  expectedDowntimeMs: number;
+  /** Writes per second the guest achieved during the round (its slowdown shows here). */
+  guestWritesPerSecond: number;
+  /** KVM_EXIT_DIRTY_RING_FULL exits during the round, and the guest time vCPUs spent stalled on them. */
+  ringFullExits: number;
+  ringStallMs: number;
+  /** The stop-and-copy round: the source was paused. */
+  stopAndCopy: boolean;
+  /** QEMU's cpu-throttle-percentage while the round ran (auto-converge). */
+  cpuThrottlePercentage: number;
+}
+
+export interface MigrationReport {
+  status: "completed" | "failed";
+  error?: string;
+  source: { address: string; vm: string };
+  destination: { address: string; vm: string };
+  mechanism: Mechanism;
+  drive: "stepped" | "realtime";
+  config: Omit<MigrationConfig, "sourceVm" | "destinationVm">;
+  /** The policies that decided, in the order they were asked (policies/index.ts). */
+  policies: string[];
+  memoryBytes: number;
+  setupTimeMs: number;
+  totalTimeMs: number;
+  downtimeMs: number | null;
+  expectedDowntimeMs: number | null;
+  /** Syncs of the dirty state (QEMU's dirty-sync-count), the final one included. */
+  dirtySyncCount: number;
+  transferredBytes: number;
+  precopyBytes: number;
+  downtimeBytes: number;
+  normalPages: number;
+  zeroPages: number;
+  /** Dirty rate at the last sync, pages per second. */
+  dirtyRatePagesPerSecond: number;
+  /** QEMU's cpu-throttle-percentage at the end of pre-copy (auto-converge; 0: never throttled). */
+  cpuThrottlePercentage: number;
+  mbps: number;
+  rounds: RoundReport[];
+  switchover: { round: number; remainingBytes: number; thresholdBytes: number; forced: boolean } | null;
+  verification: { sourceSha256: string; destinationSha256: string; match: boolean } | null;
+  /** After a failure: what the controller saw when it looked again (null: not looked, or it could not tell). */
+  cleanup: CleanupReport | null;
+  tracker: Record<string, number>;
+  wallTimeMs: number;
+}
+
+export interface CleanupReport {
+  sourceRunning: boolean | null;
+  sourceLogging: boolean | null;
+  /** Any vCPU of the source still throttled (auto-converge). */
+  sourceThrottled: boolean | null;
+  destinationRemoved: boolean | null;
+  /** Why a step of the cleanup or a look failed. */
+  problems: string[];
+}
+
+export interface ProgressEvent {
+  phase: "setup" | "round" | "switchover" | "verify" | "done";
+  round: number;
+  dirtyPages: number;
+  remainingBytes: number;
+  dirtyRatePagesPerSecond: number;
+  expectedDowntimeMs: number;
+  elapsedMs: number;
+  transferredBytes: number;
+  /** Auto-converge's vCPU throttle in force (0: none). */
+  cpuThrottlePercentage: number;
+}
+
+export interface Endpoints {
+  source: HypervisorClient;
+  destination: HypervisorClient;
+  onProgress?: (e: ProgressEvent) => void;
+  /** Aborting it interrupts the migration (SIGINT, SIGTERM): cleanup runs and a MigrationError("interrupted") is thrown. */
+  signal?: AbortSignal;
+}
+
