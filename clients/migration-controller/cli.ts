@@ -23,6 +23,7 @@ import { ALIASES, archOf, MechanismError, parseMechanism, PARTS } from "./tracke
 import { guestMemslots, ipaBitsFor } from "./guest.js";
 import { parseBandwidth } from "./units.js";
 import { QEMU_AUTO_CONVERGE, type AutoConvergeConfig } from "./policies/auto-converge.js";
+import { QEMU_DIRTY_LIMIT, type DirtyLimitConfig } from "./policies/dirty-limit.js";
 
 export const EXIT: Record<FailureKind | "ok", number> = {
   ok: 0,
@@ -90,11 +91,15 @@ ${Object.entries(PARTS).map(([k, d]) => `                               ${k.padE
                              migration fails cleanly (the deadline of ordinary calls; default 10)
   --auto-converge            throttle the source's vCPUs when they dirty faster than the link carries,
                              as QEMU's auto-converge (off by default, as in QEMU); with:
-    --throttle-trigger-threshold PCT   dirtied vs transferred bytes in a period that counts as high (50)
     --cpu-throttle-initial PCT         the first throttle (20)
     --cpu-throttle-increment PCT       added at each later trigger (10)
     --cpu-throttle-tailslow            smaller steps near the ideal throttle
     --max-cpu-throttle PCT             the cap (99)
+  --dirty-limit              limit each source vCPU's dirty page rate when they dirty faster than the link
+                             carries, as QEMU's dirty-limit (needs --mechanism ring; excludes --auto-converge); with:
+    --vcpu-dirty-limit MBPS            the limit per vCPU in MB/s (1, QEMU's vcpu-dirty-limit)
+    --vcpu-dirty-limit-period MS       how often each vCPU's rate is measured, 1-1000 (1000, x-vcpu-dirty-limit-period)
+  --throttle-trigger-threshold PCT     with either: dirtied vs transferred bytes in a period that counts as high (50)
 
 security (both commands; flags win over TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE, AUTH_TOKEN):
   --tls-ca FILE              use TLS and verify the hypervisors against this CA
@@ -155,6 +160,9 @@ const OPTIONS = {
   "cpu-throttle-increment": { type: "string" },
   "cpu-throttle-tailslow": { type: "boolean" },
   "max-cpu-throttle": { type: "string" },
+  "dirty-limit": { type: "boolean" },
+  "vcpu-dirty-limit": { type: "string" },
+  "vcpu-dirty-limit-period": { type: "string" },
   "tls-ca": { type: "string" },
   "tls-cert": { type: "string" },
   "tls-key": { type: "string" },
@@ -202,23 +210,50 @@ function policy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> 
     chunkPages: number(v["chunk-pages"], "chunk-pages", DEFAULT_CONFIG.chunkPages, (n) => Number.isInteger(n) && n >= 64 && n % 64 === 0 && n <= 1 << 20, "a multiple of 64 up to 1048576"),
     rpcTimeoutMs: number(v["rpc-timeout"], "rpc-timeout", DEFAULT_CONFIG.rpcTimeoutMs / 1e3, (n) => n >= 0.1 && n <= 3600, "a number of seconds in [0.1, 3600]") * 1e3,
     autoConverge: autoConverge(v),
+    dirtyLimit: dirtyLimit(v),
   };
 }
 
-const AUTO_CONVERGE_FLAGS = ["throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle"] as const;
+const AUTO_CONVERGE_FLAGS = ["cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle"] as const;
+const DIRTY_LIMIT_FLAGS = ["vcpu-dirty-limit", "vcpu-dirty-limit-period"] as const;
+
+const whole = (v: Values, name: string, fallback: number, lo: number, hi: number, unit: string) =>
+  number(v[name as keyof Values] as string | undefined, name, fallback, (n) => Number.isInteger(n) && n >= lo && n <= hi, `a whole ${unit} in [${lo}, ${hi}]`);
+
+/** QEMU's throttle-trigger-threshold, which auto-converge and dirty-limit share; an error without either. */
+function triggerThreshold(v: Values): number {
+  if (v["throttle-trigger-threshold"] !== undefined && !v["auto-converge"] && !v["dirty-limit"]) throw new UsageError("--throttle-trigger-threshold needs --auto-converge or --dirty-limit");
+  return whole(v, "throttle-trigger-threshold", QEMU_AUTO_CONVERGE.throttleTriggerThreshold, 1, 100, "percentage");
+}
+
+/** --dirty-limit and its parameters, QEMU's defaults where not given; a parameter without --dirty-limit is an error. */
+function dirtyLimit(v: Values): DirtyLimitConfig | null {
+  const given = DIRTY_LIMIT_FLAGS.filter((f) => v[f] !== undefined);
+  if (!v["dirty-limit"]) {
+    if (given.length) throw new UsageError(`--${given[0]} needs --dirty-limit`);
+    return null;
+  }
+  if (v["auto-converge"]) throw new UsageError("--dirty-limit conflicts with --auto-converge (as QEMU's capabilities do): choose one");
+  const q = QEMU_DIRTY_LIMIT;
+  return {
+    throttleTriggerThreshold: triggerThreshold(v),
+    vcpuDirtyLimitMBps: whole(v, "vcpu-dirty-limit", q.vcpuDirtyLimitMBps, 1, Number.MAX_SAFE_INTEGER, "number of MB/s"),
+    periodMs: whole(v, "vcpu-dirty-limit-period", q.periodMs, 1, 1000, "number of ms"),
+  };
+}
 
 /** --auto-converge and its parameters, QEMU's defaults where not given; a parameter without --auto-converge is an error. */
 function autoConverge(v: Values): AutoConvergeConfig | null {
   const given = AUTO_CONVERGE_FLAGS.filter((f) => v[f] !== undefined);
   if (!v["auto-converge"]) {
     if (given.length) throw new UsageError(`--${given[0]} needs --auto-converge`);
+    triggerThreshold(v);
     return null;
   }
-  const pct = (name: (typeof AUTO_CONVERGE_FLAGS)[number], fallback: number, lo: number, hi: number) =>
-    number(v[name] as string | undefined, name, fallback, (n) => Number.isInteger(n) && n >= lo && n <= hi, `a whole percentage in [${lo}, ${hi}]`);
+  const pct = (name: (typeof AUTO_CONVERGE_FLAGS)[number], fallback: number, lo: number, hi: number) => whole(v, name, fallback, lo, hi, "percentage");
   const q = QEMU_AUTO_CONVERGE;
   return {
-    throttleTriggerThreshold: pct("throttle-trigger-threshold", q.throttleTriggerThreshold, 1, 100),
+    throttleTriggerThreshold: triggerThreshold(v),
     cpuThrottleInitial: pct("cpu-throttle-initial", q.cpuThrottleInitial, 1, 99),
     cpuThrottleIncrement: pct("cpu-throttle-increment", q.cpuThrottleIncrement, 1, 99),
     cpuThrottleTailslow: v["cpu-throttle-tailslow"] ?? q.cpuThrottleTailslow,

@@ -25,6 +25,7 @@ import { prepare, startLogging } from "./phases/setup.js";
 import { stopAndCopy } from "./phases/stop-and-copy.js";
 import { verify } from "./phases/verify.js";
 import { checkAutoConverge } from "./policies/auto-converge.js";
+import { checkDirtyLimit } from "./policies/dirty-limit.js";
 import { explain } from "./run.js";
 import { MechanismError, parseMechanism } from "./trackers/index.js";
 import { CHUNK_ALIGN } from "./trackers/tracker.js";
@@ -72,11 +73,17 @@ function validate(cfg: MigrationConfig): void {
   if (!cfg.sourceVm || !cfg.destinationVm) throw bad("source and destination VM names are required");
   const converge = cfg.autoConverge && checkAutoConverge(cfg.autoConverge);
   if (converge) throw bad(`auto-converge: ${converge}`);
+  const limit = cfg.dirtyLimit && checkDirtyLimit(cfg.dirtyLimit);
+  if (limit) throw bad(`dirty-limit: ${limit}`);
+  // QEMU's migrate_caps_check: "dirty-limit conflicts with auto-converge".
+  if (cfg.autoConverge && cfg.dirtyLimit) throw bad("dirty-limit conflicts with auto-converge: choose one");
+  let spec;
   try {
-    parseMechanism(cfg.mechanism);
+    spec = parseMechanism(cfg.mechanism);
   } catch (e) {
     if (e instanceof MechanismError) throw bad(`mechanism ${e.message}`);
     throw e;
   }
+  if (cfg.dirtyLimit && spec.log !== "ring") throw bad(`dirty-limit works through the dirty ring; mechanism ${spec.name} logs to the bitmap (use --mechanism ring)`);
 }
 

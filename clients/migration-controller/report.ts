@@ -28,11 +28,21 @@ const COLUMNS: [string, (r: RoundReport) => string][] = [
   ["ring-full exits", (r) => fmt(r.ringFullExits, 0)],
   ["ring stall ms", (r) => fmt(r.ringStallMs)],
   ["throttle %", (r) => String(r.cpuThrottlePercentage)],
+  ["limit sleep µs/full", (r) => fmt(r.dirtyLimitThrottleTimePerRoundUs, 0)],
+  ["vCPU dirty rates pages/s", (r) => r.vcpuDirtyRatesPagesPerSecond?.map((x) => fmt(x, 0)).join(" / ") ?? "-"],
 ];
 
-/** The ring columns only mean something with a dirty ring, the throttle column with auto-converge. */
+/**
+ * The ring columns only mean something with a dirty ring (the per-vCPU rates
+ * come from it), the throttle column with auto-converge, the limit's with dirty-limit.
+ */
 const columnsFor = (r: MigrationReport) =>
-  COLUMNS.filter(([h]) => (r.mechanism.startsWith("ring") || !h.startsWith("ring")) && (r.config.autoConverge !== null || h !== "throttle %"));
+  COLUMNS.filter(
+    ([h]) =>
+      (r.mechanism.startsWith("ring") || !(h.startsWith("ring") || h.startsWith("vCPU"))) &&
+      (r.config.autoConverge !== null || h !== "throttle %") &&
+      (r.config.dirtyLimit !== null || !h.startsWith("limit")),
+  );
 
 export function textReport(r: MigrationReport): string {
   const lines: string[] = [];
@@ -80,6 +90,9 @@ export function jsonReport(r: MigrationReport): object {
     downtime: r.downtimeMs,
     "expected-downtime": r.expectedDowntimeMs,
     "cpu-throttle-percentage": r.cpuThrottlePercentage,
+    "dirty-limit-throttle-time-per-round": r.dirtyLimitThrottleTimePerRoundUs,
+    "dirty-limit-ring-full-time": r.dirtyLimitRingFullTimeUs,
+    "vcpu-dirty-limit": r.dirtyLimitMBps,
     ram: {
       transferred: r.transferredBytes,
       remaining: r.status === "completed" ? 0 : (r.rounds.at(-1)?.remainingBytes ?? r.memoryBytes),
@@ -114,7 +127,11 @@ export function jsonReport(r: MigrationReport): object {
       "ring-stall-time": x.ringStallMs,
       "stop-and-copy": x.stopAndCopy,
       "cpu-throttle-percentage": x.cpuThrottlePercentage,
+      "dirty-limit-throttle-time-per-round": x.dirtyLimitThrottleTimePerRoundUs,
+      "dirty-limit-ring-full-time": x.dirtyLimitRingFullTimeUs,
+      "vcpu-dirty-rate": x.vcpuDirtyRatesPagesPerSecond?.map((rate, id) => ({ id, "dirty-rate": rate })) ?? null,
     })),
+    policies: r.policies,
     switchover: r.switchover,
     verification: r.verification && {
       "source-sha256": r.verification.sourceSha256,
@@ -134,6 +151,9 @@ export function jsonReport(r: MigrationReport): object {
       downtime: "ms (guest time from pausing the source to resuming the destination)",
       "expected-downtime": "ms (dirty bytes at the last sync / bandwidth)",
       "cpu-throttle-percentage": "% (auto-converge's vCPU throttle at the end of pre-copy; per round: during it)",
+      "dirty-limit-throttle-time-per-round": "µs (dirty-limit: the longest sleep a vCPU takes after each full ring, at the last sync; per round: at its sync)",
+      "dirty-limit-ring-full-time": "µs (dirty-limit: the time to fill a ring at the vCPUs' mean measured rate)",
+      "vcpu-dirty-limit": "MB/s (dirty-limit's per-vCPU limit in service; 0: none)",
       "ram.transferred": "bytes",
       "ram.remaining": "bytes",
       "ram.total": "bytes",
@@ -163,6 +183,9 @@ export function jsonReport(r: MigrationReport): object {
       "rounds[].ring-full-exits": "count (KVM_EXIT_DIRTY_RING_FULL)",
       "rounds[].ring-stall-time": "ms (guest time vCPUs spent out on full rings)",
       "rounds[].cpu-throttle-percentage": "% (auto-converge's vCPU throttle during the round)",
+      "rounds[].dirty-limit-throttle-time-per-round": "µs",
+      "rounds[].dirty-limit-ring-full-time": "µs",
+      "rounds[].vcpu-dirty-rate": "[{id, dirty-rate}], dirty-rate in pages/s per vCPU since the previous sync (from the dirty ring; null with other mechanisms)",
       "config.bandwidthBitsPerSecond": "bit/s",
       "config.latencyNs": "ns",
       "config.downtimeLimitMs": "ms",
@@ -221,6 +244,8 @@ ${status}
 ${barChart("Dirty rate at each sync", "pages/s", r.rounds.map((x) => x.dirtyRatePagesPerSecond))}
 ${barChart("Remaining (dirty) at each sync", "MiB", r.rounds.map((x) => x.remainingBytes / MiB), { value: threshold / MiB, label: "switchover threshold = bandwidth x downtime limit" })}
 ${r.config.autoConverge ? `${barChart("vCPU throttle in each round (auto-converge)", "%", r.rounds.map((x) => x.cpuThrottlePercentage))}
+${barChart("Guest writes in each round", "writes/s", r.rounds.map((x) => x.guestWritesPerSecond))}` : ""}
+${r.config.dirtyLimit ? `${barChart(`Sleep per full ring at each sync (dirty-limit, ${r.config.dirtyLimit.vcpuDirtyLimitMBps} MB/s per vCPU)`, "µs", r.rounds.map((x) => x.dirtyLimitThrottleTimePerRoundUs))}
 ${barChart("Guest writes in each round", "writes/s", r.rounds.map((x) => x.guestWritesPerSecond))}` : ""}
 <table><thead><tr>${COLUMNS.map(([h]) => `<th>${esc(h)}</th>`).join("")}</tr></thead><tbody>
 ${rows}

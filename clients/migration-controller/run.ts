@@ -71,7 +71,7 @@ export class MigrationRun {
   readonly bwBytesPerMs: number;
   readonly thresholdBytes: number;
   /** What this migration changed, for the cleanup. */
-  readonly did = { paused: false, trackerStarted: false, destinationCreated: false, throttled: false };
+  readonly did = { paused: false, trackerStarted: false, destinationCreated: false, throttled: false, dirtyLimited: false };
   private readonly wall0 = performance.now();
   /** Where the round being sent began, and the guest's totals then. */
   private roundStart = 0;
@@ -109,8 +109,8 @@ export class MigrationRun {
             callDeadlineMs: this.bulk.deadlineMs,
             signal,
             onStep: async (r, stepNs) => {
-              const ringFull = r.vcpus.reduce((n, v) => n + v.exits.reduce((m, e) => m + (e.reason === ExitReason.EXIT_REASON_DIRTY_RING_FULL ? Number(e.count) : 0), 0), 0);
-              await this.tracker.onGuestStep?.({ ringFull, stepNs });
+              const ringFullVcpus = r.vcpus.filter((v) => v.exits.some((e) => e.reason === ExitReason.EXIT_REASON_DIRTY_RING_FULL && e.count > 0n)).map((v) => v.vcpu);
+              await this.tracker.onGuestStep?.({ ringFullVcpus, stepNs });
             },
           });
     const config = { ...cfg } as Partial<MigrationConfig>;
@@ -137,6 +137,9 @@ export class MigrationRun {
       zeroPages: 0,
       dirtyRatePagesPerSecond: 0,
       cpuThrottlePercentage: 0,
+      dirtyLimitMBps: 0,
+      dirtyLimitThrottleTimePerRoundUs: 0,
+      dirtyLimitRingFullTimeUs: 0,
       mbps: 0,
       rounds: [],
       switchover: null,
@@ -176,6 +179,7 @@ export class MigrationRun {
       elapsedMs: this.clock.now() / 1e6,
       transferredBytes: report.transferredBytes,
       cpuThrottlePercentage: report.cpuThrottlePercentage,
+      dirtyLimitMBps: report.dirtyLimitMBps,
       ...r,
     });
   }
@@ -213,6 +217,8 @@ export class MigrationRun {
       ringFullExits: g.ringFullExits - a.ringFullExits,
       ringStallMs: (g.ringStallNs - a.ringStallNs) / 1e6,
       cpuThrottlePercentage: this.report.cpuThrottlePercentage,
+      dirtyLimitThrottleTimePerRoundUs: this.report.dirtyLimitThrottleTimePerRoundUs,
+      dirtyLimitRingFullTimeUs: this.report.dirtyLimitRingFullTimeUs,
     });
     this.roundStart = now;
     this.atRoundStart = g;

@@ -43,6 +43,7 @@ export class MigrationMetrics {
   readonly transferred: Counter<"vm">;
   readonly dirtyRate: Gauge<"vm">;
   readonly throttle: Gauge<"vm">;
+  readonly dirtyLimit: Gauge<"vm">;
   readonly expectedDowntime: Gauge<"vm">;
   readonly downtimeLimit: Gauge<"vm">;
   readonly inProgress: Gauge<"vm">;
@@ -57,6 +58,7 @@ export class MigrationMetrics {
     this.transferred = new Counter({ name: "migration_transferred_bytes_total", help: "Bytes sent on the migration link.", labelNames: ["vm"], registers });
     this.dirtyRate = new Gauge({ name: "migration_dirty_rate_pages_per_second", help: "Dirty rate computed at the last sync (QEMU's dirty-pages-rate), in pages per second.", labelNames: ["vm"], registers });
     this.throttle = new Gauge({ name: "migration_cpu_throttle_percentage", help: "Auto-converge's vCPU throttle on the source (QEMU's cpu-throttle-percentage).", labelNames: ["vm"], registers });
+    this.dirtyLimit = new Gauge({ name: "migration_vcpu_dirty_limit_bytes_per_second", help: "Dirty-limit's per-vCPU limit in service on the source (QEMU's vcpu-dirty-limit in MB/s x 2^20; 0: none).", labelNames: ["vm"], registers });
     this.expectedDowntime = new Gauge({ name: "migration_expected_downtime_seconds", help: "Dirty bytes at the last sync divided by the bandwidth.", labelNames: ["vm"], registers });
     this.downtimeLimit = new Gauge({ name: "migration_downtime_limit_seconds", help: "The downtime limit the switchover rule uses.", labelNames: ["vm"], registers });
     this.inProgress = new Gauge({ name: "migration_in_progress", help: "1 while a migration of the VM runs.", labelNames: ["vm"], registers });
@@ -150,6 +152,7 @@ export class MigrationService {
     const vm = this.cfg.vm;
     this.metrics.round.set({ vm }, e.round);
     this.metrics.throttle.set({ vm }, e.cpuThrottlePercentage);
+    this.metrics.dirtyLimit.set({ vm }, e.dirtyLimitMBps * 2 ** 20);
     if (e.phase === "round") {
       this.metrics.remaining.set({ vm }, e.remainingBytes);
       this.metrics.dirtyRate.set({ vm }, e.dirtyRatePagesPerSecond);
@@ -175,7 +178,7 @@ export class MigrationService {
         { ...this.cfg.policy, sourceVm: vm, destinationVm: vm },
         { source: this.clients[from], destination: this.clients[to], onProgress: (e) => this.onProgress(e, sent), signal: this.abort.signal },
       );
-      this.onProgress({ phase: "done", round: r.dirtySyncCount, dirtyPages: 0, remainingBytes: 0, dirtyRatePagesPerSecond: r.dirtyRatePagesPerSecond, expectedDowntimeMs: 0, elapsedMs: r.totalTimeMs, transferredBytes: r.transferredBytes, cpuThrottlePercentage: 0 }, sent);
+      this.onProgress({ phase: "done", round: r.dirtySyncCount, dirtyPages: 0, remainingBytes: 0, dirtyRatePagesPerSecond: r.dirtyRatePagesPerSecond, expectedDowntimeMs: 0, elapsedMs: r.totalTimeMs, transferredBytes: r.transferredBytes, cpuThrottlePercentage: 0, dirtyLimitMBps: 0 }, sent);
       this.metrics.migrations.inc({ result: "completed", mechanism });
       this.metrics.downtime.observe({ mechanism }, (r.downtimeMs ?? 0) / 1e3);
       this.metrics.totalTime.observe({ mechanism }, r.totalTimeMs / 1e3);

@@ -11,6 +11,15 @@ export interface AutoConvergeConfig {
   maxCpuThrottle: number;
 }
 
+/** QEMU's dirty-limit parameters (policies/dirty-limit.ts). */
+export interface DirtyLimitConfig {
+  throttleTriggerThreshold: number;
+  /** vcpu-dirty-limit, MB/s. */
+  vcpuDirtyLimitMBps: number;
+  /** x-vcpu-dirty-limit-period, ms. */
+  periodMs: number;
+}
+
 export interface MigrationConfig {
   sourceVm: string;
   destinationVm: string;
@@ -34,6 +43,8 @@ export interface MigrationConfig {
   rpcTimeoutMs: number;
   /** QEMU's auto-converge with its parameters (policies/auto-converge.ts); null: off, QEMU's default. */
   autoConverge: AutoConvergeConfig | null;
+  /** QEMU's dirty-limit with its parameters (policies/dirty-limit.ts); null: off. Needs the dirty ring; excludes auto-converge. */
+  dirtyLimit: DirtyLimitConfig | null;
   /**
    * A VMM bug switched on by tests, to show that the verification catches it:
    * Firecracker's multi-slot diff snapshots (PRs #5696/#5705) wrote a slot's
@@ -54,6 +65,7 @@ export const DEFAULT_CONFIG: Omit<MigrationConfig, "sourceVm" | "destinationVm">
   chunkPages: 262144,
   rpcTimeoutMs: 10_000,
   autoConverge: null,
+  dirtyLimit: null,
 };
 
 export interface RoundReport {
@@ -84,6 +96,9 @@ export interface RoundReport {
   stopAndCopy: boolean;
   /** QEMU's cpu-throttle-percentage while the round ran (auto-converge). */
   cpuThrottlePercentage: number;
+  /** QEMU's dirty-limit-throttle-time-per-round and dirty-limit-ring-full-time at the round's sync, µs (0: no limit in service). */
+  dirtyLimitThrottleTimePerRoundUs: number;
+  dirtyLimitRingFullTimeUs: number;
 }
 
 export interface MigrationReport {
@@ -112,6 +127,10 @@ export interface MigrationReport {
   dirtyRatePagesPerSecond: number;
   /** QEMU's cpu-throttle-percentage at the end of pre-copy (auto-converge; 0: never throttled). */
   cpuThrottlePercentage: number;
+  /** The vcpu-dirty-limit in service at the end of pre-copy, MB/s (dirty-limit; 0: never limited), and its figures then, µs. */
+  dirtyLimitMBps: number;
+  dirtyLimitThrottleTimePerRoundUs: number;
+  dirtyLimitRingFullTimeUs: number;
   mbps: number;
   rounds: RoundReport[];
   switchover: { round: number; remainingBytes: number; thresholdBytes: number; forced: boolean } | null;
@@ -125,7 +144,7 @@ export interface MigrationReport {
 export interface CleanupReport {
   sourceRunning: boolean | null;
   sourceLogging: boolean | null;
-  /** Any vCPU of the source still throttled (auto-converge). */
+  /** Any vCPU of the source still throttled (auto-converge) or dirty-limited (dirty-limit). */
   sourceThrottled: boolean | null;
   destinationRemoved: boolean | null;
   /** Why a step of the cleanup or a look failed. */
@@ -143,6 +162,8 @@ export interface ProgressEvent {
   transferredBytes: number;
   /** Auto-converge's vCPU throttle in force (0: none). */
   cpuThrottlePercentage: number;
+  /** Dirty-limit's per-vCPU limit in service, MB/s (0: none). */
+  dirtyLimitMBps: number;
 }
 
 export interface Endpoints {

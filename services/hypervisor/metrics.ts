@@ -73,7 +73,7 @@ export class HypervisorMetrics {
         for (const vm of hv.vms.values()) this.set({ vm: vm.name }, vm.clockNs / 1e9);
       },
     });
-    const perVcpu = (name: string, help: string, pick: (t: { writes: number; writeFaults: number; overheadNs: number; throttleNs: number }) => number) =>
+    const perVcpu = (name: string, help: string, pick: (t: { writes: number; writeFaults: number; overheadNs: number; throttleNs: number; dirtyLimitNs: number }) => number) =>
       new Counter({
         name,
         help,
@@ -112,6 +112,22 @@ export class HypervisorMetrics {
         for (const vm of hv.vms.values()) for (const v of vm.vcpus) if (v.throttle) this.set({ vm: vm.name, vcpu: String(v.index) }, v.throttle.percentage);
       },
     });
+    perVcpu("hypervisor_vcpu_dirty_limit_sleep_seconds_total", "Guest time each vCPU slept under QEMU's dirty limit (after full rings).", (t) => t.dirtyLimitNs / 1e9);
+    const perLimited = (name: string, help: string, pick: (l: { quotaMBps: number; currentMBps: number; throttleUsPerFull: number }) => number) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ["vm", "vcpu"],
+        registers,
+        collect() {
+          this.reset();
+          for (const vm of hv.vms.values()) for (const v of vm.vcpus) if (v.dirtyLimit) this.set({ vm: vm.name, vcpu: String(v.index) }, pick(v.dirtyLimit));
+        },
+      });
+    // QEMU's "MB" here is MiB (qemu_target_pages_to_MiB); exported in base units.
+    perLimited("hypervisor_vcpu_dirty_limit_bytes_per_second", "QEMU's dirty limit (limit-rate, MB/s x 2^20) of each limited vCPU.", (l) => l.quotaMBps * 2 ** 20);
+    perLimited("hypervisor_vcpu_dirty_limit_current_bytes_per_second", "Each limited vCPU's dirty rate as the dirty limit last measured it (current-rate, MB/s x 2^20).", (l) => l.currentMBps * 2 ** 20);
+    perLimited("hypervisor_vcpu_dirty_limit_throttle_seconds_per_full", "What each limited vCPU sleeps after each full dirty ring (throttle_us_per_full).", (l) => l.throttleUsPerFull / 1e6);
     new Counter({
       name: "hypervisor_pages_dirtied_total",
       help: "Pages whose dirty-log bit went from clear to set (rate() of this is the dirty rate in pages/s).",

@@ -1,6 +1,6 @@
 /**
- * The end of a migration. After success the source's logging and throttle
- * are turned off (QEMU's migration_cleanup), and a step that fails is
+ * The end of a migration. After success the source's logging, throttle and
+ * dirty limit are turned off (QEMU's migration_cleanup), and a step that fails is
  * reported, not undone: the guest runs on the destination now. After a
  * failure or an interruption everything the migration changed is undone,
  * each step with a deadline and whatever the others did, and both sides are
@@ -33,8 +33,17 @@ export async function complete(run: MigrationRun): Promise<void> {
       problems.push(`stopping the source's throttle: ${why(err)}`);
     }
   }
+  if (did.dirtyLimited) {
+    try {
+      await source.setVcpuDirtyLimit({ vm: cfg.sourceVm, dirtyRateMbps: 0n });
+      did.dirtyLimited = false;
+    } catch (err) {
+      problems.push(`cancelling the source's dirty limit: ${why(err)}`);
+    }
+  }
   if (problems.length > 0) {
-    report.cleanup = { sourceRunning: false, sourceLogging: did.trackerStarted ? null : false, sourceThrottled: did.throttled ? true : null, destinationRemoved: false, problems };
+    const slowed = did.throttled || did.dirtyLimited;
+    report.cleanup = { sourceRunning: false, sourceLogging: did.trackerStarted ? null : false, sourceThrottled: slowed ? true : null, destinationRemoved: false, problems };
   }
 }
 
@@ -50,6 +59,7 @@ export async function cleanUp(run: MigrationRun): Promise<CleanupReport> {
     }
   };
   if (did.throttled) await attempt("stopping the source's throttle", () => source.setCpuThrottle({ vm: cfg.sourceVm, percentage: 0 }));
+  if (did.dirtyLimited) await attempt("cancelling the source's dirty limit", () => source.setVcpuDirtyLimit({ vm: cfg.sourceVm, dirtyRateMbps: 0n }));
   if (did.paused) await attempt("resuming the source", () => source.resumeVm({ vm: cfg.sourceVm }));
   if (did.trackerStarted) await attempt("turning logging off on the source", () => run.tracker.stop());
   if (did.destinationCreated) await attempt("removing the destination VM", () => destination.destroyVm({ vm: cfg.destinationVm }));
@@ -58,7 +68,7 @@ export async function cleanUp(run: MigrationRun): Promise<CleanupReport> {
     const v = (await source.getVm({ vm: cfg.sourceVm })).vm!;
     out.sourceRunning = v.vcpus.some((c) => !c.paused);
     out.sourceLogging = v.memslots.some((m) => m.logging) || v.hardwareDirty || v.pageTrackingDevice;
-    out.sourceThrottled = v.vcpus.some((c) => c.cpuThrottlePercentage > 0);
+    out.sourceThrottled = v.vcpus.some((c) => c.cpuThrottlePercentage > 0 || c.dirtyLimitMbps > 0n);
   });
   if (did.destinationCreated) {
     try {

@@ -21,11 +21,26 @@ export interface PrecopyEnd {
 
 /** Applies a decision that acts on the guest. */
 async function actOnGuest(run: MigrationRun, d: Decision): Promise<void> {
+  const vm = run.cfg.sourceVm;
   if (d.kind === "throttle") {
     run.did.throttled = true;
-    await run.on("source", () => run.source.setCpuThrottle({ vm: run.cfg.sourceVm, percentage: d.percentage }));
+    await run.on("source", () => run.source.setCpuThrottle({ vm, percentage: d.percentage }));
     run.report.cpuThrottlePercentage = d.percentage;
+  } else if (d.kind === "dirty-limit") {
+    run.did.dirtyLimited = true;
+    const periodMs = run.cfg.dirtyLimit!.periodMs;
+    await run.on("source", () => run.source.setVcpuDirtyLimit({ vm, dirtyRateMbps: BigInt(d.mbPerSecond), periodMs }));
+    run.tracker.limitDirtyRate?.(periodMs * 1e6);
+    run.report.dirtyLimitMBps = d.mbPerSecond;
   }
+}
+
+/** query-migrate's dirty-limit figures, while a limit is in service. */
+async function lookAtDirtyLimit(run: MigrationRun): Promise<void> {
+  if (!run.did.dirtyLimited) return;
+  const q = await run.on("source", () => run.source.queryVcpuDirtyLimit({ vm: run.cfg.sourceVm }));
+  run.report.dirtyLimitThrottleTimePerRoundUs = Number(q.throttleTimePerRoundUs);
+  run.report.dirtyLimitRingFullTimeUs = Number(q.ringFullTimeUs);
 }
 
 export async function precopy(run: MigrationRun): Promise<PrecopyEnd> {
@@ -64,6 +79,7 @@ export async function precopy(run: MigrationRun): Promise<PrecopyEnd> {
     };
     const { actions, verdict } = run.policies.decide(state);
     for (const a of actions) await actOnGuest(run, a);
+    await lookAtDirtyLimit(run);
     report.expectedDowntimeMs = remaining / run.bwBytesPerMs;
     run.progress("round", { dirtyPages: sync.dirtyPages, remainingBytes: remaining, dirtyRatePagesPerSecond: rate, expectedDowntimeMs: report.expectedDowntimeMs });
     if (verdict.kind === "fail") throw new MigrationError(verdict.failure, verdict.message);

@@ -42,6 +42,12 @@ export async function prepare(cfg: MigrationConfig, ep: Endpoints): Promise<Migr
       );
     }
   }
+  if (cfg.dirtyLimit && src.dirtyRingBytes === 0n) {
+    throw new MigrationError(
+      "usage",
+      `dirty-limit requires KVM with accelerator property 'dirty-ring-size' set: source VM '${cfg.sourceVm}' has no dirty ring (create it with one and migrate with --mechanism ring)`,
+    );
+  }
   const run = new MigrationRun(cfg, ep, src);
   await run.on("destination", () => createDestination(ep.destination, cfg.destinationVm, src));
   run.did.destinationCreated = true;

@@ -1,18 +1,15 @@
 /**
- * QEMU's auto-converge (migration/ram.c: migration_trigger_throttle and
- * mig_throttle_guest_down). At a sync that closes a period of more than a
- * second, the bytes dirtied in the period are compared with
- * throttle-trigger-threshold % of the bytes transferred in it; the second
- * time they are above it (the count is not reset by a period below it), the
- * vCPUs are throttled: cpu-throttle-initial first, then cpu-throttle-increment
- * more each time (with tailslow, at most what would bring the dirty rate down
- * to the threshold), up to max-cpu-throttle.
+ * QEMU's auto-converge (migration/ram.c: mig_throttle_guest_down): each time
+ * the throttle trigger fires (throttle-trigger.ts) the vCPUs are throttled
+ * more: cpu-throttle-initial first, then cpu-throttle-increment more each
+ * time (with tailslow, at most what would bring the dirty rate down to the
+ * threshold), up to max-cpu-throttle.
  */
 import type { AutoConvergeConfig } from "../types.js";
 import { CONTINUE, type Decision, type MigrationPolicy, type SyncState } from "./policy.js";
+import { ThrottleTrigger } from "./throttle-trigger.js";
 
 export type { AutoConvergeConfig };
-
 
 /** QEMU's defaults (migration/options.c). */
 export const QEMU_AUTO_CONVERGE: AutoConvergeConfig = {
@@ -22,10 +19,6 @@ export const QEMU_AUTO_CONVERGE: AutoConvergeConfig = {
   cpuThrottleTailslow: false,
   maxCpuThrottle: 99,
 };
-
-const PAGE_SIZE = 4096;
-/** A period must last more than this before the trigger is evaluated (migration_bitmap_sync). */
-const PERIOD_NS = 1e9;
 
 /** Why a configuration is refused, naming QEMU's parameter; null when it is valid. */
 export function checkAutoConverge(c: AutoConvergeConfig): string | null {
@@ -40,10 +33,7 @@ export function checkAutoConverge(c: AutoConvergeConfig): string | null {
 
 export class AutoConverge implements MigrationPolicy {
   readonly name = "auto-converge";
-  private periodStartNs: number;
-  private bytesXferPrev = 0;
-  private dirtyPagesPeriod = 0;
-  private dirtyRateHighCount = 0;
+  private readonly fire: ThrottleTrigger;
   /** The throttle in force (0: none), as cpu_throttle_get_percentage. */
   percentage = 0;
 
@@ -51,7 +41,7 @@ export class AutoConverge implements MigrationPolicy {
     private readonly cfg: AutoConvergeConfig,
     startNs: number,
   ) {
-    this.periodStartNs = startNs;
+    this.fire = new ThrottleTrigger(cfg.throttleTriggerThreshold, startNs);
   }
 
   /** QEMU evaluates the trigger inside the sync, before the switchover decision. */
@@ -60,21 +50,10 @@ export class AutoConverge implements MigrationPolicy {
     return pct === null ? CONTINUE : { kind: "throttle", percentage: pct };
   }
 
-  /**
-   * A sync at guest time nowNs found dirtyPages pages dirty; transferredBytes
-   * have gone so far. Returns the new throttle percentage, or null for no change.
-   */
+  /** The new throttle percentage after a sync, or null for no change. */
   trigger(nowNs: number, dirtyPages: number, transferredBytes: number): number | null {
-    this.dirtyPagesPeriod += dirtyPages;
-    if (nowNs - this.periodStartNs <= PERIOD_NS) return null;
-    const bytesDirty = this.dirtyPagesPeriod * PAGE_SIZE;
-    const bytesDirtyThreshold = ((transferredBytes - this.bytesXferPrev) * this.cfg.throttleTriggerThreshold) / 100;
-    this.periodStartNs = nowNs;
-    this.dirtyPagesPeriod = 0;
-    this.bytesXferPrev = transferredBytes;
-    if (!(bytesDirty > bytesDirtyThreshold && ++this.dirtyRateHighCount >= 2)) return null;
-    this.dirtyRateHighCount = 0;
-    return (this.percentage = this.throttleDown(bytesDirty, bytesDirtyThreshold));
+    const f = this.fire.onSync(nowNs, dirtyPages, transferredBytes);
+    return f === null ? null : (this.percentage = this.throttleDown(f.bytesDirty, f.bytesDirtyThreshold));
   }
 
   /** mig_throttle_guest_down. */

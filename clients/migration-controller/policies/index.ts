@@ -2,11 +2,13 @@
  * The policies a migration runs with, in the order they are asked: the
  * timeouts first (a migration past its deadline fails even if this sync
  * would have switched over), then the ones that act on the guest (QEMU
- * evaluates auto-converge inside the sync, before the switchover decision),
+ * evaluates auto-converge and dirty-limit inside the sync, before the
+ * switchover decision),
  * then QEMU's threshold rule and the optional round cap.
  */
 import type { MigrationConfig } from "../types.js";
 import { AutoConverge } from "./auto-converge.js";
+import { DirtyLimitPolicy } from "./dirty-limit.js";
 import { KubevirtTimeouts } from "./kubevirt-timeouts.js";
 import { MaxRoundsPolicy } from "./max-rounds.js";
 import { actsOnGuest, CONTINUE, type Decision, type MigrationPolicy, type SyncState } from "./policy.js";
@@ -54,6 +56,7 @@ export class PolicyChain {
 export function policiesFor(cfg: MigrationConfig, g: { memoryBytes: number; thresholdBytes: number; linkBytesPerSecond: number; startNs: number }): PolicyChain {
   const list: MigrationPolicy[] = [new KubevirtTimeouts(cfg, g.memoryBytes, g.thresholdBytes, g.linkBytesPerSecond)];
   if (cfg.autoConverge) list.push(new AutoConverge(cfg.autoConverge, g.startNs));
+  if (cfg.dirtyLimit) list.push(new DirtyLimitPolicy(cfg.dirtyLimit, g.startNs));
   list.push(new ThresholdPolicy());
   if (cfg.maxRounds !== null) list.push(new MaxRoundsPolicy(cfg.maxRounds));
   return new PolicyChain(list);

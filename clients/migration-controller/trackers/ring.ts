@@ -30,6 +30,8 @@ export class RingTracker implements DirtyTracker {
   private readonly perVcpu: number[];
   private resets = 0;
   private fullReaps = 0;
+  private dirtyLimited = false;
+  private reapIntervalNs = REAP_INTERVAL_NS;
   private hostNs = 0;
 
   constructor(
@@ -55,10 +57,11 @@ export class RingTracker implements DirtyTracker {
   }
 
   /** Harvests every vCPU's ring, folds the entries into the pending bitmaps, resets. Returns host ns. */
-  private async reap(): Promise<number> {
+  private async reap(only?: number[]): Promise<number> {
     let hostNs = 0;
     let n = 0;
     for (const v of this.vm.vcpus) {
+      if (only && !only.includes(v.index)) continue;
       for (;;) {
         const r = await this.client.harvestDirtyRing({ vm: this.vm.vm, vcpu: v.index });
         if (r.count === 0) break;
@@ -79,17 +82,23 @@ export class RingTracker implements DirtyTracker {
       this.resets++;
       hostNs += Number(r.hostNs);
     }
-    this.sinceReapNs = 0;
+    if (!only) this.sinceReapNs = 0;
     this.hostNs += hostNs;
     return hostNs;
   }
 
-  async onGuestStep(step: { ringFull: number; stepNs: number }): Promise<void> {
+  async onGuestStep(step: { ringFullVcpus: number[]; stepNs: number }): Promise<void> {
     this.sinceReapNs += step.stepNs;
-    if (step.ringFull > 0) {
+    if (step.ringFullVcpus.length > 0) {
       this.fullReaps++;
-      await this.reap();
-    } else if (this.sinceReapNs >= REAP_INTERVAL_NS) await this.reap();
+      await this.reap(this.dirtyLimited ? step.ringFullVcpus : undefined);
+    } else if (this.sinceReapNs >= this.reapIntervalNs) await this.reap();
+  }
+
+  /** Under a dirty limit the reaper thread stands aside and the limit's stat thread syncs every ring each period. */
+  limitDirtyRate(periodNs: number): void {
+    this.dirtyLimited = true;
+    this.reapIntervalNs = periodNs;
   }
 
   async sync(final: boolean): Promise<SyncResult> {

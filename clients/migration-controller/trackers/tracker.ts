@@ -32,8 +32,15 @@ export interface DirtyTracker {
    * must react to the guest (a vCPU out on a full ring); undefined: no limit.
    */
   readonly maxStepNs?: number;
-  /** Called while pages travel, after each guest step (QEMU's reaper thread). */
-  onGuestStep?(step: { ringFull: number; stepNs: number }): Promise<void>;
+  /** Called while pages travel, after each guest step, with the vCPUs that exited on a full ring (QEMU's reaper and vCPU threads). */
+  onGuestStep?(step: { ringFullVcpus: number[]; stepNs: number }): Promise<void>;
+  /**
+   * A dirty limit is in service from now on: a vCPU out on a full ring has
+   * only its own ring reaped, so that the others still fill theirs and sleep
+   * (kvm_cpu_exec under dirtylimit_in_service), and every ring is collected
+   * once per periodNs (the limit's stat thread) instead of once a second.
+   */
+  limitDirtyRate?(periodNs: number): void;
   /**
    * Called before the pages selected in `bitmap` (relative to firstPage) are
    * read for sending, so that writes after the read are caught (manual

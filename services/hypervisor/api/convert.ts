@@ -116,6 +116,8 @@ export function vmInfo(vm: Vm): VmInfo {
       pmlEntries: vm.hw instanceof Pml ? vm.hw.used[v.index] : 0,
       cpuThrottlePercentage: v.throttle?.percentage ?? 0,
       cpuThrottleNs: BigInt(Math.round(v.total.throttleNs)),
+      dirtyLimitMbps: BigInt(v.dirtyLimit?.quotaMBps ?? 0),
+      dirtyLimitSleepNs: BigInt(Math.round(v.total.dirtyLimitNs)),
     })),
     memslots: vm.sortedSlots().map((s) => ({
       memslot: { slot: s.id, guestPhysAddr: BigInt(s.gpa), memorySize: BigInt(s.size), flags: s.flags },

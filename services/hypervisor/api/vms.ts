@@ -4,6 +4,7 @@ import { DomainError, failedPrecondition, invalidArgument, permissionDenied } fr
 import { Capability, ClockDrive, ExitReason } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { AF, outputAddressOf } from "../model/descriptor.js";
 import { resumeSnapshotBytes, takeResumeSnapshot } from "../model/guest-memory.js";
+import { DEFAULT_PERIOD_MS } from "../model/dirty-limit.js";
 import { Level } from "../model/stage2.js";
 import type { Vm } from "../model/vm.js";
 import { ARCH, asBuffer, BACKING, exitsOf, FAULT_OUT, num, vcpuList, vmInfo, workloadFromProto, workloadToProto } from "./convert.js";
@@ -21,7 +22,7 @@ const stepped = (vm: Vm, what: string) => {
   if (vm.config.clock !== "stepped") throw failedPrecondition(`${what}: VM ${vm.name}'s clock is driven in real time`);
 };
 
-export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm" | "listVms" | "destroyVm" | "pauseVm" | "resumeVm" | "setCpuThrottle" | "setUserMemoryRegion" | "checkExtension" | "enableCap" | "setWorkload" | "advanceVm" | "getVcpuState" | "setVcpuState" | "guestWrite" | "translateGpa" | "unmapGpaRange" | "setFaultInjection"> {
+export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm" | "listVms" | "destroyVm" | "pauseVm" | "resumeVm" | "setCpuThrottle" | "setVcpuDirtyLimit" | "queryVcpuDirtyLimit" | "setUserMemoryRegion" | "checkExtension" | "enableCap" | "setWorkload" | "advanceVm" | "getVcpuState" | "setVcpuState" | "guestWrite" | "translateGpa" | "unmapGpaRange" | "setFaultInjection"> {
   const { hv, metrics } = ctx;
   return {
     createVm(req) {
@@ -87,6 +88,24 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
       const vm = hv.vm(req.vm);
       vm.setCpuThrottle(vcpuList(vm, req.vcpus, "set cpu throttle"), req.percentage);
       return { vm: vmInfo(vm) };
+    },
+    setVcpuDirtyLimit(req) {
+      const vm = hv.vm(req.vm);
+      vm.setVcpuDirtyLimit(vcpuList(vm, req.vcpus, "set vcpu dirty limit"), num(req.dirtyRateMbps, "dirty_rate_mbps"), req.periodMs || DEFAULT_PERIOD_MS);
+      return { vm: vmInfo(vm) };
+    },
+    queryVcpuDirtyLimit(req) {
+      const vm = hv.vm(req.vm);
+      const l = vm.dirtyLimiter;
+      if (!l) return { limits: [], throttleTimePerRoundUs: 0n, ringFullTimeUs: 0n, periodMs: 0 };
+      return {
+        limits: vm.vcpus.flatMap((v) =>
+          v.dirtyLimit ? [{ cpuIndex: v.index, limitRate: BigInt(v.dirtyLimit.quotaMBps), currentRate: BigInt(v.dirtyLimit.currentMBps), throttleUsPerFull: BigInt(v.dirtyLimit.throttleUsPerFull) }] : [],
+        ),
+        throttleTimePerRoundUs: BigInt(l.throttleTimePerRoundUs(vm.vcpus)),
+        ringFullTimeUs: BigInt(l.ringFullTimeAtMeanUs(vm.vcpus)),
+        periodMs: l.periodMs,
+      };
     },
     setUserMemoryRegion(req) {
       const vm = hv.vm(req.vm);

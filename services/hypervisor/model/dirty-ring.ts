@@ -218,7 +218,12 @@ export function resetDirtyRings(vm: Vm): { cleared: number; tlbFlushed: boolean;
   let cleared = 0;
   for (const v of vm.vcpus) {
     cleared += v.ring!.reset(protect);
-    if (v.ringFull && !v.ring!.softFull) v.ringFull = false;
+    if (v.ringFull && !v.ring!.softFull) {
+      v.ringFull = false;
+      // QEMU's vCPU thread sleeps its dirty limit's throttle_us_per_full before it enters the guest again.
+      const us = v.dirtyLimit?.throttleUsPerFull ?? 0;
+      if (us > 0) v.limitSleepUntil = Math.max(v.time, vm.clockNs) + us * 1000;
+    }
   }
   for (const p of protectors.values()) p.done();
   const tlbFlushed = cleared > 0 && vm.flushTlbsAfterWriteProtect();

@@ -1,5 +1,6 @@
 /** A vCPU: its TLB, its workload, its local clock and what it achieved. */
 import type { CpuThrottle } from "./cpu-throttle.js";
+import type { VcpuDirtyLimit } from "./dirty-limit.js";
 import type { DirtyRing } from "./dirty-ring.js";
 import { Tlb } from "./tlb.js";
 import { WorkloadGen } from "./workload.js";
@@ -20,9 +21,11 @@ export interface StepStats {
   pmlFullExits: number;
   /** Guest time asleep under QEMU's vCPU throttle. */
   throttleNs: number;
+  /** Guest time asleep under QEMU's dirty limit (throttle_us_per_full after each full ring). */
+  dirtyLimitNs: number;
 }
 
-const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0, pagesDirtied: 0, hdbssFullFaults: 0, pmlFullExits: 0, throttleNs: 0 });
+const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0, pagesDirtied: 0, hdbssFullFaults: 0, pmlFullExits: 0, throttleNs: 0, dirtyLimitNs: 0 });
 
 export class Vcpu {
   paused = false;
@@ -37,6 +40,9 @@ export class Vcpu {
   ringFull = false;
   /** QEMU's vCPU throttle, when one is set. */
   throttle: CpuThrottle | null = null;
+  /** QEMU's dirty limit on this vCPU, when one is set, and the end of the sleep it owes after a full ring. */
+  dirtyLimit: VcpuDirtyLimit | null = null;
+  limitSleepUntil = 0;
 
   constructor(
     readonly index: number,

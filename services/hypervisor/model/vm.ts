@@ -22,6 +22,7 @@ import { Tlb } from "./tlb.js";
 import { Vcpu } from "./vcpu.js";
 import { BATCH, IDLE, WorkloadGen, type WorkloadSpec } from "./workload.js";
 import { CPU_THROTTLE_PCT_MAX, CpuThrottle } from "./cpu-throttle.js";
+import { setVcpuDirtyLimit, type DirtyLimiter } from "./dirty-limit.js";
 import { WriteTracker } from "./write-track.js";
 
 export type BackingPageSize = "4K" | "2M" | "1G";
@@ -171,6 +172,8 @@ export class Vm {
   hw: HardwareDirty | null = null;
   /** Each slot's content as it was at the last ResumeVm that asked for it (guest-memory.ts: the verifying digest hashes it). */
   resumeSnapshot: Map<number, Uint32Array> | null = null;
+  /** QEMU's dirty-limit stat thread, while any vCPU is limited. */
+  dirtyLimiter: DirtyLimiter | null = null;
   hwDirtyUpdates = 0;
   /** Set by writeMiss: the miss took a stage-2 fault (as opposed to a walk or a hardware update), and what it did. */
   private missFaulted = false;
@@ -385,6 +388,7 @@ export class Vm {
         else this.run(v, tq);
       }
       t = tq;
+      if (this.dirtyLimiter && t >= this.dirtyLimiter.nextNs) this.dirtyLimiter.tick(this.vcpus, t);
       if (stopAt !== Infinity && performance.now() >= stopAt) break;
     }
     this.clockNs = t;
@@ -441,6 +445,12 @@ export class Vm {
   private run(v: Vcpu, until: number): void {
     const gen = v.gen;
     if (v.ringFull) return v.stall(v.time, until);
+    if (v.limitSleepUntil > v.time) {
+      const wake = Math.min(v.limitSleepUntil, until);
+      v.count({ dirtyLimitNs: wake - v.time });
+      v.time = wake;
+      if (wake >= until) return;
+    }
     if (!gen.active || this.segments.length === 0) {
       v.time = until;
       return;
@@ -525,6 +535,13 @@ export class Vm {
     }
     const vcpus = indices.map((i) => this.vcpu(i, what));
     for (const v of vcpus) v.throttle = percentage === 0 ? null : new CpuThrottle(percentage, Math.max(v.time, this.clockNs));
+  }
+
+  /** QEMU's set-vcpu-dirty-limit (rate in MB/s; 0 cancels) on the given vCPUs, measured every periodMs. */
+  setVcpuDirtyLimit(indices: number[], rateMBps: number, periodMs: number): void {
+    const vcpus = indices.map((i) => this.vcpu(i, "set vcpu dirty limit"));
+    const ringEntries = this.ringEnabled ? this.config.ringBytes / ENTRY_BYTES : 0;
+    this.dirtyLimiter = setVcpuDirtyLimit(this.dirtyLimiter, { name: this.name, ringEntries, clockNs: this.clockNs, vcpus: this.vcpus }, vcpus, rateMBps, periodMs);
   }
 
   private segmentOf(vp: number): Segment {

@@ -679,6 +679,9 @@ export interface VcpuInfo {
    */
   cpuThrottlePercentage: number;
   cpuThrottleNs: bigint;
+  /** QEMU's dirty limit on this vCPU (0: none), MB/s, and the guest time it slept under it. */
+  dirtyLimitMbps: bigint;
+  dirtyLimitSleepNs: bigint;
 }
 
 export interface MemslotInfo {
@@ -786,6 +789,46 @@ export interface SetCpuThrottleRequest {
 
 export interface SetCpuThrottleResponse {
   vm: VmInfo | undefined;
+}
+
+export interface SetVcpuDirtyLimitRequest {
+  vm: string;
+  /** Empty means every vCPU (as QEMU without cpu-index). */
+  vcpus: number[];
+  /** The limit in MB/s (QEMU's dirty-rate; migration's vcpu-dirty-limit defaults to 1); 0 cancels. */
+  dirtyRateMbps: bigint;
+  /**
+   * How often each vCPU's rate is measured and its sleep adjusted, 1-1000 ms (QEMU's
+   * x-vcpu-dirty-limit-period during a migration; 1000 outside one). 0 means 1000.
+   */
+  periodMs: number;
+}
+
+export interface SetVcpuDirtyLimitResponse {
+  vm: VmInfo | undefined;
+}
+
+export interface QueryVcpuDirtyLimitRequest {
+  vm: string;
+}
+
+/** One entry of query-vcpu-dirty-limit (DirtyLimitInfo), in MB/s. */
+export interface VcpuDirtyLimitInfo {
+  cpuIndex: number;
+  limitRate: bigint;
+  currentRate: bigint;
+  /** What the vCPU sleeps after each full ring now (CPUState's throttle_us_per_full), µs. */
+  throttleUsPerFull: bigint;
+}
+
+export interface QueryVcpuDirtyLimitResponse {
+  /** The limited vCPUs (empty: no limit in service). */
+  limits: VcpuDirtyLimitInfo[];
+  /** query-migrate's dirty-limit-throttle-time-per-round: the longest throttle_us_per_full, µs. */
+  throttleTimePerRoundUs: bigint;
+  /** query-migrate's dirty-limit-ring-full-time: the time to fill a ring at the vCPUs' mean rate, µs. */
+  ringFullTimeUs: bigint;
+  periodMs: number;
 }
 
 export interface SetUserMemoryRegionRequest {
@@ -2129,6 +2172,8 @@ function createBaseVcpuInfo(): VcpuInfo {
     pmlEntries: 0,
     cpuThrottlePercentage: 0,
     cpuThrottleNs: 0n,
+    dirtyLimitMbps: 0n,
+    dirtyLimitSleepNs: 0n,
   };
 }
 
@@ -2205,6 +2250,18 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
         throw new globalThis.Error("value provided for field message.cpuThrottleNs of type uint64 too large");
       }
       writer.uint32(128).uint64(message.cpuThrottleNs);
+    }
+    if (message.dirtyLimitMbps !== 0n) {
+      if (BigInt.asUintN(64, message.dirtyLimitMbps) !== message.dirtyLimitMbps) {
+        throw new globalThis.Error("value provided for field message.dirtyLimitMbps of type uint64 too large");
+      }
+      writer.uint32(136).uint64(message.dirtyLimitMbps);
+    }
+    if (message.dirtyLimitSleepNs !== 0n) {
+      if (BigInt.asUintN(64, message.dirtyLimitSleepNs) !== message.dirtyLimitSleepNs) {
+        throw new globalThis.Error("value provided for field message.dirtyLimitSleepNs of type uint64 too large");
+      }
+      writer.uint32(144).uint64(message.dirtyLimitSleepNs);
     }
     return writer;
   },
@@ -2350,6 +2407,22 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
             message.cpuThrottleNs = reader.uint64() as bigint;
             continue;
           }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.dirtyLimitMbps = reader.uint64() as bigint;
+            continue;
+          }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.dirtyLimitSleepNs = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2428,6 +2501,16 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
         : isSet(object.cpu_throttle_ns)
         ? BigInt(object.cpu_throttle_ns)
         : 0n,
+      dirtyLimitMbps: isSet(object.dirtyLimitMbps)
+        ? BigInt(object.dirtyLimitMbps)
+        : isSet(object.dirty_limit_mbps)
+        ? BigInt(object.dirty_limit_mbps)
+        : 0n,
+      dirtyLimitSleepNs: isSet(object.dirtyLimitSleepNs)
+        ? BigInt(object.dirtyLimitSleepNs)
+        : isSet(object.dirty_limit_sleep_ns)
+        ? BigInt(object.dirty_limit_sleep_ns)
+        : 0n,
     };
   },
 
@@ -2481,6 +2564,12 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
     if (message.cpuThrottleNs !== 0n) {
       obj.cpuThrottleNs = message.cpuThrottleNs.toString();
     }
+    if (message.dirtyLimitMbps !== 0n) {
+      obj.dirtyLimitMbps = message.dirtyLimitMbps.toString();
+    }
+    if (message.dirtyLimitSleepNs !== 0n) {
+      obj.dirtyLimitSleepNs = message.dirtyLimitSleepNs.toString();
+    }
     return obj;
   },
 
@@ -2520,6 +2609,12 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
     message.cpuThrottlePercentage = object.cpuThrottlePercentage ?? 0;
     message.cpuThrottleNs = (object.cpuThrottleNs !== undefined && object.cpuThrottleNs !== null)
       ? BigInt(object.cpuThrottleNs)
+      : 0n;
+    message.dirtyLimitMbps = (object.dirtyLimitMbps !== undefined && object.dirtyLimitMbps !== null)
+      ? BigInt(object.dirtyLimitMbps)
+      : 0n;
+    message.dirtyLimitSleepNs = (object.dirtyLimitSleepNs !== undefined && object.dirtyLimitSleepNs !== null)
+      ? BigInt(object.dirtyLimitSleepNs)
       : 0n;
     return message;
   },
@@ -4241,6 +4336,572 @@ export const SetCpuThrottleResponse: MessageFns<SetCpuThrottleResponse> = {
   fromPartial(object: DeepPartial<SetCpuThrottleResponse>): SetCpuThrottleResponse {
     const message = createBaseSetCpuThrottleResponse();
     message.vm = (object.vm !== undefined && object.vm !== null) ? VmInfo.fromPartial(object.vm) : undefined;
+    return message;
+  },
+};
+
+function createBaseSetVcpuDirtyLimitRequest(): SetVcpuDirtyLimitRequest {
+  return { vm: "", vcpus: [], dirtyRateMbps: 0n, periodMs: 0 };
+}
+
+export const SetVcpuDirtyLimitRequest: MessageFns<SetVcpuDirtyLimitRequest> = {
+  encode(message: SetVcpuDirtyLimitRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.vcpus.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.vcpus) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.dirtyRateMbps !== 0n) {
+      if (BigInt.asUintN(64, message.dirtyRateMbps) !== message.dirtyRateMbps) {
+        throw new globalThis.Error("value provided for field message.dirtyRateMbps of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.dirtyRateMbps);
+    }
+    if (message.periodMs !== 0) {
+      writer.uint32(32).uint32(message.periodMs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetVcpuDirtyLimitRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetVcpuDirtyLimitRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag === 16) {
+              message.vcpus.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.vcpus.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.dirtyRateMbps = reader.uint64() as bigint;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.periodMs = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetVcpuDirtyLimitRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      vcpus: globalThis.Array.isArray(object?.vcpus) ? object.vcpus.map((e: any) => globalThis.Number(e)) : [],
+      dirtyRateMbps: isSet(object.dirtyRateMbps)
+        ? BigInt(object.dirtyRateMbps)
+        : isSet(object.dirty_rate_mbps)
+        ? BigInt(object.dirty_rate_mbps)
+        : 0n,
+      periodMs: isSet(object.periodMs)
+        ? globalThis.Number(object.periodMs)
+        : isSet(object.period_ms)
+        ? globalThis.Number(object.period_ms)
+        : 0,
+    };
+  },
+
+  toJSON(message: SetVcpuDirtyLimitRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.vcpus?.length) {
+      obj.vcpus = message.vcpus.map((e) => Math.round(e));
+    }
+    if (message.dirtyRateMbps !== 0n) {
+      obj.dirtyRateMbps = message.dirtyRateMbps.toString();
+    }
+    if (message.periodMs !== 0) {
+      obj.periodMs = Math.round(message.periodMs);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetVcpuDirtyLimitRequest>): SetVcpuDirtyLimitRequest {
+    return SetVcpuDirtyLimitRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetVcpuDirtyLimitRequest>): SetVcpuDirtyLimitRequest {
+    const message = createBaseSetVcpuDirtyLimitRequest();
+    message.vm = object.vm ?? "";
+    message.vcpus = object.vcpus?.map((e) => e) || [];
+    message.dirtyRateMbps = (object.dirtyRateMbps !== undefined && object.dirtyRateMbps !== null)
+      ? BigInt(object.dirtyRateMbps)
+      : 0n;
+    message.periodMs = object.periodMs ?? 0;
+    return message;
+  },
+};
+
+function createBaseSetVcpuDirtyLimitResponse(): SetVcpuDirtyLimitResponse {
+  return { vm: undefined };
+}
+
+export const SetVcpuDirtyLimitResponse: MessageFns<SetVcpuDirtyLimitResponse> = {
+  encode(message: SetVcpuDirtyLimitResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== undefined) {
+      VmInfo.encode(message.vm, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetVcpuDirtyLimitResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetVcpuDirtyLimitResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = VmInfo.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetVcpuDirtyLimitResponse {
+    return { vm: isSet(object.vm) ? VmInfo.fromJSON(object.vm) : undefined };
+  },
+
+  toJSON(message: SetVcpuDirtyLimitResponse): unknown {
+    const obj: any = {};
+    if (message.vm !== undefined) {
+      obj.vm = VmInfo.toJSON(message.vm);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetVcpuDirtyLimitResponse>): SetVcpuDirtyLimitResponse {
+    return SetVcpuDirtyLimitResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetVcpuDirtyLimitResponse>): SetVcpuDirtyLimitResponse {
+    const message = createBaseSetVcpuDirtyLimitResponse();
+    message.vm = (object.vm !== undefined && object.vm !== null) ? VmInfo.fromPartial(object.vm) : undefined;
+    return message;
+  },
+};
+
+function createBaseQueryVcpuDirtyLimitRequest(): QueryVcpuDirtyLimitRequest {
+  return { vm: "" };
+}
+
+export const QueryVcpuDirtyLimitRequest: MessageFns<QueryVcpuDirtyLimitRequest> = {
+  encode(message: QueryVcpuDirtyLimitRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): QueryVcpuDirtyLimitRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseQueryVcpuDirtyLimitRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): QueryVcpuDirtyLimitRequest {
+    return { vm: isSet(object.vm) ? globalThis.String(object.vm) : "" };
+  },
+
+  toJSON(message: QueryVcpuDirtyLimitRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<QueryVcpuDirtyLimitRequest>): QueryVcpuDirtyLimitRequest {
+    return QueryVcpuDirtyLimitRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<QueryVcpuDirtyLimitRequest>): QueryVcpuDirtyLimitRequest {
+    const message = createBaseQueryVcpuDirtyLimitRequest();
+    message.vm = object.vm ?? "";
+    return message;
+  },
+};
+
+function createBaseVcpuDirtyLimitInfo(): VcpuDirtyLimitInfo {
+  return { cpuIndex: 0, limitRate: 0n, currentRate: 0n, throttleUsPerFull: 0n };
+}
+
+export const VcpuDirtyLimitInfo: MessageFns<VcpuDirtyLimitInfo> = {
+  encode(message: VcpuDirtyLimitInfo, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.cpuIndex !== 0) {
+      writer.uint32(8).uint32(message.cpuIndex);
+    }
+    if (message.limitRate !== 0n) {
+      if (BigInt.asUintN(64, message.limitRate) !== message.limitRate) {
+        throw new globalThis.Error("value provided for field message.limitRate of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.limitRate);
+    }
+    if (message.currentRate !== 0n) {
+      if (BigInt.asUintN(64, message.currentRate) !== message.currentRate) {
+        throw new globalThis.Error("value provided for field message.currentRate of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.currentRate);
+    }
+    if (message.throttleUsPerFull !== 0n) {
+      if (BigInt.asUintN(64, message.throttleUsPerFull) !== message.throttleUsPerFull) {
+        throw new globalThis.Error("value provided for field message.throttleUsPerFull of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.throttleUsPerFull);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VcpuDirtyLimitInfo {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVcpuDirtyLimitInfo();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.cpuIndex = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.limitRate = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.currentRate = reader.uint64() as bigint;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.throttleUsPerFull = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VcpuDirtyLimitInfo {
+    return {
+      cpuIndex: isSet(object.cpuIndex)
+        ? globalThis.Number(object.cpuIndex)
+        : isSet(object.cpu_index)
+        ? globalThis.Number(object.cpu_index)
+        : 0,
+      limitRate: isSet(object.limitRate)
+        ? BigInt(object.limitRate)
+        : isSet(object.limit_rate)
+        ? BigInt(object.limit_rate)
+        : 0n,
+      currentRate: isSet(object.currentRate)
+        ? BigInt(object.currentRate)
+        : isSet(object.current_rate)
+        ? BigInt(object.current_rate)
+        : 0n,
+      throttleUsPerFull: isSet(object.throttleUsPerFull)
+        ? BigInt(object.throttleUsPerFull)
+        : isSet(object.throttle_us_per_full)
+        ? BigInt(object.throttle_us_per_full)
+        : 0n,
+    };
+  },
+
+  toJSON(message: VcpuDirtyLimitInfo): unknown {
+    const obj: any = {};
+    if (message.cpuIndex !== 0) {
+      obj.cpuIndex = Math.round(message.cpuIndex);
+    }
+    if (message.limitRate !== 0n) {
+      obj.limitRate = message.limitRate.toString();
+    }
+    if (message.currentRate !== 0n) {
+      obj.currentRate = message.currentRate.toString();
+    }
+    if (message.throttleUsPerFull !== 0n) {
+      obj.throttleUsPerFull = message.throttleUsPerFull.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<VcpuDirtyLimitInfo>): VcpuDirtyLimitInfo {
+    return VcpuDirtyLimitInfo.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<VcpuDirtyLimitInfo>): VcpuDirtyLimitInfo {
+    const message = createBaseVcpuDirtyLimitInfo();
+    message.cpuIndex = object.cpuIndex ?? 0;
+    message.limitRate = (object.limitRate !== undefined && object.limitRate !== null) ? BigInt(object.limitRate) : 0n;
+    message.currentRate = (object.currentRate !== undefined && object.currentRate !== null)
+      ? BigInt(object.currentRate)
+      : 0n;
+    message.throttleUsPerFull = (object.throttleUsPerFull !== undefined && object.throttleUsPerFull !== null)
+      ? BigInt(object.throttleUsPerFull)
+      : 0n;
+    return message;
+  },
+};
+
+function createBaseQueryVcpuDirtyLimitResponse(): QueryVcpuDirtyLimitResponse {
+  return { limits: [], throttleTimePerRoundUs: 0n, ringFullTimeUs: 0n, periodMs: 0 };
+}
+
+export const QueryVcpuDirtyLimitResponse: MessageFns<QueryVcpuDirtyLimitResponse> = {
+  encode(message: QueryVcpuDirtyLimitResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.limits) {
+      VcpuDirtyLimitInfo.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.throttleTimePerRoundUs !== 0n) {
+      if (BigInt.asUintN(64, message.throttleTimePerRoundUs) !== message.throttleTimePerRoundUs) {
+        throw new globalThis.Error("value provided for field message.throttleTimePerRoundUs of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.throttleTimePerRoundUs);
+    }
+    if (message.ringFullTimeUs !== 0n) {
+      if (BigInt.asUintN(64, message.ringFullTimeUs) !== message.ringFullTimeUs) {
+        throw new globalThis.Error("value provided for field message.ringFullTimeUs of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.ringFullTimeUs);
+    }
+    if (message.periodMs !== 0) {
+      writer.uint32(32).uint32(message.periodMs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): QueryVcpuDirtyLimitResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseQueryVcpuDirtyLimitResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.limits.push(VcpuDirtyLimitInfo.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.throttleTimePerRoundUs = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.ringFullTimeUs = reader.uint64() as bigint;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.periodMs = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): QueryVcpuDirtyLimitResponse {
+    return {
+      limits: globalThis.Array.isArray(object?.limits)
+        ? object.limits.map((e: any) => VcpuDirtyLimitInfo.fromJSON(e))
+        : [],
+      throttleTimePerRoundUs: isSet(object.throttleTimePerRoundUs)
+        ? BigInt(object.throttleTimePerRoundUs)
+        : isSet(object.throttle_time_per_round_us)
+        ? BigInt(object.throttle_time_per_round_us)
+        : 0n,
+      ringFullTimeUs: isSet(object.ringFullTimeUs)
+        ? BigInt(object.ringFullTimeUs)
+        : isSet(object.ring_full_time_us)
+        ? BigInt(object.ring_full_time_us)
+        : 0n,
+      periodMs: isSet(object.periodMs)
+        ? globalThis.Number(object.periodMs)
+        : isSet(object.period_ms)
+        ? globalThis.Number(object.period_ms)
+        : 0,
+    };
+  },
+
+  toJSON(message: QueryVcpuDirtyLimitResponse): unknown {
+    const obj: any = {};
+    if (message.limits?.length) {
+      obj.limits = message.limits.map((e) => VcpuDirtyLimitInfo.toJSON(e));
+    }
+    if (message.throttleTimePerRoundUs !== 0n) {
+      obj.throttleTimePerRoundUs = message.throttleTimePerRoundUs.toString();
+    }
+    if (message.ringFullTimeUs !== 0n) {
+      obj.ringFullTimeUs = message.ringFullTimeUs.toString();
+    }
+    if (message.periodMs !== 0) {
+      obj.periodMs = Math.round(message.periodMs);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<QueryVcpuDirtyLimitResponse>): QueryVcpuDirtyLimitResponse {
+    return QueryVcpuDirtyLimitResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<QueryVcpuDirtyLimitResponse>): QueryVcpuDirtyLimitResponse {
+    const message = createBaseQueryVcpuDirtyLimitResponse();
+    message.limits = object.limits?.map((e) => VcpuDirtyLimitInfo.fromPartial(e)) || [];
+    message.throttleTimePerRoundUs =
+      (object.throttleTimePerRoundUs !== undefined && object.throttleTimePerRoundUs !== null)
+        ? BigInt(object.throttleTimePerRoundUs)
+        : 0n;
+    message.ringFullTimeUs = (object.ringFullTimeUs !== undefined && object.ringFullTimeUs !== null)
+      ? BigInt(object.ringFullTimeUs)
+      : 0n;
+    message.periodMs = object.periodMs ?? 0;
     return message;
   },
 };
@@ -10294,6 +10955,35 @@ export const HypervisorServiceService = {
     responseDeserialize: (value: Buffer): SetCpuThrottleResponse => SetCpuThrottleResponse.decode(value),
   },
   /**
+   * QEMU's set-vcpu-dirty-limit / cancel-vcpu-dirty-limit (system/dirtylimit.c, what the
+   * dirty-limit capability drives): each limited vCPU's dirty rate is measured every period from
+   * what its dirty ring logged, and the vCPU sleeps after every full ring for as long as keeps it
+   * at the limit. Needs the dirty ring (FAILED_PRECONDITION otherwise, as QEMU refuses it).
+   */
+  setVcpuDirtyLimit: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/SetVcpuDirtyLimit" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SetVcpuDirtyLimitRequest): Buffer =>
+      Buffer.from(SetVcpuDirtyLimitRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SetVcpuDirtyLimitRequest => SetVcpuDirtyLimitRequest.decode(value),
+    responseSerialize: (value: SetVcpuDirtyLimitResponse): Buffer =>
+      Buffer.from(SetVcpuDirtyLimitResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SetVcpuDirtyLimitResponse => SetVcpuDirtyLimitResponse.decode(value),
+  },
+  /** QEMU's query-vcpu-dirty-limit, with query-migrate's dirty-limit figures. */
+  queryVcpuDirtyLimit: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/QueryVcpuDirtyLimit" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: QueryVcpuDirtyLimitRequest): Buffer =>
+      Buffer.from(QueryVcpuDirtyLimitRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): QueryVcpuDirtyLimitRequest => QueryVcpuDirtyLimitRequest.decode(value),
+    responseSerialize: (value: QueryVcpuDirtyLimitResponse): Buffer =>
+      Buffer.from(QueryVcpuDirtyLimitResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): QueryVcpuDirtyLimitResponse => QueryVcpuDirtyLimitResponse.decode(value),
+  },
+  /**
    * KVM_SET_USER_MEMORY_REGION: create a slot, change its flags (turning
    * dirty logging on or off), or delete it (memory_size 0).
    */
@@ -10617,6 +11307,15 @@ export interface HypervisorServiceServer extends UntypedServiceImplementation {
    */
   setCpuThrottle: handleUnaryCall<SetCpuThrottleRequest, SetCpuThrottleResponse>;
   /**
+   * QEMU's set-vcpu-dirty-limit / cancel-vcpu-dirty-limit (system/dirtylimit.c, what the
+   * dirty-limit capability drives): each limited vCPU's dirty rate is measured every period from
+   * what its dirty ring logged, and the vCPU sleeps after every full ring for as long as keeps it
+   * at the limit. Needs the dirty ring (FAILED_PRECONDITION otherwise, as QEMU refuses it).
+   */
+  setVcpuDirtyLimit: handleUnaryCall<SetVcpuDirtyLimitRequest, SetVcpuDirtyLimitResponse>;
+  /** QEMU's query-vcpu-dirty-limit, with query-migrate's dirty-limit figures. */
+  queryVcpuDirtyLimit: handleUnaryCall<QueryVcpuDirtyLimitRequest, QueryVcpuDirtyLimitResponse>;
+  /**
    * KVM_SET_USER_MEMORY_REGION: create a slot, change its flags (turning
    * dirty logging on or off), or delete it (memory_size 0).
    */
@@ -10806,6 +11505,43 @@ export interface HypervisorServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: SetCpuThrottleResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * QEMU's set-vcpu-dirty-limit / cancel-vcpu-dirty-limit (system/dirtylimit.c, what the
+   * dirty-limit capability drives): each limited vCPU's dirty rate is measured every period from
+   * what its dirty ring logged, and the vCPU sleeps after every full ring for as long as keeps it
+   * at the limit. Needs the dirty ring (FAILED_PRECONDITION otherwise, as QEMU refuses it).
+   */
+  setVcpuDirtyLimit(
+    request: SetVcpuDirtyLimitRequest,
+    callback: (error: ServiceError | null, response: SetVcpuDirtyLimitResponse) => void,
+  ): ClientUnaryCall;
+  setVcpuDirtyLimit(
+    request: SetVcpuDirtyLimitRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SetVcpuDirtyLimitResponse) => void,
+  ): ClientUnaryCall;
+  setVcpuDirtyLimit(
+    request: SetVcpuDirtyLimitRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SetVcpuDirtyLimitResponse) => void,
+  ): ClientUnaryCall;
+  /** QEMU's query-vcpu-dirty-limit, with query-migrate's dirty-limit figures. */
+  queryVcpuDirtyLimit(
+    request: QueryVcpuDirtyLimitRequest,
+    callback: (error: ServiceError | null, response: QueryVcpuDirtyLimitResponse) => void,
+  ): ClientUnaryCall;
+  queryVcpuDirtyLimit(
+    request: QueryVcpuDirtyLimitRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: QueryVcpuDirtyLimitResponse) => void,
+  ): ClientUnaryCall;
+  queryVcpuDirtyLimit(
+    request: QueryVcpuDirtyLimitRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: QueryVcpuDirtyLimitResponse) => void,
   ): ClientUnaryCall;
   /**
    * KVM_SET_USER_MEMORY_REGION: create a slot, change its flags (turning
