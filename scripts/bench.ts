@@ -47,7 +47,7 @@ const ms = (t0: bigint) => Number(process.hrtime.bigint() - t0) / 1e6;
 const fmt = (n: number, digits = 1) => n.toLocaleString("en-US", { maximumFractionDigits: digits });
 
 function workload(pattern: WorkloadSpec["pattern"], writesPerSecond: number, seed = 1n): WorkloadSpec {
-  return { pattern, writesPerSecond, firstPage: 0, pages: 0, hotFraction: 0.1, hotWriteFraction: 0.9, value: "sequence", epoch: 0n, seed };
+  return { pattern, writesPerSecond, firstPage: 0, pages: 0, hotFraction: 0.1, hotWriteFraction: 0.9, readsPerSecond: 0, value: "sequence", epoch: 0n, seed };
 }
 
 const benchHypervisor = () => new Hypervisor({ memoryBudgetBytes: 2 ** 41, costs: { ...DEFAULT_COSTS }, allowFaultInjection: false });

@@ -17,6 +17,7 @@ import { SyncClock, type ApiContext, type Handlers } from "./api/context.js";
 import { deviceHandlers } from "./api/device.js";
 import { dirtyLogHandlers } from "./api/dirty-log.js";
 import { memoryHandlers } from "./api/memory.js";
+import { postcopyHandlers } from "./api/postcopy.js";
 import { SLICE_MS, vmHandlers } from "./api/vms.js";
 import { writeTrackingHandlers } from "./api/write-tracking.js";
 import { DeviceRegistry } from "./device-registry.js";
@@ -29,7 +30,7 @@ export const HYPERVISOR_SERVICE = "dirtytrack.hypervisor.v1.HypervisorService";
 
 /** Every RPC of the service, from the groups that implement them. */
 export function hypervisorHandlers(ctx: ApiContext): Handlers {
-  return { ...vmHandlers(ctx), ...dirtyLogHandlers(ctx), ...memoryHandlers(ctx), ...writeTrackingHandlers(ctx), ...deviceHandlers(ctx) };
+  return { ...vmHandlers(ctx), ...dirtyLogHandlers(ctx), ...memoryHandlers(ctx), ...postcopyHandlers(ctx), ...writeTrackingHandlers(ctx), ...deviceHandlers(ctx) };
 }
 
 export interface HypervisorServerDeps {

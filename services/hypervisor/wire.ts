@@ -35,7 +35,7 @@ const fieldBytes = (len: number) => 1 + varintBytes(len) + len;
 
 /** A MemoryChunk: its other fields encoded, its contents, and its size on the wire. */
 function chunkParts(chunk: MemoryChunk): { head: Uint8Array; contents: Uint8Array; size: number } {
-  const head = MemoryChunk.encode({ ...chunk, contents: Buffer.alloc(0) }).finish();
+  const head = MemoryChunk.encode({ ...chunk, arriveAtNs: chunk.arriveAtNs ?? 0n, contents: Buffer.alloc(0) }).finish();
   const contents = chunk.contents;
   return { head, contents, size: head.byteLength + (contents.byteLength ? fieldBytes(contents.byteLength) : 0) };
 }

@@ -13,6 +13,7 @@ import {
   LogTarget as ProtoLogTarget,
   WorkloadPattern,
   WriteValue,
+  type PostcopyInfo,
   type VmInfo,
   type Workload,
 } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
@@ -68,6 +69,7 @@ export function workloadFromProto(w: Workload): WorkloadSpec {
     pages: num(w.workingSetPages, "working_set_pages"),
     hotFraction: w.hotFraction || 0.1,
     hotWriteFraction: w.hotWriteFraction || 0.9,
+    readsPerSecond: w.readsPerSecond,
     value: w.value === WriteValue.WRITE_VALUE_EPOCH ? "epoch" : "sequence",
     epoch: w.epoch,
     seed: w.seed,
@@ -82,6 +84,7 @@ export function workloadToProto(s: WorkloadSpec): Workload {
     workingSetPages: BigInt(s.pages),
     hotFraction: s.hotFraction,
     hotWriteFraction: s.hotWriteFraction,
+    readsPerSecond: s.readsPerSecond,
     value: s.value === "epoch" ? WriteValue.WRITE_VALUE_EPOCH : WriteValue.WRITE_VALUE_SEQUENCE,
     epoch: s.epoch,
     seed: s.seed,
@@ -143,6 +146,21 @@ export function vmInfo(vm: Vm): VmInfo {
     arch: ARCH_OUT[vm.config.arch],
     pml: vm.config.pml,
     eagerPageSplit: vm.config.eagerPageSplit,
+    postcopy: postcopyInfo(vm),
+  };
+}
+
+function postcopyInfo(vm: Vm): PostcopyInfo | undefined {
+  const pc = vm.postcopy ?? vm.postcopyDone;
+  if (!pc) return undefined;
+  return {
+    active: vm.postcopy !== null,
+    unsentPages: BigInt(pc.unsent),
+    requests: BigInt(pc.requests.length),
+    duplicatePages: BigInt(pc.duplicates),
+    blocktimeNs: BigInt(Math.round(pc.blocktimeNs)),
+    vcpuBlocktimeNs: [...pc.vcpuBlocktimeNs].map((n) => BigInt(Math.round(n))),
+    lastArrivalNs: BigInt(Math.round(pc.lastArrivalNs)),
   };
 }
 

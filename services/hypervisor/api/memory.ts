@@ -21,7 +21,7 @@ export function memoryHandlers(ctx: ApiContext): Pick<Handlers, "readMemory" | "
       );
       for (const c of chunks) {
         metrics.memoryCopiedPages.inc({ vm: vm.name, direction: "read" }, c.contents.byteLength / 8);
-        yield { chunk: { slot: c.slot, firstPage: BigInt(c.firstPage), numPages: c.numPages, bitmap: asBuffer(c.bitmap), contents: asBuffer(c.contents) } };
+        yield { chunk: { slot: c.slot, firstPage: BigInt(c.firstPage), numPages: c.numPages, bitmap: asBuffer(c.bitmap), contents: asBuffer(c.contents), arriveAtNs: 0n } };
       }
     },
     async writeMemory(reqs) {
@@ -37,7 +37,7 @@ export function memoryHandlers(ctx: ApiContext): Pick<Handlers, "readMemory" | "
           numPages: r.chunk.numPages,
           bitmap: r.chunk.bitmap,
           contents: r.chunk.contents,
-        });
+        }, num(r.chunk.arriveAtNs, "arrive_at_ns"));
         metrics.memoryCopiedPages.inc({ vm: vm.name, direction: "write" }, n);
         pages += n;
       }

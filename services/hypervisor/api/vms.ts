@@ -154,6 +154,7 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
       });
       let writes = 0;
       let faults = 0;
+      const pageRequests = BigInt((vm.postcopy ?? vm.postcopyDone)?.requests.length ?? 0);
       const vcpus = vm.vcpus.map((v) => {
         writes += v.step.writes;
         faults += v.step.writeFaults;
@@ -169,7 +170,7 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
           pmlFullExits: BigInt(v.step.pmlFullExits),
         };
       });
-      return { clockNs: BigInt(Math.round(vm.clockNs)), vcpus, writes: BigInt(writes), writeFaults: BigInt(faults) };
+      return { clockNs: BigInt(Math.round(vm.clockNs)), vcpus, writes: BigInt(writes), writeFaults: BigInt(faults), pageRequests };
     },
     getVcpuState(req) {
       const st = hv.vm(req.vm).saveVcpuState();

@@ -113,7 +113,7 @@ function wordsOf(bytes: Uint8Array, words: number): Uint32Array {
 }
 
 /** Writes one chunk's content words; returns pages written. */
-export function writeMemory(vm: Vm, chunk: MemoryChunk): number {
+export function writeMemory(vm: Vm, chunk: MemoryChunk, arriveAtNs = 0): number {
   const slot = vm.slot(chunk.slot, "write memory");
   checkRange("write memory", slot, chunk.firstPage, chunk.numPages, chunk.bitmap);
   const all = chunk.bitmap.byteLength === 0;
@@ -123,6 +123,8 @@ export function writeMemory(vm: Vm, chunk: MemoryChunk): number {
   }
   const src = wordsOf(chunk.contents, 2 * k);
   const dst = slot.content;
+  if (vm.postcopy) return land(vm, slot, chunk, src, Math.max(arriveAtNs, vm.clockNs));
+  if (arriveAtNs !== 0) throw invalidArgument(`write memory: arrive_at_ns is for a VM in post-copy; VM ${vm.name} is not`);
   if (all) {
     dst.set(src, 2 * chunk.firstPage);
     return k;
@@ -134,6 +136,37 @@ export function writeMemory(vm: Vm, chunk: MemoryChunk): number {
     dst[2 * (first + i) + 1] = src[j++];
   });
   return k;
+}
+
+/**
+ * Post-copy's placing of pages (UFFDIO_COPY): a missing page takes the
+ * content and lands at `at` (its copy also goes into the resume snapshot,
+ * which so becomes the source's memory at the switch); a page already here
+ * keeps what it has, so a late copy never overwrites the guest's writes.
+ * Returns the pages placed.
+ */
+function land(vm: Vm, slot: Memslot, chunk: MemoryChunk, src: Uint32Array, at: number): number {
+  const pc = vm.postcopy!;
+  const snap = vm.resumeSnapshot?.get(slot.id);
+  const first = chunk.firstPage;
+  let j = 0;
+  let placed = 0;
+  const place = (i: number) => {
+    const p = first + i;
+    if (pc.land(slot.id, p, at)) {
+      slot.content[2 * p] = src[j];
+      slot.content[2 * p + 1] = src[j + 1];
+      if (snap) {
+        snap[2 * p] = src[j];
+        snap[2 * p + 1] = src[j + 1];
+      }
+      placed++;
+    }
+    j += 2;
+  };
+  if (chunk.bitmap.byteLength === 0) for (let i = 0; i < chunk.numPages; i++) place(i);
+  else forEachSelected(chunk.bitmap, chunk.numPages, place);
+  return placed;
 }
 
 /** Bytes hashed between yields to the event loop (about 30 ms of SHA-256 here; one update also takes at most 2^31 - 1 bytes). */
@@ -160,6 +193,9 @@ export function takeResumeSnapshot(vm: Vm): void {
 export async function digest(vm: Vm, yieldNow: () => Promise<unknown>, atResume = false): Promise<{ sha256: Buffer; pages: number }> {
   const snapshot = vm.resumeSnapshot;
   if (atResume && !snapshot) throw failedPrecondition(`memory digest at resume: VM ${vm.name} has no resume snapshot (ResumeVm with snapshot takes one; a digest frees it)`);
+  if (atResume && vm.postcopy) {
+    throw failedPrecondition(`memory digest at resume: VM ${vm.name} is in post-copy; ${vm.postcopy.unsent} pages are not sent and the last lands at ${(vm.postcopy.lastArrivalNs / 1e9).toFixed(6)} s`);
+  }
   if (atResume) vm.resumeSnapshot = null;
   const h = createHash("sha256");
   let pages = 0;

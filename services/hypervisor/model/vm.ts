@@ -23,6 +23,7 @@ import { Vcpu } from "./vcpu.js";
 import { BATCH, IDLE, WorkloadGen, type WorkloadSpec } from "./workload.js";
 import { CPU_THROTTLE_PCT_MAX, CpuThrottle } from "./cpu-throttle.js";
 import { setVcpuDirtyLimit, type DirtyLimiter } from "./dirty-limit.js";
+import { missingBitmaps, Postcopy, refusePostcopy, type ReadStream } from "./postcopy.js";
 import { WriteTracker } from "./write-track.js";
 
 export type BackingPageSize = "4K" | "2M" | "1G";
@@ -72,6 +73,8 @@ interface Segment {
 
 /** Guest time each vCPU runs before the next one takes its turn within a step. */
 const QUANTUM_NS = 1_000_000;
+/** Mixed into a vCPU's seed for its post-copy reads' generator. */
+const READ_SEED_SALT = 0x5ead5eadn;
 const TWO32 = 4294967296;
 
 /** writeBurst's other results: the vCPU's clock, the write sequence, the batch cursor. */
@@ -174,9 +177,14 @@ export class Vm {
   resumeSnapshot: Map<number, Uint32Array> | null = null;
   /** QEMU's dirty-limit stat thread, while any vCPU is limited. */
   dirtyLimiter: DirtyLimiter | null = null;
+  /** Post-copy on this (destination) VM while pages are missing; its figures stay in postcopyDone after. */
+  postcopy: Postcopy | null = null;
+  postcopyDone: Postcopy | null = null;
   hwDirtyUpdates = 0;
   /** Set by writeMiss: the miss took a stage-2 fault (as opposed to a walk or a hardware update), and what it did. */
   private missFaulted = false;
+  /** The last miss hit a page post-copy has not sent: the vCPU waits, the write has not happened. */
+  private missBlocked = false;
   private lastFault: WriteOutcome | null = null;
   readonly writeTrack = new WriteTracker();
   /** The VM's write sequence: the value of SEQUENCE writes. */
@@ -382,10 +390,18 @@ export class Vm {
     let t = this.clockNs;
     while (t < end) {
       const tq = Math.min(t + QUANTUM_NS, end);
+      const pc = this.postcopy;
+      pc?.beginQuantum(this.vcpus, t, tq);
       for (const v of this.vcpus) {
+        const reads = pc?.reads[v.index];
         if (v.paused || v.time >= tq) v.time = Math.max(v.time, tq);
+        else if (reads) this.runWithReads(v, reads, tq);
         else if (v.throttle) this.runThrottled(v, v.throttle, tq);
         else this.run(v, tq);
+      }
+      if (pc) {
+        pc.endQuantum(this.vcpus, t, tq);
+        if (pc.doneBy(tq)) this.endPostcopy();
       }
       t = tq;
       if (this.dirtyLimiter && t >= this.dirtyLimiter.nextNs) this.dirtyLimiter.tick(this.vcpus, t);
@@ -431,7 +447,7 @@ export class Vm {
     for (const v of this.vcpus) n += v.allocatedBytes;
     let snapshot = 0;
     for (const c of this.resumeSnapshot?.values() ?? []) snapshot += c.byteLength;
-    return n + this.writeTrack.allocatedBytes + (this.hw?.allocatedBytes ?? 0) + snapshot;
+    return n + this.writeTrack.allocatedBytes + (this.hw?.allocatedBytes ?? 0) + snapshot + (this.postcopy?.allocatedBytes ?? 0);
   }
 
   /**
@@ -445,6 +461,10 @@ export class Vm {
   private run(v: Vcpu, until: number): void {
     const gen = v.gen;
     if (v.ringFull) return v.stall(v.time, until);
+    if (this.postcopy?.waits[v.index]) {
+      v.time = Math.max(v.time, until);
+      return;
+    }
     if (v.limitSleepUntil > v.time) {
       const wake = Math.min(v.limitSleepUntil, until);
       v.count({ dirtyLimitNs: wake - v.time });
@@ -493,6 +513,10 @@ export class Vm {
       const lo = epochMode ? eLo : next >>> 0;
       const hi = epochMode ? eHi : next < TWO32 ? 0 : Math.floor(next / TWO32);
       const cost = this.writeMiss(v, slot, p, slot.baseGfn + p, lo, hi, t);
+      if (this.missBlocked) {
+        cur--; // the write waits for its page
+        break;
+      }
       t += cost + interval;
       if (this.missFaulted) {
         faults++;
@@ -506,7 +530,7 @@ export class Vm {
     }
     gen.cursor = cur;
     this.writeSeq = seq;
-    v.time = t;
+    v.time = this.missBlocked ? Math.max(t, until) : t;
     v.count({ writes, writeFaults: faults, overheadNs: overhead });
     if (v.ringFull) {
       v.count({ ringFullExits: 1 });
@@ -544,6 +568,78 @@ export class Vm {
     this.dirtyLimiter = setVcpuDirtyLimit(this.dirtyLimiter, { name: this.name, ringEntries, clockNs: this.clockNs, vcpus: this.vcpus }, vcpus, rateMBps, periodMs);
   }
 
+  /**
+   * run() with the vCPU's post-copy reads in between, in time order: a read
+   * of a page that is here does nothing; one of a missing page waits for it
+   * as a write would.
+   */
+  private runWithReads(v: Vcpu, rs: ReadStream, until: number): void {
+    const pc = this.postcopy!;
+    while (v.time < until && !pc.waits[v.index] && !v.ringFull) {
+      const next = Math.min(rs.nextAt, until);
+      if (next > v.time) {
+        if (v.throttle) this.runThrottled(v, v.throttle, next);
+        else this.run(v, next);
+      }
+      if (pc.waits[v.index] || v.ringFull || rs.nextAt >= until) break;
+      if (rs.gen.cursor === rs.gen.batch.length) {
+        rs.gen.refill();
+        rs.gen.cursor = 0;
+      }
+      const vp = rs.gen.batch[rs.gen.cursor];
+      const seg = this.segmentOf(vp);
+      const p = vp - seg.start;
+      const t = Math.max(v.time, rs.nextAt);
+      let go = t;
+      if (pc.arrivalOf(seg.slot.id, p) > t) go = pc.fault(v, seg.slot, p, (seg.slot.baseGfn + p) * 4096, t);
+      if (go === Infinity) {
+        v.time = until;
+        break; // the read waits for its page, and happens when it lands
+      }
+      rs.gen.cursor++;
+      v.time = go;
+      rs.nextAt = go + rs.intervalNs;
+    }
+  }
+
+  /**
+   * Post-copy begins on this destination: the pages set in missing are not
+   * here (their content is stale) until WriteMemory lands them. The VM must
+   * be paused and not logging, back guest memory with 4 KiB pages, and have
+   * none of those pages mapped at stage 2 (its guest has not touched them).
+   */
+  startPostcopy(given: { slot: number; bitmap: Uint8Array }[]): void {
+    if (this.postcopy) refusePostcopy(`VM ${this.name} is already in post-copy`);
+    if (this.vcpus.some((v) => !v.paused)) refusePostcopy(`every vCPU of VM ${this.name} must be paused`);
+    if (this.config.backing !== "4K") refusePostcopy(`VM ${this.name} is backed by ${this.config.backing} pages; userfaultfd resolves a huge page whole, which is not modelled (use 4 KiB backing)`);
+    const missing = missingBitmaps(this.slots, given);
+    for (const s of this.slots.values()) {
+      if (s.logging) refusePostcopy(`slot ${s.id} of VM ${this.name} is logging dirty pages`);
+      const bm = missing.get(s.id);
+      if (!bm) continue;
+      for (let p = 0; p < s.npages; p++) {
+        if ((bm[p >>> 3] >> (p & 7)) & 1 && s.s2.leafLevel(p) !== Level.Unmapped) {
+          refusePostcopy(`page ${p} of slot ${s.id} is missing but mapped at stage 2 (its guest touched it before the switch)`);
+        }
+      }
+    }
+    const reads = this.vcpus.map((v, i): ReadStream | null => {
+      const spec = this.specs[i];
+      if (!(spec.readsPerSecond > 0) || !v.gen.active) return null;
+      // Reads follow the vCPU's pattern from a generator of their own, so its writes stay as they would be.
+      const gen = this.makeGen({ ...spec, seed: (spec.seed || deriveSeed(this.config.seed, i)) ^ READ_SEED_SALT }, i);
+      return { gen, intervalNs: 1e9 / spec.readsPerSecond, nextAt: Math.max(v.time, this.clockNs) };
+    });
+    this.flushAllTlbs();
+    this.postcopy = new Postcopy(this.slots.values(), missing, this.vcpus.length, reads);
+  }
+
+  private endPostcopy(): void {
+    this.postcopyDone = this.postcopy;
+    this.postcopy = null;
+    this.postcopyDone!.arrival.clear();
+  }
+
   private segmentOf(vp: number): Segment {
     const segs = this.segments;
     let lo = 0;
@@ -567,6 +663,21 @@ export class Vm {
    */
   private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number, lo: number, hi: number, t: number): number {
     this.missFaulted = false;
+    this.missBlocked = false;
+    // Post-copy: a page not here yet faults to userfaultfd first, and the write waits for it.
+    let wait = 0;
+    if (this.postcopy !== null && this.postcopy.arrivalOf(slot.id, p) > t) {
+      const go = this.postcopy.fault(v, slot, p, gfn * 4096, t);
+      if (go === Infinity) {
+        this.missBlocked = true;
+        return 0;
+      }
+      wait = go - t;
+    }
+    return wait + this.writeMissHere(v, slot, p, gfn, lo, hi, t + wait);
+  }
+
+  private writeMissHere(v: Vcpu, slot: Memslot, p: number, gfn: number, lo: number, hi: number, t: number): number {
     const level = slot.s2.leafLevel(p);
     if (level === Level.Block2M || level === Level.Block1G) {
       const [pl, i] = slot.s2.leafRef(p, level);

@@ -22,6 +22,8 @@ export interface WorkloadSpec {
   pages: number;
   hotFraction: number;
   hotWriteFraction: number;
+  /** Guest reads per second over the same pattern (they matter only in post-copy). */
+  readsPerSecond: number;
   value: ValueMode;
   epoch: bigint;
   seed: bigint;
@@ -34,6 +36,7 @@ export const IDLE: WorkloadSpec = Object.freeze({
   pages: 0,
   hotFraction: 0.1,
   hotWriteFraction: 0.9,
+  readsPerSecond: 0,
   value: "sequence",
   epoch: 0n,
   seed: 0n,

@@ -139,7 +139,7 @@ describe("no call monopolizes the event loop", () => {
         clock: "realtime",
         dirtyRing: null,
         memslots: [{ slot: 0, gpa: GiB, size: 64 * MiB, flags: 0 }],
-        workload: { pattern: "uniform", writesPerSecond: 1e9, firstPage: 0, pages: 0, hotFraction: 0.1, hotWriteFraction: 0.9, value: "sequence", epoch: 0n, seed: 1n },
+        workload: { pattern: "uniform", writesPerSecond: 1e9, firstPage: 0, pages: 0, hotFraction: 0.1, hotWriteFraction: 0.9, readsPerSecond: 0, value: "sequence", epoch: 0n, seed: 1n },
       }),
     );
     let now = 1000;

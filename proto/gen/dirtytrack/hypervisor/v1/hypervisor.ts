@@ -587,6 +587,12 @@ export interface Workload {
   epoch: bigint;
   /** 0 derives the seed from the VM's seed and the vCPU index. */
   seed: bigint;
+  /**
+   * Guest reads per second of guest time over the same pattern. Reads change nothing; they
+   * matter in post-copy, where a read of a page that has not arrived waits for it. Simulated
+   * only there.
+   */
+  readsPerSecond: number;
 }
 
 export interface CreateVmRequest {
@@ -729,6 +735,59 @@ export interface VmInfo {
   hdbssBufferEntries: number;
   /** x86_64: kvm's eager_page_split in force (see CreateVmRequest.eager_page_split); false on arm64. */
   eagerPageSplit: boolean;
+  /** Post-copy on this VM, while it runs and after (unset if it never ran). */
+  postcopy: PostcopyInfo | undefined;
+}
+
+export interface PostcopyInfo {
+  active: boolean;
+  /** Missing pages nobody has sent yet, and pages sent that have not landed yet. */
+  unsentPages: bigint;
+  /** QEMU's postcopy-requests. */
+  requests: bigint;
+  /** Copies of pages that were already here (dropped, as UFFDIO_COPY's EEXIST). */
+  duplicatePages: bigint;
+  /** QEMU's postcopy-blocktime: guest time during which every running vCPU waited for a page. */
+  blocktimeNs: bigint;
+  /** QEMU's postcopy-vcpu-blocktime, per vCPU. */
+  vcpuBlocktimeNs: bigint[];
+  /** The guest time the last page sent lands. */
+  lastArrivalNs: bigint;
+}
+
+export interface SlotBitmap {
+  slot: number;
+  bitmap: Buffer;
+}
+
+export interface StartPostcopyRequest {
+  vm: string;
+  /** The pages that are missing, one bit per page of each slot (slots not named have all their pages). */
+  missing: SlotBitmap[];
+}
+
+export interface StartPostcopyResponse {
+  vm: VmInfo | undefined;
+}
+
+export interface WatchPageRequestsRequest {
+  vm: string;
+  /** Replay from this request on (1: all of them). */
+  fromSequence: bigint;
+}
+
+export interface WatchPageRequestsResponse {
+  request: PageRequest | undefined;
+}
+
+export interface PageRequest {
+  sequence: bigint;
+  slot: number;
+  page: bigint;
+  gpa: bigint;
+  vcpu: number;
+  /** The guest time of the fault (the VM's clock). */
+  atNs: bigint;
 }
 
 export interface GetVmRequest {
@@ -970,6 +1029,8 @@ export interface AdvanceVmResponse {
   vcpus: VcpuStep[];
   writes: bigint;
   writeFaults: bigint;
+  /** Post-copy: page requests raised so far (the last sequence number). */
+  pageRequests: bigint;
 }
 
 export interface GuestWriteRequest {
@@ -1027,6 +1088,11 @@ export interface MemoryChunk {
   bitmap: Buffer;
   /** 8 little-endian bytes (the page's content word) per selected page, in order. */
   contents: Buffer;
+  /**
+   * WriteMemory into a VM in post-copy: the guest time (the VM's clock) at which these pages land,
+   * as the sender's link delivers them; 0 or past: at once. Must be 0 otherwise.
+   */
+  arriveAtNs: bigint;
 }
 
 export interface ReadMemoryRequest {
@@ -1377,6 +1443,7 @@ function createBaseWorkload(): Workload {
     value: 0,
     epoch: 0n,
     seed: 0n,
+    readsPerSecond: 0,
   };
 }
 
@@ -1420,6 +1487,9 @@ export const Workload: MessageFns<Workload> = {
         throw new globalThis.Error("value provided for field message.seed of type uint64 too large");
       }
       writer.uint32(72).uint64(message.seed);
+    }
+    if (message.readsPerSecond !== 0) {
+      writer.uint32(81).double(message.readsPerSecond);
     }
     return writer;
   },
@@ -1509,6 +1579,14 @@ export const Workload: MessageFns<Workload> = {
             message.seed = reader.uint64() as bigint;
             continue;
           }
+          case 10: {
+            if (tag !== 81) {
+              break;
+            }
+
+            message.readsPerSecond = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1552,6 +1630,11 @@ export const Workload: MessageFns<Workload> = {
       value: isSet(object.value) ? writeValueFromJSON(object.value) : 0,
       epoch: isSet(object.epoch) ? BigInt(object.epoch) : 0n,
       seed: isSet(object.seed) ? BigInt(object.seed) : 0n,
+      readsPerSecond: isSet(object.readsPerSecond)
+        ? globalThis.Number(object.readsPerSecond)
+        : isSet(object.reads_per_second)
+        ? globalThis.Number(object.reads_per_second)
+        : 0,
     };
   },
 
@@ -1584,6 +1667,9 @@ export const Workload: MessageFns<Workload> = {
     if (message.seed !== 0n) {
       obj.seed = message.seed.toString();
     }
+    if (message.readsPerSecond !== 0) {
+      obj.readsPerSecond = floatToJson(message.readsPerSecond);
+    }
     return obj;
   },
 
@@ -1605,6 +1691,7 @@ export const Workload: MessageFns<Workload> = {
     message.value = object.value ?? 0;
     message.epoch = (object.epoch !== undefined && object.epoch !== null) ? BigInt(object.epoch) : 0n;
     message.seed = (object.seed !== undefined && object.seed !== null) ? BigInt(object.seed) : 0n;
+    message.readsPerSecond = object.readsPerSecond ?? 0;
     return message;
   },
 };
@@ -2841,6 +2928,7 @@ function createBaseVmInfo(): VmInfo {
     pml: false,
     hdbssBufferEntries: 0,
     eagerPageSplit: false,
+    postcopy: undefined,
   };
 }
 
@@ -2950,6 +3038,9 @@ export const VmInfo: MessageFns<VmInfo> = {
     }
     if (message.eagerPageSplit !== false) {
       writer.uint32(216).bool(message.eagerPageSplit);
+    }
+    if (message.postcopy !== undefined) {
+      PostcopyInfo.encode(message.postcopy, writer.uint32(226).fork()).join();
     }
     return writer;
   },
@@ -3183,6 +3274,14 @@ export const VmInfo: MessageFns<VmInfo> = {
             message.eagerPageSplit = reader.bool();
             continue;
           }
+          case 28: {
+            if (tag !== 226) {
+              break;
+            }
+
+            message.postcopy = PostcopyInfo.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3300,6 +3399,7 @@ export const VmInfo: MessageFns<VmInfo> = {
         : isSet(object.eager_page_split)
         ? globalThis.Boolean(object.eager_page_split)
         : false,
+      postcopy: isSet(object.postcopy) ? PostcopyInfo.fromJSON(object.postcopy) : undefined,
     };
   },
 
@@ -3386,6 +3486,9 @@ export const VmInfo: MessageFns<VmInfo> = {
     if (message.eagerPageSplit !== false) {
       obj.eagerPageSplit = message.eagerPageSplit;
     }
+    if (message.postcopy !== undefined) {
+      obj.postcopy = PostcopyInfo.toJSON(message.postcopy);
+    }
     return obj;
   },
 
@@ -3434,6 +3537,803 @@ export const VmInfo: MessageFns<VmInfo> = {
     message.pml = object.pml ?? false;
     message.hdbssBufferEntries = object.hdbssBufferEntries ?? 0;
     message.eagerPageSplit = object.eagerPageSplit ?? false;
+    message.postcopy = (object.postcopy !== undefined && object.postcopy !== null)
+      ? PostcopyInfo.fromPartial(object.postcopy)
+      : undefined;
+    return message;
+  },
+};
+
+function createBasePostcopyInfo(): PostcopyInfo {
+  return {
+    active: false,
+    unsentPages: 0n,
+    requests: 0n,
+    duplicatePages: 0n,
+    blocktimeNs: 0n,
+    vcpuBlocktimeNs: [],
+    lastArrivalNs: 0n,
+  };
+}
+
+export const PostcopyInfo: MessageFns<PostcopyInfo> = {
+  encode(message: PostcopyInfo, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.active !== false) {
+      writer.uint32(8).bool(message.active);
+    }
+    if (message.unsentPages !== 0n) {
+      if (BigInt.asUintN(64, message.unsentPages) !== message.unsentPages) {
+        throw new globalThis.Error("value provided for field message.unsentPages of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.unsentPages);
+    }
+    if (message.requests !== 0n) {
+      if (BigInt.asUintN(64, message.requests) !== message.requests) {
+        throw new globalThis.Error("value provided for field message.requests of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.requests);
+    }
+    if (message.duplicatePages !== 0n) {
+      if (BigInt.asUintN(64, message.duplicatePages) !== message.duplicatePages) {
+        throw new globalThis.Error("value provided for field message.duplicatePages of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.duplicatePages);
+    }
+    if (message.blocktimeNs !== 0n) {
+      if (BigInt.asUintN(64, message.blocktimeNs) !== message.blocktimeNs) {
+        throw new globalThis.Error("value provided for field message.blocktimeNs of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.blocktimeNs);
+    }
+    if (message.vcpuBlocktimeNs.length !== 0) {
+      writer.uint32(50).fork();
+      for (const v of message.vcpuBlocktimeNs) {
+        if (BigInt.asUintN(64, v) !== v) {
+          throw new globalThis.Error("a value provided in array field vcpuBlocktimeNs of type uint64 is too large");
+        }
+        writer.uint64(v);
+      }
+      writer.join();
+    }
+    if (message.lastArrivalNs !== 0n) {
+      if (BigInt.asUintN(64, message.lastArrivalNs) !== message.lastArrivalNs) {
+        throw new globalThis.Error("value provided for field message.lastArrivalNs of type uint64 too large");
+      }
+      writer.uint32(56).uint64(message.lastArrivalNs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PostcopyInfo {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePostcopyInfo();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.active = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.unsentPages = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.requests = reader.uint64() as bigint;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.duplicatePages = reader.uint64() as bigint;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.blocktimeNs = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag === 48) {
+              message.vcpuBlocktimeNs.push(reader.uint64() as bigint);
+
+              continue;
+            }
+
+            if (tag === 50) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.vcpuBlocktimeNs.push(reader.uint64() as bigint);
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.lastArrivalNs = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PostcopyInfo {
+    return {
+      active: isSet(object.active) ? globalThis.Boolean(object.active) : false,
+      unsentPages: isSet(object.unsentPages)
+        ? BigInt(object.unsentPages)
+        : isSet(object.unsent_pages)
+        ? BigInt(object.unsent_pages)
+        : 0n,
+      requests: isSet(object.requests) ? BigInt(object.requests) : 0n,
+      duplicatePages: isSet(object.duplicatePages)
+        ? BigInt(object.duplicatePages)
+        : isSet(object.duplicate_pages)
+        ? BigInt(object.duplicate_pages)
+        : 0n,
+      blocktimeNs: isSet(object.blocktimeNs)
+        ? BigInt(object.blocktimeNs)
+        : isSet(object.blocktime_ns)
+        ? BigInt(object.blocktime_ns)
+        : 0n,
+      vcpuBlocktimeNs: globalThis.Array.isArray(object?.vcpuBlocktimeNs)
+        ? object.vcpuBlocktimeNs.map((e: any) => BigInt(e))
+        : globalThis.Array.isArray(object?.vcpu_blocktime_ns)
+        ? object.vcpu_blocktime_ns.map((e: any) => BigInt(e))
+        : [],
+      lastArrivalNs: isSet(object.lastArrivalNs)
+        ? BigInt(object.lastArrivalNs)
+        : isSet(object.last_arrival_ns)
+        ? BigInt(object.last_arrival_ns)
+        : 0n,
+    };
+  },
+
+  toJSON(message: PostcopyInfo): unknown {
+    const obj: any = {};
+    if (message.active !== false) {
+      obj.active = message.active;
+    }
+    if (message.unsentPages !== 0n) {
+      obj.unsentPages = message.unsentPages.toString();
+    }
+    if (message.requests !== 0n) {
+      obj.requests = message.requests.toString();
+    }
+    if (message.duplicatePages !== 0n) {
+      obj.duplicatePages = message.duplicatePages.toString();
+    }
+    if (message.blocktimeNs !== 0n) {
+      obj.blocktimeNs = message.blocktimeNs.toString();
+    }
+    if (message.vcpuBlocktimeNs?.length) {
+      obj.vcpuBlocktimeNs = message.vcpuBlocktimeNs.map((e) => e.toString());
+    }
+    if (message.lastArrivalNs !== 0n) {
+      obj.lastArrivalNs = message.lastArrivalNs.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PostcopyInfo>): PostcopyInfo {
+    return PostcopyInfo.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PostcopyInfo>): PostcopyInfo {
+    const message = createBasePostcopyInfo();
+    message.active = object.active ?? false;
+    message.unsentPages = (object.unsentPages !== undefined && object.unsentPages !== null)
+      ? BigInt(object.unsentPages)
+      : 0n;
+    message.requests = (object.requests !== undefined && object.requests !== null) ? BigInt(object.requests) : 0n;
+    message.duplicatePages = (object.duplicatePages !== undefined && object.duplicatePages !== null)
+      ? BigInt(object.duplicatePages)
+      : 0n;
+    message.blocktimeNs = (object.blocktimeNs !== undefined && object.blocktimeNs !== null)
+      ? BigInt(object.blocktimeNs)
+      : 0n;
+    message.vcpuBlocktimeNs = object.vcpuBlocktimeNs?.map((e) => BigInt(e)) || [];
+    message.lastArrivalNs = (object.lastArrivalNs !== undefined && object.lastArrivalNs !== null)
+      ? BigInt(object.lastArrivalNs)
+      : 0n;
+    return message;
+  },
+};
+
+function createBaseSlotBitmap(): SlotBitmap {
+  return { slot: 0, bitmap: Buffer.alloc(0) };
+}
+
+export const SlotBitmap: MessageFns<SlotBitmap> = {
+  encode(message: SlotBitmap, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.slot !== 0) {
+      writer.uint32(8).uint32(message.slot);
+    }
+    if (message.bitmap.length !== 0) {
+      writer.uint32(18).bytes(message.bitmap);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SlotBitmap {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSlotBitmap();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.slot = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.bitmap = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SlotBitmap {
+    return {
+      slot: isSet(object.slot) ? globalThis.Number(object.slot) : 0,
+      bitmap: isSet(object.bitmap) ? Buffer.from(bytesFromBase64(object.bitmap)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: SlotBitmap): unknown {
+    const obj: any = {};
+    if (message.slot !== 0) {
+      obj.slot = Math.round(message.slot);
+    }
+    if (message.bitmap.length !== 0) {
+      obj.bitmap = base64FromBytes(message.bitmap);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SlotBitmap>): SlotBitmap {
+    return SlotBitmap.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SlotBitmap>): SlotBitmap {
+    const message = createBaseSlotBitmap();
+    message.slot = object.slot ?? 0;
+    message.bitmap = object.bitmap ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseStartPostcopyRequest(): StartPostcopyRequest {
+  return { vm: "", missing: [] };
+}
+
+export const StartPostcopyRequest: MessageFns<StartPostcopyRequest> = {
+  encode(message: StartPostcopyRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    for (const v of message.missing) {
+      SlotBitmap.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StartPostcopyRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStartPostcopyRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.missing.push(SlotBitmap.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StartPostcopyRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      missing: globalThis.Array.isArray(object?.missing) ? object.missing.map((e: any) => SlotBitmap.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: StartPostcopyRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.missing?.length) {
+      obj.missing = message.missing.map((e) => SlotBitmap.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StartPostcopyRequest>): StartPostcopyRequest {
+    return StartPostcopyRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StartPostcopyRequest>): StartPostcopyRequest {
+    const message = createBaseStartPostcopyRequest();
+    message.vm = object.vm ?? "";
+    message.missing = object.missing?.map((e) => SlotBitmap.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseStartPostcopyResponse(): StartPostcopyResponse {
+  return { vm: undefined };
+}
+
+export const StartPostcopyResponse: MessageFns<StartPostcopyResponse> = {
+  encode(message: StartPostcopyResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== undefined) {
+      VmInfo.encode(message.vm, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StartPostcopyResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStartPostcopyResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = VmInfo.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StartPostcopyResponse {
+    return { vm: isSet(object.vm) ? VmInfo.fromJSON(object.vm) : undefined };
+  },
+
+  toJSON(message: StartPostcopyResponse): unknown {
+    const obj: any = {};
+    if (message.vm !== undefined) {
+      obj.vm = VmInfo.toJSON(message.vm);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StartPostcopyResponse>): StartPostcopyResponse {
+    return StartPostcopyResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StartPostcopyResponse>): StartPostcopyResponse {
+    const message = createBaseStartPostcopyResponse();
+    message.vm = (object.vm !== undefined && object.vm !== null) ? VmInfo.fromPartial(object.vm) : undefined;
+    return message;
+  },
+};
+
+function createBaseWatchPageRequestsRequest(): WatchPageRequestsRequest {
+  return { vm: "", fromSequence: 0n };
+}
+
+export const WatchPageRequestsRequest: MessageFns<WatchPageRequestsRequest> = {
+  encode(message: WatchPageRequestsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.fromSequence !== 0n) {
+      if (BigInt.asUintN(64, message.fromSequence) !== message.fromSequence) {
+        throw new globalThis.Error("value provided for field message.fromSequence of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.fromSequence);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): WatchPageRequestsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWatchPageRequestsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.fromSequence = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): WatchPageRequestsRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      fromSequence: isSet(object.fromSequence)
+        ? BigInt(object.fromSequence)
+        : isSet(object.from_sequence)
+        ? BigInt(object.from_sequence)
+        : 0n,
+    };
+  },
+
+  toJSON(message: WatchPageRequestsRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.fromSequence !== 0n) {
+      obj.fromSequence = message.fromSequence.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WatchPageRequestsRequest>): WatchPageRequestsRequest {
+    return WatchPageRequestsRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WatchPageRequestsRequest>): WatchPageRequestsRequest {
+    const message = createBaseWatchPageRequestsRequest();
+    message.vm = object.vm ?? "";
+    message.fromSequence = (object.fromSequence !== undefined && object.fromSequence !== null)
+      ? BigInt(object.fromSequence)
+      : 0n;
+    return message;
+  },
+};
+
+function createBaseWatchPageRequestsResponse(): WatchPageRequestsResponse {
+  return { request: undefined };
+}
+
+export const WatchPageRequestsResponse: MessageFns<WatchPageRequestsResponse> = {
+  encode(message: WatchPageRequestsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.request !== undefined) {
+      PageRequest.encode(message.request, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): WatchPageRequestsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWatchPageRequestsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.request = PageRequest.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): WatchPageRequestsResponse {
+    return { request: isSet(object.request) ? PageRequest.fromJSON(object.request) : undefined };
+  },
+
+  toJSON(message: WatchPageRequestsResponse): unknown {
+    const obj: any = {};
+    if (message.request !== undefined) {
+      obj.request = PageRequest.toJSON(message.request);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WatchPageRequestsResponse>): WatchPageRequestsResponse {
+    return WatchPageRequestsResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WatchPageRequestsResponse>): WatchPageRequestsResponse {
+    const message = createBaseWatchPageRequestsResponse();
+    message.request = (object.request !== undefined && object.request !== null)
+      ? PageRequest.fromPartial(object.request)
+      : undefined;
+    return message;
+  },
+};
+
+function createBasePageRequest(): PageRequest {
+  return { sequence: 0n, slot: 0, page: 0n, gpa: 0n, vcpu: 0, atNs: 0n };
+}
+
+export const PageRequest: MessageFns<PageRequest> = {
+  encode(message: PageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sequence !== 0n) {
+      if (BigInt.asUintN(64, message.sequence) !== message.sequence) {
+        throw new globalThis.Error("value provided for field message.sequence of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.sequence);
+    }
+    if (message.slot !== 0) {
+      writer.uint32(16).uint32(message.slot);
+    }
+    if (message.page !== 0n) {
+      if (BigInt.asUintN(64, message.page) !== message.page) {
+        throw new globalThis.Error("value provided for field message.page of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.page);
+    }
+    if (message.gpa !== 0n) {
+      if (BigInt.asUintN(64, message.gpa) !== message.gpa) {
+        throw new globalThis.Error("value provided for field message.gpa of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.gpa);
+    }
+    if (message.vcpu !== 0) {
+      writer.uint32(40).uint32(message.vcpu);
+    }
+    if (message.atNs !== 0n) {
+      if (BigInt.asUintN(64, message.atNs) !== message.atNs) {
+        throw new globalThis.Error("value provided for field message.atNs of type uint64 too large");
+      }
+      writer.uint32(48).uint64(message.atNs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PageRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePageRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.sequence = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.slot = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.page = reader.uint64() as bigint;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.gpa = reader.uint64() as bigint;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.vcpu = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.atNs = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PageRequest {
+    return {
+      sequence: isSet(object.sequence) ? BigInt(object.sequence) : 0n,
+      slot: isSet(object.slot) ? globalThis.Number(object.slot) : 0,
+      page: isSet(object.page) ? BigInt(object.page) : 0n,
+      gpa: isSet(object.gpa) ? BigInt(object.gpa) : 0n,
+      vcpu: isSet(object.vcpu) ? globalThis.Number(object.vcpu) : 0,
+      atNs: isSet(object.atNs) ? BigInt(object.atNs) : isSet(object.at_ns) ? BigInt(object.at_ns) : 0n,
+    };
+  },
+
+  toJSON(message: PageRequest): unknown {
+    const obj: any = {};
+    if (message.sequence !== 0n) {
+      obj.sequence = message.sequence.toString();
+    }
+    if (message.slot !== 0) {
+      obj.slot = Math.round(message.slot);
+    }
+    if (message.page !== 0n) {
+      obj.page = message.page.toString();
+    }
+    if (message.gpa !== 0n) {
+      obj.gpa = message.gpa.toString();
+    }
+    if (message.vcpu !== 0) {
+      obj.vcpu = Math.round(message.vcpu);
+    }
+    if (message.atNs !== 0n) {
+      obj.atNs = message.atNs.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PageRequest>): PageRequest {
+    return PageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PageRequest>): PageRequest {
+    const message = createBasePageRequest();
+    message.sequence = (object.sequence !== undefined && object.sequence !== null) ? BigInt(object.sequence) : 0n;
+    message.slot = object.slot ?? 0;
+    message.page = (object.page !== undefined && object.page !== null) ? BigInt(object.page) : 0n;
+    message.gpa = (object.gpa !== undefined && object.gpa !== null) ? BigInt(object.gpa) : 0n;
+    message.vcpu = object.vcpu ?? 0;
+    message.atNs = (object.atNs !== undefined && object.atNs !== null) ? BigInt(object.atNs) : 0n;
     return message;
   },
 };
@@ -7022,7 +7922,7 @@ export const VcpuStep: MessageFns<VcpuStep> = {
 };
 
 function createBaseAdvanceVmResponse(): AdvanceVmResponse {
-  return { clockNs: 0n, vcpus: [], writes: 0n, writeFaults: 0n };
+  return { clockNs: 0n, vcpus: [], writes: 0n, writeFaults: 0n, pageRequests: 0n };
 }
 
 export const AdvanceVmResponse: MessageFns<AdvanceVmResponse> = {
@@ -7047,6 +7947,12 @@ export const AdvanceVmResponse: MessageFns<AdvanceVmResponse> = {
         throw new globalThis.Error("value provided for field message.writeFaults of type uint64 too large");
       }
       writer.uint32(32).uint64(message.writeFaults);
+    }
+    if (message.pageRequests !== 0n) {
+      if (BigInt.asUintN(64, message.pageRequests) !== message.pageRequests) {
+        throw new globalThis.Error("value provided for field message.pageRequests of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.pageRequests);
     }
     return writer;
   },
@@ -7096,6 +8002,14 @@ export const AdvanceVmResponse: MessageFns<AdvanceVmResponse> = {
             message.writeFaults = reader.uint64() as bigint;
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.pageRequests = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -7118,6 +8032,11 @@ export const AdvanceVmResponse: MessageFns<AdvanceVmResponse> = {
         : isSet(object.write_faults)
         ? BigInt(object.write_faults)
         : 0n,
+      pageRequests: isSet(object.pageRequests)
+        ? BigInt(object.pageRequests)
+        : isSet(object.page_requests)
+        ? BigInt(object.page_requests)
+        : 0n,
     };
   },
 
@@ -7135,6 +8054,9 @@ export const AdvanceVmResponse: MessageFns<AdvanceVmResponse> = {
     if (message.writeFaults !== 0n) {
       obj.writeFaults = message.writeFaults.toString();
     }
+    if (message.pageRequests !== 0n) {
+      obj.pageRequests = message.pageRequests.toString();
+    }
     return obj;
   },
 
@@ -7148,6 +8070,9 @@ export const AdvanceVmResponse: MessageFns<AdvanceVmResponse> = {
     message.writes = (object.writes !== undefined && object.writes !== null) ? BigInt(object.writes) : 0n;
     message.writeFaults = (object.writeFaults !== undefined && object.writeFaults !== null)
       ? BigInt(object.writeFaults)
+      : 0n;
+    message.pageRequests = (object.pageRequests !== undefined && object.pageRequests !== null)
+      ? BigInt(object.pageRequests)
       : 0n;
     return message;
   },
@@ -7939,7 +8864,7 @@ export const TranslateGpaResponse: MessageFns<TranslateGpaResponse> = {
 };
 
 function createBaseMemoryChunk(): MemoryChunk {
-  return { slot: 0, firstPage: 0n, numPages: 0, bitmap: Buffer.alloc(0), contents: Buffer.alloc(0) };
+  return { slot: 0, firstPage: 0n, numPages: 0, bitmap: Buffer.alloc(0), contents: Buffer.alloc(0), arriveAtNs: 0n };
 }
 
 export const MemoryChunk: MessageFns<MemoryChunk> = {
@@ -7961,6 +8886,12 @@ export const MemoryChunk: MessageFns<MemoryChunk> = {
     }
     if (message.contents.length !== 0) {
       writer.uint32(42).bytes(message.contents);
+    }
+    if (message.arriveAtNs !== 0n) {
+      if (BigInt.asUintN(64, message.arriveAtNs) !== message.arriveAtNs) {
+        throw new globalThis.Error("value provided for field message.arriveAtNs of type uint64 too large");
+      }
+      writer.uint32(48).uint64(message.arriveAtNs);
     }
     return writer;
   },
@@ -8018,6 +8949,14 @@ export const MemoryChunk: MessageFns<MemoryChunk> = {
             message.contents = Buffer.from(reader.bytes());
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.arriveAtNs = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -8045,6 +8984,11 @@ export const MemoryChunk: MessageFns<MemoryChunk> = {
         : 0,
       bitmap: isSet(object.bitmap) ? Buffer.from(bytesFromBase64(object.bitmap)) : Buffer.alloc(0),
       contents: isSet(object.contents) ? Buffer.from(bytesFromBase64(object.contents)) : Buffer.alloc(0),
+      arriveAtNs: isSet(object.arriveAtNs)
+        ? BigInt(object.arriveAtNs)
+        : isSet(object.arrive_at_ns)
+        ? BigInt(object.arrive_at_ns)
+        : 0n,
     };
   },
 
@@ -8065,6 +9009,9 @@ export const MemoryChunk: MessageFns<MemoryChunk> = {
     if (message.contents.length !== 0) {
       obj.contents = base64FromBytes(message.contents);
     }
+    if (message.arriveAtNs !== 0n) {
+      obj.arriveAtNs = message.arriveAtNs.toString();
+    }
     return obj;
   },
 
@@ -8078,6 +9025,9 @@ export const MemoryChunk: MessageFns<MemoryChunk> = {
     message.numPages = object.numPages ?? 0;
     message.bitmap = object.bitmap ?? Buffer.alloc(0);
     message.contents = object.contents ?? Buffer.alloc(0);
+    message.arriveAtNs = (object.arriveAtNs !== undefined && object.arriveAtNs !== null)
+      ? BigInt(object.arriveAtNs)
+      : 0n;
     return message;
   },
 };
@@ -11145,6 +12095,36 @@ export const HypervisorServiceService = {
       Buffer.from(GetMemoryDigestResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): GetMemoryDigestResponse => GetMemoryDigestResponse.decode(value),
   },
+  /**
+   * Post-copy on a destination VM (QEMU's postcopy-ram over userfaultfd): the given pages are
+   * missing until WriteMemory lands them; a vCPU that touches one waits for it and raises a page
+   * request. Ends by itself once every missing page has landed.
+   */
+  startPostcopy: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/StartPostcopy" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: StartPostcopyRequest): Buffer => Buffer.from(StartPostcopyRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): StartPostcopyRequest => StartPostcopyRequest.decode(value),
+    responseSerialize: (value: StartPostcopyResponse): Buffer =>
+      Buffer.from(StartPostcopyResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): StartPostcopyResponse => StartPostcopyResponse.decode(value),
+  },
+  /**
+   * The page requests of a VM in post-copy, from from_sequence on and then as vCPUs raise them
+   * (QEMU's postcopy page requests to the source). Ends when post-copy ends.
+   */
+  watchPageRequests: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/WatchPageRequests" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: WatchPageRequestsRequest): Buffer =>
+      Buffer.from(WatchPageRequestsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): WatchPageRequestsRequest => WatchPageRequestsRequest.decode(value),
+    responseSerialize: (value: WatchPageRequestsResponse): Buffer =>
+      Buffer.from(WatchPageRequestsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): WatchPageRequestsResponse => WatchPageRequestsResponse.decode(value),
+  },
   /** Test-only switches that inject bugs; refused unless the server allows them. */
   setFaultInjection: {
     path: "/dirtytrack.hypervisor.v1.HypervisorService/SetFaultInjection" as const,
@@ -11355,6 +12335,17 @@ export interface HypervisorServiceServer extends UntypedServiceImplementation {
   writeMemory: handleClientStreamingCall<WriteMemoryRequest, WriteMemoryResponse>;
   /** SHA-256 over the VM's memory layout and contents. */
   getMemoryDigest: handleUnaryCall<GetMemoryDigestRequest, GetMemoryDigestResponse>;
+  /**
+   * Post-copy on a destination VM (QEMU's postcopy-ram over userfaultfd): the given pages are
+   * missing until WriteMemory lands them; a vCPU that touches one waits for it and raises a page
+   * request. Ends by itself once every missing page has landed.
+   */
+  startPostcopy: handleUnaryCall<StartPostcopyRequest, StartPostcopyResponse>;
+  /**
+   * The page requests of a VM in post-copy, from from_sequence on and then as vCPUs raise them
+   * (QEMU's postcopy page requests to the source). Ends when post-copy ends.
+   */
+  watchPageRequests: handleServerStreamingCall<WatchPageRequestsRequest, WatchPageRequestsResponse>;
   /** Test-only switches that inject bugs; refused unless the server allows them. */
   setFaultInjection: handleUnaryCall<SetFaultInjectionRequest, SetFaultInjectionResponse>;
   /**
@@ -11771,6 +12762,39 @@ export interface HypervisorServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetMemoryDigestResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * Post-copy on a destination VM (QEMU's postcopy-ram over userfaultfd): the given pages are
+   * missing until WriteMemory lands them; a vCPU that touches one waits for it and raises a page
+   * request. Ends by itself once every missing page has landed.
+   */
+  startPostcopy(
+    request: StartPostcopyRequest,
+    callback: (error: ServiceError | null, response: StartPostcopyResponse) => void,
+  ): ClientUnaryCall;
+  startPostcopy(
+    request: StartPostcopyRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: StartPostcopyResponse) => void,
+  ): ClientUnaryCall;
+  startPostcopy(
+    request: StartPostcopyRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: StartPostcopyResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * The page requests of a VM in post-copy, from from_sequence on and then as vCPUs raise them
+   * (QEMU's postcopy page requests to the source). Ends when post-copy ends.
+   */
+  watchPageRequests(
+    request: WatchPageRequestsRequest,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<WatchPageRequestsResponse>;
+  watchPageRequests(
+    request: WatchPageRequestsRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<WatchPageRequestsResponse>;
   /** Test-only switches that inject bugs; refused unless the server allows them. */
   setFaultInjection(
     request: SetFaultInjectionRequest,
