@@ -24,6 +24,7 @@ import { guestMemslots, ipaBitsFor } from "./guest.js";
 import { parseBandwidth } from "./units.js";
 import { QEMU_AUTO_CONVERGE, type AutoConvergeConfig } from "./policies/auto-converge.js";
 import { QEMU_DIRTY_LIMIT, type DirtyLimitConfig } from "./policies/dirty-limit.js";
+import type { PostcopyConfig } from "./types.js";
 
 export const EXIT: Record<FailureKind | "ok", number> = {
   ok: 0,
@@ -34,6 +35,8 @@ export const EXIT: Record<FailureKind | "ok", number> = {
   precondition: 3,
   "not-converged": 4,
   verification: 5,
+  // A failure after the post-copy switch: neither side holds the whole guest any more.
+  "postcopy-lost": 6,
   // 128 + the signal's number: 130 for SIGINT; a SIGTERM makes it 143 (see exitFor).
   interrupted: 130,
 };
@@ -100,6 +103,11 @@ ${Object.entries(PARTS).map(([k, d]) => `                               ${k.padE
     --vcpu-dirty-limit MBPS            the limit per vCPU in MB/s (1, QEMU's vcpu-dirty-limit)
     --vcpu-dirty-limit-period MS       how often each vCPU's rate is measured, 1-1000 (1000, x-vcpu-dirty-limit-period)
   --throttle-trigger-threshold PCT     with either: dirtied vs transferred bytes in a period that counts as high (50)
+  --postcopy                 allow post-copy (QEMU's postcopy-ram): when pre-copy stops making progress (a sync
+                             finds no fewer bytes dirty than the one before) the guest moves to the destination
+                             and its remaining pages follow; a failure after that switch loses the VM (exit 6); with:
+    --postcopy-after-rounds N          switch after N syncs instead
+    --postcopy-preempt                 page requests on a channel of their own (QEMU's postcopy-preempt)
 
 security (both commands; flags win over TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE, AUTH_TOKEN):
   --tls-ca FILE              use TLS and verify the hypervisors against this CA
@@ -115,6 +123,7 @@ output:
 exit codes: 0 migrated and verified; 1 other failure; 2 bad usage; 3 unreachable hypervisor, unknown VM
 or a precondition (destination exists, slot already logging, over a hypervisor's memory budget);
 4 did not converge (timeout); 5 verification failed (destination differs from source);
+6 the VM was lost: a failure after the switch to post-copy (the source stays paused, the destination is kept);
 130 / 143 interrupted by SIGINT / SIGTERM (the source is resumed, logging off, the destination removed).`;
 
 export interface Io {
@@ -163,6 +172,9 @@ const OPTIONS = {
   "dirty-limit": { type: "boolean" },
   "vcpu-dirty-limit": { type: "string" },
   "vcpu-dirty-limit-period": { type: "string" },
+  postcopy: { type: "boolean" },
+  "postcopy-after-rounds": { type: "string" },
+  "postcopy-preempt": { type: "boolean" },
   "tls-ca": { type: "string" },
   "tls-cert": { type: "string" },
   "tls-key": { type: "string" },
@@ -211,6 +223,21 @@ function policy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> 
     rpcTimeoutMs: number(v["rpc-timeout"], "rpc-timeout", DEFAULT_CONFIG.rpcTimeoutMs / 1e3, (n) => n >= 0.1 && n <= 3600, "a number of seconds in [0.1, 3600]") * 1e3,
     autoConverge: autoConverge(v),
     dirtyLimit: dirtyLimit(v),
+    postcopy: postcopy(v),
+  };
+}
+
+/** --postcopy and its parameters; a parameter without it is an error. */
+function postcopy(v: Values): PostcopyConfig | null {
+  const given = (["postcopy-after-rounds", "postcopy-preempt"] as const).filter((f) => v[f] !== undefined);
+  if (!v.postcopy) {
+    if (given.length) throw new UsageError(`--${given[0]} needs --postcopy`);
+    return null;
+  }
+  const after = v["postcopy-after-rounds"];
+  return {
+    afterRounds: after === undefined ? null : whole(v, "postcopy-after-rounds", 0, 1, Number.MAX_SAFE_INTEGER, "number of syncs"),
+    preempt: v["postcopy-preempt"] ?? false,
   };
 }
 

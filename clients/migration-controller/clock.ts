@@ -38,6 +38,8 @@ export interface SteppedClockOptions {
   /** Called after every step with what the guest did. */
   onStep?: (r: AdvanceVmResponse, stepNs: number) => Promise<void>;
   watch?: ClockWatch;
+  /** The guest time now (a clock that takes over from another goes on from its time). */
+  startNs?: number;
   /** Deadline of one AdvanceVm, and the signal that cancels it. */
   callDeadlineMs?: number;
   signal?: AbortSignal;
@@ -45,13 +47,15 @@ export interface SteppedClockOptions {
 
 export class SteppedClock implements MigrationClock {
   readonly drive = "stepped";
-  private t = 0;
+  private t: number;
   private owed = 0;
   constructor(
     private readonly client: HypervisorClient,
     private readonly vm: string,
     private readonly opts: SteppedClockOptions = {},
-  ) {}
+  ) {
+    this.t = opts.startNs ?? 0;
+  }
 
   async elapse(ns: number): Promise<void> {
     // AdvanceVm takes whole nanoseconds; carry the fractions so that nothing is lost over many calls.
@@ -83,10 +87,11 @@ const REALTIME_POLL_MS = 50;
 export class RealtimeClock implements MigrationClock {
   readonly drive = "realtime";
   private readonly t0 = performance.now();
-  /** speed: guest ns per wall ns, as the VM's real-time drive uses. */
+  /** speed: guest ns per wall ns, as the VM's real-time drive uses; startNs: the guest time now. */
   constructor(
     private readonly speed: number,
     private readonly watch?: ClockWatch,
+    private readonly startNs = 0,
   ) {}
 
   async elapse(ns: number): Promise<void> {
@@ -100,6 +105,6 @@ export class RealtimeClock implements MigrationClock {
   }
 
   now(): number {
-    return (performance.now() - this.t0) * 1e6 * this.speed;
+    return this.startNs + (performance.now() - this.t0) * 1e6 * this.speed;
   }
 }

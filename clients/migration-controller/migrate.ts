@@ -9,8 +9,10 @@
  *    auto-converge, the optional round cap, KubeVirt's timeouts;
  *  - stop-and-copy (phases/stop-and-copy.ts): pause, final sync, send the
  *    rest, resume the destination; downtime is from the stop to the resume;
+ *  - or post-copy (phases/postcopy.ts) when a policy starts it: the
+ *    destination resumes at once with the rest missing, and the pages follow;
  *  - verify (phases/verify.ts): the destination at its resume equals the
- *    source at its stop, bit for bit;
+ *    source at its stop, bit for bit (after post-copy: with every page landed);
  *  - cleanup (phases/cleanup.ts): after success logging and throttle go off;
  *    after any failure or interruption (the signal) the source is resumed if
  *    we paused it, unthrottled, logging is turned off and the destination
@@ -20,6 +22,7 @@
  */
 import { MigrationError, type FailureKind } from "./errors.js";
 import { cleanUp, complete } from "./phases/cleanup.js";
+import { postcopy } from "./phases/postcopy.js";
 import { precopy } from "./phases/precopy.js";
 import { prepare, startLogging } from "./phases/setup.js";
 import { stopAndCopy } from "./phases/stop-and-copy.js";
@@ -43,7 +46,8 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
   try {
     await startLogging(run);
     const end = await precopy(run);
-    await stopAndCopy(run, end);
+    if (end.verdict.kind === "postcopy") await postcopy(run, end);
+    else await stopAndCopy(run, end);
     await verify(run);
     await complete(run);
     run.finish();
@@ -75,6 +79,8 @@ function validate(cfg: MigrationConfig): void {
   if (converge) throw bad(`auto-converge: ${converge}`);
   const limit = cfg.dirtyLimit && checkDirtyLimit(cfg.dirtyLimit);
   if (limit) throw bad(`dirty-limit: ${limit}`);
+  const pc = cfg.postcopy;
+  if (pc && pc.afterRounds !== null && !(Number.isInteger(pc.afterRounds) && pc.afterRounds >= 1)) throw bad(`postcopy: after-rounds must be a whole number >= 1 (got ${pc.afterRounds})`);
   // QEMU's migrate_caps_check: "dirty-limit conflicts with auto-converge".
   if (cfg.autoConverge && cfg.dirtyLimit) throw bad("dirty-limit conflicts with auto-converge: choose one");
   let spec;

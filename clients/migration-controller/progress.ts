@@ -16,6 +16,8 @@ export function progressPrinter(stream: NodeJS.WriteStream | { write(s: string):
         line = `${t} sync ${e.round}: ${e.dirtyPages.toLocaleString("en-US")} dirty pages, remaining ${formatBytes(e.remainingBytes)}, dirty rate ${Math.round(e.dirtyRatePagesPerSecond).toLocaleString("en-US")} pages/s, expected downtime ${e.expectedDowntimeMs.toFixed(1)} ms${e.cpuThrottlePercentage ? `, vCPUs throttled ${e.cpuThrottlePercentage}%` : ""}${e.dirtyLimitMBps ? `, vCPUs limited to ${e.dirtyLimitMBps} MB/s` : ""}`;
       } else if (e.phase === "switchover") {
         line = `${t} switchover: pausing the source, final sync, copying ${formatBytes(e.remainingBytes)}`;
+      } else if (e.phase === "postcopy") {
+        line = `${t} postcopy-active: the guest runs on the destination; ${e.dirtyPages.toLocaleString("en-US")} pages (${formatBytes(e.remainingBytes)}) follow`;
       } else if (e.phase === "verify") {
         line = `${t} verifying: SHA-256 of both VMs' memory`;
       } else if (e.phase === "setup") {

@@ -16,7 +16,7 @@ export function formatBytes(n: number): string {
 }
 
 const COLUMNS: [string, (r: RoundReport) => string][] = [
-  ["round", (r) => `${r.round}${r.stopAndCopy ? "*" : ""}`],
+  ["round", (r) => `${r.round}${r.stopAndCopy ? "*" : r.postcopy ? "P" : ""}`],
   ["dirty pages", (r) => fmt(r.dirtyPages, 0)],
   ["pages sent", (r) => fmt(r.pagesSent, 0)],
   ["MiB sent", (r) => fmt(r.bytesSent / MiB)],
@@ -58,6 +58,13 @@ export function textReport(r: MigrationReport): string {
   for (const row of rows) lines.push(row.map((c, i) => c.padStart(widths[i])).join("  "));
   const so = r.switchover;
   if (r.rounds.some((x) => x.stopAndCopy)) lines.push("* stop-and-copy: the source was paused (downtime)");
+  const pc = r.postcopy;
+  if (pc) {
+    lines.push(
+      `P post-copy: ${fmt(pc.missingPages, 0)} pages missing at the switch followed in ${fmt(pc.durationMs)} ms (${fmt(pc.pushedPages, 0)} pushed, ${fmt(pc.requestedPages, 0)} requested${pc.preempt ? " on the preempt channel" : ""}); ` +
+        `${fmt(pc.requests, 0)} page requests; blocktime ${fmt(pc.blocktimeMs)} ms with every vCPU waiting, per vCPU ${pc.vcpuBlocktimeMs.map((b) => fmt(b)).join(" / ")} ms`,
+    );
+  }
   lines.push(
     [
       `total time ${fmt(r.totalTimeMs / 1e3, 2)} s`,
@@ -67,7 +74,8 @@ export function textReport(r: MigrationReport): string {
       `${fmt(r.mbps, 0)} Mbit/s`,
     ].join(", "),
   );
-  if (so) {
+  if (so?.postcopy) lines.push(`switch to post-copy after sync ${so.round}: ${formatBytes(so.remainingBytes)} dirty, threshold ${formatBytes(so.thresholdBytes)}`);
+  else if (so) {
     lines.push(
       `switchover after sync ${so.round}: ${formatBytes(so.remainingBytes)} dirty ${so.forced ? "> (forced by --max-rounds)" : "<="} threshold ${formatBytes(so.thresholdBytes)} = bandwidth x downtime limit`,
     );
@@ -93,6 +101,7 @@ export function jsonReport(r: MigrationReport): object {
     "dirty-limit-throttle-time-per-round": r.dirtyLimitThrottleTimePerRoundUs,
     "dirty-limit-ring-full-time": r.dirtyLimitRingFullTimeUs,
     "vcpu-dirty-limit": r.dirtyLimitMBps,
+    ...(r.postcopy ? { "postcopy-blocktime": r.postcopy.blocktimeMs, "postcopy-vcpu-blocktime": r.postcopy.vcpuBlocktimeMs } : {}),
     ram: {
       transferred: r.transferredBytes,
       remaining: r.status === "completed" ? 0 : (r.rounds.at(-1)?.remainingBytes ?? r.memoryBytes),
@@ -107,7 +116,10 @@ export function jsonReport(r: MigrationReport): object {
       "precopy-bytes": r.precopyBytes,
       "downtime-bytes": r.downtimeBytes,
       "total-pages": totalPages,
+      "postcopy-requests": r.postcopy?.requests ?? 0,
+      "postcopy-bytes": r.postcopy?.bytes ?? 0,
     },
+    postcopy: r.postcopy,
     rounds: r.rounds.map((x) => ({
       round: x.round,
       "dirty-pages": x.dirtyPages,
@@ -126,6 +138,7 @@ export function jsonReport(r: MigrationReport): object {
       "ring-full-exits": x.ringFullExits,
       "ring-stall-time": x.ringStallMs,
       "stop-and-copy": x.stopAndCopy,
+      postcopy: x.postcopy,
       "cpu-throttle-percentage": x.cpuThrottlePercentage,
       "dirty-limit-throttle-time-per-round": x.dirtyLimitThrottleTimePerRoundUs,
       "dirty-limit-ring-full-time": x.dirtyLimitRingFullTimeUs,
@@ -167,6 +180,15 @@ export function jsonReport(r: MigrationReport): object {
       "ram.precopy-bytes": "bytes",
       "ram.downtime-bytes": "bytes",
       "ram.total-pages": "pages",
+      "ram.postcopy-requests": "count (page requests the destination's vCPUs raised after the switch)",
+      "ram.postcopy-bytes": "bytes (sent after the switch to post-copy)",
+      "postcopy-blocktime": "ms (guest time every vCPU of the destination waited for a page at once)",
+      "postcopy-vcpu-blocktime": "ms per vCPU (guest time each waited for pages)",
+      "postcopy.durationMs": "ms (guest time from the switch until the last page landed)",
+      "postcopy.missingPages": "pages",
+      "postcopy.requestedPages": "pages",
+      "postcopy.pushedPages": "pages",
+      "postcopy.duplicatePages": "pages (copies the destination dropped: the page was there)",
       "rounds[].dirty-pages": "pages",
       "rounds[].pages-sent": "pages",
       "rounds[].normal": "pages",
@@ -183,6 +205,7 @@ export function jsonReport(r: MigrationReport): object {
       "rounds[].ring-full-exits": "count (KVM_EXIT_DIRTY_RING_FULL)",
       "rounds[].ring-stall-time": "ms (guest time vCPUs spent out on full rings)",
       "rounds[].cpu-throttle-percentage": "% (auto-converge's vCPU throttle during the round)",
+      "rounds[].postcopy": "boolean (the post-copy phase: the guest ran on the destination while its missing pages came)",
       "rounds[].dirty-limit-throttle-time-per-round": "µs",
       "rounds[].dirty-limit-ring-full-time": "µs",
       "rounds[].vcpu-dirty-rate": "[{id, dirty-rate}], dirty-rate in pages/s per vCPU since the previous sync (from the dirty ring; null with other mechanisms)",
@@ -245,6 +268,8 @@ ${barChart("Dirty rate at each sync", "pages/s", r.rounds.map((x) => x.dirtyRate
 ${barChart("Remaining (dirty) at each sync", "MiB", r.rounds.map((x) => x.remainingBytes / MiB), { value: threshold / MiB, label: "switchover threshold = bandwidth x downtime limit" })}
 ${r.config.autoConverge ? `${barChart("vCPU throttle in each round (auto-converge)", "%", r.rounds.map((x) => x.cpuThrottlePercentage))}
 ${barChart("Guest writes in each round", "writes/s", r.rounds.map((x) => x.guestWritesPerSecond))}` : ""}
+${r.postcopy ? `<h2>Post-copy</h2><p>${esc(textReport(r).split("\n").find((l) => l.startsWith("P post-copy")) ?? "")}</p>
+${barChart("Post-copy blocktime per vCPU", "ms", r.postcopy.vcpuBlocktimeMs)}` : ""}
 ${r.config.dirtyLimit ? `${barChart(`Sleep per full ring at each sync (dirty-limit, ${r.config.dirtyLimit.vcpuDirtyLimitMBps} MB/s per vCPU)`, "µs", r.rounds.map((x) => x.dirtyLimitThrottleTimePerRoundUs))}
 ${barChart("Guest writes in each round", "writes/s", r.rounds.map((x) => x.guestWritesPerSecond))}` : ""}
 <table><thead><tr>${COLUMNS.map(([h]) => `<th>${esc(h)}</th>`).join("")}</tr></thead><tbody>

@@ -64,14 +64,15 @@ export class MigrationRun {
   readonly link: Link;
   readonly bulk: { deadlineMs: number; signal?: AbortSignal };
   readonly tracker: DirtyTracker;
-  readonly clock: MigrationClock;
+  /** The source's clock until a post-copy switch, the destination's after it. */
+  clock: MigrationClock;
   readonly policies: PolicyChain;
   readonly report: MigrationReport;
   readonly memoryBytes: number;
   readonly bwBytesPerMs: number;
   readonly thresholdBytes: number;
   /** What this migration changed, for the cleanup. */
-  readonly did = { paused: false, trackerStarted: false, destinationCreated: false, throttled: false, dirtyLimited: false };
+  readonly did = { paused: false, trackerStarted: false, destinationCreated: false, throttled: false, dirtyLimited: false, postcopy: false };
   private readonly wall0 = performance.now();
   /** Where the round being sent began, and the guest's totals then. */
   private roundStart = 0;
@@ -92,14 +93,7 @@ export class MigrationRun {
     this.bwBytesPerMs = this.link.bytesPerSecond / 1000;
     this.thresholdBytes = this.bwBytesPerMs * cfg.downtimeLimitMs;
     this.policies = policiesFor(cfg, { memoryBytes: this.memoryBytes, thresholdBytes: this.thresholdBytes, linkBytesPerSecond: this.link.bytesPerSecond, startNs: 0 });
-    const watch: ClockWatch = {
-      nextDeadlineNs: () => this.policies.nextDeadlineNs(),
-      check: () => {
-        interrupted(signal);
-        const d = this.policies.check(this.clock.now());
-        if (d.kind === "fail") throw new MigrationError(d.failure, d.message);
-      },
-    };
+    const watch = this.watch;
     this.clock =
       src.clock === ClockDrive.CLOCK_DRIVE_REALTIME
         ? new RealtimeClock(src.realtimeSpeed || 1, watch)
@@ -143,12 +137,23 @@ export class MigrationRun {
       mbps: 0,
       rounds: [],
       switchover: null,
+      postcopy: null,
       verification: null,
       cleanup: null,
       tracker: {},
       wallTimeMs: 0,
     };
   }
+
+  /** What a clock consults between steps: the policies' deadlines, and the interruption. */
+  readonly watch: ClockWatch = {
+    nextDeadlineNs: () => this.policies.nextDeadlineNs(),
+    check: () => {
+      interrupted(this.ep.signal);
+      const d = this.policies.check(this.clock.now());
+      if (d.kind === "fail") throw new MigrationError(d.failure, d.message);
+    },
+  };
 
   get source(): HypervisorClient {
     return this.ep.source;
@@ -206,6 +211,7 @@ export class MigrationRun {
     const a = this.atRoundStart;
     this.report.rounds.push({
       ...r,
+      postcopy: false,
       pagesSent: sent.normal + sent.zero,
       normalPages: sent.normal,
       zeroPages: sent.zero,

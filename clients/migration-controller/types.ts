@@ -20,6 +20,14 @@ export interface DirtyLimitConfig {
   periodMs: number;
 }
 
+/** Post-copy (policies/postcopy.ts, phases/postcopy.ts). */
+export interface PostcopyConfig {
+  /** Switch to post-copy after this many syncs; null: when a sync finds no fewer bytes dirty than the one before. */
+  afterRounds: number | null;
+  /** QEMU's postcopy-preempt: page requests go on a channel of their own instead of queueing behind the pages being pushed. */
+  preempt: boolean;
+}
+
 export interface MigrationConfig {
   sourceVm: string;
   destinationVm: string;
@@ -45,6 +53,8 @@ export interface MigrationConfig {
   autoConverge: AutoConvergeConfig | null;
   /** QEMU's dirty-limit with its parameters (policies/dirty-limit.ts); null: off. Needs the dirty ring; excludes auto-converge. */
   dirtyLimit: DirtyLimitConfig | null;
+  /** Post-copy allowed (QEMU's postcopy-ram and migrate-start-postcopy); null: pre-copy only, QEMU's default. */
+  postcopy: PostcopyConfig | null;
   /**
    * A VMM bug switched on by tests, to show that the verification catches it:
    * Firecracker's multi-slot diff snapshots (PRs #5696/#5705) wrote a slot's
@@ -66,6 +76,7 @@ export const DEFAULT_CONFIG: Omit<MigrationConfig, "sourceVm" | "destinationVm">
   rpcTimeoutMs: 10_000,
   autoConverge: null,
   dirtyLimit: null,
+  postcopy: null,
 };
 
 export interface RoundReport {
@@ -94,6 +105,8 @@ export interface RoundReport {
   ringStallMs: number;
   /** The stop-and-copy round: the source was paused. */
   stopAndCopy: boolean;
+  /** The post-copy phase: the guest ran on the destination while the rest of its pages came. */
+  postcopy: boolean;
   /** QEMU's cpu-throttle-percentage while the round ran (auto-converge). */
   cpuThrottlePercentage: number;
   /** QEMU's dirty-limit-throttle-time-per-round and dirty-limit-ring-full-time at the round's sync, µs (0: no limit in service). */
@@ -133,12 +146,34 @@ export interface MigrationReport {
   dirtyLimitRingFullTimeUs: number;
   mbps: number;
   rounds: RoundReport[];
-  switchover: { round: number; remainingBytes: number; thresholdBytes: number; forced: boolean } | null;
+  switchover: { round: number; remainingBytes: number; thresholdBytes: number; forced: boolean; postcopy: boolean } | null;
+  /** After a switch to post-copy: what it took (QEMU's postcopy-* fields). */
+  postcopy: PostcopyReport | null;
   verification: { sourceSha256: string; destinationSha256: string; match: boolean } | null;
   /** After a failure: what the controller saw when it looked again (null: not looked, or it could not tell). */
   cleanup: CleanupReport | null;
   tracker: Record<string, number>;
   wallTimeMs: number;
+}
+
+export interface PostcopyReport {
+  /** Guest time from the switch until the last page landed. */
+  durationMs: number;
+  /** Pages missing on the destination at the switch. */
+  missingPages: number;
+  /** QEMU's postcopy-requests: page requests the destination's vCPUs raised. */
+  requests: number;
+  /** Pages sent because they were requested, and pushed in the background. */
+  requestedPages: number;
+  pushedPages: number;
+  /** Copies the destination dropped because the page was already there. */
+  duplicatePages: number;
+  /** QEMU's postcopy-bytes. */
+  bytes: number;
+  /** QEMU's postcopy-blocktime: guest time during which every vCPU waited for a page; and per vCPU. */
+  blocktimeMs: number;
+  vcpuBlocktimeMs: number[];
+  preempt: boolean;
 }
 
 export interface CleanupReport {
@@ -152,7 +187,7 @@ export interface CleanupReport {
 }
 
 export interface ProgressEvent {
-  phase: "setup" | "round" | "switchover" | "verify" | "done";
+  phase: "setup" | "round" | "switchover" | "postcopy" | "verify" | "done";
   round: number;
   dirtyPages: number;
   remainingBytes: number;

@@ -14,7 +14,7 @@ export async function stopAndCopy(run: MigrationRun, end: PrecopyEnd): Promise<v
   const { report, tracker, clock, cfg, source, destination } = run;
   const { sync, remainingBytes } = end;
   const forced = end.verdict.kind === "switchover" && end.verdict.forced;
-  report.switchover = { round: report.dirtySyncCount, remainingBytes, thresholdBytes: run.thresholdBytes, forced };
+  report.switchover = { round: report.dirtySyncCount, remainingBytes, thresholdBytes: run.thresholdBytes, forced, postcopy: false };
   run.progress("switchover", { dirtyPages: sync.dirtyPages, remainingBytes });
   const pauseAt = clock.now();
   run.did.paused = true;

@@ -4,13 +4,15 @@
  * would have switched over), then the ones that act on the guest (QEMU
  * evaluates auto-converge and dirty-limit inside the sync, before the
  * switchover decision),
- * then QEMU's threshold rule and the optional round cap.
+ * then QEMU's threshold rule, post-copy when allowed (a migration that
+ * converges switches over normally), and the optional round cap.
  */
 import type { MigrationConfig } from "../types.js";
 import { AutoConverge } from "./auto-converge.js";
 import { DirtyLimitPolicy } from "./dirty-limit.js";
 import { KubevirtTimeouts } from "./kubevirt-timeouts.js";
 import { MaxRoundsPolicy } from "./max-rounds.js";
+import { PostcopyPolicy } from "./postcopy.js";
 import { actsOnGuest, CONTINUE, type Decision, type MigrationPolicy, type SyncState } from "./policy.js";
 import { ThresholdPolicy } from "./threshold.js";
 
@@ -58,6 +60,7 @@ export function policiesFor(cfg: MigrationConfig, g: { memoryBytes: number; thre
   if (cfg.autoConverge) list.push(new AutoConverge(cfg.autoConverge, g.startNs));
   if (cfg.dirtyLimit) list.push(new DirtyLimitPolicy(cfg.dirtyLimit, g.startNs));
   list.push(new ThresholdPolicy());
+  if (cfg.postcopy) list.push(new PostcopyPolicy(cfg.postcopy));
   if (cfg.maxRounds !== null) list.push(new MaxRoundsPolicy(cfg.maxRounds));
   return new PolicyChain(list);
 }

@@ -1,0 +1,23 @@
+/**
+ * When to start post-copy (QEMU leaves it to whoever calls
+ * migrate-start-postcopy; this is that caller): after a given number of
+ * syncs, or when pre-copy stops making progress, i.e. a sync finds no fewer
+ * bytes dirty than the one before. QEMU's threshold rule still switches over
+ * normally when pre-copy converges first.
+ */
+import type { PostcopyConfig } from "../types.js";
+import { CONTINUE, type Decision, type MigrationPolicy, type SyncState } from "./policy.js";
+
+export class PostcopyPolicy implements MigrationPolicy {
+  readonly name = "postcopy";
+  private previousRemaining = Infinity;
+
+  constructor(private readonly cfg: PostcopyConfig) {}
+
+  onSync(s: SyncState): Decision {
+    const stalled = s.remainingBytes >= this.previousRemaining;
+    this.previousRemaining = s.remainingBytes;
+    const due = this.cfg.afterRounds === null ? stalled : s.round >= this.cfg.afterRounds;
+    return due ? { kind: "postcopy" } : CONTINUE;
+  }
+}

@@ -1,0 +1,131 @@
+/**
+ * Post-copy in a migration: a workload that pre-copy cannot carry over the
+ * link completes once the guest moves to the destination and its pages
+ * follow, is proven bit for bit, and reports QEMU's post-copy figures;
+ * postcopy-preempt answers page requests sooner; a source that dies after
+ * the switch loses the VM, reported as such, with the destination kept.
+ */
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+import { ClockDrive, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import type { HypervisorClient } from "../../../services/hypervisor/client.js";
+import { GiB, hypervisorPair, MiB, startHypervisor } from "../../../tests/hypervisor-harness.js";
+import { EXIT, runCli } from "../cli.js";
+import { migrate, type MigrationError } from "../migrate.js";
+import { htmlReport, jsonReport, textReport } from "../report.js";
+
+/** 64 MiB, all of it written once, then 2 vCPUs writing and reading it uniformly: over 1 Gbit/s with a 1 ms latency pre-copy levels off far above the threshold. */
+async function busyVm(c: HypervisorClient, vm: string, clock = ClockDrive.CLOCK_DRIVE_STEPPED) {
+  await c.createVm({ vm, vcpus: 2, seed: 5n, clock, memslots: [{ slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(64 * MiB) }] });
+  if (clock === ClockDrive.CLOCK_DRIVE_STEPPED) {
+    await c.setWorkload({ vm, workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e7 } });
+    await c.advanceVm({ vm, durationNs: 1_000_000_000n });
+  }
+  await c.setWorkload({ vm, workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 20_000, readsPerSecond: 20_000 } });
+}
+const cfg = (vm: string) => ({ sourceVm: vm, destinationVm: vm, bandwidthBitsPerSecond: 1e9, latencyNs: 1_000_000, downtimeLimitMs: 30, completionTimeoutPerGiBS: 200 });
+
+describe("post-copy in a migration", () => {
+  const pair = hypervisorPair();
+  before(() => pair.start());
+  after(() => pair.stop());
+
+  test("pre-copy alone does not converge; with post-copy it completes and verifies, with the downtime of the switch, requests and blocktime reported; preempt waits less", async () => {
+    await busyVm(pair.src.client, "pre-only");
+    await assert.rejects(migrate(cfg("pre-only"), { source: pair.src.client, destination: pair.dst.client }), (e: MigrationError) => e.kind === "not-converged");
+
+    const results = [];
+    for (const preempt of [false, true]) {
+      const vm = `pc-${preempt}`;
+      await busyVm(pair.src.client, vm);
+      const r = await migrate({ ...cfg(vm), postcopy: { afterRounds: null, preempt } }, { source: pair.src.client, destination: pair.dst.client });
+      assert.equal(r.status, "completed");
+      assert.equal(r.verification?.match, true, "every page the destination did not write since the switch is the source's at the switch");
+      assert.equal(r.switchover?.postcopy, true);
+      const pc = r.postcopy!;
+      assert.ok(pc.missingPages > 1000, `${pc.missingPages} pages missing at the switch`);
+      assert.equal(pc.requestedPages + pc.pushedPages, pc.missingPages, "every missing page is sent once");
+      assert.equal(pc.bytes, pc.missingPages * 4104);
+      assert.ok(pc.requests > 0 && pc.blocktimeMs > 0 && pc.vcpuBlocktimeMs.length === 2);
+      assert.ok(pc.vcpuBlocktimeMs.every((b) => b >= pc.blocktimeMs - 1e-6), "all vCPUs waiting at once is within each one's wait");
+      assert.ok(r.downtimeMs! < 5, `downtime ${r.downtimeMs} ms: the switch, not the copy`);
+      assert.ok(r.rounds.at(-1)!.postcopy);
+      const after = (await pair.dst.client.getVm({ vm })).vm!;
+      assert.ok(after.vcpus.every((v) => !v.paused) && after.postcopy?.active === false, "the destination runs, post-copy over");
+      const json = jsonReport(r) as { ram: Record<string, number> } & Record<string, unknown>;
+      assert.equal(json.ram["postcopy-requests"], pc.requests);
+      assert.equal(json.ram["postcopy-bytes"], pc.bytes);
+      assert.equal(json["postcopy-blocktime"], pc.blocktimeMs);
+      assert.deepEqual(json["postcopy-vcpu-blocktime"], pc.vcpuBlocktimeMs);
+      assert.match(textReport(r), /post-copy: [\d,]+ pages missing at the switch/);
+      assert.match(htmlReport(r), /Post-copy/);
+      results.push(pc);
+    }
+    const [plain, preempt] = results;
+    assert.ok(preempt.blocktimeMs < plain.blocktimeMs, `blocktime ${plain.blocktimeMs.toFixed(1)} ms -> ${preempt.blocktimeMs.toFixed(1)} ms with preempt`);
+    assert.ok(preempt.requestedPages > plain.requestedPages, "with preempt more requested pages arrive before the push gets to them");
+  });
+
+  test("after N rounds when asked, in the real-time drive too", async () => {
+    const rt = hypervisorPair({ realtimeTickMs: 20 });
+    await rt.start();
+    try {
+      await rt.src.client.createVm({
+        vm: "rt",
+        vcpus: 1,
+        clock: ClockDrive.CLOCK_DRIVE_REALTIME,
+        memslots: [{ slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(16 * MiB) }],
+        workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 200_000, readsPerSecond: 20_000 },
+      });
+      // Its memory written once before the migration, as a running guest's would be.
+      await new Promise((res) => setTimeout(res, 300));
+      const r = await migrate({ sourceVm: "rt", destinationVm: "rt", bandwidthBitsPerSecond: 1e9, downtimeLimitMs: 1, postcopy: { afterRounds: 2, preempt: true } }, { source: rt.src.client, destination: rt.dst.client });
+      assert.equal(r.drive, "realtime");
+      assert.deepEqual([r.switchover?.postcopy, r.switchover?.round], [true, 2]);
+      assert.equal(r.status, "completed");
+      assert.equal(r.verification?.match, true);
+      assert.ok(r.postcopy!.missingPages > 0);
+    } finally {
+      await rt.stop();
+    }
+  });
+
+  test("a source that dies after the switch loses the VM: postcopy-lost, exit 6, the destination kept and paused", async () => {
+    const src = await startHypervisor();
+    let closed: Promise<void> | null = null;
+    try {
+      await busyVm(src.client, "doomed");
+      await assert.rejects(
+        migrate(
+          { ...cfg("doomed"), rpcTimeoutMs: 1000, postcopy: { afterRounds: 1, preempt: true } },
+          {
+            source: src.client,
+            destination: pair.dst.client,
+            onProgress: (e) => {
+              if (e.phase === "postcopy") closed ??= src.close();
+            },
+          },
+        ),
+        (e: MigrationError) => {
+          assert.equal(e.kind, "postcopy-lost");
+          assert.equal(EXIT[e.kind], 6);
+          assert.match(e.message, /post-copy failed after the switch, and the VM is lost/);
+          assert.equal(e.report!.cleanup?.destinationRemoved, null, "the destination was not removed");
+          return true;
+        },
+      );
+      const d = (await pair.dst.client.getVm({ vm: "doomed" })).vm!;
+      assert.ok(d.vcpus.every((v) => v.paused), "the destination is kept, paused");
+      assert.equal(d.postcopy?.active, true, "with pages still missing");
+    } finally {
+      await (closed ?? src.close());
+    }
+  });
+
+  test("the CLI: --postcopy's parameters need it", async () => {
+    let err = "";
+    const code = await runCli(["migrate", "--vm", "x", "--postcopy-preempt"], { out: { write: () => true }, err: { write: (s: string) => (err += s) }, env: {} });
+    assert.equal(code, EXIT.usage);
+    assert.match(err, /--postcopy-preempt needs --postcopy/);
+  });
+});
