@@ -4,7 +4,7 @@
  * demo VM, a verified migration, a report). Returns an exit code; never
  * prints a stack trace for a user's mistake or a failed migration.
  */
-import { accessSync, constants as fsConstants, existsSync, statSync } from "node:fs";
+import { accessSync, constants as fsConstants, existsSync, readFileSync, statSync } from "node:fs";
 import { writeFile } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -24,6 +24,7 @@ import { guestMemslots, ipaBitsFor } from "./guest.js";
 import { parseBandwidth } from "./units.js";
 import { QEMU_AUTO_CONVERGE, type AutoConvergeConfig } from "./policies/auto-converge.js";
 import { QEMU_DIRTY_LIMIT, type DirtyLimitConfig } from "./policies/dirty-limit.js";
+import { applyMigrationPolicy, parseMigrationPolicy, PolicyFileError } from "./policies/kubevirt-policy.js";
 import type { PostcopyConfig } from "./types.js";
 
 export const EXIT: Record<FailureKind | "ok", number> = {
@@ -108,6 +109,10 @@ ${Object.entries(PARTS).map(([k, d]) => `                               ${k.padE
                              and its remaining pages follow; a failure after that switch loses the VM (exit 6); with:
     --postcopy-after-rounds N          switch after N syncs instead
     --postcopy-preempt                 page requests on a channel of their own (QEMU's postcopy-preempt)
+  --policy FILE              a KubeVirt MigrationPolicy (migrations.kubevirt.io/v1alpha1) applied as KubeVirt does:
+                             allowAutoConverge, bandwidthPerMigration (caps --bandwidth), completionTimeoutPerGiB,
+                             allowPostCopy / allowWorkloadDisruption (at the completion timeout switch to post-copy,
+                             or pause the guest to complete, instead of aborting); other fields are errors
 
 security (both commands; flags win over TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE, AUTH_TOKEN):
   --tls-ca FILE              use TLS and verify the hypervisors against this CA
@@ -175,6 +180,7 @@ const OPTIONS = {
   postcopy: { type: "boolean" },
   "postcopy-after-rounds": { type: "string" },
   "postcopy-preempt": { type: "boolean" },
+  policy: { type: "string" },
   "tls-ca": { type: "string" },
   "tls-cert": { type: "string" },
   "tls-key": { type: "string" },
@@ -194,7 +200,35 @@ function number(v: string | undefined, name: string, fallback: number, check: (n
   return n;
 }
 
+/** The configuration from the flags, then a KubeVirt MigrationPolicy file's spec over it (--policy). */
 function policy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> {
+  const cfg = flagPolicy(v);
+  if (v.policy === undefined) return cfg;
+  let text: string;
+  try {
+    text = readFileSync(v.policy, "utf8");
+  } catch (e) {
+    throw new UsageError(`--policy ${v.policy}: cannot read it: ${(e as Error).message}`);
+  }
+  let p;
+  try {
+    p = parseMigrationPolicy(text, v.policy);
+  } catch (e) {
+    if (e instanceof PolicyFileError) throw new UsageError(`--policy ${e.message}`);
+    throw e;
+  }
+  // A setting both the file and a flag give is ambiguous: say which.
+  const both: [keyof typeof p, string][] = [
+    ["allowAutoConverge", "auto-converge"],
+    ["completionTimeoutPerGiB", "completion-timeout-per-gib"],
+    ["allowPostCopy", "postcopy"],
+    ["allowWorkloadDisruption", "postcopy"],
+  ];
+  for (const [field, flag] of both) if (p[field] !== undefined && v[flag as keyof Values] !== undefined) throw new UsageError(`--${flag} conflicts with spec.${field} in ${v.policy}: give it in one place`);
+  return applyMigrationPolicy(cfg, p);
+}
+
+function flagPolicy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> {
   let mechanism: string;
   try {
     mechanism = parseMechanism(v.mechanism ?? DEFAULT_CONFIG.mechanism).name;
@@ -219,6 +253,7 @@ function policy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> 
     maxRounds: v["max-rounds"] === undefined ? null : number(v["max-rounds"], "max-rounds", 0, (n) => Number.isInteger(n) && n >= 1, "a whole number >= 1"),
     progressTimeoutS: number(v["progress-timeout"], "progress-timeout", DEFAULT_CONFIG.progressTimeoutS, pos, "a number of seconds > 0"),
     completionTimeoutPerGiBS: number(v["completion-timeout-per-gib"], "completion-timeout-per-gib", DEFAULT_CONFIG.completionTimeoutPerGiBS, pos, "a number of seconds > 0"),
+    completionTimeoutAction: DEFAULT_CONFIG.completionTimeoutAction,
     chunkPages: number(v["chunk-pages"], "chunk-pages", DEFAULT_CONFIG.chunkPages, (n) => Number.isInteger(n) && n >= 64 && n % 64 === 0 && n <= 1 << 20, "a multiple of 64 up to 1048576"),
     rpcTimeoutMs: number(v["rpc-timeout"], "rpc-timeout", DEFAULT_CONFIG.rpcTimeoutMs / 1e3, (n) => n >= 0.1 && n <= 3600, "a number of seconds in [0.1, 3600]") * 1e3,
     autoConverge: autoConverge(v),

@@ -80,7 +80,9 @@ function validate(cfg: MigrationConfig): void {
   const limit = cfg.dirtyLimit && checkDirtyLimit(cfg.dirtyLimit);
   if (limit) throw bad(`dirty-limit: ${limit}`);
   const pc = cfg.postcopy;
-  if (pc && pc.afterRounds !== null && !(Number.isInteger(pc.afterRounds) && pc.afterRounds >= 1)) throw bad(`postcopy: after-rounds must be a whole number >= 1 (got ${pc.afterRounds})`);
+  if (pc && typeof pc.afterRounds === "number" && !(Number.isInteger(pc.afterRounds) && pc.afterRounds >= 1)) throw bad(`postcopy: after-rounds must be a whole number >= 1 (got ${pc.afterRounds})`);
+  if (!["abort", "postcopy", "pause"].includes(cfg.completionTimeoutAction)) throw bad(`completion timeout action must be abort, postcopy or pause (got ${cfg.completionTimeoutAction})`);
+  if (cfg.completionTimeoutAction === "postcopy" && !pc) throw bad("a completion timeout that starts post-copy needs post-copy allowed");
   // QEMU's migrate_caps_check: "dirty-limit conflicts with auto-converge".
   if (cfg.autoConverge && cfg.dirtyLimit) throw bad("dirty-limit conflicts with auto-converge: choose one");
   let spec;

@@ -22,8 +22,12 @@ export interface DirtyLimitConfig {
 
 /** Post-copy (policies/postcopy.ts, phases/postcopy.ts). */
 export interface PostcopyConfig {
-  /** Switch to post-copy after this many syncs; null: when a sync finds no fewer bytes dirty than the one before. */
-  afterRounds: number | null;
+  /**
+   * When to switch: after this many syncs; null: when a sync finds no fewer
+   * bytes dirty than the one before; or only at the completion timeout
+   * (KubeVirt's allowPostCopy, with completionTimeoutAction "postcopy").
+   */
+  afterRounds: number | null | "completion-timeout";
   /** QEMU's postcopy-preempt: page requests go on a channel of their own instead of queueing behind the pages being pushed. */
   preempt: boolean;
 }
@@ -41,6 +45,13 @@ export interface MigrationConfig {
   progressTimeoutS: number;
   /** Fail when the migration takes longer than this many seconds per GiB of guest memory (KubeVirt: 150 s). */
   completionTimeoutPerGiBS: number;
+  /**
+   * What the completion timeout does, as KubeVirt's migration monitor: abort
+   * (the default); switch to post-copy (allowPostCopy); or pause the guest so
+   * that the migration completes by stop-and-copy (allowWorkloadDisruption
+   * without post-copy).
+   */
+  completionTimeoutAction: "abort" | "postcopy" | "pause";
   /** Pages per read/write/CLEAR chunk; a multiple of 64. */
   chunkPages: number;
   /**
@@ -72,6 +83,7 @@ export const DEFAULT_CONFIG: Omit<MigrationConfig, "sourceVm" | "destinationVm">
   maxRounds: null,
   progressTimeoutS: 150,
   completionTimeoutPerGiBS: 150,
+  completionTimeoutAction: "abort",
   chunkPages: 262144,
   rpcTimeoutMs: 10_000,
   autoConverge: null,

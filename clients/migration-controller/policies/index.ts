@@ -60,7 +60,7 @@ export function policiesFor(cfg: MigrationConfig, g: { memoryBytes: number; thre
   if (cfg.autoConverge) list.push(new AutoConverge(cfg.autoConverge, g.startNs));
   if (cfg.dirtyLimit) list.push(new DirtyLimitPolicy(cfg.dirtyLimit, g.startNs));
   list.push(new ThresholdPolicy());
-  if (cfg.postcopy) list.push(new PostcopyPolicy(cfg.postcopy));
+  if (cfg.postcopy && cfg.postcopy.afterRounds !== "completion-timeout") list.push(new PostcopyPolicy(cfg.postcopy));
   if (cfg.maxRounds !== null) list.push(new MaxRoundsPolicy(cfg.maxRounds));
   return new PolicyChain(list);
 }

@@ -9,6 +9,11 @@
  * it is lower than at the previous look. A sync raises it, so what the
  * timeout catches is a pass that stops moving, not a workload that keeps
  * re-dirtying memory: that one runs into the completion timeout.
+ *
+ * At the completion timeout KubeVirt aborts, unless the policy allows
+ * post-copy (it then starts post-copy) or workload disruption (it pauses the
+ * guest so that the migration completes). Those two act at the next sync,
+ * where a switch can begin; aborting acts at once.
  */
 import { CONTINUE, type Decision, type MigrationPolicy, type SyncState } from "./policy.js";
 
@@ -17,6 +22,7 @@ const MiB = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
 export interface KubevirtTimeoutsConfig {
   progressTimeoutS: number;
   completionTimeoutPerGiBS: number;
+  completionTimeoutAction: "abort" | "postcopy" | "pause";
 }
 
 export class KubevirtTimeouts implements MigrationPolicy {
@@ -47,6 +53,8 @@ export class KubevirtTimeouts implements MigrationPolicy {
     this.syncedBytes = s.remainingBytes;
     this.dirtyRatePagesPerSecond = s.dirtyRatePagesPerSecond;
     this.onSent(s.remainingBytes, s.nowNs);
+    if (s.nowNs >= this.completionLimitNs && this.cfg.completionTimeoutAction === "postcopy") return { kind: "postcopy" };
+    if (s.nowNs >= this.completionLimitNs && this.cfg.completionTimeoutAction === "pause") return { kind: "switchover", forced: true };
     return this.check(s.nowNs);
   }
 
@@ -62,11 +70,12 @@ export class KubevirtTimeouts implements MigrationPolicy {
   }
 
   nextDeadlineNs(): number {
-    return Math.min(this.completionLimitNs, this.progressAt + this.cfg.progressTimeoutS * 1e9);
+    const completion = this.cfg.completionTimeoutAction === "abort" ? this.completionLimitNs : Infinity;
+    return Math.min(completion, this.progressAt + this.cfg.progressTimeoutS * 1e9);
   }
 
   check(now: number): Decision {
-    if (now >= this.completionLimitNs) {
+    if (now >= this.completionLimitNs && this.cfg.completionTimeoutAction === "abort") {
       return {
         kind: "fail",
         failure: "not-converged",
