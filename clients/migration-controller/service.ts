@@ -34,6 +34,7 @@ export interface ServiceConfig {
 const RESULT: Record<string, string> = {
   "not-converged": "not_converged",
   verification: "verification_failed",
+  "postcopy-lost": "postcopy_lost",
 };
 
 export class MigrationMetrics {
@@ -47,12 +48,18 @@ export class MigrationMetrics {
   readonly expectedDowntime: Gauge<"vm">;
   readonly downtimeLimit: Gauge<"vm">;
   readonly inProgress: Gauge<"vm">;
+  readonly postcopyActive: Gauge<"vm">;
+  readonly postcopyRequests: Counter<"vm">;
+  readonly postcopyBlocktime: Counter<"vm">;
   readonly downtime: Histogram<"mechanism">;
   readonly totalTime: Histogram<"mechanism">;
 
   constructor(registry: Registry) {
     const registers = [registry];
-    this.migrations = new Counter({ name: "migration_migrations_total", help: "Migrations finished, by result (completed, failed, not_converged, verification_failed).", labelNames: ["result", "mechanism"], registers });
+    this.migrations = new Counter({ name: "migration_migrations_total", help: "Migrations finished, by result (completed, failed, not_converged, verification_failed, postcopy_lost).", labelNames: ["result", "mechanism"], registers });
+    this.postcopyActive = new Gauge({ name: "migration_postcopy_active", help: "1 while the current migration is in post-copy (QEMU's status postcopy-active).", labelNames: ["vm"], registers });
+    this.postcopyRequests = new Counter({ name: "migration_postcopy_requests_total", help: "Page requests the destination's vCPUs raised in post-copy (QEMU's postcopy-requests).", labelNames: ["vm"], registers });
+    this.postcopyBlocktime = new Counter({ name: "migration_postcopy_blocktime_seconds_total", help: "Guest time every destination vCPU waited for a page at once in post-copy (QEMU's postcopy-blocktime).", labelNames: ["vm"], registers });
     this.round = new Gauge({ name: "migration_round", help: "Dirty-state syncs so far in the current migration (QEMU's dirty-sync-count).", labelNames: ["vm"], registers });
     this.remaining = new Gauge({ name: "migration_remaining_bytes", help: "Bytes still dirty at the last sync of the current migration.", labelNames: ["vm"], registers });
     this.transferred = new Counter({ name: "migration_transferred_bytes_total", help: "Bytes sent on the migration link.", labelNames: ["vm"], registers });
@@ -153,6 +160,7 @@ export class MigrationService {
     this.metrics.round.set({ vm }, e.round);
     this.metrics.throttle.set({ vm }, e.cpuThrottlePercentage);
     this.metrics.dirtyLimit.set({ vm }, e.dirtyLimitMBps * 2 ** 20);
+    this.metrics.postcopyActive.set({ vm }, e.phase === "postcopy" ? 1 : 0);
     if (e.phase === "round") {
       this.metrics.remaining.set({ vm }, e.remainingBytes);
       this.metrics.dirtyRate.set({ vm }, e.dirtyRatePagesPerSecond);
@@ -182,6 +190,10 @@ export class MigrationService {
       this.metrics.migrations.inc({ result: "completed", mechanism });
       this.metrics.downtime.observe({ mechanism }, (r.downtimeMs ?? 0) / 1e3);
       this.metrics.totalTime.observe({ mechanism }, r.totalTimeMs / 1e3);
+      if (r.postcopy) {
+        this.metrics.postcopyRequests.inc({ vm }, r.postcopy.requests);
+        this.metrics.postcopyBlocktime.inc({ vm }, r.postcopy.blocktimeMs / 1e3);
+      }
       // QEMU leaves the source paused after a migration; management removes it.
       await this.clients[from].destroyVm({ vm });
       this.completed++;
@@ -190,7 +202,8 @@ export class MigrationService {
       const kind = err instanceof MigrationError ? err.kind : "failed";
       this.metrics.migrations.inc({ result: RESULT[kind] ?? "failed", mechanism });
       this.failed++;
-      this.logger.warn({ reason: (err as Error).message }, "migration failed; the source keeps running");
+      if (kind === "postcopy-lost") this.logger.error({ reason: (err as Error).message }, "migration failed after the post-copy switch: the VM is lost");
+      else this.logger.warn({ reason: (err as Error).message }, "migration failed; the source keeps running");
     } finally {
       this.metrics.inProgress.set({ vm }, 0);
     }

@@ -126,7 +126,7 @@ export function device() {
 }
 
 export function migration() {
-  return dashboard("migration", "Migration progress", "Pre-copy migrations run by the migration controller: rounds, remaining bytes, expected downtime against the limit, downtime.")
+  return dashboard("migration", "Migration progress", "Migrations run by the migration controller: rounds, remaining bytes, expected downtime against the limit, downtime, and what the policies did (throttle, dirty limit, post-copy).")
     .withPanel(panel("Round (syncs)", "short", "Dirty-state syncs so far in the current migration (QEMU's dirty-sync-count).", [{ expr: "max by (vm) (migration_round)", legend: "{{vm}}" }]))
     .withPanel(panel("Remaining (bytes)", "bytes", "Bytes still dirty at the last sync.", [{ expr: "max by (vm) (migration_remaining_bytes)", legend: "{{vm}}" }]))
     .withPanel(
@@ -148,13 +148,28 @@ export function migration() {
     )
     .withPanel(panel("Link throughput (bytes/s)", "Bps", "Bytes sent on the migration link.", [{ expr: "sum by (vm) (rate(migration_transferred_bytes_total[1m]))", legend: "{{vm}}" }]))
     .withPanel(
-      panel("Migrations by result (in 5m)", "short", "Finished migrations: completed, failed, not_converged, verification_failed.", [
+      panel("Migrations by result (in 5m)", "short", "Finished migrations: completed, failed, not_converged, verification_failed, postcopy_lost.", [
         { expr: "sum by (result, mechanism) (increase(migration_migrations_total[5m]))", legend: "{{result}} ({{mechanism}})" },
       ]),
     )
     .withPanel(
       panel("Total time, p50 (seconds)", "s", "Guest time of finished migrations.", [
         { expr: "histogram_quantile(0.5, sum by (le, mechanism) (rate(migration_total_time_seconds_bucket[5m])))", legend: "{{mechanism}}" },
+      ]),
+    )
+    .withPanel(
+      panel("Auto-converge: vCPU throttle (%)", "percent", "QEMU's cpu-throttle-percentage the policy has set on the source's vCPUs (0: none).", [
+        { expr: "max by (vm) (migration_cpu_throttle_percentage)", legend: "{{vm}}" },
+      ]),
+    )
+    .withPanel(
+      panel("Dirty-limit: per-vCPU limit (bytes/s)", "Bps", "QEMU's vcpu-dirty-limit in service on the source's vCPUs (0: none).", [
+        { expr: "max by (vm) (migration_vcpu_dirty_limit_bytes_per_second)", legend: "{{vm}}" },
+      ]),
+    )
+    .withPanel(
+      panel("Post-copy active", "short", "1 while the guest runs on the destination and its missing pages follow (QEMU's postcopy-active).", [
+        { expr: "max by (vm) (migration_postcopy_active)", legend: "{{vm}}" },
       ]),
     );
 }
