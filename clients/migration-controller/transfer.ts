@@ -40,6 +40,39 @@ export function orBitmaps(a: Map<number, Uint8Array>, b: Map<number, Uint8Array>
   return out;
 }
 
+/** A sync in the middle of a pass (fallback-sync.ts): due() syncs when it is time and returns what it found. */
+export interface MidPassSync {
+  due(): Promise<Map<number, Uint8Array> | null>;
+  /** Where the pass has been: pages for the next round. */
+  carry: Map<number, Uint8Array>;
+}
+
+/**
+ * Merges a mid-pass sync into the pass: pages the pass has not reached yet
+ * (slots after slotIndex, and pages of that slot from `from` on: a chunk
+ * boundary, so a multiple of 64, or the slot's end) join its selection, the
+ * rest wait in carry. Returns the pages that were not dirty already.
+ */
+function merge(select: Map<number, Uint8Array>, found: Map<number, Uint8Array>, carry: Map<number, Uint8Array>, order: number[], slotIndex: number, from: number): number {
+  let added = 0;
+  for (const [slot, bm] of found) {
+    const sel = select.get(slot);
+    if (!sel) continue;
+    const at = order.indexOf(slot);
+    const split = at < slotIndex ? bm.length : at > slotIndex ? 0 : Math.ceil(from / 8);
+    let c = carry.get(slot);
+    if (!c) carry.set(slot, (c = new Uint8Array(bm.length)));
+    for (let i = 0; i < bm.length; i++) {
+      const b = bm[i];
+      if (b === 0) continue;
+      const target = i < split ? c : sel;
+      for (let x = b & ~target[i] & 0xff; x; x &= x - 1) added++;
+      target[i] |= b;
+    }
+  }
+  return added;
+}
+
 /**
  * The injected bug (injectSlotOffsetBug): a chunk of a slot after the first
  * whose selection leaves the slot's last page clean is written one page too
@@ -103,11 +136,11 @@ async function copyChunk(run: MigrationRun, slot: number, first: number, count: 
  * QEMU's ram.remaining (the dirty pages not yet sent) falls as each chunk
  * goes, and that is what KubeVirt's progress timeout watches.
  */
-export async function sendPages(run: MigrationRun, select: Map<number, Uint8Array> | null, remainingBytes: number): Promise<Sent> {
+export async function sendPages(run: MigrationRun, select: Map<number, Uint8Array> | null, remainingBytes: number, midPass?: MidPassSync): Promise<Sent> {
   const { cfg, link, clock, tracker, report } = run;
   const out: Sent = { normal: 0, zero: 0, bytes: 0 };
   let pending: Promise<unknown> = Promise.resolve();
-  for (const s of run.src.memslots) {
+  for (const [slotIndex, s] of run.src.memslots.entries()) {
     const slot = s.memslot!.slot;
     const n = Number(s.numPages);
     const bitmap = select ? select.get(slot) : undefined;
@@ -128,6 +161,10 @@ export async function sendPages(run: MigrationRun, select: Map<number, Uint8Arra
       const chunkNs = hostNs + link.transmitNs(bytes);
       run.policies.onSent(Math.max(0, remainingBytes - (out.normal + out.zero) * PAGE_SIZE), clock.now() + chunkNs);
       await run.elapse(chunkNs);
+      if (select && midPass) {
+        const found = await midPass.due();
+        if (found) remainingBytes += merge(select, found, midPass.carry, run.src.memslots.map((m) => m.memslot!.slot), slotIndex, first + count) * PAGE_SIZE;
+      }
     }
   }
   await pending;

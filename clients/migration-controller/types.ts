@@ -119,6 +119,8 @@ export interface RoundReport {
   stopAndCopy: boolean;
   /** The post-copy phase: the guest ran on the destination while the rest of its pages came. */
   postcopy: boolean;
+  /** Syncs in the middle of this round's pass (auto-converge's 5 s fallback timer); they count in dirty-sync-count. */
+  fallbackSyncs: number;
   /** QEMU's cpu-throttle-percentage while the round ran (auto-converge). */
   cpuThrottlePercentage: number;
   /** QEMU's dirty-limit-throttle-time-per-round and dirty-limit-ring-full-time at the round's sync, µs (0: no limit in service). */

@@ -236,6 +236,7 @@ async function runPostcopy(run: MigrationRun, resumed: VmInfo, missing: Map<numb
           ringStallMs: 0,
           stopAndCopy: false,
           postcopy: true,
+          fallbackSyncs: 0,
           cpuThrottlePercentage: report.cpuThrottlePercentage,
           dirtyLimitThrottleTimePerRoundUs: report.dirtyLimitThrottleTimePerRoundUs,
           dirtyLimitRingFullTimeUs: report.dirtyLimitRingFullTimeUs,

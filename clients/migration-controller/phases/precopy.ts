@@ -9,7 +9,8 @@ import { PAGE_SIZE } from "../link.js";
 import type { Decision, SyncState } from "../policies/policy.js";
 import type { MigrationRun } from "../run.js";
 import type { SyncResult } from "../trackers/tracker.js";
-import { sendPages } from "../transfer.js";
+import { FallbackSyncTimer } from "../fallback-sync.js";
+import { popcount, sendPages, type MidPassSync } from "../transfer.js";
 
 /** How pre-copy ended: the last sync (its pages not sent yet), and why. */
 export interface PrecopyEnd {
@@ -51,14 +52,15 @@ export async function precopy(run: MigrationRun): Promise<PrecopyEnd> {
   await run.beginRounds();
   let lastSyncAt = clock.now();
   let vcpuPagesAt: number[] | null = null;
-  let sent = await sendPages(run, null, totalPages * PAGE_SIZE);
-  report.precopyBytes += sent.bytes;
-  await run.endRound({ round: 0, dirtyPages: totalPages, syncHostMs: 0, dirtyRatePagesPerSecond: 0, vcpuDirtyRatesPagesPerSecond: null, remainingBytes: totalPages * PAGE_SIZE, stopAndCopy: false }, sent);
 
-  for (;;) {
+  /**
+   * A sync of the dirty state: its host time passes, and the rates since the
+   * previous one are what the policies see; remainingOf: the pages left to
+   * send after it (with what a fallback sync carried over).
+   */
+  const syncNow = async (remainingOf: (s: SyncResult) => number = (s) => s.dirtyPages) => {
     const sync = await run.on("source", () => tracker.sync(false));
     report.dirtySyncCount++;
-    const remaining = sync.dirtyPages * PAGE_SIZE;
     await run.elapse(sync.hostNs);
     const now = clock.now();
     const perS = (pages: number) => (now > lastSyncAt ? (pages * 1e9) / (now - lastSyncAt) : 0);
@@ -71,12 +73,41 @@ export async function precopy(run: MigrationRun): Promise<PrecopyEnd> {
       round: report.dirtySyncCount,
       nowNs: now,
       dirtyPages: sync.dirtyPages,
-      remainingBytes: remaining,
+      remainingBytes: remainingOf(sync) * PAGE_SIZE,
       thresholdBytes: run.thresholdBytes,
       dirtyRatePagesPerSecond: rate,
       vcpuDirtyRatesPagesPerSecond: vcpuRates,
       transferredBytes: report.transferredBytes,
     };
+    return { sync, state };
+  };
+
+  // With auto-converge, QEMU's 5 s timer syncs in the middle of a long pass (fallback-sync.ts).
+  const timer = run.cfg.autoConverge ? new FallbackSyncTimer(clock.now()) : null;
+  let fallbackSyncs = 0;
+  const midPass: MidPassSync | undefined = timer
+    ? {
+        carry: new Map(),
+        due: async () => {
+          if (!timer.tick(clock.now(), report.dirtySyncCount)) return null;
+          const { sync, state } = await syncNow();
+          fallbackSyncs++;
+          for (const a of run.policies.decideMidPass(state)) await actOnGuest(run, a);
+          return sync.bitmaps;
+        },
+      }
+    : undefined;
+
+  let sent = await sendPages(run, null, totalPages * PAGE_SIZE);
+  report.precopyBytes += sent.bytes;
+  await run.endRound({ round: 0, dirtyPages: totalPages, syncHostMs: 0, dirtyRatePagesPerSecond: 0, vcpuDirtyRatesPagesPerSecond: null, remainingBytes: totalPages * PAGE_SIZE, stopAndCopy: false }, sent);
+
+  for (;;) {
+    // What a fallback sync found where the pass had already been goes with this round.
+    const { sync, state } = await syncNow((s) => (midPass && midPass.carry.size ? takeCarry(s, midPass.carry) : s.dirtyPages));
+    const remaining = state.remainingBytes;
+    const rate = state.dirtyRatePagesPerSecond;
+    const vcpuRates = state.vcpuDirtyRatesPagesPerSecond;
     const { actions, verdict } = run.policies.decide(state);
     for (const a of actions) await actOnGuest(run, a);
     await lookAtDirtyLimit(run);
@@ -87,8 +118,25 @@ export async function precopy(run: MigrationRun): Promise<PrecopyEnd> {
       run.policies.active = false;
       return { sync, remainingBytes: remaining, dirtyRatePagesPerSecond: rate, verdict };
     }
-    sent = await sendPages(run, sync.bitmaps, remaining);
+    const round = report.dirtySyncCount;
+    fallbackSyncs = 0;
+    sent = await sendPages(run, sync.bitmaps, remaining, midPass);
     report.precopyBytes += sent.bytes;
-    await run.endRound({ round: report.dirtySyncCount, dirtyPages: sync.dirtyPages, syncHostMs: sync.hostNs / 1e6, dirtyRatePagesPerSecond: rate, vcpuDirtyRatesPagesPerSecond: vcpuRates, remainingBytes: remaining, stopAndCopy: false }, sent);
+    await run.endRound(
+      { round, dirtyPages: remaining / PAGE_SIZE, syncHostMs: sync.hostNs / 1e6, dirtyRatePagesPerSecond: rate, vcpuDirtyRatesPagesPerSecond: vcpuRates, remainingBytes: remaining, stopAndCopy: false, fallbackSyncs },
+      sent,
+    );
   }
+}
+
+/** ORs the carried pages into a sync's bitmaps, empties carry, and returns the pages now dirty. */
+function takeCarry(sync: SyncResult, carry: Map<number, Uint8Array>): number {
+  for (const [slot, c] of carry) {
+    const bm = sync.bitmaps.get(slot);
+    if (bm) for (let i = 0; i < c.length; i++) bm[i] |= c[i];
+  }
+  carry.clear();
+  let n = 0;
+  for (const bm of sync.bitmaps.values()) n += popcount(bm, bm.length * 8);
+  return n;
 }

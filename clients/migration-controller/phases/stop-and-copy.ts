@@ -28,7 +28,7 @@ export async function stopAndCopy(run: MigrationRun, end: PrecopyEnd): Promise<v
   report.downtimeBytes = report.transferredBytes - before;
   const unionPages = [...union.values()].reduce((n, b) => n + popcount(b, b.length * 8), 0);
   await run.endRound(
-    { round: report.rounds.length, dirtyPages: unionPages, syncHostMs: (sync.hostNs + last.hostNs) / 1e6, dirtyRatePagesPerSecond: end.dirtyRatePagesPerSecond, vcpuDirtyRatesPagesPerSecond: null, remainingBytes, stopAndCopy: true },
+    { round: report.dirtySyncCount, dirtyPages: unionPages, syncHostMs: (sync.hostNs + last.hostNs) / 1e6, dirtyRatePagesPerSecond: end.dirtyRatePagesPerSecond, vcpuDirtyRatesPagesPerSecond: null, remainingBytes, stopAndCopy: true },
     sent,
   );
   // The vCPUs' state goes with the memory: the destination's guest goes on where the source's stopped.

@@ -33,6 +33,7 @@ export function checkAutoConverge(c: AutoConvergeConfig): string | null {
 
 export class AutoConverge implements MigrationPolicy {
   readonly name = "auto-converge";
+  readonly actsOnGuest = true;
   private readonly fire: ThrottleTrigger;
   /** The throttle in force (0: none), as cpu_throttle_get_percentage. */
   percentage = 0;

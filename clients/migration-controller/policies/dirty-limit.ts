@@ -33,6 +33,7 @@ export function checkDirtyLimit(c: DirtyLimitConfig): string | null {
 
 export class DirtyLimitPolicy implements MigrationPolicy {
   readonly name = "dirty-limit";
+  readonly actsOnGuest = true;
   private readonly fire: ThrottleTrigger;
   /** The limit in service (0: none yet). */
   limitMBps = 0;

@@ -36,6 +36,11 @@ export class PolicyChain {
     return { actions, verdict: CONTINUE };
   }
 
+  /** A sync in the middle of a pass: only the policies that act on the guest see it; nothing ends there. */
+  decideMidPass(s: SyncState): Decision[] {
+    return this.policies.filter((p) => p.actsOnGuest).map((p) => p.onSync?.(s) ?? CONTINUE).filter(actsOnGuest);
+  }
+
   onSent(remainingBytes: number, atNs: number): void {
     if (this.active) for (const p of this.policies) p.onSent?.(remainingBytes, atNs);
   }

@@ -39,6 +39,8 @@ export const CONTINUE: Decision = { kind: "continue" };
 
 export interface MigrationPolicy {
   readonly name: string;
+  /** Evaluated inside every sync, the fallback syncs in the middle of a pass included (QEMU's throttle trigger). */
+  readonly actsOnGuest?: boolean;
   onSync?(s: SyncState): Decision;
   /** As a pass sends: the remaining bytes fall to remainingBytes by guest time atNs. */
   onSent?(remainingBytes: number, atNs: number): void;

@@ -10,6 +10,7 @@ import { WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hyp
 import { GiB, hypervisorPair, MiB } from "../../../tests/hypervisor-harness.js";
 import { migrate, type MigrationError } from "../migrate.js";
 import { AutoConverge, checkAutoConverge, QEMU_AUTO_CONVERGE } from "../policies/auto-converge.js";
+import { FallbackSyncTimer } from "../fallback-sync.js";
 import { htmlReport, jsonReport, textReport } from "../report.js";
 
 const S = 1e9;
@@ -49,6 +50,18 @@ describe("auto-converge's trigger on its own", () => {
   });
 });
 
+describe("QEMU's 5 s fallback sync timer on its own", () => {
+  test("ticks every 5 s of guest time; syncs only when no sync happened since the previous tick, and never in the first pass", () => {
+    const t = new FallbackSyncTimer(0);
+    assert.equal(t.tick(4.9e9, 0), false, "not yet 5 s");
+    assert.equal(t.tick(5e9, 0), false, "the first pass: QEMU's sync_cnt <= 1");
+    assert.equal(t.tick(10e9, 1), false, "a sync since the last tick");
+    assert.equal(t.tick(15e9, 1), true, "none since: sync");
+    assert.equal(t.tick(20e9, 2), true, "only its own sync since: again");
+    assert.equal(t.tick(25e9, 4), false, "a pass's sync since");
+  });
+});
+
 describe("auto-converge in a migration", () => {
   const pair = hypervisorPair();
   before(() => pair.start());
@@ -84,6 +97,28 @@ describe("auto-converge in a migration", () => {
     assert.match(textReport(r), /throttle %/);
     const after = (await pair.src.client.getVm({ vm: "ac" })).vm!;
     assert.ok(after.vcpus.every((v) => v.cpuThrottlePercentage === 0), "the throttle stops with the migration");
+  });
+
+  test("a pass longer than 5 s gets QEMU's fallback syncs, each counted in dirty-sync-count and able to throttle", async () => {
+    const c = pair.src.client;
+    const vm = "ac-fallback";
+    // 128 MiB over 100 Mbit/s: every pass of about 10 s.
+    await c.createVm({ vm, vcpus: 2, seed: 3n, memslots: [{ slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(128 * MiB) }] });
+    await c.setWorkload({ vm, workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e7 } });
+    await c.advanceVm({ vm, durationNs: 1_000_000_000n });
+    await c.setWorkload({ vm, workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 5000 } });
+    const r = await migrate(
+      { sourceVm: vm, destinationVm: vm, bandwidthBitsPerSecond: 100e6, chunkPages: 4096, autoConverge: QEMU_AUTO_CONVERGE, completionTimeoutPerGiBS: 1e4 },
+      { source: pair.src.client, destination: pair.dst.client },
+    );
+    assert.equal(r.status, "completed");
+    assert.equal(r.verification?.match, true);
+    assert.equal(r.rounds[0].fallbackSyncs, 0, "none in the first pass");
+    assert.ok(r.rounds[1].durationMs > 5000 && r.rounds[1].fallbackSyncs >= 1, `round 1: ${r.rounds[1].durationMs} ms, ${r.rounds[1].fallbackSyncs} fallback syncs`);
+    assert.equal(r.rounds[1].cpuThrottlePercentage, 20, "its trigger fired inside round 1's pass");
+    const passes = r.rounds.filter((x) => x.round > 0 && !x.stopAndCopy).length;
+    const fallback = r.rounds.reduce((n, x) => n + x.fallbackSyncs, 0);
+    assert.equal(r.dirtySyncCount, passes + fallback + 2, "dirty-sync-count: each pass's sync, each fallback sync, the one that switched over, the final one");
   });
 
   test("a failed migration leaves the source running, not logging and not throttled", async () => {
