@@ -1,12 +1,13 @@
 /**
  * `serve` runs the policies too: its real-time migrations, back and forth,
- * complete with post-copy and with dirty-limit, and its metrics say so.
+ * complete with auto-converge, post-copy and dirty-limit, and its metrics say so.
  */
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { createLogger } from "../../../common/log.js";
 import { hypervisorPair, MiB } from "../../../tests/hypervisor-harness.js";
 import { DEFAULT_CONFIG } from "../migrate.js";
+import { QEMU_AUTO_CONVERGE } from "../policies/auto-converge.js";
 import { QEMU_DIRTY_LIMIT } from "../policies/dirty-limit.js";
 import { MigrationService } from "../service.js";
 import type { MigrationConfig } from "../types.js";
@@ -41,6 +42,11 @@ describe("serve with a policy", () => {
     const text = await serveUntilMigrated("serve-pc", { ...DEFAULT_CONFIG, bandwidthBitsPerSecond: 1e9, downtimeLimitMs: 1, postcopy: { afterRounds: 1, preempt: true } });
     assert.match(text, /^migration_postcopy_requests_total\{vm="serve-pc"\} \d+/m);
     assert.match(text, /^migration_postcopy_blocktime_seconds_total\{vm="serve-pc"\} [\d.e-]+/m);
+  });
+
+  test("auto-converge: completed, its throttle exported", async () => {
+    const text = await serveUntilMigrated("serve-ac", { ...DEFAULT_CONFIG, bandwidthBitsPerSecond: 1e9, autoConverge: QEMU_AUTO_CONVERGE });
+    assert.match(text, /^migration_cpu_throttle_percentage\{vm="serve-ac"\} \d+/m);
   });
 
   test("dirty-limit over the dirty ring: completed", async () => {
