@@ -674,24 +674,20 @@ export class Vm {
       }
       wait = go - t;
     }
-    return wait + this.writeMissHere(v, slot, p, gfn, lo, hi, t + wait);
-  }
-
-  private writeMissHere(v: Vcpu, slot: Memslot, p: number, gfn: number, lo: number, hi: number, t: number): number {
     const level = slot.s2.leafLevel(p);
     if (level === Level.Block2M || level === Level.Block1G) {
       const [pl, i] = slot.s2.leafRef(p, level);
       if (pl.lo[i] & S2AP_W) {
         v.tlb.fill(gfn);
-        return 0;
+        return wait;
       }
     } else if (level === Level.Page && this.hw !== null && slot.s2.pte.hi[p] & HI_DBM) {
       // Writable-clean (DBM set, or W with D clear; only ever with an assist on): the hardware's update, no fault.
-      return this.arch.hardwareDirtyUpdate(this, v, slot, p, gfn);
+      return wait + this.arch.hardwareDirtyUpdate(this, v, slot, p, gfn);
     }
     this.missFaulted = true;
-    this.lastFault = this.arch.handleWriteFault(this, v, slot, p, gfn, level, lo, hi, t);
-    return this.lastFault.costNs;
+    this.lastFault = this.arch.handleWriteFault(this, v, slot, p, gfn, level, lo, hi, t + wait);
+    return wait + this.lastFault.costNs;
   }
 
   /**
