@@ -197,9 +197,11 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
         results: done.map((r) => ({
           fault: FAULT_OUT[r.fault],
           logged: r.logged,
-          exit: r.mmio ? ExitReason.EXIT_REASON_MMIO : ExitReason.EXIT_REASON_UNSPECIFIED,
+          exit: r.mmio ? ExitReason.EXIT_REASON_MMIO : r.ringFull ? ExitReason.EXIT_REASON_DIRTY_RING_FULL : ExitReason.EXIT_REASON_UNSPECIFIED,
           costNs: BigInt(Math.round(r.costNs)),
+          performed: r.performed,
         })),
+        clockNs: BigInt(Math.round(vm.clockNs)),
       };
     },
     translateGpa(req) {

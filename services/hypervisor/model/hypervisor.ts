@@ -191,8 +191,16 @@ export class Hypervisor {
   }
 
   /** Explicit guest writes (GuestWrite); what the device's agent saw goes to it. */
+  /**
+   * GuestWrite: the batch is checked whole before any write is applied; each
+   * write reports whether it was performed. In the stepped drive the VM's
+   * clock then moves to the latest writing vCPU's, so that the time the
+   * writes took is not silently taken from that vCPU in the next AdvanceVm.
+   */
   guestWrites(vm: Vm, writes: { vcpu: number; gpa: number; value: bigint }[]) {
+    vm.checkGuestWrites(writes);
     const out = writes.map((w) => vm.guestWrite(w.vcpu, w.gpa, w.value));
+    if (vm.config.clock === "stepped") for (const w of writes) vm.clockNs = Math.max(vm.clockNs, vm.vcpus[w.vcpu].time);
     this.pageTracking?.flushReports();
     return out;
   }

@@ -64,6 +64,14 @@ export interface WriteOutcome {
   costNs: number;
 }
 
+/** A GuestWrite's outcome. */
+export interface GuestWriteOutcome extends WriteOutcome {
+  /** The store retired. A store whose fault filled the dirty ring did not: it re-executes after the reset. */
+  performed: boolean;
+  /** The vCPU is out with KVM_EXIT_DIRTY_RING_FULL after (or instead of) this write. */
+  ringFull: boolean;
+}
+
 /** A stretch of the VM's writable pages, in slot order: workload page indices map onto these. */
 interface Segment {
   start: number;
@@ -517,11 +525,16 @@ export class Vm {
         cur--; // the write waits for its page
         break;
       }
-      t += cost + interval;
       if (this.missFaulted) {
         faults++;
         if (slot.logging) overhead += cost;
       }
+      if (v.ringFull && this.storeWaitsForRing()) {
+        t += cost;
+        cur--;
+        break;
+      }
+      t += cost + interval;
       if (!epochMode) seq = next;
       slot.content[2 * p] = lo;
       slot.content[2 * p + 1] = hi;
@@ -661,6 +674,17 @@ export class Vm {
    * found a writable leaf); missFaulted and lastFault say whether it faulted
    * and what the fault did.
    */
+  /**
+   * The miss just taken filled the dirty ring: KVM exits with
+   * DIRTY_RING_FULL on the way back into the guest, before the faulting store
+   * retires, so it re-executes once the ring is reset; the reset has
+   * re-protected its page by then, so it faults and is pushed again. A write
+   * KVM emulated (a write-tracked page) has retired already.
+   */
+  private storeWaitsForRing(): boolean {
+    return !(this.missFaulted && this.lastFault!.fault === "tracked");
+  }
+
   private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number, lo: number, hi: number, t: number): number {
     this.missFaulted = false;
     this.missBlocked = false;
@@ -710,19 +734,19 @@ export class Vm {
     return this.ringEnabled ? "backup-bitmap" : "bitmap";
   }
 
-  /** One explicit guest write by vCPU vcpu, through its TLB, as the workload's writes go. */
-  guestWrite(vcpu: number, gpa: number, value: bigint): WriteOutcome {
+  /**
+   * One explicit guest write by vCPU vcpu, through its TLB, as the workload's
+   * writes go. A vCPU out with DIRTY_RING_FULL does not run: the write is not
+   * performed and says so, as is a write whose own fault fills the ring.
+   */
+  guestWrite(vcpu: number, gpa: number, value: bigint): GuestWriteOutcome {
     const v = this.vcpu(vcpu, "guest write");
-    if (v.paused) throw failedPrecondition(`guest write: vCPU ${vcpu} of VM ${this.name} is paused`);
-    if (v.ringFull) {
-      throw failedPrecondition(`guest write: vCPU ${vcpu} of VM ${this.name} is out with DIRTY_RING_FULL; harvest its ring and reset first`);
-    }
-    const slot = this.slotOfGpa(gpa);
-    if (!slot) throw invalidArgument(`guest write: GPA 0x${gpa.toString(16)} is outside every memslot of VM ${this.name}`);
+    const slot = this.slotOfGpa(gpa)!;
+    if (v.ringFull) return { fault: "none", logged: false, mmio: false, costNs: 0, performed: false, ringFull: true };
     if (slot.readonly) {
       this.arch.vcpuExit(this, v);
       v.count({ mmioExits: 1 });
-      return { fault: "none", logged: false, mmio: true, costNs: 0 };
+      return { fault: "none", logged: false, mmio: true, costNs: 0, performed: false, ringFull: false };
     }
     const p = Math.floor((gpa - slot.gpa) / 4096);
     const gfn = slot.baseGfn + p;
@@ -733,17 +757,29 @@ export class Vm {
       if ((slot.s2.writable[p >>> 5] >>> (p & 31)) & 1) v.tlb.fill(gfn);
       else {
         const cost = this.writeMiss(v, slot, p, gfn, lo, hi, v.time);
-        out = this.missFaulted ? this.lastFault! : { ...out, costNs: cost };
+        out = this.missFaulted ? { ...this.lastFault! } : { ...out, costNs: cost };
       }
     }
-    slot.content[2 * p] = lo;
-    slot.content[2 * p + 1] = hi;
     const faultNs = out.costNs;
-    out.costNs += this.costs.writeNs;
+    const retires = !(v.ringFull && this.storeWaitsForRing());
+    if (retires) {
+      slot.content[2 * p] = lo;
+      slot.content[2 * p + 1] = hi;
+      out.costNs += this.costs.writeNs;
+    }
     v.time += out.costNs;
-    v.count({ writes: 1, writeFaults: out.fault === "none" ? 0 : 1, overheadNs: slot.logging && out.fault !== "none" ? faultNs : 0 });
+    v.count({ writes: retires ? 1 : 0, writeFaults: out.fault === "none" ? 0 : 1, overheadNs: slot.logging && out.fault !== "none" ? faultNs : 0 });
     if (v.ringFull) v.count({ ringFullExits: 1 });
-    return out;
+    return { ...out, performed: retires, ringFull: v.ringFull };
+  }
+
+  /** Refuses a GuestWrite batch before any of it is applied: every write's vCPU must exist and run, its GPA be in a slot. */
+  checkGuestWrites(writes: { vcpu: number; gpa: number }[]): void {
+    for (const { vcpu, gpa } of writes) {
+      const v = this.vcpu(vcpu, "guest write");
+      if (v.paused) throw failedPrecondition(`guest write: vCPU ${vcpu} of VM ${this.name} is paused`);
+      if (!this.slotOfGpa(gpa)) throw invalidArgument(`guest write: GPA 0x${gpa.toString(16)} is outside every memslot of VM ${this.name}`);
+    }
   }
 
   /**

@@ -42,7 +42,7 @@ describe("dirty rings", () => {
     );
   });
 
-  test("exact ring-full arithmetic: a 4096-entry ring takes exactly its soft limit (4032) before DIRTY_RING_FULL", async () => {
+  test("exact ring-full arithmetic: a 4096-entry ring takes exactly its soft limit (4032) before DIRTY_RING_FULL; the store that filled it re-executes and refaults after the reset", async () => {
     const c = h.client;
     const created = await c.createVm({
       vm: "full",
@@ -53,13 +53,15 @@ describe("dirty rings", () => {
     });
     assert.equal(created.vm!.dirtyRingSoftLimit, 4032);
     const a = await c.advanceVm({ vm: "full", durationNs: 100_000_000n }); // would be ~29,000 writes
-    assert.equal(a.vcpus[0].writes, 4032n, "one push per distinct page, none past the soft limit");
+    assert.equal(a.vcpus[0].writes, 4031n, "one push per distinct page; the 4032nd push exits before its store retires");
     assert.deepEqual(a.vcpus[0].exits, [{ reason: ExitReason.EXIT_REASON_DIRTY_RING_FULL, count: 1n }]);
+    assert.equal(a.vcpus[0].writeFaults, 4032n, "4032 faults: the last one's store waits");
     assert.ok(a.vcpus[0].dirtyRingStallNs > 80_000_000n);
-    // No progress while the ring stays full.
+    // No progress while the ring stays full; an explicit write is not performed, and says why.
     const stalled = await c.advanceVm({ vm: "full", durationNs: 10_000_000n });
     assert.equal(stalled.vcpus[0].writes, 0n);
-    await rejects(c.guestWrite({ vm: "full", writes: [{ vcpu: 0, gpa: BigInt(GiB) }] }), status.FAILED_PRECONDITION, /DIRTY_RING_FULL/);
+    const refused = await c.guestWrite({ vm: "full", writes: [{ vcpu: 0, gpa: BigInt(GiB) }] });
+    assert.deepEqual([refused.results[0].performed, refused.results[0].exit], [false, ExitReason.EXIT_REASON_DIRTY_RING_FULL]);
     // Harvesting alone is not enough: only the reset frees entries.
     const got = await c.harvestDirtyRing({ vm: "full", vcpu: 0 });
     assert.equal(got.count, 4032);
@@ -69,8 +71,52 @@ describe("dirty rings", () => {
     assert.deepEqual([reset.cleared, reset.tlbFlushed], [4032n, true]);
     const resumed = await c.advanceVm({ vm: "full", durationNs: 1_000_000n });
     assert.ok(resumed.vcpus[0].writes > 0n);
+    // The reset re-protected page 4031, so the store that filled the ring faults again: page 4031 is pushed a second time.
+    assert.deepEqual(entries(await c.harvestDirtyRing({ vm: "full", vcpu: 0, maxEntries: 2 })), [[3, 0, 4031], [3, 0, 4032]]);
     const info = (await c.getVm({ vm: "full" })).vm!;
     assert.equal(info.vcpus[0].dirtyRingFullExits, 1n);
+  });
+
+  test("GuestWrite: a batch with a paused vCPU or a GPA outside memory is refused before any write; a write whose fault fills the ring is not performed, the rest of the batch still reported", async () => {
+    const c = h.client;
+    await c.createVm({ vm: "gw", vcpus: 2, dirtyRing: { capability: ACQ_REL, bytes: 4096n * 16n }, memslots: [slot0()] });
+    const page = (p: number) => BigInt(GiB) + 4096n * BigInt(p);
+    const before = (await c.getMemoryDigest({ vm: "gw" })).sha256Hex;
+    await rejects(c.guestWrite({ vm: "gw", writes: [{ vcpu: 0, gpa: page(1), value: 1n }, { vcpu: 0, gpa: 5n, value: 1n }] }), status.INVALID_ARGUMENT, /outside every memslot/);
+    assert.equal((await c.getMemoryDigest({ vm: "gw" })).sha256Hex, before, "nothing of the refused batch was applied");
+    // Fill vCPU 0's ring to one below its soft limit, then write two more pages and one with vCPU 1.
+    for (let p = 0; p < 4031; p += 500) await c.guestWrite({ vm: "gw", writes: Array.from({ length: Math.min(500, 4031 - p) }, (_, i) => ({ vcpu: 0, gpa: page(p + i), value: 1n })) });
+    const r = await c.guestWrite({ vm: "gw", writes: [{ vcpu: 0, gpa: page(5000), value: 7n }, { vcpu: 0, gpa: page(5001), value: 8n }, { vcpu: 1, gpa: page(6000), value: 9n }] });
+    assert.deepEqual(
+      r.results.map((x) => [x.performed, x.logged, x.exit]),
+      [
+        [false, true, ExitReason.EXIT_REASON_DIRTY_RING_FULL],
+        [false, false, ExitReason.EXIT_REASON_DIRTY_RING_FULL],
+        [true, true, ExitReason.EXIT_REASON_UNSPECIFIED],
+      ],
+      "the push that fills the ring exits before its store retires; the vCPU then runs nothing; the other vCPU goes on",
+    );
+    const t = await c.translateGpa({ vm: "gw", gpa: page(5000) });
+    assert.equal(t.content, 0n, "the store that filled the ring has not retired");
+    assert.equal((await c.translateGpa({ vm: "gw", gpa: page(6000) })).content, 9n);
+  });
+
+  test("GuestWrite moves a stepped VM's clock with the writing vCPU, so the next AdvanceVm runs it for its whole duration", async () => {
+    const c = h.client;
+    // The workload rewrites 1000 pages, all mapped after the first advance; the GuestWrites fault on 1000 others (milliseconds of faults).
+    await c.createVm({
+      vm: "gw-clock",
+      vcpus: 1,
+      memslots: [slot0(64 * MiB, 0)],
+      workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e6, workingSetPages: 1000n },
+    });
+    await c.advanceVm({ vm: "gw-clock", durationNs: 100_000_000n });
+    const w = await c.guestWrite({ vm: "gw-clock", writes: Array.from({ length: 1000 }, (_, i) => ({ vcpu: 0, gpa: BigInt(GiB) + 4096n * BigInt(5000 + i), value: 1n })) });
+    const took = w.results.reduce((n, x) => n + x.costNs, 0n);
+    assert.ok(took > 1_000_000n, `the GuestWrites took ${took} ns of the vCPU's time`);
+    assert.equal(w.clockNs, 100_000_000n + took, "the clock moved with the writes");
+    const a = await c.advanceVm({ vm: "gw-clock", durationNs: 1_000_000n });
+    assert.ok(a.vcpus[0].writes >= 990n, `${a.vcpus[0].writes} writes in 1 ms at 1 M/s: the vCPU did not sit out the GuestWrite's time`);
   });
 
   test("harvest returns every entry once, in order, across partial harvests", async () => {

@@ -1048,12 +1048,24 @@ export interface GuestWriteResult {
   fault: FaultKind;
   /** The write recorded the page in the dirty log (bitmap bit set or ring entry pushed). */
   logged: boolean;
+  /**
+   * MMIO (a read-only slot), or DIRTY_RING_FULL: the vCPU is out on a full ring, after this
+   * write's own fault filled it or before it ran at all.
+   */
   exit: ExitReason;
   costNs: bigint;
+  /**
+   * The store retired. It does not when its vCPU is out on a full ring, nor when its own fault
+   * filled the ring (KVM exits before the store retires; it re-executes after the reset, and
+   * faults again).
+   */
+  performed: boolean;
 }
 
 export interface GuestWriteResponse {
   results: GuestWriteResult[];
+  /** The VM's clock after the writes (stepped VMs: moved to the latest writing vCPU's time). */
+  clockNs: bigint;
 }
 
 export interface TranslateGpaRequest {
@@ -8271,7 +8283,7 @@ export const GuestWriteOp: MessageFns<GuestWriteOp> = {
 };
 
 function createBaseGuestWriteResult(): GuestWriteResult {
-  return { fault: 0, logged: false, exit: 0, costNs: 0n };
+  return { fault: 0, logged: false, exit: 0, costNs: 0n, performed: false };
 }
 
 export const GuestWriteResult: MessageFns<GuestWriteResult> = {
@@ -8290,6 +8302,9 @@ export const GuestWriteResult: MessageFns<GuestWriteResult> = {
         throw new globalThis.Error("value provided for field message.costNs of type uint64 too large");
       }
       writer.uint32(32).uint64(message.costNs);
+    }
+    if (message.performed !== false) {
+      writer.uint32(40).bool(message.performed);
     }
     return writer;
   },
@@ -8339,6 +8354,14 @@ export const GuestWriteResult: MessageFns<GuestWriteResult> = {
             message.costNs = reader.uint64() as bigint;
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.performed = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -8357,6 +8380,7 @@ export const GuestWriteResult: MessageFns<GuestWriteResult> = {
       logged: isSet(object.logged) ? globalThis.Boolean(object.logged) : false,
       exit: isSet(object.exit) ? exitReasonFromJSON(object.exit) : 0,
       costNs: isSet(object.costNs) ? BigInt(object.costNs) : isSet(object.cost_ns) ? BigInt(object.cost_ns) : 0n,
+      performed: isSet(object.performed) ? globalThis.Boolean(object.performed) : false,
     };
   },
 
@@ -8374,6 +8398,9 @@ export const GuestWriteResult: MessageFns<GuestWriteResult> = {
     if (message.costNs !== 0n) {
       obj.costNs = message.costNs.toString();
     }
+    if (message.performed !== false) {
+      obj.performed = message.performed;
+    }
     return obj;
   },
 
@@ -8386,18 +8413,25 @@ export const GuestWriteResult: MessageFns<GuestWriteResult> = {
     message.logged = object.logged ?? false;
     message.exit = object.exit ?? 0;
     message.costNs = (object.costNs !== undefined && object.costNs !== null) ? BigInt(object.costNs) : 0n;
+    message.performed = object.performed ?? false;
     return message;
   },
 };
 
 function createBaseGuestWriteResponse(): GuestWriteResponse {
-  return { results: [] };
+  return { results: [], clockNs: 0n };
 }
 
 export const GuestWriteResponse: MessageFns<GuestWriteResponse> = {
   encode(message: GuestWriteResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.results) {
       GuestWriteResult.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.clockNs !== 0n) {
+      if (BigInt.asUintN(64, message.clockNs) !== message.clockNs) {
+        throw new globalThis.Error("value provided for field message.clockNs of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.clockNs);
     }
     return writer;
   },
@@ -8423,6 +8457,14 @@ export const GuestWriteResponse: MessageFns<GuestWriteResponse> = {
             message.results.push(GuestWriteResult.decode(reader, reader.uint32()));
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.clockNs = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -8440,6 +8482,7 @@ export const GuestWriteResponse: MessageFns<GuestWriteResponse> = {
       results: globalThis.Array.isArray(object?.results)
         ? object.results.map((e: any) => GuestWriteResult.fromJSON(e))
         : [],
+      clockNs: isSet(object.clockNs) ? BigInt(object.clockNs) : isSet(object.clock_ns) ? BigInt(object.clock_ns) : 0n,
     };
   },
 
@@ -8447,6 +8490,9 @@ export const GuestWriteResponse: MessageFns<GuestWriteResponse> = {
     const obj: any = {};
     if (message.results?.length) {
       obj.results = message.results.map((e) => GuestWriteResult.toJSON(e));
+    }
+    if (message.clockNs !== 0n) {
+      obj.clockNs = message.clockNs.toString();
     }
     return obj;
   },
@@ -8457,6 +8503,7 @@ export const GuestWriteResponse: MessageFns<GuestWriteResponse> = {
   fromPartial(object: DeepPartial<GuestWriteResponse>): GuestWriteResponse {
     const message = createBaseGuestWriteResponse();
     message.results = object.results?.map((e) => GuestWriteResult.fromPartial(e)) || [];
+    message.clockNs = (object.clockNs !== undefined && object.clockNs !== null) ? BigInt(object.clockNs) : 0n;
     return message;
   },
 };
