@@ -3,7 +3,8 @@
  * every vCPU's ring while pages are sent (every second, and at once when a
  * vCPU exits with DIRTY_RING_FULL, as QEMU's vCPU thread reaps on that exit),
  * resets the rings, and folds the entries into a bitmap that the next sync
- * hands over. Every sync reaps first; the final one also collects
+ * hands over. Every sync first kicks every vCPU out of the guest (QEMU's
+ * kvm_dirty_ring_flush: hardware logs reach the rings) and reaps; the final one also collects
  * WITH_BITMAP's backup bitmap (writes made without a vCPU).
  */
 import type { VmInfo } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
@@ -30,6 +31,7 @@ export class RingTracker implements DirtyTracker {
   private readonly perVcpu: number[];
   private resets = 0;
   private fullReaps = 0;
+  private kicks = 0;
   private dirtyLimited = false;
   private reapIntervalNs = REAP_INTERVAL_NS;
   private hostNs = 0;
@@ -102,7 +104,10 @@ export class RingTracker implements DirtyTracker {
   }
 
   async sync(final: boolean): Promise<SyncResult> {
-    let hostNs = await this.reap();
+    // kvm_dirty_ring_flush: every vCPU out of the guest first, so that hardware logs reach the rings.
+    const kick = await this.client.kickVcpus({ vm: this.vm.vm });
+    this.kicks += kick.kicked;
+    let hostNs = Number(kick.hostNs) + (await this.reap());
     const bitmaps = this.pending;
     this.pending = new Map([...bitmaps].map(([slot, b]) => [slot, new Uint8Array(b.length)]));
     if (final && this.vm.dirtyRingWithBitmap) {
@@ -130,6 +135,6 @@ export class RingTracker implements DirtyTracker {
   }
 
   stats(): Record<string, number> {
-    return { ring_entries_harvested: this.harvested, ring_resets: this.resets, reaps_on_ring_full: this.fullReaps, reaper_host_ms: this.hostNs / 1e6 };
+    return { ring_entries_harvested: this.harvested, ring_resets: this.resets, reaps_on_ring_full: this.fullReaps, vcpu_kicks: this.kicks, reaper_host_ms: this.hostNs / 1e6 };
   }
 }

@@ -121,6 +121,7 @@ export function vmInfo(vm: Vm): VmInfo {
       cpuThrottleNs: BigInt(Math.round(v.total.throttleNs)),
       dirtyLimitMbps: BigInt(v.dirtyLimit?.quotaMBps ?? 0),
       dirtyLimitSleepNs: BigInt(Math.round(v.total.dirtyLimitNs)),
+      kicks: BigInt(v.total.kicks),
     })),
     memslots: vm.sortedSlots().map((s) => ({
       memslot: { slot: s.id, guestPhysAddr: BigInt(s.gpa), memorySize: BigInt(s.size), flags: s.flags },

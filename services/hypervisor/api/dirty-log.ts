@@ -1,10 +1,10 @@
 /** The dirty-log interfaces: GET and CLEAR of the bitmap, the rings' harvest and reset, writes without a vCPU. */
 import { resourceExhausted } from "../../../common/errors.js";
-import { harvestRing, resetDirtyRings } from "../model/dirty-ring.js";
+import { harvestRing, kickVcpus, resetDirtyRings } from "../model/dirty-ring.js";
 import { asBuffer, LOG_TARGET_OUT, num } from "./convert.js";
 import type { ApiContext, Handlers } from "./context.js";
 
-export function dirtyLogHandlers(ctx: ApiContext): Pick<Handlers, "getDirtyLog" | "clearDirtyLog" | "harvestDirtyRing" | "resetDirtyRings" | "hostWrite"> {
+export function dirtyLogHandlers(ctx: ApiContext): Pick<Handlers, "getDirtyLog" | "clearDirtyLog" | "harvestDirtyRing" | "resetDirtyRings" | "kickVcpus" | "hostWrite"> {
   const { hv, metrics } = ctx;
   return {
     async getDirtyLog(req) {
@@ -37,6 +37,10 @@ export function dirtyLogHandlers(ctx: ApiContext): Pick<Handlers, "getDirtyLog" 
       const r = await hv.clearDirtyLog(vm, req.slot, num(req.firstPage, "first_page"), req.numPages, req.bitmap);
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "clear" }, r.hostNs / 1e9);
       return { pagesCleared: BigInt(r.pagesCleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)) };
+    },
+    kickVcpus(req) {
+      const r = kickVcpus(hv.vm(req.vm));
+      return { kicked: r.kicked, hostNs: BigInt(r.hostNs) };
     },
     harvestDirtyRing(req) {
       const r = harvestRing(hv.vm(req.vm), req.vcpu, req.maxEntries);

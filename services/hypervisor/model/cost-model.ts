@@ -67,6 +67,8 @@ export interface CostModel {
   pmlLogNs: number;
   /** Intel PML: the PML-full VM exit and re-entry, before the drain. */
   pmlFullExitNs: number;
+  /** A vCPU kicked out of KVM_RUN and back in (KickVcpus: an IPI, an exit, a re-entry). */
+  vcpuKickNs: number;
   /** Intel PML: draining one logged GPA into the dirty log. */
   pmlDrainEntryNs: number;
 }
@@ -97,6 +99,7 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   hdbssFlushEntryNs: 10, // [ASSUMED] decode one entry and set its bit under mmu_lock (set_bit as deviceReadGpaNs, plus the slot lookup)
   pmlLogNs: 2, // [ASSUMED] one 8-byte store by the CPU beside the D-bit update (PML overhead 0.06-0.45% [LIT], Kai Huang 2015, secondary)
   pmlFullExitNs: 1500, // [ASSUMED] a light VM exit and re-entry with no instruction emulation
+  vcpuKickNs: 1500, // [ASSUMED] as pmlFullExitNs: a light exit (here forced by an IPI) and re-entry
   pmlDrainEntryNs: 10, // [ASSUMED] kvm_vcpu_mark_page_dirty per GPA, as hdbssFlushEntryNs
 });
 

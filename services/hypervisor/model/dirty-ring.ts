@@ -188,6 +188,24 @@ function ringOf(vm: Vm, vcpu: number, what: string): DirtyRing {
   return v.ring;
 }
 
+/**
+ * QEMU's kvm_cpu_synchronize_kick_all before a sync collects the rings: every
+ * running vCPU exits once (its exit flushes a hardware log into its ring) and
+ * re-enters, losing an exit's guest time; the caller waits for one exit, as
+ * they leave in parallel.
+ */
+export function kickVcpus(vm: Vm): { kicked: number; hostNs: number } {
+  let kicked = 0;
+  for (const v of vm.vcpus) {
+    if (v.paused) continue;
+    vm.arch.vcpuExit(vm, v);
+    v.time = Math.max(v.time, vm.clockNs) + vm.costs.vcpuKickNs;
+    v.count({ kicks: 1 });
+    kicked++;
+  }
+  return { kicked, hostNs: kicked > 0 ? vm.costs.vcpuKickNs : 0 };
+}
+
 /** The VMM reading vCPU vcpu's ring: up to max entries (0: all) as struct kvm_dirty_gfn. */
 export function harvestRing(vm: Vm, vcpu: number, max: number): { entries: Uint8Array; count: number; hostNs: number } {
   const ring = ringOf(vm, vcpu, "harvest dirty ring");

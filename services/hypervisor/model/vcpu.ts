@@ -23,9 +23,11 @@ export interface StepStats {
   throttleNs: number;
   /** Guest time asleep under QEMU's dirty limit (throttle_us_per_full after each full ring). */
   dirtyLimitNs: number;
+  /** Exits forced by KickVcpus. */
+  kicks: number;
 }
 
-const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0, pagesDirtied: 0, hdbssFullFaults: 0, pmlFullExits: 0, throttleNs: 0, dirtyLimitNs: 0 });
+const zero = (): StepStats => ({ writes: 0, writeFaults: 0, overheadNs: 0, mmioExits: 0, ringFullExits: 0, ringStallNs: 0, pagesDirtied: 0, hdbssFullFaults: 0, pmlFullExits: 0, throttleNs: 0, dirtyLimitNs: 0, kicks: 0 });
 
 export class Vcpu {
   paused = false;

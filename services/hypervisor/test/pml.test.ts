@@ -69,6 +69,24 @@ describe("x86_64 VMs over gRPC", () => {
     assert.equal((await c().translateGpa({ vm: "n", gpa: BASE + 4096n })).dirty, true);
   });
 
+  test("KickVcpus: every running vCPU exits once, which drains its PML buffer into its ring (QEMU kicks them before it collects the rings)", async () => {
+    await c().createVm({ vm: "kick", vcpus: 2, ...X86_PML, dirtyRing: { capability: Capability.CAPABILITY_DIRTY_LOG_RING, bytes: 4096n * 16n }, memslots: [{ slot: 0, guestPhysAddr: BASE, memorySize: BigInt(8 * MiB), flags: LOG }] });
+    await c().pauseVm({ vm: "kick", vcpus: [1] });
+    await writePages("kick", 0, 10); // first touches: EPT violations, pushed by the fault path
+    assert.equal((await c().harvestDirtyRing({ vm: "kick", vcpu: 0 })).count, 10);
+    await c().resetDirtyRings({ vm: "kick" }); // re-armed by clearing D bits
+    await writePages("kick", 0, 10);
+    let v = await vcpu0("kick");
+    assert.deepEqual([v.pmlEntries, v.dirtyRingEntries], [10, 0], "the rewrites sit in the PML buffer");
+    const k = await c().kickVcpus({ vm: "kick" });
+    assert.equal(k.kicked, 1, "the paused vCPU is not in the guest");
+    assert.ok(k.hostNs > 0n);
+    const after = (await c().getVm({ vm: "kick" })).vm!.vcpus;
+    v = after[0];
+    assert.deepEqual([v.pmlEntries, v.dirtyRingEntries, v.kicks], [0, 10, 1n], "the exit drained the buffer into the ring");
+    assert.equal(after[1].kicks, 0n);
+  });
+
   test("with PML the ring reserves 512 more entries: soft limit entries - 64 - 512, and a 4 KiB ring is too small", async () => {
     const r = await c().createVm({ vm: "ring", vcpus: 1, ...X86_PML, dirtyRing: { capability: Capability.CAPABILITY_DIRTY_LOG_RING, bytes: 4096n * 16n } });
     assert.equal(r.vm!.dirtyRingSoftLimit, 4096 - 64 - 512);

@@ -688,6 +688,8 @@ export interface VcpuInfo {
   /** QEMU's dirty limit on this vCPU (0: none), MB/s, and the guest time it slept under it. */
   dirtyLimitMbps: bigint;
   dirtyLimitSleepNs: bigint;
+  /** Exits forced by KickVcpus. */
+  kicks: bigint;
 }
 
 export interface MemslotInfo {
@@ -1178,6 +1180,17 @@ export interface SetFaultInjectionRequest {
 }
 
 export interface SetFaultInjectionResponse {
+}
+
+export interface KickVcpusRequest {
+  vm: string;
+}
+
+export interface KickVcpusResponse {
+  /** The vCPUs that were running and exited. */
+  kicked: number;
+  /** Host time the caller waited for them all to have exited (one exit: they leave in parallel). */
+  hostNs: bigint;
 }
 
 export interface HarvestDirtyRingRequest {
@@ -2273,6 +2286,7 @@ function createBaseVcpuInfo(): VcpuInfo {
     cpuThrottleNs: 0n,
     dirtyLimitMbps: 0n,
     dirtyLimitSleepNs: 0n,
+    kicks: 0n,
   };
 }
 
@@ -2361,6 +2375,12 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
         throw new globalThis.Error("value provided for field message.dirtyLimitSleepNs of type uint64 too large");
       }
       writer.uint32(144).uint64(message.dirtyLimitSleepNs);
+    }
+    if (message.kicks !== 0n) {
+      if (BigInt.asUintN(64, message.kicks) !== message.kicks) {
+        throw new globalThis.Error("value provided for field message.kicks of type uint64 too large");
+      }
+      writer.uint32(152).uint64(message.kicks);
     }
     return writer;
   },
@@ -2522,6 +2542,14 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
             message.dirtyLimitSleepNs = reader.uint64() as bigint;
             continue;
           }
+          case 19: {
+            if (tag !== 152) {
+              break;
+            }
+
+            message.kicks = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2610,6 +2638,7 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
         : isSet(object.dirty_limit_sleep_ns)
         ? BigInt(object.dirty_limit_sleep_ns)
         : 0n,
+      kicks: isSet(object.kicks) ? BigInt(object.kicks) : 0n,
     };
   },
 
@@ -2669,6 +2698,9 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
     if (message.dirtyLimitSleepNs !== 0n) {
       obj.dirtyLimitSleepNs = message.dirtyLimitSleepNs.toString();
     }
+    if (message.kicks !== 0n) {
+      obj.kicks = message.kicks.toString();
+    }
     return obj;
   },
 
@@ -2715,6 +2747,7 @@ export const VcpuInfo: MessageFns<VcpuInfo> = {
     message.dirtyLimitSleepNs = (object.dirtyLimitSleepNs !== undefined && object.dirtyLimitSleepNs !== null)
       ? BigInt(object.dirtyLimitSleepNs)
       : 0n;
+    message.kicks = (object.kicks !== undefined && object.kicks !== null) ? BigInt(object.kicks) : 0n;
     return message;
   },
 };
@@ -9905,6 +9938,161 @@ export const SetFaultInjectionResponse: MessageFns<SetFaultInjectionResponse> = 
   },
 };
 
+function createBaseKickVcpusRequest(): KickVcpusRequest {
+  return { vm: "" };
+}
+
+export const KickVcpusRequest: MessageFns<KickVcpusRequest> = {
+  encode(message: KickVcpusRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): KickVcpusRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseKickVcpusRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): KickVcpusRequest {
+    return { vm: isSet(object.vm) ? globalThis.String(object.vm) : "" };
+  },
+
+  toJSON(message: KickVcpusRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<KickVcpusRequest>): KickVcpusRequest {
+    return KickVcpusRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<KickVcpusRequest>): KickVcpusRequest {
+    const message = createBaseKickVcpusRequest();
+    message.vm = object.vm ?? "";
+    return message;
+  },
+};
+
+function createBaseKickVcpusResponse(): KickVcpusResponse {
+  return { kicked: 0, hostNs: 0n };
+}
+
+export const KickVcpusResponse: MessageFns<KickVcpusResponse> = {
+  encode(message: KickVcpusResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.kicked !== 0) {
+      writer.uint32(8).uint32(message.kicked);
+    }
+    if (message.hostNs !== 0n) {
+      if (BigInt.asUintN(64, message.hostNs) !== message.hostNs) {
+        throw new globalThis.Error("value provided for field message.hostNs of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.hostNs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): KickVcpusResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseKickVcpusResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.kicked = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.hostNs = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): KickVcpusResponse {
+    return {
+      kicked: isSet(object.kicked) ? globalThis.Number(object.kicked) : 0,
+      hostNs: isSet(object.hostNs) ? BigInt(object.hostNs) : isSet(object.host_ns) ? BigInt(object.host_ns) : 0n,
+    };
+  },
+
+  toJSON(message: KickVcpusResponse): unknown {
+    const obj: any = {};
+    if (message.kicked !== 0) {
+      obj.kicked = Math.round(message.kicked);
+    }
+    if (message.hostNs !== 0n) {
+      obj.hostNs = message.hostNs.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<KickVcpusResponse>): KickVcpusResponse {
+    return KickVcpusResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<KickVcpusResponse>): KickVcpusResponse {
+    const message = createBaseKickVcpusResponse();
+    message.kicked = object.kicked ?? 0;
+    message.hostNs = (object.hostNs !== undefined && object.hostNs !== null) ? BigInt(object.hostNs) : 0n;
+    return message;
+  },
+};
+
 function createBaseHarvestDirtyRingRequest(): HarvestDirtyRingRequest {
   return { vm: "", vcpu: 0, maxEntries: 0 };
 }
@@ -12199,6 +12387,20 @@ export const HypervisorServiceService = {
       Buffer.from(HarvestDirtyRingResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): HarvestDirtyRingResponse => HarvestDirtyRingResponse.decode(value),
   },
+  /**
+   * Every running vCPU exits KVM_RUN once and re-enters, as QEMU's kvm_cpu_synchronize_kick_all
+   * does before it collects the rings at a sync (kvm_dirty_ring_flush): the exit flushes
+   * hardware logs (PML) into the rings, and each vCPU loses an exit's time.
+   */
+  kickVcpus: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/KickVcpus" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: KickVcpusRequest): Buffer => Buffer.from(KickVcpusRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): KickVcpusRequest => KickVcpusRequest.decode(value),
+    responseSerialize: (value: KickVcpusResponse): Buffer => Buffer.from(KickVcpusResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): KickVcpusResponse => KickVcpusResponse.decode(value),
+  },
   /** KVM_RESET_DIRTY_RINGS: re-protects the harvested pages, flushes TLBs once. */
   resetDirtyRings: {
     path: "/dirtytrack.hypervisor.v1.HypervisorService/ResetDirtyRings" as const,
@@ -12400,6 +12602,12 @@ export interface HypervisorServiceServer extends UntypedServiceImplementation {
    * published entries in order and marks them RESET (flags 01 -> 1X).
    */
   harvestDirtyRing: handleUnaryCall<HarvestDirtyRingRequest, HarvestDirtyRingResponse>;
+  /**
+   * Every running vCPU exits KVM_RUN once and re-enters, as QEMU's kvm_cpu_synchronize_kick_all
+   * does before it collects the rings at a sync (kvm_dirty_ring_flush): the exit flushes
+   * hardware logs (PML) into the rings, and each vCPU loses an exit's time.
+   */
+  kickVcpus: handleUnaryCall<KickVcpusRequest, KickVcpusResponse>;
   /** KVM_RESET_DIRTY_RINGS: re-protects the harvested pages, flushes TLBs once. */
   resetDirtyRings: handleUnaryCall<ResetDirtyRingsRequest, ResetDirtyRingsResponse>;
   /**
@@ -12876,6 +13084,26 @@ export interface HypervisorServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: HarvestDirtyRingResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Every running vCPU exits KVM_RUN once and re-enters, as QEMU's kvm_cpu_synchronize_kick_all
+   * does before it collects the rings at a sync (kvm_dirty_ring_flush): the exit flushes
+   * hardware logs (PML) into the rings, and each vCPU loses an exit's time.
+   */
+  kickVcpus(
+    request: KickVcpusRequest,
+    callback: (error: ServiceError | null, response: KickVcpusResponse) => void,
+  ): ClientUnaryCall;
+  kickVcpus(
+    request: KickVcpusRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: KickVcpusResponse) => void,
+  ): ClientUnaryCall;
+  kickVcpus(
+    request: KickVcpusRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: KickVcpusResponse) => void,
   ): ClientUnaryCall;
   /** KVM_RESET_DIRTY_RINGS: re-protects the harvested pages, flushes TLBs once. */
   resetDirtyRings(
