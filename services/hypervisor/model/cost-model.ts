@@ -23,6 +23,8 @@ export interface CostModel {
   writeFaultNs: number;
   /** A stage-2 translation fault that maps the page (first touch). */
   translationFaultNs: number;
+  /** The part of a stage-2 fault that holds mmu_lock: vCPUs faulting at once queue for it (mmu-lock.ts). */
+  faultSerialNs: number;
   /** One fixed cost per dirty-log ioctl (syscall entry, slots_lock). */
   ioctlNs: number;
   /** Scanning one 64-bit word of a dirty bitmap. */
@@ -77,6 +79,7 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   writeNs: 15, // [KVM-HERE] guest write to a writable, mapped page: 15 ns per page
   writeFaultNs: 2430, // [KVM-HERE] write-protection fault and fix-up while logging: 2.43 us per page
   translationFaultNs: 2430, // [ASSUMED] same fault path as a permission fault ([KVM-HERE] 2.43 us)
+  faultSerialNs: 1425, // [KVM-HERE] derived: two vCPUs faulting at once take 2.85 us per fault each = 2 x the serialized part (1.43 us per page aggregate)
   ioctlNs: 740, // [KVM-HERE] derived: CLEAR of one 64-page chunk 2.3 us minus 64 x 24.4 ns per page
   bitmapWordScanNs: 2.7, // [KVM-HERE] derived: GET with no page dirty 0.011 ms per GiB / 4096 words
   bitmapWordCopyNs: 3.7, // [KVM-HERE] derived: manual-protect GET, all dirty, 0.015 ms per GiB / 4096 words

@@ -23,6 +23,7 @@ import { Vcpu } from "./vcpu.js";
 import { BATCH, IDLE, WorkloadGen, type WorkloadSpec } from "./workload.js";
 import { CPU_THROTTLE_PCT_MAX, CpuThrottle } from "./cpu-throttle.js";
 import { setVcpuDirtyLimit, type DirtyLimiter } from "./dirty-limit.js";
+import { MmuLock } from "./mmu-lock.js";
 import { missingBitmaps, Postcopy, refusePostcopy, type ReadStream } from "./postcopy.js";
 import { WriteTracker } from "./write-track.js";
 
@@ -193,6 +194,9 @@ export class Vm {
   private missFaulted = false;
   /** The last miss hit a page post-copy has not sent: the vCPU waits, the write has not happened. */
   private missBlocked = false;
+  /** Contention of vCPUs' faults for mmu_lock, re-evaluated every quantum from each vCPU's faults and idle time at its start. */
+  private readonly mmuLock: MmuLock;
+  private readonly quantumStart: Float64Array;
   private lastFault: WriteOutcome | null = null;
   readonly writeTrack = new WriteTracker();
   /** The VM's write sequence: the value of SEQUENCE writes. */
@@ -215,6 +219,8 @@ export class Vm {
     this.vcpus = this.specs.map((s, i) => new Vcpu(i, new Tlb(config.tlbEntries), this.makeGen(s, i), entries ? new DirtyRing(entries, reserve) : null));
     // kvm_intel's enable_pml is the host's, for the VM's life; the arm64 assists are capabilities.
     if (config.pml) this.hw = new Pml(this, config.vcpus, config.costs);
+    this.mmuLock = new MmuLock(config.costs.writeFaultNs, config.costs.faultSerialNs);
+    this.quantumStart = new Float64Array(2 * config.vcpus);
   }
 
   get ringEnabled(): boolean {
@@ -400,6 +406,8 @@ export class Vm {
       const tq = Math.min(t + QUANTUM_NS, end);
       const pc = this.postcopy;
       pc?.beginQuantum(this.vcpus, t, tq);
+      const contended = this.vcpus.length > 1;
+      if (contended) this.markQuantum();
       for (const v of this.vcpus) {
         const reads = pc?.reads[v.index];
         if (v.paused || v.time >= tq) v.time = Math.max(v.time, tq);
@@ -411,6 +419,7 @@ export class Vm {
         pc.endQuantum(this.vcpus, t, tq);
         if (pc.doneBy(tq)) this.endPostcopy();
       }
+      if (contended) this.contend(tq - t);
       t = tq;
       if (this.dirtyLimiter && t >= this.dirtyLimiter.nextNs) this.dirtyLimiter.tick(this.vcpus, t);
       if (stopAt !== Infinity && performance.now() >= stopAt) break;
@@ -549,6 +558,28 @@ export class Vm {
       v.count({ ringFullExits: 1 });
       v.stall(t, until);
     }
+  }
+
+  /** Each vCPU's faults and idle time so far, at the start of a quantum. */
+  private markQuantum(): void {
+    const q = this.quantumStart;
+    this.vcpus.forEach((v, i) => {
+      q[2 * i] = v.total.writeFaults;
+      q[2 * i + 1] = v.total.ringStallNs + v.total.throttleNs + v.total.dirtyLimitNs;
+    });
+  }
+
+  /** The quantum of length ns is over: what its faults demanded of mmu_lock sets the next one's wait. */
+  private contend(ns: number): void {
+    const q = this.quantumStart;
+    const fault = this.costs.writeFaultNs + this.mmuLock.waitNs;
+    this.mmuLock.update(
+      this.vcpus.map((v, i) => {
+        const faults = v.paused ? 0 : v.total.writeFaults - q[2 * i];
+        const idle = v.total.ringStallNs + v.total.throttleNs + v.total.dirtyLimitNs - q[2 * i + 1];
+        return { faults, otherNs: Math.max(0, ns - idle - faults * fault) };
+      }),
+    );
   }
 
   /** run() within the throttle's running windows; its sleeps pass as guest time with no guest work. */
@@ -711,6 +742,8 @@ export class Vm {
     }
     this.missFaulted = true;
     this.lastFault = this.arch.handleWriteFault(this, v, slot, p, gfn, level, lo, hi, t + wait);
+    // Other vCPUs hold mmu_lock part of the time (mmu-lock.ts).
+    this.lastFault.costNs += this.mmuLock.waitNs;
     return wait + this.lastFault.costNs;
   }
 
