@@ -716,19 +716,25 @@ export class Vm {
     return !(this.missFaulted && this.lastFault!.fault === "tracked");
   }
 
+  /**
+   * Post-copy: a page not here yet faults to userfaultfd first, and the
+   * write waits for it: the time it waits, or missBlocked when nobody has
+   * sent it yet.
+   */
+  private postcopyWait(v: Vcpu, slot: Memslot, p: number, gfn: number, t: number): number {
+    const pc = this.postcopy!;
+    if (pc.arrivalOf(slot.id, p) <= t) return 0;
+    const go = pc.fault(v, slot, p, gfn * 4096, t);
+    if (go !== Infinity) return go - t;
+    this.missBlocked = true;
+    return 0;
+  }
+
   private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number, lo: number, hi: number, t: number): number {
     this.missFaulted = false;
     this.missBlocked = false;
-    // Post-copy: a page not here yet faults to userfaultfd first, and the write waits for it.
-    let wait = 0;
-    if (this.postcopy !== null && this.postcopy.arrivalOf(slot.id, p) > t) {
-      const go = this.postcopy.fault(v, slot, p, gfn * 4096, t);
-      if (go === Infinity) {
-        this.missBlocked = true;
-        return 0;
-      }
-      wait = go - t;
-    }
+    const wait = this.postcopy === null ? 0 : this.postcopyWait(v, slot, p, gfn, t);
+    if (this.missBlocked) return 0;
     const level = slot.s2.leafLevel(p);
     if (level === Level.Block2M || level === Level.Block1G) {
       const [pl, i] = slot.s2.leafRef(p, level);
