@@ -128,7 +128,7 @@ output:
 exit codes: 0 migrated and verified; 1 other failure; 2 bad usage; 3 unreachable hypervisor, unknown VM
 or a precondition (destination exists, slot already logging, over a hypervisor's memory budget);
 4 did not converge (timeout); 5 verification failed (destination differs from source);
-6 the VM was lost: a failure after the switch to post-copy (the source stays paused, the destination is kept);
+6 the VM was lost: a failure after the switch to post-copy (the source stays paused, the destination is kept, waiting on the missing pages);
 130 / 143 interrupted by SIGINT / SIGTERM (the source is resumed, logging off, the destination removed).`;
 
 export interface Io {

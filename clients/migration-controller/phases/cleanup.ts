@@ -63,8 +63,6 @@ export async function cleanUp(run: MigrationRun): Promise<CleanupReport> {
   if (did.paused) await attempt("resuming the source", () => source.resumeVm({ vm: cfg.sourceVm }));
   if (did.trackerStarted) await attempt("turning logging off on the source", () => run.tracker.stop());
   if (did.destinationCreated) await attempt("removing the destination VM", () => destination.destroyVm({ vm: cfg.destinationVm }));
-  // A lost post-copy: the destination holds the newest state of most pages; it stays, stopped, for whoever recovers it.
-  if (did.postcopy) await attempt("pausing the destination", () => destination.pauseVm({ vm: cfg.destinationVm }));
   const out: CleanupReport = { sourceRunning: null, sourceLogging: null, sourceThrottled: null, destinationRemoved: null, problems };
   await attempt("looking at the source", async () => {
     const v = (await source.getVm({ vm: cfg.sourceVm })).vm!;

@@ -13,7 +13,9 @@
  * From the switch on neither side holds the whole guest: a failure of the
  * source, the link or the controller loses the VM (MigrationError
  * "postcopy-lost"), as in QEMU; the source is not resumed (its memory is
- * older than the destination's) and the destination is paused and kept.
+ * older than the destination's) and the destination is kept running, as
+ * QEMU's postcopy-paused leaves it: its vCPUs wait on the pages that never
+ * come, the rest of the guest goes on.
  */
 import type { VmInfo, WatchPageRequestsResponse } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { RealtimeClock, SteppedClock } from "../clock.js";
@@ -73,7 +75,7 @@ export async function postcopy(run: MigrationRun, end: PrecopyEnd): Promise<void
     throw new MigrationError(
       "postcopy-lost",
       `post-copy failed after the switch, and the VM is lost (as in QEMU): ${why}. The destination is missing pages that only the source had, ` +
-        `and the source's memory is older than what the destination's guest wrote since; the source stays paused and the destination is kept, paused`,
+        `and the source's memory is older than what the destination's guest wrote since; the source stays paused and the destination is kept, its vCPUs waiting on the missing pages (QEMU's postcopy-paused)`,
     );
   }
 }

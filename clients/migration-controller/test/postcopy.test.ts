@@ -90,7 +90,7 @@ describe("post-copy in a migration", () => {
     }
   });
 
-  test("a source that dies after the switch loses the VM: postcopy-lost, exit 6, the destination kept and paused", async () => {
+  test("a source that dies after the switch loses the VM: postcopy-lost, exit 6, the destination kept, its vCPUs waiting on the missing pages", async () => {
     const src = await startHypervisor();
     let closed: Promise<void> | null = null;
     try {
@@ -115,8 +115,10 @@ describe("post-copy in a migration", () => {
         },
       );
       const d = (await pair.dst.client.getVm({ vm: "doomed" })).vm!;
-      assert.ok(d.vcpus.every((v) => v.paused), "the destination is kept, paused");
+      assert.ok(d.vcpus.every((v) => !v.paused), "the destination is kept and not paused by the controller");
       assert.equal(d.postcopy?.active, true, "with pages still missing");
+      const step = await pair.dst.client.advanceVm({ vm: "doomed", durationNs: 10_000_000n });
+      assert.ok(step.vcpus.every((v) => v.writes === 0n), "its vCPUs wait on pages that never come (QEMU's postcopy-paused)");
     } finally {
       await (closed ?? src.close());
     }
