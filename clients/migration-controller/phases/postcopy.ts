@@ -93,15 +93,18 @@ async function runPostcopy(run: MigrationRun, resumed: VmInfo, missing: Map<numb
   let streamError: unknown = null;
   const arrived: { wake: (() => void) | null } = { wake: null };
   const watch = destination.watchPageRequests({ vm: cfg.destinationVm, fromSequence: 1n }, { signal: run.ep.signal });
+  let ended = false;
   const reading = (async () => {
     for await (const r of watch) {
       requests.push(r);
       arrived.wake?.();
     }
-  })().catch((e) => {
-    streamError = e;
-    arrived.wake?.();
-  });
+  })()
+    .catch((e) => (streamError = e))
+    .finally(() => {
+      ended = true;
+      arrived.wake?.();
+    });
   /** In the stepped drive: the requests raised by the last step, all of which the stream must have brought before going on. */
   let raised = 0;
 
@@ -178,7 +181,7 @@ async function runPostcopy(run: MigrationRun, resumed: VmInfo, missing: Map<numb
   for (;;) {
     const now = run.clock.now();
     // Requests first: each one jumps the queue.
-    while (run.clock.drive === "stepped" && requests.length < raised && !streamError) await new Promise<void>((r) => (arrived.wake = r));
+    while (run.clock.drive === "stepped" && requests.length < raised && !streamError && !ended) await new Promise<void>((r) => (arrived.wake = r));
     arrived.wake = null;
     if (streamError) throw streamError;
     const bySlot = new Map<number, { page: number; at: number }[]>();
