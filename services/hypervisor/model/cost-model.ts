@@ -35,9 +35,9 @@ export interface CostModel {
   getPageWriteProtectNs: number;
   /** Clearing and re-protecting one dirty page inside CLEAR_DIRTY_LOG. */
   clearPageWriteProtectNs: number;
-  /** Write-protecting one page when logging is enabled on a slot. */
+  /** Write-protecting one mapped leaf entry (a 4 KiB page, or a whole block) when logging is enabled on a slot. */
   enableLoggingPageNs: number;
-  /** Turning logging off, per page of the slot. */
+  /** Turning logging off, per mapped leaf entry of the slot. */
   disableLoggingPageNs: number;
   /** Enabling logging with INITIALLY_SET (a fixed cost per slot: the bitmap is set, nothing is protected). */
   enableLoggingInitiallySetNs: number;
@@ -87,8 +87,8 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   bitmapWordCopyNs: 3.6, // [KVM-HERE] derived: manual-protect GET, all dirty, 0.015 ms per GiB (4096 words copied) minus the ioctl
   getPageWriteProtectNs: 30.09, // [KVM-HERE] derived: GET, every page dirty, 7.9 ms per GiB, minus the ioctl, the words and the flush, / 262144 pages
   clearPageWriteProtectNs: 24.37, // [KVM-HERE] derived: CLEAR of the whole slot, every page dirty, 6.4 ms per GiB, minus the ioctl, the words and the flush
-  enableLoggingPageNs: 39.3, // [KVM-HERE] derived: enable logging 10.3 ms per GiB / 262144 pages
-  disableLoggingPageNs: 42.7, // [KVM-HERE] derived: disable logging 11.2 ms per GiB / 262144 pages
+  enableLoggingPageNs: 39.3, // [KVM-HERE] derived: enable logging 10.3 ms per GiB / 262144 pages, every page mapped at 4 KiB
+  disableLoggingPageNs: 42.7, // [KVM-HERE] derived: disable logging 11.2 ms per GiB / 262144 pages, every page mapped at 4 KiB
   enableLoggingInitiallySetNs: 60000, // [KVM-HERE] enable logging with INITIALLY_SET: 0.06 ms per 1 GiB slot
   splitBlockNs: 31400, // [LIT] derived from Matlack v2: eager split at enable 1.547 s for 96 GiB = 49152 2M blocks
   tlbFlushNs: 500, // [ASSUMED] share of the 736 ns that a 64-page CLEAR ([KVM-HERE] 2.3 us) leaves for the ioctl and the flush it includes together

@@ -179,15 +179,22 @@ export function enableLogging(vm: Vm, slot: Memslot): number {
       return c.enableLoggingInitiallySetNs;
     }
   }
+  // Write protection walks the mapped leaf entries: a block is one entry (eager splitting then splits it), an unmapped page none.
+  const entries = mappedEntries(slot);
   vm.arch.protectSlot(vm, slot);
   const units = vm.arch.eagerSplit(vm) ? slot.s2.splitRange(0, slot.npages) : 0;
   const flushed = vm.flushTlbsAfterWriteProtect();
-  return slot.npages * c.enableLoggingPageNs + units * c.splitBlockNs + (flushed ? c.tlbFlushNs : 0);
+  return entries * c.enableLoggingPageNs + units * c.splitBlockNs + (flushed ? c.tlbFlushNs : 0);
 }
 
-/** LOG_DIRTY_PAGES turned off: the bitmap goes; mappings stay split until faults coalesce them. */
+/** The slot's mapped leaf entries: 4 KiB pages and blocks. */
+function mappedEntries(slot: Memslot): number {
+  return slot.s2.pages4k + slot.s2.blocks2m + slot.s2.blocks1g;
+}
+
+/** LOG_DIRTY_PAGES turned off: the bitmap goes; mappings stay split until faults coalesce them. The walk is over mapped entries. */
 export function disableLogging(vm: Vm, slot: Memslot): number {
   slot.dirtyBitmap = null;
   slot.ringPending = null;
-  return slot.npages * vm.costs.disableLoggingPageNs;
+  return mappedEntries(slot) * vm.costs.disableLoggingPageNs;
 }

@@ -7,7 +7,8 @@
  */
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { Capability, ManualProtectFlag, MemslotFlag, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { BackingPageSize, Capability, ManualProtectFlag, MemslotFlag, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { DEFAULT_COSTS } from "../model/cost-model.js";
 import { GiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 
 const LOG = MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES;
@@ -38,6 +39,20 @@ describe("the cost model against the measurements it came from (1 GiB slot)", ()
     within((await c().getDirtyLog({ vm: "cal-get", slot: 0 })).hostNs, 0.011e6, "GET, no page dirty");
     const off = await c().setUserMemoryRegion({ vm: "cal-get", memslot: { slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(GiB), flags: 0 } });
     within(off.hostNs, 11.2e6, "disable logging");
+  });
+
+  test("enabling logging walks mapped entries: a never-touched slot costs the flush only, a 2 MiB block is one entry", async () => {
+    const slot = (flags: number) => ({ slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(GiB), flags });
+    await c().createVm({ vm: "cal-fresh", vcpus: 1, memslots: [slot(0)] });
+    const fresh = await c().setUserMemoryRegion({ vm: "cal-fresh", memslot: slot(LOG) });
+    assert.ok(Number(fresh.hostNs) <= DEFAULT_COSTS.tlbFlushNs, `nothing mapped, nothing to protect: ${fresh.hostNs} ns`);
+    await c().createVm({ vm: "cal-2m", vcpus: 1, backingPageSize: BackingPageSize.BACKING_PAGE_SIZE_2M, memslots: [slot(0)], workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e9 } });
+    await c().advanceVm({ vm: "cal-2m", durationNs: 100_000_000n });
+    await c().pauseVm({ vm: "cal-2m" });
+    const mapped = (await c().getVm({ vm: "cal-2m" })).vm!.memslots[0];
+    assert.equal(mapped.mappedBlocks2m, 512n);
+    const blocks = await c().setUserMemoryRegion({ vm: "cal-2m", memslot: slot(LOG) });
+    within(Number(blocks.hostNs), 512 * DEFAULT_COSTS.enableLoggingPageNs + DEFAULT_COSTS.tlbFlushNs, "512 blocks write-protected as 512 entries (arm64: no eager split by default)");
   });
 
   test("manual protect: GET of every page dirty 0.015 ms, CLEAR of the whole slot 6.4 ms, CLEAR of one 64-page chunk 2.3 us", async () => {
