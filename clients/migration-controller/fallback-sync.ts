@@ -7,7 +7,7 @@
  * even when one pass takes long. The pages that sync finds go into the pass
  * where it has not got to yet, and into the next round where it has.
  */
-export const CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_NS = 5e9;
+const CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_NS = 5e9;
 
 export class FallbackSyncTimer {
   private nextTickNs: number;

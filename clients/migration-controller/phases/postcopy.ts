@@ -36,7 +36,6 @@ const MAX_STEP_NS = 1_000_000;
 
 /** One page as the link carries it, read from the source. */
 interface Page {
-  slot: number;
   page: number;
   contents: Buffer;
 }
@@ -289,8 +288,23 @@ async function readSelection(run: MigrationRun, slot: number, pages: number[]): 
   return { sel, contents: Buffer.concat(parts) };
 }
 
-/** The given pages (ascending) of one slot, one content word each. */
+/** The given pages (ascending) of one slot, one content word each; one read per span that a ReadMemory chunk can reach. */
 async function readPages(run: MigrationRun, slot: number, pages: number[]): Promise<Page[]> {
-  const { contents } = await readSelection(run, slot, pages);
-  return pages.map((page, k) => ({ slot, page, contents: contents.subarray(8 * k, 8 * k + 8) }));
+  const out: Page[] = [];
+  for (const span of spans(pages, MAX_SPAN_PAGES)) {
+    const { contents } = await readSelection(run, slot, span);
+    span.forEach((page, k) => out.push({ page, contents: contents.subarray(8 * k, 8 * k + 8) }));
+  }
+  return out;
+}
+
+/** Ascending pages cut into runs that each cover fewer than `max` pages from their first. */
+export function spans(pages: number[], max: number): number[][] {
+  const out: number[][] = [];
+  for (const p of pages) {
+    const last = out.at(-1);
+    if (last && p - last[0] < max) last.push(p);
+    else out.push([p]);
+  }
+  return out;
 }

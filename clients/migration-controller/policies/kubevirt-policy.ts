@@ -17,7 +17,7 @@ import { parseDocument } from "yaml";
 import type { MigrationConfig } from "../types.js";
 import { QEMU_AUTO_CONVERGE } from "./auto-converge.js";
 
-export const API_VERSION = "migrations.kubevirt.io/v1alpha1";
+const API_VERSION = "migrations.kubevirt.io/v1alpha1";
 
 export interface KubevirtMigrationPolicy {
   name: string;

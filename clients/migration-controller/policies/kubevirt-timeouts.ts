@@ -19,7 +19,7 @@ import { CONTINUE, type Decision, type MigrationPolicy, type SyncState } from ".
 
 const MiB = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
 
-export interface KubevirtTimeoutsConfig {
+interface KubevirtTimeoutsConfig {
   progressTimeoutS: number;
   completionTimeoutPerGiBS: number;
   completionTimeoutAction: "abort" | "postcopy" | "pause";

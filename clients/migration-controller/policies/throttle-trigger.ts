@@ -10,7 +10,7 @@ const PAGE_SIZE = 4096;
 /** A period must last more than this before the trigger is evaluated (migration_bitmap_sync). */
 const PERIOD_NS = 1e9;
 
-export interface Fired {
+interface Fired {
   bytesDirty: number;
   bytesDirtyThreshold: number;
 }

@@ -12,6 +12,7 @@ import type { HypervisorClient } from "../../../services/hypervisor/client.js";
 import { GiB, hypervisorPair, MiB, startHypervisor } from "../../../tests/hypervisor-harness.js";
 import { EXIT, runCli } from "../cli.js";
 import { migrate, type MigrationError } from "../migrate.js";
+import { spans } from "../phases/postcopy.js";
 import { htmlReport, jsonReport, textReport } from "../report.js";
 
 /** 64 MiB, all of it written once, then 2 vCPUs writing and reading it uniformly: over 1 Gbit/s with a 1 ms latency pre-copy levels off far above the threshold. */
@@ -122,6 +123,12 @@ describe("post-copy in a migration", () => {
     } finally {
       await (closed ?? src.close());
     }
+  });
+
+  test("requested pages far apart in one slot are read in spans a ReadMemory chunk can reach", () => {
+    const max = 1 << 20;
+    assert.deepEqual(spans([0, 5, max - 1, max, 3 * max], max), [[0, 5, max - 1], [max], [3 * max]]);
+    assert.deepEqual(spans([], max), []);
   });
 
   test("the CLI: --postcopy's parameters need it", async () => {

@@ -19,14 +19,14 @@ import { failedPrecondition, invalidArgument } from "../../../common/errors.js";
 import type { Vcpu } from "./vcpu.js";
 
 /** DIRTYLIMIT_TOLERANCE_RANGE, MB/s. */
-export const TOLERANCE_MBPS = 25;
+const TOLERANCE_MBPS = 25;
 /** DIRTYLIMIT_LINEAR_ADJUSTMENT_PCT. */
 const LINEAR_ADJUSTMENT_PCT = 50;
 /** DIRTYLIMIT_THROTTLE_PCT_MAX. */
 const THROTTLE_PCT_MAX = 99;
 /** DIRTYLIMIT_CALC_TIME_MS, and the range of x-vcpu-dirty-limit-period. */
 export const DEFAULT_PERIOD_MS = 1000;
-export const MAX_PERIOD_MS = 1000;
+const MAX_PERIOD_MS = 1000;
 
 const PAGE_SHIFT = 12;
 

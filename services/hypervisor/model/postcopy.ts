@@ -18,7 +18,7 @@ import type { Vcpu } from "./vcpu.js";
 import { WorkloadGen } from "./workload.js";
 
 /** arrival[] of a page that is here: it never left, or it has landed. */
-export const PRESENT = -1;
+const PRESENT = -1;
 /** arrival[] of a page that is missing and not on its way. */
 const UNSENT = Infinity;
 
