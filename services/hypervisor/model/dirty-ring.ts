@@ -199,11 +199,11 @@ export function kickVcpus(vm: Vm): { kicked: number; hostNs: number } {
   for (const v of vm.vcpus) {
     if (v.paused) continue;
     vm.arch.vcpuExit(vm, v);
-    v.time = Math.max(v.time, vm.clockNs) + vm.costs.vcpuKickNs;
+    v.time = Math.max(v.time, vm.clockNs) + vm.costs.userspaceExitNs;
     v.count({ kicks: 1 });
     kicked++;
   }
-  return { kicked, hostNs: kicked > 0 ? vm.costs.vcpuKickNs : 0 };
+  return { kicked, hostNs: kicked > 0 ? vm.costs.userspaceExitNs : 0 };
 }
 
 /** The VMM reading vCPU vcpu's ring: up to max entries (0: all) as struct kvm_dirty_gfn. */

@@ -555,8 +555,11 @@ export class Vm {
     v.time = this.missBlocked ? Math.max(t, until) : t;
     v.count({ writes, writeFaults: faults, overheadNs: overhead });
     if (v.ringFull) {
-      v.count({ ringFullExits: 1 });
-      v.stall(t, until);
+      // KVM_EXIT_DIRTY_RING_FULL returns to the VMM: the exit and the re-entry are the vCPU's time, then it waits for the reset.
+      const exitNs = this.costs.userspaceExitNs;
+      v.count({ ringFullExits: 1, overheadNs: exitNs });
+      v.time = t + exitNs;
+      v.stall(v.time, until);
     }
   }
 
@@ -806,8 +809,9 @@ export class Vm {
       slot.content[2 * p + 1] = hi;
       out.costNs += this.costs.writeNs;
     }
-    v.time += out.costNs;
-    v.count({ writes: retires ? 1 : 0, writeFaults: out.fault === "none" ? 0 : 1, overheadNs: slot.logging && out.fault !== "none" ? faultNs : 0 });
+    const exitNs = v.ringFull ? this.costs.userspaceExitNs : 0;
+    v.time += out.costNs + exitNs;
+    v.count({ writes: retires ? 1 : 0, writeFaults: out.fault === "none" ? 0 : 1, overheadNs: (slot.logging && out.fault !== "none" ? faultNs : 0) + exitNs });
     if (v.ringFull) v.count({ ringFullExits: 1 });
     return { ...out, performed: retires, ringFull: v.ringFull };
   }
