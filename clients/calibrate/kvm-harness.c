@@ -527,7 +527,7 @@ static void measure_two_vcpus(size_t size, int reps, int online_cpus) {
 }
 
 static void usage(void) {
-  fprintf(stderr, "usage: kvm-harness [--slot-mib N (default 1024)] [--reps N (default 5)] [--small-ring N (default 4096)]\n");
+  fprintf(stderr, "usage: kvm-harness [--device PATH (default /dev/kvm)] [--slot-mib N (default 1024)] [--reps N (default 5)] [--small-ring N (default 4096)]\n");
   exit(2);
 }
 
@@ -535,18 +535,20 @@ int main(int argc, char **argv) {
   size_t slot_mib = 1024;
   int reps = 5;
   uint32_t small_ring = 4096;
+  const char *device = "/dev/kvm";
   for (int i = 1; i < argc; i++) {
     if (i + 1 >= argc) usage();
     long v = strtol(argv[i + 1], NULL, 10);
-    if (!strcmp(argv[i], "--slot-mib") && v >= 2 && v <= 1024 && v % 2 == 0) slot_mib = v;
+    if (!strcmp(argv[i], "--device")) device = argv[i + 1];
+    else if (!strcmp(argv[i], "--slot-mib") && v >= 2 && v <= 1024 && v % 2 == 0) slot_mib = v;
     else if (!strcmp(argv[i], "--reps") && v >= 1 && v <= 100) reps = v;
     else if (!strcmp(argv[i], "--small-ring") && v >= 64 && (v & (v - 1)) == 0) small_ring = v;
     else usage();
     i++;
   }
-  kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+  kvm_fd = open(device, O_RDWR | O_CLOEXEC);
   if (kvm_fd < 0) {
-    fprintf(stderr, "kvm-harness: /dev/kvm: %s\n", strerror(errno));
+    fprintf(stderr, "kvm-harness: %s: %s\n", device, strerror(errno));
     return 3;
   }
   int api = ioctl(kvm_fd, KVM_GET_API_VERSION, 0);
@@ -561,10 +563,16 @@ int main(int argc, char **argv) {
   size_t size = slot_mib * MIB;
   uint64_t t0 = now_ns();
 
+  /* Progress on stderr, one line per phase ("phase N/5 name"), for the caller to show. */
+  fprintf(stderr, "phase 1/5 bitmap: writes, faults, enable and disable, GET\n");
   measure_bitmap(size, reps);
+  fprintf(stderr, "phase 2/5 THP backing: enable and disable\n");
   measure_thp(size, reps);
+  fprintf(stderr, "phase 3/5 manual protect: GET, CLEAR, INITIALLY_SET\n");
   if (manual > 0) measure_manual(size, reps);
+  fprintf(stderr, "phase 4/5 dirty ring: harvest, reset, ring-full exits\n");
   if (ring_max > 0) measure_ring(size, reps, ring_max / sizeof(struct kvm_dirty_gfn), small_ring);
+  fprintf(stderr, "phase 5/5 two vCPUs faulting at once\n");
   measure_two_vcpus(size, reps, online);
 
   printf("{\n  \"harness\": \"kvm-harness\",\n  \"kvm_api_version\": %d,\n  \"caps\": {\"dirty_log_ring_bytes\": %d, \"dirty_log_ring_with_bitmap\": %d, \"manual_dirty_log_protect2\": %d},\n", api, ring_max, ring_bitmap, manual);

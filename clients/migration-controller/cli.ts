@@ -8,6 +8,8 @@ import { accessSync, constants as fsConstants, existsSync, readFileSync, statSyn
 import { writeFile } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
 import { parseArgs } from "node:util";
+import type { Io } from "../../common/io.js";
+import { runCalibrate } from "../calibrate/calibrate.js";
 import { ConfigError, envHost, envPort, parseBytes } from "../../common/config.js";
 import type { ClientOptions } from "../../common/client.js";
 import { securityFromEnv } from "../../common/security.js";
@@ -54,6 +56,8 @@ const HELP = `usage:
   migration-controller migrate --vm NAME [options]          migrate a VM between running hypervisors
   migration-controller serve [options]                      keep a demo VM migrating back and forth between two
                                                             hypervisors (real-time clock), metrics on /metrics
+  migration-controller calibrate [options]                  measure this host's KVM (/dev/kvm) and write a cost model
+                                                            that HYPERVISOR_COST_MODEL loads (calibrate --help)
 
 serve options:
   --hypervisor-a ADDR, --hypervisor-b ADDR   the two hypervisors (env MIGRATION_HYPERVISOR_A / _B)
@@ -131,11 +135,7 @@ or a precondition (destination exists, slot already logging, over a hypervisor's
 6 the VM was lost: a failure after the switch to post-copy (the source stays paused, the destination is kept, waiting on the missing pages);
 130 / 143 interrupted by SIGINT / SIGTERM (the source is resumed, logging off, the destination removed).`;
 
-export interface Io {
-  out: { write(s: string): unknown; isTTY?: boolean };
-  err: { write(s: string): unknown; isTTY?: boolean };
-  env: Record<string, string | undefined>;
-}
+export type { Io };
 
 class UsageError extends Error {}
 
@@ -590,6 +590,7 @@ async function runServe(v: Values, io: Io): Promise<number> {
 }
 
 export async function runCli(argv: string[], io: Io): Promise<number> {
+  if (argv[0] === "calibrate") return runCalibrate(argv.slice(1), io);
   let parsed;
   try {
     parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true, strict: true });
