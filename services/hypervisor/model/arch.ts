@@ -81,4 +81,6 @@ export interface KvmArch {
   hardwareDirtyUpdate(vm: Vm, v: Vcpu, slot: Memslot, p: number, gfn: number): number;
   /** Any other exit of v from the guest (MMIO): what the architecture does on every exit. */
   vcpuExit(vm: Vm, v: Vcpu): void;
+  /** Logging turned off: unmaps what faults should map again as blocks; returns the 4 KiB leaves zapped. */
+  recoverHugePages(vm: Vm, slot: Memslot): number;
 }

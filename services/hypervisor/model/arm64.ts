@@ -69,6 +69,9 @@ export const ARM64: KvmArch & {
   // HDBSS drains on its own fault, on vcpu_put and on sync, not at every exit.
   vcpuExit: () => {},
 
+  // arm64 leaves a slot split after logging: no collapse at disable (the stage-2 stays at 4 KiB until unmapped).
+  recoverHugePages: () => 0,
+
   checkOwnCap(cap, deviceRegistered) {
     if (cap === CAP.ARM_PAGE_TRACKING_DEVICE) return deviceRegistered ? 1 : 0;
     if (cap === CAP.ARM_SUPPORTED_BLOCK_SIZES) return SUPPORTED_BLOCK_SIZES;

@@ -26,8 +26,14 @@ export interface HostMeasurements {
   enableLoggingNs: number;
   disableLoggingNs: number;
   enableLoggingInitiallySetNs: number;
+  /** Logging on over THP backing, every page touched (one 2 MiB entry per 512 pages). */
+  enableLoggingThpNs?: number;
+  /** Logging off over THP backing after a logging pass split every block. */
+  disableLoggingThpNs?: number;
   getAllDirtyNs: number;
   getNoneDirtyNs: number;
+  /** GET with one dirty page in each 64-page word. */
+  getSparseNs?: number;
   manualGetAllDirtyNs: number;
   clearSlotNs: number;
   clear64PagesNs: number;
@@ -79,24 +85,43 @@ export type FittedCosts = Pick<
   | "ringHarvestEntryNs"
   | "ringResetEntryNs"
 > &
-  Partial<Pick<CostModel, "translationFaultNs" | "userspaceExitNs">>;
+  Partial<Pick<CostModel, "translationFaultNs" | "userspaceExitNs" | "protectMaskedCallNs" | "loggingWalkPageNs" | "collapseZapEntryNs">>;
 
 /** Solves the model's sums for its parts; every part comes out >= 0, or the measurements contradict the model and the fit says which. */
 export function fitCostModel(m: HostMeasurements): FittedCosts {
   const P = m.pages;
   const W = Math.ceil(P / 64);
-  // CLEAR of the slot = K + W scan + P clear; CLEAR of 64 pages = K + scan + 64 clear, with K the ioctl and its flush.
-  // The scan (from the nothing-dirty GET) needs the ioctl, which needs K: a fixed point, reached in a few steps.
+  // The sums (dirty-bitmap.ts, dirty-ring.ts), with K the ioctl and the flush it includes, C the masked-protect call
+  // of each non-empty word:
+  //   GET nothing dirty  = ioctl + W scan              CLEAR of 64 pages = K + scan + C + 64 clear
+  //   GET all dirty      = K + W (scan + C) + P page    CLEAR of the slot  = K + W (scan + C) + P clear
+  //   GET one per word   = K + W (scan + C) + W page    (without it, C = 0 and the page figures carry the call)
+  // The scan needs the ioctl, which needs K: a fixed point, reached in a few steps.
   let scan = 0;
+  let call = 0;
   let clear = 0;
   let fixed = 0;
-  for (let i = 0; i < 20; i++) {
-    clear = (m.clearSlotNs - m.clear64PagesNs - (W - 1) * scan) / (P - 64);
-    fixed = m.clear64PagesNs - scan - 64 * clear;
-    scan = (m.getNoneDirtyNs - fixed * (1 - TLB_FLUSH_SHARE)) / W;
+  let page = 0;
+  for (let i = 0; i < 50; i++) {
+    clear = (m.clearSlotNs - m.clear64PagesNs - (W - 1) * (scan + call)) / (P - 64);
+    fixed = m.clear64PagesNs - scan - call - 64 * clear;
+    const ioctl = fixed * (1 - TLB_FLUSH_SHARE);
+    scan = (m.getNoneDirtyNs - ioctl) / W;
+    if (m.getSparseNs !== undefined) {
+      page = (m.getAllDirtyNs - m.getSparseNs) / (P - W);
+      call = (m.getSparseNs - fixed - W * scan - W * page) / W;
+    } else page = (m.getAllDirtyNs - fixed - W * scan) / P;
   }
   const tlbFlushNs = fixed * TLB_FLUSH_SHARE;
   const ioctlNs = fixed - tlbFlushNs;
+  // Enable = P walk + entries x entry + flush: 4 KiB mapping has P entries, THP backing P / 512 (without THP, walk = 0).
+  let walk = 0;
+  let entry = (m.enableLoggingNs - tlbFlushNs) / P;
+  if (m.enableLoggingThpNs !== undefined) {
+    entry = (m.enableLoggingNs - m.enableLoggingThpNs) / (P - P / 512);
+    walk = (m.enableLoggingThpNs - tlbFlushNs - (P / 512) * entry) / P;
+  }
+  const disablePage = (m.disableLoggingNs - P * walk) / P;
   const out: FittedCosts = {
     writeNs: m.writeNsPerPage,
     writeFaultNs: m.writeFaultNsPerPage - m.writeNsPerPage,
@@ -106,15 +131,20 @@ export function fitCostModel(m: HostMeasurements): FittedCosts {
     ioctlNs,
     bitmapWordScanNs: scan,
     bitmapWordCopyNs: (m.manualGetAllDirtyNs - ioctlNs) / W,
-    getPageWriteProtectNs: (m.getAllDirtyNs - ioctlNs - W * scan - tlbFlushNs) / P,
+    getPageWriteProtectNs: page,
     clearPageWriteProtectNs: clear,
-    enableLoggingPageNs: (m.enableLoggingNs - tlbFlushNs) / P,
-    disableLoggingPageNs: m.disableLoggingNs / P,
+    enableLoggingPageNs: entry,
+    disableLoggingPageNs: disablePage,
     enableLoggingInitiallySetNs: m.enableLoggingInitiallySetNs,
     tlbFlushNs,
+    // The harness's ring pass writes pages in order: 64 entries make one mask, one call.
     ringHarvestEntryNs: m.ringHarvestNsPerEntry,
-    ringResetEntryNs: m.ringResetNsPerEntry,
+    ringResetEntryNs: m.ringResetNsPerEntry - call / 64,
   };
+  if (m.getSparseNs !== undefined) out.protectMaskedCallNs = call;
+  if (m.enableLoggingThpNs !== undefined) out.loggingWalkPageNs = walk;
+  // Disabling over THP after a logging pass: every page is a 4 KiB leaf that a block can map again, so all P are zapped.
+  if (m.disableLoggingThpNs !== undefined) out.collapseZapEntryNs = (m.disableLoggingThpNs - m.disableLoggingNs - tlbFlushNs) / P;
   if (m.firstTouchNsPerPage !== undefined) out.translationFaultNs = m.firstTouchNsPerPage - m.writeNsPerPage;
   if (m.userspaceExitNs !== undefined) out.userspaceExitNs = m.userspaceExitNs;
   const negative = Object.entries(out).filter(([, v]) => !(v >= 0));
@@ -164,6 +194,9 @@ export function hostFromHarness(r: HarnessReport): HostMeasurements {
     enableLoggingInitiallySetNs: need("enable_logging_initially_set_ns"),
     getAllDirtyNs: need("get_all_dirty_ns"),
     getNoneDirtyNs: need("get_none_dirty_ns"),
+    getSparseNs: optional("get_sparse_ns"),
+    enableLoggingThpNs: optional("enable_logging_thp_ns"),
+    disableLoggingThpNs: optional("disable_logging_thp_ns"),
     manualGetAllDirtyNs: need("manual_get_all_dirty_ns"),
     clearSlotNs: need("clear_slot_ns"),
     clear64PagesNs: need("clear_64_pages_ns"),

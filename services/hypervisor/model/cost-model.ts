@@ -36,6 +36,12 @@ export interface CostModel {
   getPageWriteProtectNs: number;
   /** Clearing and re-protecting one dirty page inside CLEAR_DIRTY_LOG. */
   clearPageWriteProtectNs: number;
+  /** One kvm_arch_mmu_enable_log_dirty_pt_masked call: a non-empty 64-page word of GET or CLEAR, a mask of a ring reset. */
+  protectMaskedCallNs: number;
+  /** Toggling logging visits every page of the slot, mapped or not (the shadow MMU's rmap walk; 0 where only mapped entries are walked). */
+  loggingWalkPageNs: number;
+  /** x86, logging turned off over huge backing: zapping one 4 KiB leaf of a range a block can map again (kvm_mmu_zap_collapsible_sptes). */
+  collapseZapEntryNs: number;
   /** Write-protecting one mapped leaf entry (a 4 KiB page, or a whole block) when logging is enabled on a slot. */
   enableLoggingPageNs: number;
   /** Turning logging off, per mapped leaf entry of the slot. */
@@ -87,6 +93,9 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   // ringResetEntryNs 33.
   ...FITTED,
   translationFaultNs: FITTED.writeFaultNs, // [ASSUMED] same fault path as a permission fault; `calibrate` measures it
+  protectMaskedCallNs: FITTED.protectMaskedCallNs ?? 0, // [ASSUMED] 0: no sparse GET was measured on the reference host, so its per-page figures carry the call; `calibrate` separates it
+  loggingWalkPageNs: FITTED.loggingWalkPageNs ?? 0, // [ASSUMED] 0: only a 4 KiB-mapped slot was measured there; `calibrate` separates it with THP backing
+  collapseZapEntryNs: FITTED.collapseZapEntryNs ?? FITTED.disableLoggingPageNs, // [ASSUMED] as the disable walk's per-entry cost; `calibrate` measures it with THP backing
   splitBlockNs: 31400, // [LIT] derived from Matlack v2: eager split at enable 1.547 s for 96 GiB = 49152 2M blocks
   emulatedWriteNs: 1000, // [ASSUMED] instruction emulation plus one notifier call
   dbmUpdateNs: 32, // [LIT] derived from Shameer RFC v2: dirty memory time 0.41 s for 96 vCPUs x 512 MB with DBM (write included)

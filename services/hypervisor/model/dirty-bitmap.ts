@@ -87,10 +87,12 @@ function snapshotAndProtect(vm: Vm, slot: Memslot): GetDirtyLogResult {
     return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, scanNs: sync.hostNs, pagesWriteProtected: 0, tlbFlushed: false, hostNs };
   }
   const protect = vm.arch.protectMasked(vm, slot, splitsInClear(vm));
+  let calls = 0;
   for (let w = 0; w < words; w++) {
     const lo = bm[2 * w];
     const hi = bm[2 * w + 1];
     if ((lo | hi) === 0) continue;
+    calls++;
     out[2 * w] = lo;
     out[2 * w + 1] = hi;
     bm[2 * w] = 0;
@@ -105,6 +107,7 @@ function snapshotAndProtect(vm: Vm, slot: Memslot): GetDirtyLogResult {
     c.ioctlNs +
     // The nothing-dirty GET's per-word figure already includes copying the snapshot out.
     words * c.bitmapWordScanNs +
+    calls * c.protectMaskedCallNs +
     dirty * c.getPageWriteProtectNs +
     splitUnits * c.splitBlockNs +
     (tlbFlushed ? c.tlbFlushNs : 0);
@@ -140,12 +143,14 @@ function clearAndProtect(vm: Vm, slot: Memslot, firstPage: number, numPages: num
   const firstWord = firstPage / 64;
   const words = Math.ceil(numPages / 64);
   let cleared = 0;
+  let calls = 0;
   const protect = vm.arch.protectMasked(vm, slot, splitsInClear(vm));
   for (let k = 0; k < words; k++) {
     const w = firstWord + k;
     const lo = user[2 * k] & bm[2 * w];
     const hi = user[2 * k + 1] & bm[2 * w + 1];
     if ((lo | hi) === 0) continue;
+    calls++;
     bm[2 * w] &= ~lo;
     bm[2 * w + 1] &= ~hi;
     cleared += popcount32(lo) + popcount32(hi);
@@ -154,7 +159,13 @@ function clearAndProtect(vm: Vm, slot: Memslot, firstPage: number, numPages: num
   const splitUnits = protect.done();
   const tlbFlushed = cleared > 0 && vm.flushTlbsAfterWriteProtect();
   const hostNs =
-    syncNs + c.ioctlNs + words * c.bitmapWordScanNs + cleared * c.clearPageWriteProtectNs + splitUnits * c.splitBlockNs + (tlbFlushed ? c.tlbFlushNs : 0);
+    syncNs +
+    c.ioctlNs +
+    words * c.bitmapWordScanNs +
+    calls * c.protectMaskedCallNs +
+    cleared * c.clearPageWriteProtectNs +
+    splitUnits * c.splitBlockNs +
+    (tlbFlushed ? c.tlbFlushNs : 0);
   return { pagesCleared: cleared, tlbFlushed, hostNs };
 }
 
@@ -184,7 +195,7 @@ export function enableLogging(vm: Vm, slot: Memslot): number {
   vm.arch.protectSlot(vm, slot);
   const units = vm.arch.eagerSplit(vm) ? slot.s2.splitRange(0, slot.npages) : 0;
   const flushed = vm.flushTlbsAfterWriteProtect();
-  return entries * c.enableLoggingPageNs + units * c.splitBlockNs + (flushed ? c.tlbFlushNs : 0);
+  return slot.npages * c.loggingWalkPageNs + entries * c.enableLoggingPageNs + units * c.splitBlockNs + (flushed ? c.tlbFlushNs : 0);
 }
 
 /** The slot's mapped leaf entries: 4 KiB pages and blocks. */
@@ -192,9 +203,16 @@ function mappedEntries(slot: Memslot): number {
   return slot.s2.pages4k + slot.s2.blocks2m + slot.s2.blocks1g;
 }
 
-/** LOG_DIRTY_PAGES turned off: the bitmap goes; mappings stay split until faults coalesce them. The walk is over mapped entries. */
+/**
+ * LOG_DIRTY_PAGES turned off: the bitmap goes, and the architecture may zap
+ * the 4 KiB leaves of ranges a block can map again, so that faults rebuild
+ * the blocks (x86); what stays mapped stays split. The walk is over mapped entries.
+ */
 export function disableLogging(vm: Vm, slot: Memslot): number {
   slot.dirtyBitmap = null;
   slot.ringPending = null;
-  return mappedEntries(slot) * vm.costs.disableLoggingPageNs;
+  const c = vm.costs;
+  const walked = slot.npages * c.loggingWalkPageNs + mappedEntries(slot) * c.disableLoggingPageNs;
+  const zapped = vm.arch.recoverHugePages(vm, slot);
+  return walked + zapped * c.collapseZapEntryNs + (zapped > 0 && vm.flushTlbsAfterWriteProtect() ? c.tlbFlushNs : 0);
 }

@@ -224,7 +224,9 @@ export function harvestRing(vm: Vm, vcpu: number, max: number): { entries: Uint8
 export function resetDirtyRings(vm: Vm): { cleared: number; tlbFlushed: boolean; hostNs: number } {
   if (!vm.ringEnabled) throw failedPrecondition(`RESET_DIRTY_RINGS: VM ${vm.name} has no dirty ring`, "EINVAL");
   const protectors = new Map<number, MaskedProtect>();
+  let calls = 0;
   const protect = (slotId: number, first: number, lo: number, hi: number, span: number) => {
+    calls++;
     const slot = vm.slots.get(slotId);
     if (!slot || first + span >= slot.npages) return;
     let p = protectors.get(slotId);
@@ -246,5 +248,5 @@ export function resetDirtyRings(vm: Vm): { cleared: number; tlbFlushed: boolean;
   for (const p of protectors.values()) p.done();
   const tlbFlushed = cleared > 0 && vm.flushTlbsAfterWriteProtect();
   const c = vm.costs;
-  return { cleared, tlbFlushed, hostNs: c.ioctlNs + cleared * c.ringResetEntryNs + (tlbFlushed ? c.tlbFlushNs : 0) };
+  return { cleared, tlbFlushed, hostNs: c.ioctlNs + cleared * c.ringResetEntryNs + calls * c.protectMaskedCallNs + (tlbFlushed ? c.tlbFlushNs : 0) };
 }

@@ -67,7 +67,7 @@ export function handleWriteFault(vm: FaultingVm, v: Vcpu, slot: Memslot, p: numb
 }
 
 /** The largest leaf the backing allows at page p, unless write tracking forbids blocks there. */
-function blockLevelFor(vm: FaultingVm, slot: Memslot, p: number): Level.Page | Level.Block2M | Level.Block1G {
+export function blockLevelFor(vm: FaultingVm, slot: Memslot, p: number): Level.Page | Level.Block2M | Level.Block1G {
   const b = vm.config.backing;
   const wt = vm.writeTrack;
   if (b === "1G" && slot.s2.blockFits(p, PAGES_1G) && !wt.blocksDisallowed(slot, p, PAGES_1G)) return Level.Block1G;

@@ -8,10 +8,13 @@
  */
 import { CAP, type KvmArch } from "./arch.js";
 import { eptEntry } from "./ept.js";
-import { handleWriteFault } from "./fault.js";
+import { PAGES_2M } from "./descriptor.js";
+import { blockLevelFor, handleWriteFault } from "./fault.js";
 import { hardwareSetDirty } from "./hardware-dirty.js";
 import { PML_ENTRIES } from "./pml.js";
 import { ExactProtect } from "./protect-masked.js";
+import type { Memslot } from "./memslot.js";
+import { Level } from "./stage2.js";
 import type { Vcpu } from "./vcpu.js";
 import type { Vm } from "./vm.js";
 
@@ -53,4 +56,27 @@ export const X86_64: KvmArch = {
   hardwareDirtyUpdate: hardwareSetDirty,
 
   vcpuExit: exitDrains,
+
+  recoverHugePages: zapCollapsible,
 };
+
+/**
+ * kvm_mmu_zap_collapsible_sptes: every range of the slot that a block could
+ * map (the backing and write tracking allow it) loses its 4 KiB leaves, so
+ * that the next access faults and maps the block again.
+ */
+function zapCollapsible(vm: Vm, slot: Memslot): number {
+  const s2 = slot.s2;
+  let zapped = 0;
+  for (let p = 0; p < slot.npages; p += PAGES_2M - ((slot.baseGfn + p) % PAGES_2M)) {
+    if (blockLevelFor(vm, slot, p) === Level.Page) continue;
+    const first = p - ((slot.baseGfn + p) % PAGES_2M);
+    let leaves = 0;
+    for (let q = first; q < first + PAGES_2M; q++) if (s2.leafLevel(q) === Level.Page) leaves++;
+    if (leaves === 0) continue;
+    s2.unmapRange(first, first + PAGES_2M);
+    vm.invalidateRangeAll(slot.baseGfn + first, PAGES_2M);
+    zapped += leaves;
+  }
+  return zapped;
+}
