@@ -123,6 +123,8 @@ export interface CalibrationResult {
   kvm: KvmDescription;
   /** null when KVM lost dirty pages: such a host's figures are not a model of it. */
   costs: FittedCosts | null;
+  /** Parts the fit set to 0 because they came out negative (below this run's noise), with the value they came out at. */
+  clamped: Record<string, number>;
 }
 
 /** Measures and fits; throws on a host without /dev/kvm (code ENOKVM) or a report that cannot be fitted. */
@@ -137,11 +139,13 @@ export async function calibrate(opts: { slotMib: number; reps: number; cc: strin
   try {
     const report = await runHarness(exe, ["--device", device, "--slot-mib", String(opts.slotMib), "--reps", String(opts.reps)], opts.progress ?? (() => {}), opts.signal);
     const kvm = describeKvm();
-    if (report.lost_pages > 0) return { report, kvm, costs: null };
+    if (report.lost_pages > 0) return { report, kvm, costs: null, clamped: {} };
     const native = report.measurements.pf_fixed_per_fault?.median;
     if (native !== undefined && Math.abs(native - 1) > 0.05)
       throw new Error(`the harness's guest did not take one write-protection fault per page (pf_fixed per page ${native}): KVM emulated it, and its figures would say nothing about dirty logging`);
-    return { report, kvm, costs: fitCostModel(hostFromHarness(report)) };
+    const clamped: Record<string, number> = {};
+    const costs = fitCostModel(hostFromHarness(report), (part, ns) => (clamped[part] = ns));
+    return { report, kvm, costs, clamped };
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -197,7 +201,7 @@ export async function runCalibrate(argv: string[], io: Io): Promise<number> {
     process.off("SIGINT", onSignal);
     process.off("SIGTERM", onSignal);
   }
-  const { report, kvm, costs } = result;
+  const { report, kvm, costs, clamped } = result;
   writeFileSync(measurementsFile, JSON.stringify({ $comment: "kvm-harness measurements (ns; medians fitted); read by npm run fidelity", kvm, ...report }, null, 2) + "\n");
   if (costs === null) {
     say(`KVM lost ${report.lost_pages} dirty pages: a page the guest wrote was missing from the dirty log. No cost model written; the measurements are in ${measurementsFile}`);
@@ -207,6 +211,7 @@ export async function runCalibrate(argv: string[], io: Io): Promise<number> {
     $comment: `cost model fitted by migration-controller calibrate on ${new Date().toISOString()}; load with HYPERVISOR_COST_MODEL`,
     $host: kvm.summary,
     $measurements: measurementsFile,
+    ...(Object.keys(clamped).length ? { $clamped: clamped } : {}),
     ...costs,
   };
   writeFileSync(out, JSON.stringify(file, null, 2) + "\n");
@@ -217,6 +222,8 @@ export async function runCalibrate(argv: string[], io: Io): Promise<number> {
     const d = DEFAULT_COSTS[k as keyof typeof DEFAULT_COSTS];
     io.out.write(`${k.padEnd(28)}${fmt(d).padStart(26)}${fmt(ns).padStart(14)}${(d > 0 ? (ns / d).toFixed(2) : "-").padStart(8)}\n`);
   }
+  for (const [k, ns] of Object.entries(clamped))
+    io.out.write(`${k} came out at ${fmt(ns)}, below this run's noise: set to 0 (more --reps or a larger --slot-mib separate it)\n`);
   io.out.write(`\nwrote ${out} (HYPERVISOR_COST_MODEL=${out}) and ${measurementsFile} in ${((Date.now() - started) / 1000).toFixed(1)} s\n`);
   return CALIBRATE_EXIT.ok;
 }

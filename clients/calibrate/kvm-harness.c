@@ -342,6 +342,11 @@ SERIES(enable_logging_initially_set_ns, "logging on with KVM_DIRTY_LOG_INITIALLY
 SERIES(get_all_dirty_ns, "KVM_GET_DIRTY_LOG, every page dirty (ns per call)");
 SERIES(get_none_dirty_ns, "KVM_GET_DIRTY_LOG, no page dirty (ns per call)");
 SERIES(get_sparse_ns, "KVM_GET_DIRTY_LOG, one page dirty in each 64-page word (ns per call)");
+SERIES(get_sparse8_ns, "KVM_GET_DIRTY_LOG, one page dirty in each 512 pages (ns per call)");
+SERIES(enable_logging_sparse_ns, "KVM_MEM_LOG_DIRTY_PAGES on, one page in 8 ever mapped (ns per call)");
+SERIES(enable_logging_sparse64_ns, "KVM_MEM_LOG_DIRTY_PAGES on, one page in 64 ever mapped (ns per call)");
+SERIES(disable_logging_thp_sparse_ns, "logging off, THP backing, after a logging pass over one page in 8 (ns per call)");
+SERIES(ring_reset_scattered_ns_per_entry, "dirty ring: KVM_RESET_DIRTY_RINGS of entries 65 pages apart (ns per entry)");
 SERIES(manual_get_all_dirty_ns, "manual protect: KVM_GET_DIRTY_LOG, every page dirty (ns per call)");
 SERIES(clear_slot_ns, "manual protect: KVM_CLEAR_DIRTY_LOG of the whole slot, every page dirty (ns per call)");
 SERIES(clear_64_pages_ns, "manual protect: KVM_CLEAR_DIRTY_LOG of one 64-page chunk, every page dirty (ns per call)");
@@ -400,6 +405,12 @@ static void measure_bitmap(size_t size, int reps) {
     add(&get_sparse_ns, ns);
     check_bitmap(bm, 0, vm->pages, 64);
     free(bm);
+    set_range(c, 0, vm->pages, 512);
+    run_pass(vm, c, NULL);
+    bm = get_log(vm, &ns);
+    add(&get_sparse8_ns, ns);
+    check_bitmap(bm, 0, vm->pages, 512);
+    free(bm);
     set_range(c, 0, vm->pages, 1);
     t0 = now_ns();
     set_slot(vm, 0);
@@ -407,6 +418,19 @@ static void measure_bitmap(size_t size, int reps) {
     run_pass(vm, c, NULL); /* remap writable after disable, as the next enable expects */
   }
   destroy_vm(vm);
+}
+
+/* Logging turned on over a slot of which one page in `stride` was ever touched. */
+static void measure_sparse_enable(size_t size, int reps, uint64_t stride, struct series *s) {
+  for (int r = 0; r < reps; r++) {
+    struct vm *vm = create_vm(size, 1, 0, 0, 0);
+    set_range(&vm->cpu[0], 0, vm->pages, stride);
+    run_pass(vm, &vm->cpu[0], NULL);
+    uint64_t t0 = now_ns();
+    set_slot(vm, KVM_MEM_LOG_DIRTY_PAGES);
+    add(s, now_ns() - t0);
+    destroy_vm(vm);
+  }
 }
 
 /* THP backing: enable and disable logging over huge-page-backed memory. */
@@ -423,6 +447,16 @@ static void measure_thp(size_t size, int reps) {
     t0 = now_ns();
     set_slot(vm, 0);
     add(&disable_logging_thp_ns, now_ns() - t0);
+  }
+  for (int r = 0; r < reps; r++) {
+    run_pass(vm, c, NULL); /* blocks again */
+    set_slot(vm, KVM_MEM_LOG_DIRTY_PAGES);
+    set_range(c, 0, vm->pages, 8);
+    run_pass(vm, c, NULL);
+    uint64_t t0 = now_ns();
+    set_slot(vm, 0);
+    add(&disable_logging_thp_sparse_ns, now_ns() - t0);
+    set_range(c, 0, vm->pages, 1);
   }
   destroy_vm(vm);
 }
@@ -493,6 +527,16 @@ static void measure_ring(size_t size, int reps, uint32_t max_entries, uint32_t s
         add(&small_ring_full_exits, t.full_exits);
       }
     }
+    if (k == 0)
+      for (int r = 0; r < reps; r++) {
+        /* Every 65th page: no two entries share a 64-page mask, so each is its own re-protect call. */
+        set_range(c, 0, vm->pages, 65);
+        memset(&t, 0, offsetof(struct ring_tally, seen));
+        run_pass(vm, c, &t);
+        reap_ring(vm, c, &t);
+        add(&ring_reset_scattered_ns_per_entry, (double)t.reset_ns / t.entries);
+        set_range(c, 0, vm->pages, 1);
+      }
     free(t.seen);
     destroy_vm(vm);
   }
@@ -566,8 +610,10 @@ int main(int argc, char **argv) {
   /* Progress on stderr, one line per phase ("phase N/5 name"), for the caller to show. */
   fprintf(stderr, "phase 1/5 bitmap: writes, faults, enable and disable, GET\n");
   measure_bitmap(size, reps);
-  fprintf(stderr, "phase 2/5 THP backing: enable and disable\n");
+  fprintf(stderr, "phase 2/5 THP backing and sparse mappings: enable and disable\n");
   measure_thp(size, reps);
+  measure_sparse_enable(size, reps, 8, &enable_logging_sparse_ns);
+  measure_sparse_enable(size, reps, 64, &enable_logging_sparse64_ns);
   fprintf(stderr, "phase 3/5 manual protect: GET, CLEAR, INITIALLY_SET\n");
   if (manual > 0) measure_manual(size, reps);
   fprintf(stderr, "phase 4/5 dirty ring: harvest, reset, ring-full exits\n");
@@ -579,7 +625,7 @@ int main(int argc, char **argv) {
   printf("  \"online_cpus\": %d,\n  \"slot_bytes\": %zu,\n  \"reps\": %d,\n  \"small_ring_entries\": %u,\n  \"lost_pages\": %lu,\n  \"wall_ns\": %lu,\n  \"measurements\": {", online, size, reps,
          small_ring, (unsigned long)lost_pages, (unsigned long)(now_ns() - t0));
   struct series *all[] = {&write_ns_per_page, &first_touch_ns_per_page, &write_fault_ns_per_page, &enable_logging_ns, &disable_logging_ns, &enable_logging_thp_ns,
-                          &disable_logging_thp_ns, &enable_logging_initially_set_ns, &get_all_dirty_ns, &get_none_dirty_ns, &get_sparse_ns, &manual_get_all_dirty_ns,
+                          &disable_logging_thp_ns, &enable_logging_initially_set_ns, &get_all_dirty_ns, &get_none_dirty_ns, &get_sparse_ns, &get_sparse8_ns, &enable_logging_sparse_ns, &enable_logging_sparse64_ns, &disable_logging_thp_sparse_ns, &ring_reset_scattered_ns_per_entry, &manual_get_all_dirty_ns,
                           &clear_slot_ns, &clear_64_pages_ns, &ring_harvest_ns_per_entry, &ring_reset_ns_per_entry, &ring_pass_ns_per_page, &small_ring_pass_ns_per_page,
                           &small_ring_full_exits, &two_vcpu_fault_ns_per_page, &two_vcpu_fault_aggregate_ns_per_page, &userspace_exit_ns, &pf_fixed_per_fault, &insn_emulation_per_fault};
   for (size_t i = 0; i < sizeof all / sizeof *all; i++) emit(all[i]);

@@ -28,6 +28,8 @@ export interface HostMeasurements {
   enableLoggingInitiallySetNs: number;
   /** Logging on over THP backing, every page touched (one 2 MiB entry per 512 pages). */
   enableLoggingThpNs?: number;
+  /** Logging on over a slot of which one page in 8 was ever mapped (every line of descriptors, an eighth of the entries). */
+  enableLoggingSparseNs?: number;
   /** Logging off over THP backing after a logging pass split every block. */
   disableLoggingThpNs?: number;
   getAllDirtyNs: number;
@@ -85,10 +87,15 @@ export type FittedCosts = Pick<
   | "ringHarvestEntryNs"
   | "ringResetEntryNs"
 > &
-  Partial<Pick<CostModel, "translationFaultNs" | "userspaceExitNs" | "protectMaskedCallNs" | "loggingWalkPageNs" | "collapseZapEntryNs">>;
+  Partial<Pick<CostModel, "translationFaultNs" | "userspaceExitNs" | "protectMaskedCallNs" | "loggingWalkPageNs" | "loggingEntryLineNs" | "collapseZapEntryNs">>;
 
-/** Solves the model's sums for its parts; every part comes out >= 0, or the measurements contradict the model and the fit says which. */
-export function fitCostModel(m: HostMeasurements): FittedCosts {
+/**
+ * Solves the model's sums for its parts. Every part comes out >= 0, or the
+ * measurements contradict the model and the fit says which; with onNegative,
+ * such a part is set to 0 and reported instead (a difference of two figures
+ * smaller than the host's noise: calibrate's short runs).
+ */
+export function fitCostModel(m: HostMeasurements, onNegative?: (part: string, ns: number) => void): FittedCosts {
   const P = m.pages;
   const W = Math.ceil(P / 64);
   // The sums (dirty-bitmap.ts, dirty-ring.ts), with K the ioctl and the flush it includes, C the masked-protect call
@@ -114,14 +121,29 @@ export function fitCostModel(m: HostMeasurements): FittedCosts {
   }
   const tlbFlushNs = fixed * TLB_FLUSH_SHARE;
   const ioctlNs = fixed - tlbFlushNs;
-  // Enable = P walk + entries x entry + flush: 4 KiB mapping has P entries, THP backing P / 512 (without THP, walk = 0).
+  // Enable = P walk + lines x line + entries x entry + flush (dirty-bitmap.ts; 8 page descriptors to a line, a block alone):
+  //   every page mapped at 4 KiB: P / 8 lines, P entries;  one page in 8: P / 8 lines, P / 8 entries;
+  //   THP backing: B = P / 512 blocks, each a line and an entry.
+  // Without the sparse figure the line is 0, without THP the page walk (the entry figure carries them).
+  const B = P / 512;
+  const full = m.enableLoggingNs - tlbFlushNs;
+  let entry = full / P;
   let walk = 0;
-  let entry = (m.enableLoggingNs - tlbFlushNs) / P;
-  if (m.enableLoggingThpNs !== undefined) {
-    entry = (m.enableLoggingNs - m.enableLoggingThpNs) / (P - P / 512);
-    walk = (m.enableLoggingThpNs - tlbFlushNs - (P / 512) * entry) / P;
+  let line = 0;
+  if (m.enableLoggingSparseNs !== undefined) {
+    entry = (m.enableLoggingNs - m.enableLoggingSparseNs) / (P - P / 8);
+    // P walk + (P / 8) line = full - P entry; with THP, P walk + B line = thp - B entry.
+    const a = full - P * entry;
+    if (m.enableLoggingThpNs !== undefined) {
+      const b = m.enableLoggingThpNs - tlbFlushNs - B * entry;
+      line = (a - b) / (P / 8 - B);
+      walk = (b - B * line) / P;
+    } else line = a / (P / 8);
+  } else if (m.enableLoggingThpNs !== undefined) {
+    entry = (m.enableLoggingNs - m.enableLoggingThpNs) / (P - B);
+    walk = (m.enableLoggingThpNs - tlbFlushNs - B * entry) / P;
   }
-  const disablePage = (m.disableLoggingNs - P * walk) / P;
+  const disablePage = (m.disableLoggingNs - P * walk - (P / 8) * line) / P;
   const out: FittedCosts = {
     writeNs: m.writeNsPerPage,
     writeFaultNs: m.writeFaultNsPerPage - m.writeNsPerPage,
@@ -143,12 +165,18 @@ export function fitCostModel(m: HostMeasurements): FittedCosts {
   };
   if (m.getSparseNs !== undefined) out.protectMaskedCallNs = call;
   if (m.enableLoggingThpNs !== undefined) out.loggingWalkPageNs = walk;
+  if (m.enableLoggingSparseNs !== undefined) out.loggingEntryLineNs = line;
   // Disabling over THP after a logging pass: every page is a 4 KiB leaf that a block can map again, so all P are zapped.
   if (m.disableLoggingThpNs !== undefined) out.collapseZapEntryNs = (m.disableLoggingThpNs - m.disableLoggingNs - tlbFlushNs) / P;
   if (m.firstTouchNsPerPage !== undefined) out.translationFaultNs = m.firstTouchNsPerPage - m.writeNsPerPage;
   if (m.userspaceExitNs !== undefined) out.userspaceExitNs = m.userspaceExitNs;
   const negative = Object.entries(out).filter(([, v]) => !(v >= 0));
-  if (negative.length > 0) throw new RangeError(`the measurements contradict the cost model: ${negative.map(([k, v]) => `${k} = ${v}`).join(", ")}`);
+  if (onNegative)
+    for (const [k, v] of negative) {
+      onNegative(k, v);
+      out[k as keyof FittedCosts] = 0;
+    }
+  else if (negative.length > 0) throw new RangeError(`the measurements contradict the cost model: ${negative.map(([k, v]) => `${k} = ${v}`).join(", ")}`);
   return out;
 }
 
@@ -196,6 +224,7 @@ export function hostFromHarness(r: HarnessReport): HostMeasurements {
     getNoneDirtyNs: need("get_none_dirty_ns"),
     getSparseNs: optional("get_sparse_ns"),
     enableLoggingThpNs: optional("enable_logging_thp_ns"),
+    enableLoggingSparseNs: optional("enable_logging_sparse_ns"),
     disableLoggingThpNs: optional("disable_logging_thp_ns"),
     manualGetAllDirtyNs: need("manual_get_all_dirty_ns"),
     clearSlotNs: need("clear_slot_ns"),

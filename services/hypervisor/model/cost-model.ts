@@ -40,6 +40,8 @@ export interface CostModel {
   protectMaskedCallNs: number;
   /** Toggling logging visits every page of the slot, mapped or not (the shadow MMU's rmap walk; 0 where only mapped entries are walked). */
   loggingWalkPageNs: number;
+  /** Toggling logging: the cache miss of each 64-byte line of leaf descriptors that holds a mapped entry (Stage2.entryLines). */
+  loggingEntryLineNs: number;
   /** x86, logging turned off over huge backing: zapping one 4 KiB leaf of a range a block can map again (kvm_mmu_zap_collapsible_sptes). */
   collapseZapEntryNs: number;
   /** Write-protecting one mapped leaf entry (a 4 KiB page, or a whole block) when logging is enabled on a slot. */
@@ -95,6 +97,7 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   translationFaultNs: FITTED.writeFaultNs, // [ASSUMED] same fault path as a permission fault; `calibrate` measures it
   protectMaskedCallNs: FITTED.protectMaskedCallNs ?? 0, // [ASSUMED] 0: no sparse GET was measured on the reference host, so its per-page figures carry the call; `calibrate` separates it
   loggingWalkPageNs: FITTED.loggingWalkPageNs ?? 0, // [ASSUMED] 0: only a 4 KiB-mapped slot was measured there; `calibrate` separates it with THP backing
+  loggingEntryLineNs: FITTED.loggingEntryLineNs ?? 0, // [ASSUMED] 0: as above, the per-entry figures carry it; `calibrate` separates it with a sparsely mapped slot
   collapseZapEntryNs: FITTED.collapseZapEntryNs ?? FITTED.disableLoggingPageNs, // [ASSUMED] as the disable walk's per-entry cost; `calibrate` measures it with THP backing
   splitBlockNs: 31400, // [LIT] derived from Matlack v2: eager split at enable 1.547 s for 96 GiB = 49152 2M blocks
   emulatedWriteNs: 1000, // [ASSUMED] instruction emulation plus one notifier call

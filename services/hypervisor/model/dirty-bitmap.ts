@@ -192,10 +192,17 @@ export function enableLogging(vm: Vm, slot: Memslot): number {
   }
   // Write protection walks the mapped leaf entries: a block is one entry (eager splitting then splits it), an unmapped page none.
   const entries = mappedEntries(slot);
+  const walk = loggingWalk(vm, slot);
   vm.arch.protectSlot(vm, slot);
   const units = vm.arch.eagerSplit(vm) ? slot.s2.splitRange(0, slot.npages) : 0;
   const flushed = vm.flushTlbsAfterWriteProtect();
-  return slot.npages * c.loggingWalkPageNs + entries * c.enableLoggingPageNs + units * c.splitBlockNs + (flushed ? c.tlbFlushNs : 0);
+  return walk + entries * c.enableLoggingPageNs + units * c.splitBlockNs + (flushed ? c.tlbFlushNs : 0);
+}
+
+/** What toggling logging pays to walk the slot: every page (the shadow MMU's rmaps), and a cache miss per line of mapped entries. */
+function loggingWalk(vm: Vm, slot: Memslot): number {
+  const c = vm.costs;
+  return slot.npages * c.loggingWalkPageNs + (c.loggingEntryLineNs > 0 ? slot.s2.entryLines * c.loggingEntryLineNs : 0);
 }
 
 /** The slot's mapped leaf entries: 4 KiB pages and blocks. */
@@ -212,7 +219,7 @@ export function disableLogging(vm: Vm, slot: Memslot): number {
   slot.dirtyBitmap = null;
   slot.ringPending = null;
   const c = vm.costs;
-  const walked = slot.npages * c.loggingWalkPageNs + mappedEntries(slot) * c.disableLoggingPageNs;
+  const walked = loggingWalk(vm, slot) + mappedEntries(slot) * c.disableLoggingPageNs;
   const zapped = vm.arch.recoverHugePages(vm, slot);
   return walked + zapped * c.collapseZapEntryNs + (zapped > 0 && vm.flushTlbsAfterWriteProtect() ? c.tlbFlushNs : 0);
 }

@@ -91,6 +91,34 @@ export class Stage2 {
     return 8 * (npages + n2 + n1) + 4 * Math.ceil(npages / 32);
   }
 
+  /**
+   * The 64-byte lines of leaf descriptors that hold a mapped entry: 8 page
+   * descriptors share a line, a block's descriptor is one line of its own.
+   * A walk that touches the mapped entries misses the cache once per line.
+   */
+  get entryLines(): number {
+    const lo = this.pte.lo;
+    let n = this.blocks2m + this.blocks1g;
+    for (let p = 0; p < lo.length; p += 8) {
+      const end = Math.min(p + 8, lo.length);
+      for (let q = p; q < end; q++)
+        if (lo[q] & VALID) {
+          n++;
+          break;
+        }
+    }
+    return n;
+  }
+
+  /** Frees the (emptied) level-3 table of page p's 2 MiB region, as zapping its parent entry does. */
+  dropTable(p: number): void {
+    const i2 = this.i2(p);
+    if ((this.pmd.lo[i2] & TABLE) === TABLE) {
+      this.pmd.lo[i2] = 0;
+      this.pmd.hi[i2] = 0;
+    }
+  }
+
   get hasBlocks(): boolean {
     return this.blocks2m + this.blocks1g > 0;
   }

@@ -62,8 +62,8 @@ export const X86_64: KvmArch = {
 
 /**
  * kvm_mmu_zap_collapsible_sptes: every range of the slot that a block could
- * map (the backing and write tracking allow it) loses its 4 KiB leaves, so
- * that the next access faults and maps the block again.
+ * map (the backing and write tracking allow it) loses its 4 KiB leaves and
+ * their table, so that the next access faults and maps the block again.
  */
 function zapCollapsible(vm: Vm, slot: Memslot): number {
   const s2 = slot.s2;
@@ -75,6 +75,7 @@ function zapCollapsible(vm: Vm, slot: Memslot): number {
     for (let q = first; q < first + PAGES_2M; q++) if (s2.leafLevel(q) === Level.Page) leaves++;
     if (leaves === 0) continue;
     s2.unmapRange(first, first + PAGES_2M);
+    s2.dropTable(first);
     vm.invalidateRangeAll(slot.baseGfn + first, PAGES_2M);
     zapped += leaves;
   }
