@@ -9,15 +9,16 @@ import type { HypervisorClient } from "../services/hypervisor/client.js";
 import { Arch, ManualProtectFlag, Capability, MemslotFlag, WorkloadPattern, WriteValue, type SetFaultInjectionRequest } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { bit, GiB } from "./hypervisor-harness.js";
 
-export type Collect = (c: HypervisorClient, vm: string, slot: number, numPages: number) => Promise<Uint8Array>;
+/** vcpusRun: the vCPUs keep running through the collection's ioctls (GetDirtyLogRequest.vcpus_run). */
+export type Collect = (c: HypervisorClient, vm: string, slot: number, numPages: number, vcpusRun?: boolean) => Promise<Uint8Array>;
 
 /** dirty-log mode: one GET (snapshot, clear, re-protect). */
-export const collectDirtyLog: Collect = async (c, vm, slot) => (await c.getDirtyLog({ vm, slot })).bitmap;
+export const collectDirtyLog: Collect = async (c, vm, slot, _n, vcpusRun = false) => (await c.getDirtyLog({ vm, slot, vcpusRun })).bitmap;
 
 /** clear-log mode: GET with manual protect, then CLEAR of the whole slot with what GET returned. */
-export const collectClearLog: Collect = async (c, vm, slot, numPages) => {
-  const { bitmap } = await c.getDirtyLog({ vm, slot });
-  await c.clearDirtyLog({ vm, slot, firstPage: 0n, numPages, bitmap: Buffer.from(bitmap) });
+export const collectClearLog: Collect = async (c, vm, slot, numPages, vcpusRun = false) => {
+  const { bitmap } = await c.getDirtyLog({ vm, slot, vcpusRun });
+  await c.clearDirtyLog({ vm, slot, firstPage: 0n, numPages, bitmap: Buffer.from(bitmap), vcpusRun });
   return bitmap;
 };
 
@@ -67,6 +68,8 @@ export async function runSelftest(
     iterations?: number;
     /** More of the VM's creation: its architecture, PML. */
     create?: { arch?: Arch; pml?: boolean };
+    /** The mid-iteration collection runs with the vCPU running through it, as on a real host. */
+    vcpusRun?: boolean;
     /** Bugs to switch on before logging starts (SetFaultInjection), to show the invariant catches them. */
     inject?: Omit<Partial<SetFaultInjectionRequest>, "vm">;
     /** Guest time per half iteration. */
@@ -107,7 +110,7 @@ export async function runSelftest(
       },
     });
     await c.advanceVm({ vm: opts.vm, durationNs: opts.halfNs ?? 5_000_000n });
-    const mid = await opts.collect(c, opts.vm, slot, pages);
+    const mid = await opts.collect(c, opts.vm, slot, pages, opts.vcpusRun);
     await c.advanceVm({ vm: opts.vm, durationNs: opts.halfNs ?? 5_000_000n });
     await c.pauseVm({ vm: opts.vm });
     const end = await opts.collect(c, opts.vm, slot, pages);

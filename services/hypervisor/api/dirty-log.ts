@@ -18,7 +18,7 @@ export function dirtyLogHandlers(ctx: ApiContext): Pick<Handlers, "getDirtyLog" 
           "E2BIG",
         );
       }
-      const r = await hv.getDirtyLog(vm, req.slot);
+      const r = await hv.getDirtyLog(vm, req.slot, req.vcpusRun);
       for (const [iface, ns] of Object.entries(r.costs)) metrics.syncHostSeconds.observe({ vm: vm.name, interface: iface }, ns / 1e9);
       const rate = ctx.lastGet.rate(vm, req.slot, r.dirtyPages);
       if (rate !== null) metrics.setSyncDirtyRate(vm.name, req.slot, vm.mechanism, rate);
@@ -34,7 +34,7 @@ export function dirtyLogHandlers(ctx: ApiContext): Pick<Handlers, "getDirtyLog" 
     },
     async clearDirtyLog(req) {
       const vm = hv.vm(req.vm);
-      const r = await hv.clearDirtyLog(vm, req.slot, num(req.firstPage, "first_page"), req.numPages, req.bitmap);
+      const r = await hv.clearDirtyLog(vm, req.slot, num(req.firstPage, "first_page"), req.numPages, req.bitmap, req.vcpusRun);
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "clear" }, r.hostNs / 1e9);
       return { pagesCleared: BigInt(r.pagesCleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)) };
     },

@@ -34,6 +34,66 @@ export interface ClearDirtyLogResult {
 
 const splitsInClear = (vm: Vm) => vm.manualProtect && vm.initiallySet && vm.arch.eagerSplit(vm);
 
+/** With the vCPUs running, the guest runs between chunks of this many words of a GET's or CLEAR's loop. */
+export const SYNC_CHUNK_WORDS = 64;
+
+/**
+ * A GET or CLEAR with the vCPUs running through it (a stepped VM; vcpusRun):
+ * KVM holds mmu_lock over the word loop, so a fault waits until the ioctl
+ * ends (Vm.hostLockUntil), while writes that need none (a TLB hit, a
+ * writable page, a stale TLB entry before the flush) go on. The loop's cost
+ * is known up front (faults wait, so no bit changes under it); the guest
+ * runs up to where each chunk starts, and to the end after the flush.
+ * Without vcpusRun, or with a hardware assist whose logs change under the
+ * loop, the ioctl is atomic and the caller lets the guest run for its time.
+ */
+class GuestRunsThrough {
+  private readonly t0: number;
+
+  constructor(
+    private readonly vm: Vm,
+    estimateNs: number,
+  ) {
+    this.t0 = vm.clockNs;
+    vm.hostLockUntil = this.t0 + estimateNs;
+  }
+
+  /** The guest runs until the ioctl is elapsedNs in. */
+  at(elapsedNs: number): void {
+    const target = this.t0 + elapsedNs;
+    if (target > this.vm.clockNs) this.vm.advance(target - this.vm.clockNs);
+  }
+
+  /** The ioctl ends after hostNs (the estimate less what did not happen: a skipped flush, plus any split): the lock is released, the guest runs to there. */
+  end(hostNs: number): void {
+    this.vm.hostLockUntil = this.t0 + hostNs;
+    this.at(hostNs);
+  }
+}
+
+/** Whether a sync asked to run with the vCPUs running can: a stepped VM with running vCPUs, plain write protection. */
+function guestRunsThrough(vm: Vm, vcpusRun: boolean): boolean {
+  if (!vcpusRun) return false;
+  if (vm.config.clock !== "stepped") throw failedPrecondition(`vcpus_run: VM ${vm.name} runs on the real-time clock, where the guest runs through every ioctl anyway`, "EINVAL");
+  if (vm.advancing) throw failedPrecondition(`vcpus_run: VM ${vm.name} is advancing; one guest run at a time`, "EBUSY");
+  return vm.hw === null && vm.vcpus.some((v) => !v.paused);
+}
+
+/** The non-empty words and dirty pages of [firstWord, firstWord + words) of a bitmap ANDed with mask (or not). */
+function census(bm: Int32Array, firstWord: number, words: number, mask: Int32Array | null): { calls: number; pages: number } {
+  let calls = 0;
+  let pages = 0;
+  for (let k = 0; k < words; k++) {
+    const w = firstWord + k;
+    const lo = mask ? mask[2 * k] & bm[2 * w] : bm[2 * w];
+    const hi = mask ? mask[2 * k + 1] & bm[2 * w + 1] : bm[2 * w + 1];
+    if ((lo | hi) === 0) continue;
+    calls++;
+    pages += popcount32(lo) + popcount32(hi);
+  }
+  return { calls, pages };
+}
+
 /** The checks GET and CLEAR share, in KVM's order (ENXIO, then the slot id). */
 function checkLogAccess(vm: Vm, id: number, what: string): void {
   if (vm.ringEnabled && !vm.ringWithBitmap) {
@@ -50,10 +110,10 @@ function loggingSlot(vm: Vm, id: number, what: string): Memslot {
 }
 
 /** KVM_GET_DIRTY_LOG on slot slotId (the device's asynchronous read, if any, has happened). */
-export function getDirtyLog(vm: Vm, slotId: number): GetDirtyLogResult & { numPages: number } {
+export function getDirtyLog(vm: Vm, slotId: number, vcpusRun = false): GetDirtyLogResult & { numPages: number } {
   checkLogAccess(vm, slotId, "GET_DIRTY_LOG");
   const slot = loggingSlot(vm, slotId, "GET_DIRTY_LOG");
-  const r = snapshotAndProtect(vm, slot);
+  const r = snapshotAndProtect(vm, slot, guestRunsThrough(vm, vcpusRun));
   // The injected bug: the bits are consumed, then the copy out fails.
   if (vm.injected.failEveryOtherGetCopy && vm.injected.getsSeen++ % 2 === 0) {
     throw new DomainError("aborted", `GET_DIRTY_LOG: copying the bitmap of slot ${slotId} out failed after it was cleared (an injected bug)`, "EFAULT");
@@ -62,7 +122,7 @@ export function getDirtyLog(vm: Vm, slotId: number): GetDirtyLogResult & { numPa
 }
 
 /** KVM_CLEAR_DIRTY_LOG on slot slotId with the user's bitmap (bytes, 64 pages a word). */
-export function clearDirtyLog(vm: Vm, slotId: number, firstPage: number, numPages: number, bitmap: Uint8Array): ClearDirtyLogResult {
+export function clearDirtyLog(vm: Vm, slotId: number, firstPage: number, numPages: number, bitmap: Uint8Array, vcpusRun = false): ClearDirtyLogResult {
   checkLogAccess(vm, slotId, "CLEAR_DIRTY_LOG");
   if (firstPage % 64 !== 0) throw invalidArgument(`CLEAR_DIRTY_LOG: first_page ${firstPage} is not a multiple of 64`, "EINVAL");
   const slot = loggingSlot(vm, slotId, "CLEAR_DIRTY_LOG");
@@ -70,10 +130,10 @@ export function clearDirtyLog(vm: Vm, slotId: number, firstPage: number, numPage
   const words = Math.ceil(numPages / 64);
   const user = new Int32Array(2 * words);
   new Uint8Array(user.buffer).set(bitmap.subarray(0, words * 8));
-  return clearAndProtect(vm, slot, firstPage, numPages, user);
+  return clearAndProtect(vm, slot, firstPage, numPages, user, guestRunsThrough(vm, vcpusRun));
 }
 
-function snapshotAndProtect(vm: Vm, slot: Memslot): GetDirtyLogResult {
+function snapshotAndProtect(vm: Vm, slot: Memslot, concurrent: boolean): GetDirtyLogResult {
   const bm = slot.dirtyBitmap!;
   const words = bm.length / 2;
   const c = vm.costs;
@@ -87,8 +147,16 @@ function snapshotAndProtect(vm: Vm, slot: Memslot): GetDirtyLogResult {
     return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, scanNs: sync.hostNs, pagesWriteProtected: 0, tlbFlushed: false, hostNs };
   }
   const protect = vm.arch.protectMasked(vm, slot, splitsInClear(vm));
+  const perPage = c.getPageWriteProtectNs;
+  let run: GuestRunsThrough | null = null;
+  let elapsed = sync.hostNs + c.ioctlNs;
+  if (concurrent) {
+    const { calls, pages } = census(bm, 0, words, null);
+    run = new GuestRunsThrough(vm, elapsed + words * c.bitmapWordScanNs + calls * c.protectMaskedCallNs + pages * perPage + (pages > 0 ? c.tlbFlushNs : 0));
+  }
   let calls = 0;
   for (let w = 0; w < words; w++) {
+    if (run && w % SYNC_CHUNK_WORDS === 0) run.at(elapsed + w * c.bitmapWordScanNs + calls * c.protectMaskedCallNs + dirty * perPage);
     const lo = bm[2 * w];
     const hi = bm[2 * w + 1];
     if ((lo | hi) === 0) continue;
@@ -101,6 +169,8 @@ function snapshotAndProtect(vm: Vm, slot: Memslot): GetDirtyLogResult {
     protect.mask(w * 64, lo, hi);
   }
   const splitUnits = protect.done();
+  elapsed += words * c.bitmapWordScanNs + calls * c.protectMaskedCallNs + dirty * perPage;
+  run?.at(elapsed); // the window of seed 004: pages protected, TLBs not yet flushed
   const tlbFlushed = dirty > 0 && vm.flushTlbsAfterWriteProtect();
   const hostNs =
     sync.hostNs +
@@ -108,9 +178,10 @@ function snapshotAndProtect(vm: Vm, slot: Memslot): GetDirtyLogResult {
     // The nothing-dirty GET's per-word figure already includes copying the snapshot out.
     words * c.bitmapWordScanNs +
     calls * c.protectMaskedCallNs +
-    dirty * c.getPageWriteProtectNs +
+    dirty * perPage +
     splitUnits * c.splitBlockNs +
     (tlbFlushed ? c.tlbFlushNs : 0);
+  run?.end(hostNs);
   return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, scanNs: sync.hostNs, pagesWriteProtected: dirty, tlbFlushed, hostNs };
 }
 
@@ -135,7 +206,7 @@ function checkClearRange(slot: Memslot, firstPage: number, numPages: number, bit
 }
 
 /** KVM_CLEAR_DIRTY_LOG: clear the set bits that are also set in the log, and re-protect their pages. */
-function clearAndProtect(vm: Vm, slot: Memslot, firstPage: number, numPages: number, user: Int32Array): ClearDirtyLogResult {
+function clearAndProtect(vm: Vm, slot: Memslot, firstPage: number, numPages: number, user: Int32Array, concurrent: boolean): ClearDirtyLogResult {
   const bm = slot.dirtyBitmap!;
   const c = vm.costs;
   // Seed 003: "omit dirty log sync in log clear if initially all set".
@@ -145,7 +216,15 @@ function clearAndProtect(vm: Vm, slot: Memslot, firstPage: number, numPages: num
   let cleared = 0;
   let calls = 0;
   const protect = vm.arch.protectMasked(vm, slot, splitsInClear(vm));
+  const perPage = c.clearPageWriteProtectNs;
+  let run: GuestRunsThrough | null = null;
+  const start = syncNs + c.ioctlNs;
+  if (concurrent) {
+    const n = census(bm, firstWord, words, user);
+    run = new GuestRunsThrough(vm, start + words * c.bitmapWordScanNs + n.calls * c.protectMaskedCallNs + n.pages * perPage + (n.pages > 0 ? c.tlbFlushNs : 0));
+  }
   for (let k = 0; k < words; k++) {
+    if (run && k % SYNC_CHUNK_WORDS === 0) run.at(start + k * c.bitmapWordScanNs + calls * c.protectMaskedCallNs + cleared * perPage);
     const w = firstWord + k;
     const lo = user[2 * k] & bm[2 * w];
     const hi = user[2 * k + 1] & bm[2 * w + 1];
@@ -157,6 +236,7 @@ function clearAndProtect(vm: Vm, slot: Memslot, firstPage: number, numPages: num
     protect.mask(w * 64, lo, hi);
   }
   const splitUnits = protect.done();
+  run?.at(start + words * c.bitmapWordScanNs + calls * c.protectMaskedCallNs + cleared * perPage);
   const tlbFlushed = cleared > 0 && vm.flushTlbsAfterWriteProtect();
   const hostNs =
     syncNs +
@@ -166,6 +246,7 @@ function clearAndProtect(vm: Vm, slot: Memslot, firstPage: number, numPages: num
     cleared * c.clearPageWriteProtectNs +
     splitUnits * c.splitBlockNs +
     (tlbFlushed ? c.tlbFlushNs : 0);
+  run?.end(hostNs);
   return { pagesCleared: cleared, tlbFlushed, hostNs };
 }
 

@@ -209,9 +209,9 @@ export class Hypervisor {
    * KVM_GET_DIRTY_LOG: kvm_arch_sync_dirty_log first (the device's read, or
    * DBM's descriptor scan inside the VM's GET), then snapshot and clear.
    */
-  async getDirtyLog(vm: Vm, slot: number): Promise<GetDirtyLogResult & { numPages: number; costs: SyncCosts }> {
+  async getDirtyLog(vm: Vm, slot: number, vcpusRun = false): Promise<GetDirtyLogResult & { numPages: number; costs: SyncCosts }> {
     const dev = this.pageTracking?.owns(vm) ? await this.pageTracking.sync(vm) : { pages: 0, hostNs: 0 };
-    const r = bitmapLog.getDirtyLog(vm, slot);
+    const r = bitmapLog.getDirtyLog(vm, slot, vcpusRun);
     r.hostNs += dev.hostNs;
     r.pagesSynced += dev.pages;
     const costs: SyncCosts = { get: r.hostNs };
@@ -221,10 +221,10 @@ export class Hypervisor {
   }
 
   /** KVM_CLEAR_DIRTY_LOG, after the arch sync (omitted when the log started all set, as seed 003 does). */
-  async clearDirtyLog(vm: Vm, slot: number, firstPage: number, numPages: number, bitmap: Uint8Array): Promise<ClearDirtyLogResult> {
+  async clearDirtyLog(vm: Vm, slot: number, firstPage: number, numPages: number, bitmap: Uint8Array, vcpusRun = false): Promise<ClearDirtyLogResult> {
     const skipSync = vm.manualProtect && vm.initiallySet;
     const dev = !skipSync && this.pageTracking?.owns(vm) ? await this.pageTracking.sync(vm) : { hostNs: 0 };
-    const r = bitmapLog.clearDirtyLog(vm, slot, firstPage, numPages, bitmap);
+    const r = bitmapLog.clearDirtyLog(vm, slot, firstPage, numPages, bitmap, vcpusRun);
     r.hostNs += dev.hostNs;
     return r;
   }

@@ -208,6 +208,8 @@ export class Vm {
   private advanceEnd = 0;
   /** An AdvanceVm is in progress (its slices interleave with other calls). */
   advancing = false;
+  /** Until this clock time a sync holds mmu_lock with the vCPUs running (dirty-bitmap.ts): a fault waits for it. */
+  hostLockUntil = 0;
   /** Destroyed: an advance in progress stops at its next slice. */
   destroyed = false;
 
@@ -529,7 +531,7 @@ export class Vm {
       const next = seq + 1;
       const lo = epochMode ? eLo : next >>> 0;
       const hi = epochMode ? eHi : next < TWO32 ? 0 : Math.floor(next / TWO32);
-      const cost = this.writeMiss(v, slot, p, slot.baseGfn + p, lo, hi, t);
+      const cost = this.writeMiss(v, slot, p, slot.baseGfn + p, lo, hi, t, true);
       if (this.missBlocked) {
         cur--; // the write waits for its page
         break;
@@ -733,10 +735,10 @@ export class Vm {
     return 0;
   }
 
-  private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number, lo: number, hi: number, t: number): number {
+  private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number, lo: number, hi: number, t: number, mayBlock: boolean): number {
     this.missFaulted = false;
     this.missBlocked = false;
-    const wait = this.postcopy === null ? 0 : this.postcopyWait(v, slot, p, gfn, t);
+    let wait = this.postcopy === null ? 0 : this.postcopyWait(v, slot, p, gfn, t);
     if (this.missBlocked) return 0;
     const level = slot.s2.leafLevel(p);
     if (level === Level.Block2M || level === Level.Block1G) {
@@ -748,6 +750,15 @@ export class Vm {
     } else if (level === Level.Page && this.hw !== null && slot.s2.pte.hi[p] & HI_DBM) {
       // Writable-clean (DBM set, or W with D clear; only ever with an assist on): the hardware's update, no fault.
       return wait + this.arch.hardwareDirtyUpdate(this, v, slot, p, gfn);
+    }
+    if (t + wait < this.hostLockUntil) {
+      // The fault needs mmu_lock, which a sync holds: the vCPU stops there until the lock is free
+      // (the workload loop resumes it; an explicit write just waits).
+      if (mayBlock) {
+        this.missBlocked = true;
+        return 0;
+      }
+      wait = this.hostLockUntil - t;
     }
     this.missFaulted = true;
     this.lastFault = this.arch.handleWriteFault(this, v, slot, p, gfn, level, lo, hi, t + wait);
@@ -798,7 +809,7 @@ export class Vm {
     if (!v.tlb.holds(gfn)) {
       if ((slot.s2.writable[p >>> 5] >>> (p & 31)) & 1) v.tlb.fill(gfn);
       else {
-        const cost = this.writeMiss(v, slot, p, gfn, lo, hi, v.time);
+        const cost = this.writeMiss(v, slot, p, gfn, lo, hi, v.time, false);
         out = this.missFaulted ? { ...this.lastFault! } : { ...out, costNs: cost };
       }
     }

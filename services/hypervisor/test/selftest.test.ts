@@ -26,6 +26,19 @@ describe("kernel dirty_log_test invariant over gRPC (slot of 1 GiB + 3 pages)", 
     for (const n of r.dirtyPerIteration.slice(1)) assert.ok(n > 0x100 && n < r.pages / 2);
   });
 
+  test("with the vCPU running through the mid-iteration GET and CLEAR, the invariant holds", async () => {
+    for (const [name, collect, initiallySet] of [["st-run-dirty-log", collectDirtyLog, false], ["st-run-clear-log", collectClearLog, true]] as const) {
+      const r = await runSelftest(h.client, { vm: name, collect, initiallySet, vcpusRun: true });
+      assert.equal(r.falseDirty, 0, name);
+      assert.equal(r.lost, 0, name);
+    }
+  });
+
+  test("with the vCPU running through the GET, skipping the TLB flush still loses pages, and the invariant catches it", async () => {
+    const r = await runSelftest(h.client, { vm: "st-run-noflush", collect: collectDirtyLog, vcpusRun: true, inject: { skipTlbFlushAfterWriteProtect: true } });
+    assert.ok(r.lost > 0);
+  });
+
   test("skipping the TLB flush after write protection loses dirty pages, and the invariant catches it", async () => {
     const dirty = await runSelftest(h.client, { vm: "st-noflush", collect: collectDirtyLog, inject: { skipTlbFlushAfterWriteProtect: true } });
     assert.ok(dirty.lost > 0, "writes through stale writable TLB entries must go unlogged");

@@ -927,6 +927,14 @@ export interface EnableCapResponse {
 export interface GetDirtyLogRequest {
   vm: string;
   slot: number;
+  /**
+   * Stepped VMs: the vCPUs keep running through the ioctl, as on a real host. The VM's clock
+   * moves by host_ns; the guest runs between chunks of 64 words of the loop, a fault waits
+   * for the mmu_lock the loop holds, and writes that need no fault go on (seed 004's window
+   * between write protection and the TLB flush). The caller must not run the guest for
+   * host_ns again. Ignored (atomic) with a hardware assist or when every vCPU is paused.
+   */
+  vcpusRun: boolean;
 }
 
 export interface GetDirtyLogResponse {
@@ -951,6 +959,8 @@ export interface ClearDirtyLogRequest {
   numPages: number;
   /** Bit i clears page first_page + i; at least ALIGN(num_pages, 64) / 8 bytes. */
   bitmap: Buffer;
+  /** As GetDirtyLogRequest.vcpus_run. */
+  vcpusRun: boolean;
 }
 
 export interface ClearDirtyLogResponse {
@@ -6368,7 +6378,7 @@ export const EnableCapResponse: MessageFns<EnableCapResponse> = {
 };
 
 function createBaseGetDirtyLogRequest(): GetDirtyLogRequest {
-  return { vm: "", slot: 0 };
+  return { vm: "", slot: 0, vcpusRun: false };
 }
 
 export const GetDirtyLogRequest: MessageFns<GetDirtyLogRequest> = {
@@ -6378,6 +6388,9 @@ export const GetDirtyLogRequest: MessageFns<GetDirtyLogRequest> = {
     }
     if (message.slot !== 0) {
       writer.uint32(16).uint32(message.slot);
+    }
+    if (message.vcpusRun !== false) {
+      writer.uint32(24).bool(message.vcpusRun);
     }
     return writer;
   },
@@ -6411,6 +6424,14 @@ export const GetDirtyLogRequest: MessageFns<GetDirtyLogRequest> = {
             message.slot = reader.uint32();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.vcpusRun = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -6427,6 +6448,11 @@ export const GetDirtyLogRequest: MessageFns<GetDirtyLogRequest> = {
     return {
       vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
       slot: isSet(object.slot) ? globalThis.Number(object.slot) : 0,
+      vcpusRun: isSet(object.vcpusRun)
+        ? globalThis.Boolean(object.vcpusRun)
+        : isSet(object.vcpus_run)
+        ? globalThis.Boolean(object.vcpus_run)
+        : false,
     };
   },
 
@@ -6438,6 +6464,9 @@ export const GetDirtyLogRequest: MessageFns<GetDirtyLogRequest> = {
     if (message.slot !== 0) {
       obj.slot = Math.round(message.slot);
     }
+    if (message.vcpusRun !== false) {
+      obj.vcpusRun = message.vcpusRun;
+    }
     return obj;
   },
 
@@ -6448,6 +6477,7 @@ export const GetDirtyLogRequest: MessageFns<GetDirtyLogRequest> = {
     const message = createBaseGetDirtyLogRequest();
     message.vm = object.vm ?? "";
     message.slot = object.slot ?? 0;
+    message.vcpusRun = object.vcpusRun ?? false;
     return message;
   },
 };
@@ -6667,7 +6697,7 @@ export const GetDirtyLogResponse: MessageFns<GetDirtyLogResponse> = {
 };
 
 function createBaseClearDirtyLogRequest(): ClearDirtyLogRequest {
-  return { vm: "", slot: 0, firstPage: 0n, numPages: 0, bitmap: Buffer.alloc(0) };
+  return { vm: "", slot: 0, firstPage: 0n, numPages: 0, bitmap: Buffer.alloc(0), vcpusRun: false };
 }
 
 export const ClearDirtyLogRequest: MessageFns<ClearDirtyLogRequest> = {
@@ -6689,6 +6719,9 @@ export const ClearDirtyLogRequest: MessageFns<ClearDirtyLogRequest> = {
     }
     if (message.bitmap.length !== 0) {
       writer.uint32(42).bytes(message.bitmap);
+    }
+    if (message.vcpusRun !== false) {
+      writer.uint32(48).bool(message.vcpusRun);
     }
     return writer;
   },
@@ -6746,6 +6779,14 @@ export const ClearDirtyLogRequest: MessageFns<ClearDirtyLogRequest> = {
             message.bitmap = Buffer.from(reader.bytes());
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.vcpusRun = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -6773,6 +6814,11 @@ export const ClearDirtyLogRequest: MessageFns<ClearDirtyLogRequest> = {
         ? globalThis.Number(object.num_pages)
         : 0,
       bitmap: isSet(object.bitmap) ? Buffer.from(bytesFromBase64(object.bitmap)) : Buffer.alloc(0),
+      vcpusRun: isSet(object.vcpusRun)
+        ? globalThis.Boolean(object.vcpusRun)
+        : isSet(object.vcpus_run)
+        ? globalThis.Boolean(object.vcpus_run)
+        : false,
     };
   },
 
@@ -6793,6 +6839,9 @@ export const ClearDirtyLogRequest: MessageFns<ClearDirtyLogRequest> = {
     if (message.bitmap.length !== 0) {
       obj.bitmap = base64FromBytes(message.bitmap);
     }
+    if (message.vcpusRun !== false) {
+      obj.vcpusRun = message.vcpusRun;
+    }
     return obj;
   },
 
@@ -6806,6 +6855,7 @@ export const ClearDirtyLogRequest: MessageFns<ClearDirtyLogRequest> = {
     message.firstPage = (object.firstPage !== undefined && object.firstPage !== null) ? BigInt(object.firstPage) : 0n;
     message.numPages = object.numPages ?? 0;
     message.bitmap = object.bitmap ?? Buffer.alloc(0);
+    message.vcpusRun = object.vcpusRun ?? false;
     return message;
   },
 };
