@@ -41,6 +41,8 @@
 #define PD_GPA 0x4000UL /* two PDs: 0x4000 and 0x5000 map [0, 2 GiB) */
 #define GDT_GPA 0x8000UL
 #define TSS_GPA 0x9000UL
+#define EPOCH_GPA 0x7000UL /* the race phase's iteration, which its guest loop writes */
+#define EPOCH_CODE_GPA 0x1800UL
 #define EXIT_PORT 0x10
 #define MAX_SAMPLES 4096
 #define MAX_VCPUS 2
@@ -59,6 +61,21 @@ __asm__(".pushsection .rodata\n"
         "   out %al, $0x10\n"
         "   jmp 1b\n"
         "guest_loop_end:\n"
+        ".popsection\n");
+
+/* The race phase's guest: the same loop, storing the iteration the host keeps at EPOCH_GPA. */
+extern const unsigned char guest_epoch_loop[], guest_epoch_loop_end[];
+__asm__(".pushsection .rodata\n"
+        "guest_epoch_loop:\n"
+        "1: mov %rdi, %rax\n"
+        "2: mov 0x7000, %rbx\n"
+        "   movq %rbx, (%rax)\n"
+        "   add %rdx, %rax\n"
+        "   cmp %rsi, %rax\n"
+        "   jb 2b\n"
+        "   out %al, $0x10\n"
+        "   jmp 1b\n"
+        "guest_epoch_loop_end:\n"
         ".popsection\n");
 
 static void die(const char *fmt, ...) {
@@ -84,6 +101,7 @@ struct vcpu {
   struct kvm_dirty_gfn *ring;
   uint32_t ring_entries, ring_next;
   uint64_t first, end; /* the range this vCPU writes */
+  uint64_t entry;       /* the guest loop it runs */
 };
 
 struct vm {
@@ -110,6 +128,7 @@ static void set_slot(struct vm *vm, uint32_t flags) {
 
 static void write_guest_tables(uint8_t *low) {
   memcpy(low + CODE_GPA, guest_loop, guest_loop_end - guest_loop);
+  memcpy(low + EPOCH_CODE_GPA, guest_epoch_loop, guest_epoch_loop_end - guest_epoch_loop);
   uint64_t *pml4 = (uint64_t *)(low + PML4_GPA), *pdpt = (uint64_t *)(low + PDPT_GPA), *pd = (uint64_t *)(low + PD_GPA);
   /* Present, writable, user, accessed; the 2 MiB leaves dirty too, so the guest never updates its own tables. */
   pml4[0] = PDPT_GPA | 0x27;
@@ -155,7 +174,7 @@ static void setup_vcpu(struct vm *vm, int i) {
 
 static void set_range(struct vcpu *c, uint64_t first_page, uint64_t end_page, uint64_t stride) {
   struct kvm_regs r = {0};
-  r.rip = CODE_GPA;
+  r.rip = c->entry ? c->entry : CODE_GPA;
   r.rflags = 0x3002; /* IOPL=3 so that the CPL3 loop may `out`; interrupts off */
   r.rdi = SLOT_GPA + first_page * PAGE;
   r.rsi = SLOT_GPA + end_page * PAGE;
@@ -287,6 +306,16 @@ static void *pass_thread(void *p) {
   return NULL;
 }
 
+static volatile int race_stop;
+/* The race phase's totals over its iterations (after the first). */
+static uint64_t race_changed_total, race_late_total;
+
+static void *race_thread(void *p) {
+  struct pass_arg *a = p;
+  while (!race_stop) run_pass(a->vm, a->c, NULL);
+  return NULL;
+}
+
 static uint64_t *get_log(struct vm *vm, uint64_t *ns) {
   uint64_t *bm = calloc(vm->pages / 64 + 1, 8);
   struct kvm_dirty_log log = {.slot = 1, .dirty_bitmap = bm};
@@ -357,6 +386,10 @@ SERIES(small_ring_pass_ns_per_page, "small dirty ring: a logging pass with its r
 SERIES(small_ring_full_exits, "small dirty ring: KVM_EXIT_DIRTY_RING_FULL exits per pass");
 SERIES(two_vcpu_fault_ns_per_page, "two vCPUs faulting at once: per vCPU (ns per page it wrote)");
 SERIES(two_vcpu_fault_aggregate_ns_per_page, "two vCPUs faulting at once: the VM (wall ns per page written)");
+SERIES(race_late_share, "never-stopping guest, GET every 10 ms: share of changed pages reported one collection later (per iteration)");
+SERIES(race_changed_pages, "never-stopping guest: pages changed between two reads (per iteration)");
+SERIES(race_get_ns, "never-stopping guest: KVM_GET_DIRTY_LOG with the vCPU running (ns per call)");
+SERIES(race_check_ns, "never-stopping guest: reading every page's value after the GET (ns per read of the slot)");
 SERIES(userspace_exit_ns, "KVM_RUN returning to the VMM on an I/O exit and entered again (ns per round trip)");
 SERIES(pf_fixed_per_fault, "KVM stat pf_fixed per page of a logging pass (1 = native execution)");
 SERIES(insn_emulation_per_fault, "KVM stat insn_emulation per page of a logging pass (0 = native execution)");
@@ -570,6 +603,71 @@ static void measure_two_vcpus(size_t size, int reps, int online_cpus) {
   destroy_vm(vm);
 }
 
+/*
+ * The never-stopping guest: a vCPU thread writes the iteration into every
+ * page, round and round; every 10 ms the host bumps the iteration, collects
+ * the log and reads every page. A page whose value changed since the last
+ * read but whose bit is clear was written after its word was collected: it
+ * must be in the next collection, or KVM lost it.
+ */
+static void measure_race(size_t size, int iterations) {
+  struct vm *vm = create_vm(size, 1, 0, 0, 0);
+  struct vcpu *c = &vm->cpu[0];
+  uint64_t n = vm->pages, ns;
+  run_pass(vm, c, NULL);
+  volatile uint64_t *epoch = (volatile uint64_t *)(vm->low + EPOCH_GPA);
+  *epoch = 1;
+  c->entry = EPOCH_CODE_GPA;
+  set_range(c, 0, n, 1);
+  set_slot(vm, KVM_MEM_LOG_DIRTY_PAGES);
+  free(get_log(vm, &ns));
+  uint64_t *prev = malloc(n * 8), *cur = malloc(n * 8);
+  uint8_t *pending = calloc(n, 1), *late = calloc(n, 1);
+  for (uint64_t p = 0; p < n; p++) prev[p] = *(volatile uint64_t *)(vm->mem + p * PAGE);
+  race_stop = 0;
+  pthread_t th;
+  struct pass_arg a = {vm, c, 0};
+  pthread_create(&th, NULL, race_thread, &a);
+  for (int k = 1; k <= iterations; k++) {
+    struct timespec ten = {0, 10 * 1000 * 1000};
+    nanosleep(&ten, NULL);
+    __atomic_store_n(epoch, (uint64_t)k + 1, __ATOMIC_RELEASE);
+    uint64_t *bm = get_log(vm, &ns);
+    add(&race_get_ns, ns);
+    uint64_t t0 = now_ns();
+    for (uint64_t p = 0; p < n; p++) cur[p] = *(volatile uint64_t *)(vm->mem + p * PAGE);
+    add(&race_check_ns, now_ns() - t0);
+    uint64_t changed = 0, nlate = 0;
+    memset(late, 0, n);
+    for (uint64_t p = 0; p < n; p++) {
+      int reported = bm[p / 64] >> (p % 64) & 1;
+      if (pending[p] && !reported) lost_pages++;
+      if (cur[p] == prev[p]) continue;
+      changed++;
+      if (!reported) {
+        nlate++;
+        late[p] = 1;
+      }
+    }
+    memcpy(prev, cur, n * 8);
+    memcpy(pending, late, n);
+    free(bm);
+    if (k > 1 && changed) { /* the first interval includes the thread's start */
+      add(&race_late_share, (double)nlate / changed);
+      add(&race_changed_pages, changed);
+      race_changed_total += changed;
+      race_late_total += nlate;
+    }
+  }
+  race_stop = 1;
+  pthread_join(th, NULL);
+  free(prev);
+  free(cur);
+  free(pending);
+  free(late);
+  destroy_vm(vm);
+}
+
 static void usage(void) {
   fprintf(stderr, "usage: kvm-harness [--device PATH (default /dev/kvm)] [--slot-mib N (default 1024)] [--reps N (default 5)] [--small-ring N (default 4096)]\n");
   exit(2);
@@ -608,26 +706,29 @@ int main(int argc, char **argv) {
   uint64_t t0 = now_ns();
 
   /* Progress on stderr, one line per phase ("phase N/5 name"), for the caller to show. */
-  fprintf(stderr, "phase 1/5 bitmap: writes, faults, enable and disable, GET\n");
+  fprintf(stderr, "phase 1/6 bitmap: writes, faults, enable and disable, GET\n");
   measure_bitmap(size, reps);
-  fprintf(stderr, "phase 2/5 THP backing and sparse mappings: enable and disable\n");
+  fprintf(stderr, "phase 2/6 THP backing and sparse mappings: enable and disable\n");
   measure_thp(size, reps);
   measure_sparse_enable(size, reps, 8, &enable_logging_sparse_ns);
   measure_sparse_enable(size, reps, 64, &enable_logging_sparse64_ns);
-  fprintf(stderr, "phase 3/5 manual protect: GET, CLEAR, INITIALLY_SET\n");
+  fprintf(stderr, "phase 3/6 manual protect: GET, CLEAR, INITIALLY_SET\n");
   if (manual > 0) measure_manual(size, reps);
-  fprintf(stderr, "phase 4/5 dirty ring: harvest, reset, ring-full exits\n");
+  fprintf(stderr, "phase 4/6 dirty ring: harvest, reset, ring-full exits\n");
   if (ring_max > 0) measure_ring(size, reps, ring_max / sizeof(struct kvm_dirty_gfn), small_ring);
-  fprintf(stderr, "phase 5/5 two vCPUs faulting at once\n");
+  fprintf(stderr, "phase 5/6 two vCPUs faulting at once\n");
   measure_two_vcpus(size, reps, online);
+  fprintf(stderr, "phase 6/6 a never-stopping guest, collected every 10 ms\n");
+  measure_race(size, 10 * reps + 1);
 
   printf("{\n  \"harness\": \"kvm-harness\",\n  \"kvm_api_version\": %d,\n  \"caps\": {\"dirty_log_ring_bytes\": %d, \"dirty_log_ring_with_bitmap\": %d, \"manual_dirty_log_protect2\": %d},\n", api, ring_max, ring_bitmap, manual);
+  printf("  \"race\": {\"changed_pages\": %lu, \"late_pages\": %lu},\n", (unsigned long)race_changed_total, (unsigned long)race_late_total);
   printf("  \"online_cpus\": %d,\n  \"slot_bytes\": %zu,\n  \"reps\": %d,\n  \"small_ring_entries\": %u,\n  \"lost_pages\": %lu,\n  \"wall_ns\": %lu,\n  \"measurements\": {", online, size, reps,
          small_ring, (unsigned long)lost_pages, (unsigned long)(now_ns() - t0));
   struct series *all[] = {&write_ns_per_page, &first_touch_ns_per_page, &write_fault_ns_per_page, &enable_logging_ns, &disable_logging_ns, &enable_logging_thp_ns,
                           &disable_logging_thp_ns, &enable_logging_initially_set_ns, &get_all_dirty_ns, &get_none_dirty_ns, &get_sparse_ns, &get_sparse8_ns, &enable_logging_sparse_ns, &enable_logging_sparse64_ns, &disable_logging_thp_sparse_ns, &ring_reset_scattered_ns_per_entry, &manual_get_all_dirty_ns,
                           &clear_slot_ns, &clear_64_pages_ns, &ring_harvest_ns_per_entry, &ring_reset_ns_per_entry, &ring_pass_ns_per_page, &small_ring_pass_ns_per_page,
-                          &small_ring_full_exits, &two_vcpu_fault_ns_per_page, &two_vcpu_fault_aggregate_ns_per_page, &userspace_exit_ns, &pf_fixed_per_fault, &insn_emulation_per_fault};
+                          &small_ring_full_exits, &two_vcpu_fault_ns_per_page, &two_vcpu_fault_aggregate_ns_per_page, &race_late_share, &race_changed_pages, &race_get_ns, &race_check_ns, &userspace_exit_ns, &pf_fixed_per_fault, &insn_emulation_per_fault};
   for (size_t i = 0; i < sizeof all / sizeof *all; i++) emit(all[i]);
   printf("\n  }\n}\n");
   return lost_pages ? 4 : 0;

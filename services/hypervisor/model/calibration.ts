@@ -198,6 +198,8 @@ export interface HarnessReport {
   slot_bytes: number;
   reps: number;
   small_ring_entries: number;
+  /** The never-stopping guest's totals: pages changed between reads, and of those reported one collection later. */
+  race?: { changed_pages: number; late_pages: number };
   lost_pages: number;
   wall_ns: number;
   measurements: Record<string, HarnessSeries>;

@@ -101,7 +101,9 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   collapseZapEntryNs: FITTED.collapseZapEntryNs ?? FITTED.disableLoggingPageNs, // [ASSUMED] as the disable walk's per-entry cost; `calibrate` measures it with THP backing
   splitBlockNs: 31400, // [LIT] derived from Matlack v2: eager split at enable 1.547 s for 96 GiB = 49152 2M blocks
   emulatedWriteNs: 1000, // [ASSUMED] instruction emulation plus one notifier call
-  dbmUpdateNs: 32, // [LIT] derived from Shameer RFC v2: dirty memory time 0.41 s for 96 vCPUs x 512 MB with DBM (write included)
+  // [LIT] derived from Shameer RFC v2: dirty memory time 0.41 s with DBM, 96 vCPUs each writing its own 512 MB (131072 pages) at
+  // once: the update happens in each vCPU in parallel, so 0.41 s / 131072 = 3128 ns per page and vCPU, less the write itself.
+  dbmUpdateNs: 0.41e9 / 131072 - FITTED.writeNs,
   dbmScanPteNs: 2.4, // [LIT] seed 003 / Keqian RFC: scanning the PTEs of 64 GB takes about 40 ms
   deviceReadCallNs: 1000, // [ASSUMED] one driver call into the device; no public figure for the Graviton PTA
   deviceReadGpaNs: 5, // [ASSUMED] set_bit per returned GPA

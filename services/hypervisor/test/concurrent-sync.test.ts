@@ -17,7 +17,7 @@ describe("syncs with the vCPUs running", () => {
   before(async () => (h = await startHypervisor()));
   after(() => h.close());
   const race = (vm: string, vcpusRun: boolean, checkNs: number, seed = 7n) =>
-    neverStoppingGuest(h.client, { vm, pages: 16384, intervalNs: 10e6, checkNs, iterations: 12, writesPerSecond: 200_000, seed, vcpusRun });
+    neverStoppingGuest(h.client, { vm, pages: 16384, intervalNs: 10e6, checkNs, iterations: 12, writesPerSecond: 200_000, seed, vcpusRun, pattern: "uniform" });
 
   test("a GET with the vCPUs running moves the VM's clock by its host time, the guest writing meanwhile; its faults wait for the lock", async () => {
     const c = h.client;
