@@ -185,7 +185,7 @@ export async function runCalibrate(argv: string[], io: Io): Promise<number> {
   }
   const started = Date.now();
   const say = (s: string) => io.err.write(`calibrate: ${s}\n`);
-  say(`measuring a ${slotMib} MiB slot, ${reps} repetitions of each figure, in 5 phases`);
+  say(`measuring a ${slotMib} MiB slot, ${reps} repetitions of each figure, in 6 phases`);
   const abort = new AbortController();
   const onSignal = () => abort.abort();
   process.once("SIGINT", onSignal);

@@ -705,7 +705,7 @@ int main(int argc, char **argv) {
   size_t size = slot_mib * MIB;
   uint64_t t0 = now_ns();
 
-  /* Progress on stderr, one line per phase ("phase N/5 name"), for the caller to show. */
+  /* Progress on stderr, one line per phase ("phase N/6 name"), for the caller to show. */
   fprintf(stderr, "phase 1/6 bitmap: writes, faults, enable and disable, GET\n");
   measure_bitmap(size, reps);
   fprintf(stderr, "phase 2/6 THP backing and sparse mappings: enable and disable\n");

@@ -22,6 +22,8 @@ export interface MigrationClock {
   readonly drive: "stepped" | "realtime";
   /** Lets ns of guest time pass on the source; returns when they have. */
   elapse(ns: number): Promise<void>;
+  /** Counts ns of guest time that passed on the source without elapse (a sync the guest ran through). */
+  passed(ns: number): void;
   /** Guest time since start(), in ns. */
   now(): number;
 }
@@ -76,6 +78,10 @@ export class SteppedClock implements MigrationClock {
     watch?.check();
   }
 
+  passed(ns: number): void {
+    this.t += ns;
+  }
+
   now(): number {
     return this.t;
   }
@@ -103,6 +109,9 @@ export class RealtimeClock implements MigrationClock {
       await new Promise((r) => setTimeout(r, Math.min(left, REALTIME_POLL_MS)));
     }
   }
+
+  // The wall clock counts it already.
+  passed(): void {}
 
   now(): number {
     return this.startNs + (performance.now() - this.t0) * 1e6 * this.speed;

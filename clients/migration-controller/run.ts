@@ -88,7 +88,7 @@ export class MigrationRun {
     this.bulk = { deadlineMs: Math.max(60_000, 6 * cfg.rpcTimeoutMs), signal };
     this.link = new Link(cfg.bandwidthBitsPerSecond, cfg.latencyNs);
     const mechanism = parseMechanism(cfg.mechanism);
-    this.tracker = createTracker(mechanism, source, src);
+    this.tracker = createTracker(mechanism, source, src, src.clock !== ClockDrive.CLOCK_DRIVE_REALTIME);
     this.memoryBytes = Number(src.memoryBytes);
     this.bwBytesPerMs = this.link.bytesPerSecond / 1000;
     this.thresholdBytes = this.bwBytesPerMs * cfg.downtimeLimitMs;

@@ -38,7 +38,7 @@ test("calibrate measures this host's KVM, loses no page, and writes a cost model
   assert.equal(m.measurements.pf_fixed_per_fault.median, 1, "one write-protection fault per page: the guest ran natively");
   assert.ok(m.kvm.modules.length > 0, "the KVM modules are described");
   assert.match(o.out.join(""), /no dirty page lost/);
-  assert.match(o.err.join(""), /phase 5\/5/);
+  assert.match(o.err.join(""), /phase 6\/6/);
 });
 
 test("without a KVM device calibrate says so and exits 3, writing nothing", async () => {

@@ -61,7 +61,9 @@ export async function precopy(run: MigrationRun): Promise<PrecopyEnd> {
   const syncNow = async (remainingOf: (s: SyncResult) => number = (s) => s.dirtyPages) => {
     const sync = await run.on("source", () => tracker.sync(false));
     report.dirtySyncCount++;
-    await run.elapse(sync.hostNs);
+    // The guest ran through what the sync let it (vcpus_run); the rest of its host time passes now.
+    clock.passed(sync.guestRanNs ?? 0);
+    await run.elapse(sync.hostNs - (sync.guestRanNs ?? 0));
     const now = clock.now();
     const perS = (pages: number) => (now > lastSyncAt ? (pages * 1e9) / (now - lastSyncAt) : 0);
     const rate = perS(sync.dirtyPages);

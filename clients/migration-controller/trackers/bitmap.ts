@@ -40,6 +40,8 @@ export class BitmapTracker implements DirtyTracker {
     private readonly spec: MechanismSpec,
     private readonly client: HypervisorClient,
     private readonly vm: VmInfo,
+    /** A stepped clock: each GET lets the vCPUs run through it (vcpus_run), as they do on a host. */
+    private readonly vcpusRun = false,
   ) {
     this.name = spec.name;
   }
@@ -68,15 +70,17 @@ export class BitmapTracker implements DirtyTracker {
     const bitmaps = new Map<number, Uint8Array>();
     let dirtyPages = 0;
     let hostNs = 0;
+    let guestRanNs = 0;
     for (const slot of this.enabled) {
-      const r = await this.client.getDirtyLog({ vm: this.vm.vm, slot });
+      const r = await this.client.getDirtyLog({ vm: this.vm.vm, slot, vcpusRun: this.vcpusRun });
       bitmaps.set(slot, r.bitmap);
       dirtyPages += Number(r.dirtyPages);
       hostNs += Number(r.hostNs);
+      if (r.vcpusRan) guestRanNs += Number(r.hostNs);
       this.synced += Number(r.pagesSynced);
     }
     this.gets += this.enabled.length;
-    return { bitmaps, dirtyPages, hostNs };
+    return { bitmaps, dirtyPages, hostNs, guestRanNs };
   }
 
   async beforeSend(slot: number, firstPage: number, numPages: number, bitmap: Uint8Array): Promise<number> {

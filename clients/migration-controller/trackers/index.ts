@@ -9,8 +9,11 @@ import type { DirtyTracker } from "./tracker.js";
 
 export { ALIASES, allMechanisms, archOf, MechanismError, parseMechanism, PARTS, type Mechanism, type MechanismSpec } from "./mechanism.js";
 
-/** The tracker for spec, once the VM can run it: its architecture, and PML exactly when the VM has it. */
-export function createTracker(spec: MechanismSpec, client: HypervisorClient, vm: VmInfo): DirtyTracker {
+/**
+ * The tracker for spec, once the VM can run it: its architecture, and PML exactly when the VM has it.
+ * vcpusRun: the VM is stepped, so its syncs can let the guest run through them.
+ */
+export function createTracker(spec: MechanismSpec, client: HypervisorClient, vm: VmInfo, vcpusRun: boolean): DirtyTracker {
   const arch = vm.arch === Arch.ARCH_X86_64 ? "x86_64" : "arm64";
   const need = archOf(spec);
   if (need !== "any" && need !== arch) throw new MigrationError("precondition", `mechanism ${spec.name} needs an ${need} VM; '${vm.vm}' is ${arch}`);
@@ -18,5 +21,5 @@ export function createTracker(spec: MechanismSpec, client: HypervisorClient, vm:
     throw new MigrationError("precondition", `VM '${vm.vm}' logs with Intel PML (the host's enable_pml): use ${spec.name}+pml`);
   }
   if (spec.assist === "pml" && !vm.pml) throw new MigrationError("precondition", `mechanism ${spec.name} needs a VM created with PML; '${vm.vm}' was not`);
-  return spec.log === "ring" ? new RingTracker(client, vm) : new BitmapTracker(spec, client, vm);
+  return spec.log === "ring" ? new RingTracker(client, vm) : new BitmapTracker(spec, client, vm, vcpusRun);
 }

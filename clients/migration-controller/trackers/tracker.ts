@@ -17,6 +17,8 @@ export interface SyncResult {
   dirtyPages: number;
   /** Host time the sync cost (the guest keeps running meanwhile). */
   hostNs: number;
+  /** Of hostNs, what the guest already ran through (GET with vcpus_run): the clock has moved by it. */
+  guestRanNs?: number;
   /** Pages each vCPU has dirtied so far, where the mechanism can tell (the ring's entries); absent otherwise. */
   vcpuDirtyPages?: number[];
 }

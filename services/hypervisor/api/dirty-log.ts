@@ -30,13 +30,14 @@ export function dirtyLogHandlers(ctx: ApiContext): Pick<Handlers, "getDirtyLog" 
         tlbFlushed: r.tlbFlushed,
         hostNs: BigInt(Math.round(r.hostNs)),
         pagesSynced: BigInt(r.pagesSynced),
+        vcpusRan: r.vcpusRan,
       };
     },
     async clearDirtyLog(req) {
       const vm = hv.vm(req.vm);
       const r = await hv.clearDirtyLog(vm, req.slot, num(req.firstPage, "first_page"), req.numPages, req.bitmap, req.vcpusRun);
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "clear" }, r.hostNs / 1e9);
-      return { pagesCleared: BigInt(r.pagesCleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)) };
+      return { pagesCleared: BigInt(r.pagesCleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)), vcpusRan: r.vcpusRan };
     },
     kickVcpus(req) {
       const r = kickVcpus(hv.vm(req.vm));

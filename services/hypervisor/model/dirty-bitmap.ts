@@ -23,12 +23,15 @@ export interface GetDirtyLogResult {
   pagesWriteProtected: number;
   tlbFlushed: boolean;
   hostNs: number;
+  /** The guest ran through the ioctl (vcpusRun honoured): the VM's clock moved by hostNs. */
+  vcpusRan: boolean;
 }
 
 export interface ClearDirtyLogResult {
   pagesCleared: number;
   tlbFlushed: boolean;
   hostNs: number;
+  vcpusRan: boolean;
 }
 
 
@@ -144,7 +147,7 @@ function snapshotAndProtect(vm: Vm, slot: Memslot, concurrent: boolean): GetDirt
     out.set(bm);
     for (let i = 0; i < bm.length; i++) if (bm[i] !== 0) dirty += popcount32(bm[i]);
     const hostNs = sync.hostNs + c.ioctlNs + words * c.bitmapWordCopyNs;
-    return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, scanNs: sync.hostNs, pagesWriteProtected: 0, tlbFlushed: false, hostNs };
+    return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, scanNs: sync.hostNs, pagesWriteProtected: 0, tlbFlushed: false, hostNs, vcpusRan: false };
   }
   const protect = vm.arch.protectMasked(vm, slot, splitsInClear(vm));
   const perPage = c.getPageWriteProtectNs;
@@ -182,7 +185,7 @@ function snapshotAndProtect(vm: Vm, slot: Memslot, concurrent: boolean): GetDirt
     splitUnits * c.splitBlockNs +
     (tlbFlushed ? c.tlbFlushNs : 0);
   run?.end(hostNs);
-  return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, scanNs: sync.hostNs, pagesWriteProtected: dirty, tlbFlushed, hostNs };
+  return { bitmap: out, dirtyPages: dirty, pagesSynced: sync.pages, scanNs: sync.hostNs, pagesWriteProtected: dirty, tlbFlushed, hostNs, vcpusRan: run !== null };
 }
 
 /** Validates CLEAR's range as kvm_clear_dirty_log_protect does (first_page's alignment is checked before the slot lookup). */
@@ -247,7 +250,7 @@ function clearAndProtect(vm: Vm, slot: Memslot, firstPage: number, numPages: num
     splitUnits * c.splitBlockNs +
     (tlbFlushed ? c.tlbFlushNs : 0);
   run?.end(hostNs);
-  return { pagesCleared: cleared, tlbFlushed, hostNs };
+  return { pagesCleared: cleared, tlbFlushed, hostNs, vcpusRan: run !== null };
 }
 
 /**

@@ -949,6 +949,8 @@ export interface GetDirtyLogResponse {
   tlbFlushed: boolean;
   /** Host time the ioctl cost under the cost model. */
   hostNs: bigint;
+  /** vcpus_run was honoured: the guest ran through the ioctl and the VM's clock moved by host_ns. */
+  vcpusRan: boolean;
 }
 
 export interface ClearDirtyLogRequest {
@@ -968,6 +970,8 @@ export interface ClearDirtyLogResponse {
   pagesCleared: bigint;
   tlbFlushed: boolean;
   hostNs: bigint;
+  /** As GetDirtyLogResponse.vcpus_ran. */
+  vcpusRan: boolean;
 }
 
 export interface SetWorkloadRequest {
@@ -6491,6 +6495,7 @@ function createBaseGetDirtyLogResponse(): GetDirtyLogResponse {
     pagesSynced: 0n,
     tlbFlushed: false,
     hostNs: 0n,
+    vcpusRan: false,
   };
 }
 
@@ -6531,6 +6536,9 @@ export const GetDirtyLogResponse: MessageFns<GetDirtyLogResponse> = {
         throw new globalThis.Error("value provided for field message.hostNs of type uint64 too large");
       }
       writer.uint32(48).uint64(message.hostNs);
+    }
+    if (message.vcpusRan !== false) {
+      writer.uint32(64).bool(message.vcpusRan);
     }
     return writer;
   },
@@ -6604,6 +6612,14 @@ export const GetDirtyLogResponse: MessageFns<GetDirtyLogResponse> = {
             message.hostNs = reader.uint64() as bigint;
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.vcpusRan = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -6645,6 +6661,11 @@ export const GetDirtyLogResponse: MessageFns<GetDirtyLogResponse> = {
         ? globalThis.Boolean(object.tlb_flushed)
         : false,
       hostNs: isSet(object.hostNs) ? BigInt(object.hostNs) : isSet(object.host_ns) ? BigInt(object.host_ns) : 0n,
+      vcpusRan: isSet(object.vcpusRan)
+        ? globalThis.Boolean(object.vcpusRan)
+        : isSet(object.vcpus_ran)
+        ? globalThis.Boolean(object.vcpus_ran)
+        : false,
     };
   },
 
@@ -6671,6 +6692,9 @@ export const GetDirtyLogResponse: MessageFns<GetDirtyLogResponse> = {
     if (message.hostNs !== 0n) {
       obj.hostNs = message.hostNs.toString();
     }
+    if (message.vcpusRan !== false) {
+      obj.vcpusRan = message.vcpusRan;
+    }
     return obj;
   },
 
@@ -6692,6 +6716,7 @@ export const GetDirtyLogResponse: MessageFns<GetDirtyLogResponse> = {
       : 0n;
     message.tlbFlushed = object.tlbFlushed ?? false;
     message.hostNs = (object.hostNs !== undefined && object.hostNs !== null) ? BigInt(object.hostNs) : 0n;
+    message.vcpusRan = object.vcpusRan ?? false;
     return message;
   },
 };
@@ -6861,7 +6886,7 @@ export const ClearDirtyLogRequest: MessageFns<ClearDirtyLogRequest> = {
 };
 
 function createBaseClearDirtyLogResponse(): ClearDirtyLogResponse {
-  return { pagesCleared: 0n, tlbFlushed: false, hostNs: 0n };
+  return { pagesCleared: 0n, tlbFlushed: false, hostNs: 0n, vcpusRan: false };
 }
 
 export const ClearDirtyLogResponse: MessageFns<ClearDirtyLogResponse> = {
@@ -6880,6 +6905,9 @@ export const ClearDirtyLogResponse: MessageFns<ClearDirtyLogResponse> = {
         throw new globalThis.Error("value provided for field message.hostNs of type uint64 too large");
       }
       writer.uint32(24).uint64(message.hostNs);
+    }
+    if (message.vcpusRan !== false) {
+      writer.uint32(32).bool(message.vcpusRan);
     }
     return writer;
   },
@@ -6921,6 +6949,14 @@ export const ClearDirtyLogResponse: MessageFns<ClearDirtyLogResponse> = {
             message.hostNs = reader.uint64() as bigint;
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.vcpusRan = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -6946,6 +6982,11 @@ export const ClearDirtyLogResponse: MessageFns<ClearDirtyLogResponse> = {
         ? globalThis.Boolean(object.tlb_flushed)
         : false,
       hostNs: isSet(object.hostNs) ? BigInt(object.hostNs) : isSet(object.host_ns) ? BigInt(object.host_ns) : 0n,
+      vcpusRan: isSet(object.vcpusRan)
+        ? globalThis.Boolean(object.vcpusRan)
+        : isSet(object.vcpus_ran)
+        ? globalThis.Boolean(object.vcpus_ran)
+        : false,
     };
   },
 
@@ -6960,6 +7001,9 @@ export const ClearDirtyLogResponse: MessageFns<ClearDirtyLogResponse> = {
     if (message.hostNs !== 0n) {
       obj.hostNs = message.hostNs.toString();
     }
+    if (message.vcpusRan !== false) {
+      obj.vcpusRan = message.vcpusRan;
+    }
     return obj;
   },
 
@@ -6973,6 +7017,7 @@ export const ClearDirtyLogResponse: MessageFns<ClearDirtyLogResponse> = {
       : 0n;
     message.tlbFlushed = object.tlbFlushed ?? false;
     message.hostNs = (object.hostNs !== undefined && object.hostNs !== null) ? BigInt(object.hostNs) : 0n;
+    message.vcpusRan = object.vcpusRan ?? false;
     return message;
   },
 };
