@@ -26,11 +26,11 @@ export const collectClearLog: Collect = async (c, vm, slot, numPages, vcpusRun =
  * dirty-ring mode: harvest vCPU 0's ring until empty, then reset; like the
  * selftest, insist that RESET returns exactly the number of entries collected.
  */
-export const collectDirtyRing: Collect = async (c, vm, slot, numPages) => {
+export const collectDirtyRing: Collect = async (c, vm, slot, numPages, vcpusRun = false) => {
   const bitmap = new Uint8Array(Math.ceil(numPages / 64) * 8);
   let harvested = 0;
   for (;;) {
-    const r = await c.harvestDirtyRing({ vm, vcpu: 0 });
+    const r = await c.harvestDirtyRing({ vm, vcpu: 0, vcpusRun });
     if (r.count === 0) break;
     const dv = new DataView(r.entries.buffer, r.entries.byteOffset, r.entries.byteLength);
     for (let i = 0; i < r.count; i++) {
@@ -40,7 +40,7 @@ export const collectDirtyRing: Collect = async (c, vm, slot, numPages) => {
     }
     harvested += r.count;
   }
-  const reset = await c.resetDirtyRings({ vm });
+  const reset = await c.resetDirtyRings({ vm, vcpusRun });
   if (Number(reset.cleared) !== harvested) throw new Error(`RESET cleared ${reset.cleared} entries, ${harvested} were harvested`);
   return bitmap;
 };

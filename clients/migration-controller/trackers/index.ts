@@ -21,5 +21,5 @@ export function createTracker(spec: MechanismSpec, client: HypervisorClient, vm:
     throw new MigrationError("precondition", `VM '${vm.vm}' logs with Intel PML (the host's enable_pml): use ${spec.name}+pml`);
   }
   if (spec.assist === "pml" && !vm.pml) throw new MigrationError("precondition", `mechanism ${spec.name} needs a VM created with PML; '${vm.vm}' was not`);
-  return spec.log === "ring" ? new RingTracker(client, vm) : new BitmapTracker(spec, client, vm, vcpusRun);
+  return spec.log === "ring" ? new RingTracker(client, vm, vcpusRun) : new BitmapTracker(spec, client, vm, vcpusRun);
 }

@@ -39,6 +39,8 @@ export class RingTracker implements DirtyTracker {
   constructor(
     private readonly client: HypervisorClient,
     private readonly vm: VmInfo,
+    /** A stepped clock: a sync's harvest and reset let the guest run through them (vcpus_run). */
+    private readonly vcpusRun = false,
   ) {
     this.perVcpu = vm.vcpus.map(() => 0);
   }
@@ -58,16 +60,22 @@ export class RingTracker implements DirtyTracker {
     return hostNs;
   }
 
-  /** Harvests every vCPU's ring, folds the entries into the pending bitmaps, resets. Returns host ns. */
-  private async reap(only?: number[]): Promise<number> {
+  /**
+   * Harvests every vCPU's ring, folds the entries into the pending bitmaps, resets. Returns host ns,
+   * and of it what the guest ran through (vcpusRun: the sync's reap; the reaper thread's reaps are
+   * atomic, the guest running beside them anyway).
+   */
+  private async reap(only?: number[], vcpusRun = false): Promise<{ hostNs: number; guestRanNs: number }> {
     let hostNs = 0;
+    let guestRanNs = 0;
     let n = 0;
     for (const v of this.vm.vcpus) {
       if (only && !only.includes(v.index)) continue;
       for (;;) {
-        const r = await this.client.harvestDirtyRing({ vm: this.vm.vm, vcpu: v.index });
+        const r = await this.client.harvestDirtyRing({ vm: this.vm.vm, vcpu: v.index, vcpusRun });
         if (r.count === 0) break;
         hostNs += Number(r.hostNs);
+        if (r.vcpusRan) guestRanNs += Number(r.hostNs);
         const dv = new DataView(r.entries.buffer, r.entries.byteOffset, r.entries.byteLength);
         for (let i = 0; i < r.count; i++) {
           const bm = this.pending.get(dv.getUint32(i * 16 + 4, true));
@@ -80,13 +88,14 @@ export class RingTracker implements DirtyTracker {
     }
     this.harvested += n;
     if (n > 0) {
-      const r = await this.client.resetDirtyRings({ vm: this.vm.vm });
+      const r = await this.client.resetDirtyRings({ vm: this.vm.vm, vcpusRun });
       this.resets++;
       hostNs += Number(r.hostNs);
+      if (r.vcpusRan) guestRanNs += Number(r.hostNs);
     }
     if (!only) this.sinceReapNs = 0;
     this.hostNs += hostNs;
-    return hostNs;
+    return { hostNs, guestRanNs };
   }
 
   async onGuestStep(step: { ringFullVcpus: number[]; stepNs: number }): Promise<void> {
@@ -107,7 +116,8 @@ export class RingTracker implements DirtyTracker {
     // kvm_dirty_ring_flush: every vCPU out of the guest first, so that hardware logs reach the rings.
     const kick = await this.client.kickVcpus({ vm: this.vm.vm });
     this.kicks += kick.kicked;
-    let hostNs = Number(kick.hostNs) + (await this.reap());
+    const reaped = await this.reap(undefined, this.vcpusRun);
+    let hostNs = Number(kick.hostNs) + reaped.hostNs;
     const bitmaps = this.pending;
     this.pending = new Map([...bitmaps].map(([slot, b]) => [slot, new Uint8Array(b.length)]));
     if (final && this.vm.dirtyRingWithBitmap) {
@@ -120,7 +130,7 @@ export class RingTracker implements DirtyTracker {
     }
     let dirtyPages = 0;
     for (const bm of bitmaps.values()) for (const b of bm) for (let x = b; x; x &= x - 1) dirtyPages++;
-    return { bitmaps, dirtyPages, hostNs, vcpuDirtyPages: [...this.perVcpu] };
+    return { bitmaps, dirtyPages, hostNs, guestRanNs: reaped.guestRanNs, vcpuDirtyPages: [...this.perVcpu] };
   }
 
   async beforeSend(): Promise<number> {

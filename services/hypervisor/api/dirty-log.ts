@@ -44,16 +44,16 @@ export function dirtyLogHandlers(ctx: ApiContext): Pick<Handlers, "getDirtyLog" 
       return { kicked: r.kicked, hostNs: BigInt(r.hostNs) };
     },
     harvestDirtyRing(req) {
-      const r = harvestRing(hv.vm(req.vm), req.vcpu, req.maxEntries);
+      const r = harvestRing(hv.vm(req.vm), req.vcpu, req.maxEntries, req.vcpusRun);
       metrics.ringHarvested.inc({ vm: req.vm }, r.count);
-      return { entries: asBuffer(r.entries), count: r.count, hostNs: BigInt(Math.round(r.hostNs)) };
+      return { entries: asBuffer(r.entries), count: r.count, hostNs: BigInt(Math.round(r.hostNs)), vcpusRan: r.vcpusRan };
     },
     resetDirtyRings(req) {
       const vm = hv.vm(req.vm);
-      const r = resetDirtyRings(vm);
+      const r = resetDirtyRings(vm, req.vcpusRun);
       metrics.ringResetEntries.inc({ vm: vm.name }, r.cleared);
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "ring_reset" }, r.hostNs / 1e9);
-      return { cleared: BigInt(r.cleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)) };
+      return { cleared: BigInt(r.cleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)), vcpusRan: r.vcpusRan };
     },
     hostWrite(req) {
       const vm = hv.vm(req.vm);

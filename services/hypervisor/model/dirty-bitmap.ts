@@ -12,6 +12,7 @@
 import { popcount32 } from "./bits.js";
 import type { Memslot } from "./memslot.js";
 import { DomainError, failedPrecondition, invalidArgument } from "../../../common/errors.js";
+import { GuestRunsThrough, guestRunsThrough } from "./guest-runs-through.js";
 import type { Vm } from "./vm.js";
 
 export interface GetDirtyLogResult {
@@ -39,48 +40,6 @@ const splitsInClear = (vm: Vm) => vm.manualProtect && vm.initiallySet && vm.arch
 
 /** With the vCPUs running, the guest runs between chunks of this many words of a GET's or CLEAR's loop. */
 export const SYNC_CHUNK_WORDS = 64;
-
-/**
- * A GET or CLEAR with the vCPUs running through it (a stepped VM; vcpusRun):
- * KVM holds mmu_lock over the word loop, so a fault waits until the ioctl
- * ends (Vm.hostLockUntil), while writes that need none (a TLB hit, a
- * writable page, a stale TLB entry before the flush) go on. The loop's cost
- * is known up front (faults wait, so no bit changes under it); the guest
- * runs up to where each chunk starts, and to the end after the flush.
- * Without vcpusRun, or with a hardware assist whose logs change under the
- * loop, the ioctl is atomic and the caller lets the guest run for its time.
- */
-class GuestRunsThrough {
-  private readonly t0: number;
-
-  constructor(
-    private readonly vm: Vm,
-    estimateNs: number,
-  ) {
-    this.t0 = vm.clockNs;
-    vm.hostLockUntil = this.t0 + estimateNs;
-  }
-
-  /** The guest runs until the ioctl is elapsedNs in. */
-  at(elapsedNs: number): void {
-    const target = this.t0 + elapsedNs;
-    if (target > this.vm.clockNs) this.vm.advance(target - this.vm.clockNs);
-  }
-
-  /** The ioctl ends after hostNs (the estimate less what did not happen: a skipped flush, plus any split): the lock is released, the guest runs to there. */
-  end(hostNs: number): void {
-    this.vm.hostLockUntil = this.t0 + hostNs;
-    this.at(hostNs);
-  }
-}
-
-/** Whether a sync asked to run with the vCPUs running can: a stepped VM with running vCPUs, plain write protection. */
-function guestRunsThrough(vm: Vm, vcpusRun: boolean): boolean {
-  if (!vcpusRun) return false;
-  if (vm.config.clock !== "stepped") throw failedPrecondition(`vcpus_run: VM ${vm.name} runs on the real-time clock, where the guest runs through every ioctl anyway`, "EINVAL");
-  if (vm.advancing) throw failedPrecondition(`vcpus_run: VM ${vm.name} is advancing; one guest run at a time`, "EBUSY");
-  return vm.hw === null && vm.vcpus.some((v) => !v.paused);
-}
 
 /** The non-empty words and dirty pages of [firstWord, firstWord + words) of a bitmap ANDed with mask (or not). */
 function census(bm: Int32Array, firstWord: number, words: number, mask: Int32Array | null): { calls: number; pages: number } {
@@ -155,7 +114,7 @@ function snapshotAndProtect(vm: Vm, slot: Memslot, concurrent: boolean): GetDirt
   let elapsed = sync.hostNs + c.ioctlNs;
   if (concurrent) {
     const { calls, pages } = census(bm, 0, words, null);
-    run = new GuestRunsThrough(vm, elapsed + words * c.bitmapWordScanNs + calls * c.protectMaskedCallNs + pages * perPage + (pages > 0 ? c.tlbFlushNs : 0));
+    run = new GuestRunsThrough(vm, true, elapsed + words * c.bitmapWordScanNs + calls * c.protectMaskedCallNs + pages * perPage + (pages > 0 ? c.tlbFlushNs : 0));
   }
   let calls = 0;
   for (let w = 0; w < words; w++) {
@@ -224,7 +183,7 @@ function clearAndProtect(vm: Vm, slot: Memslot, firstPage: number, numPages: num
   const start = syncNs + c.ioctlNs;
   if (concurrent) {
     const n = census(bm, firstWord, words, user);
-    run = new GuestRunsThrough(vm, start + words * c.bitmapWordScanNs + n.calls * c.protectMaskedCallNs + n.pages * perPage + (n.pages > 0 ? c.tlbFlushNs : 0));
+    run = new GuestRunsThrough(vm, true, start + words * c.bitmapWordScanNs + n.calls * c.protectMaskedCallNs + n.pages * perPage + (n.pages > 0 ? c.tlbFlushNs : 0));
   }
   for (let k = 0; k < words; k++) {
     if (run && k % SYNC_CHUNK_WORDS === 0) run.at(start + k * c.bitmapWordScanNs + calls * c.protectMaskedCallNs + cleared * perPage);

@@ -12,7 +12,11 @@
  */
 import { invalidArgument, failedPrecondition } from "../../../common/errors.js";
 import type { MaskedProtect } from "./arch.js";
+import { GuestRunsThrough, guestRunsThrough } from "./guest-runs-through.js";
 import type { Vm } from "./vm.js";
+
+/** With the vCPUs running, the guest runs between chunks of this many entries of a harvest. */
+export const HARVEST_CHUNK_ENTRIES = 64;
 
 export const DIRTY_GFN_F_DIRTY = 1 << 0;
 export const DIRTY_GFN_F_RESET = 1 << 1;
@@ -206,23 +210,48 @@ export function kickVcpus(vm: Vm): { kicked: number; hostNs: number } {
   return { kicked, hostNs: kicked > 0 ? vm.costs.userspaceExitNs : 0 };
 }
 
-/** The VMM reading vCPU vcpu's ring: up to max entries (0: all) as struct kvm_dirty_gfn. */
-export function harvestRing(vm: Vm, vcpu: number, max: number): { entries: Uint8Array; count: number; hostNs: number } {
+/**
+ * The VMM reading vCPU vcpu's ring: up to max entries (0: all) as struct
+ * kvm_dirty_gfn. With the vCPUs running (vcpusRun) it reads in chunks while
+ * the guest goes on, and takes what the vCPU pushes meanwhile too, as a
+ * harvester that reads until it meets an entry not yet dirty.
+ */
+export function harvestRing(vm: Vm, vcpu: number, max: number, vcpusRun = false): { entries: Uint8Array; count: number; hostNs: number; vcpusRan: boolean } {
   const ring = ringOf(vm, vcpu, "harvest dirty ring");
-  const n = Math.min(max || ring.size, ring.pending);
-  const entries = new Uint8Array(n * ENTRY_BYTES);
-  const count = ring.harvest(n, new DataView(entries.buffer), vm.injected.skipRingEntryAtWrap);
-  return { entries, count, hostNs: count * vm.costs.ringHarvestEntryNs };
+  const perEntry = vm.costs.ringHarvestEntryNs;
+  const skip = vm.injected.skipRingEntryAtWrap;
+  if (!guestRunsThrough(vm, vcpusRun)) {
+    const n = Math.min(max || ring.size, ring.pending);
+    const entries = new Uint8Array(n * ENTRY_BYTES);
+    const count = ring.harvest(n, new DataView(entries.buffer), skip);
+    return { entries, count, hostNs: count * perEntry, vcpusRan: false };
+  }
+  const limit = Math.min(max || ring.size, ring.size);
+  const entries = new Uint8Array(limit * ENTRY_BYTES);
+  const run = new GuestRunsThrough(vm, false);
+  let count = 0;
+  while (count < limit) {
+    run.at(count * perEntry);
+    const got = ring.harvest(Math.min(HARVEST_CHUNK_ENTRIES, limit - count), new DataView(entries.buffer, count * ENTRY_BYTES), skip);
+    if (got === 0) break;
+    count += got;
+  }
+  run.end(count * perEntry);
+  return { entries: entries.subarray(0, count * ENTRY_BYTES), count, hostNs: count * perEntry, vcpusRan: true };
 }
 
 /**
  * KVM_RESET_DIRTY_RINGS: every vCPU's harvested entries are freed and their
  * pages re-armed through the architecture (kvm_reset_dirty_gfn; a mask naming
  * a missing slot or running past its end is skipped, as the kernel does);
- * one VM-wide TLB flush if any.
+ * one VM-wide TLB flush if any. With the vCPUs running (vcpusRun) the guest
+ * runs between one vCPU's ring and the next, and before the flush; KVM takes
+ * mmu_lock per mask, so faults do not wait.
  */
-export function resetDirtyRings(vm: Vm): { cleared: number; tlbFlushed: boolean; hostNs: number } {
+export function resetDirtyRings(vm: Vm, vcpusRun = false): { cleared: number; tlbFlushed: boolean; hostNs: number; vcpusRan: boolean } {
   if (!vm.ringEnabled) throw failedPrecondition(`RESET_DIRTY_RINGS: VM ${vm.name} has no dirty ring`, "EINVAL");
+  const c = vm.costs;
+  const run = guestRunsThrough(vm, vcpusRun) ? new GuestRunsThrough(vm, false) : null;
   const protectors = new Map<number, MaskedProtect>();
   let calls = 0;
   const protect = (slotId: number, first: number, lo: number, hi: number, span: number) => {
@@ -237,6 +266,7 @@ export function resetDirtyRings(vm: Vm): { cleared: number; tlbFlushed: boolean;
   };
   let cleared = 0;
   for (const v of vm.vcpus) {
+    run?.at(c.ioctlNs + cleared * c.ringResetEntryNs + calls * c.protectMaskedCallNs);
     cleared += v.ring!.reset(protect);
     if (v.ringFull && !v.ring!.softFull) {
       v.ringFull = false;
@@ -246,7 +276,9 @@ export function resetDirtyRings(vm: Vm): { cleared: number; tlbFlushed: boolean;
     }
   }
   for (const p of protectors.values()) p.done();
+  run?.at(c.ioctlNs + cleared * c.ringResetEntryNs + calls * c.protectMaskedCallNs);
   const tlbFlushed = cleared > 0 && vm.flushTlbsAfterWriteProtect();
-  const c = vm.costs;
-  return { cleared, tlbFlushed, hostNs: c.ioctlNs + cleared * c.ringResetEntryNs + calls * c.protectMaskedCallNs + (tlbFlushed ? c.tlbFlushNs : 0) };
+  const hostNs = c.ioctlNs + cleared * c.ringResetEntryNs + calls * c.protectMaskedCallNs + (tlbFlushed ? c.tlbFlushNs : 0);
+  run?.end(hostNs);
+  return { cleared, tlbFlushed, hostNs, vcpusRan: run !== null };
 }

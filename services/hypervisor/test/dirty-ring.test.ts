@@ -29,6 +29,37 @@ describe("dirty rings", () => {
     for (const n of r.dirtyPerIteration) assert.ok(n > 0x100);
   });
 
+  test("with the vCPU running through the harvest and the reset, the invariant holds and a skipped flush is still caught", async () => {
+    const r = await runSelftest(h.client, { vm: "st-ring-run", collect: collectDirtyRing, ringBytes: 1 << 20, writesPerSecond: 2e6, vcpusRun: true });
+    assert.equal(r.falseDirty, 0);
+    assert.equal(r.lost, 0);
+    const bad = await runSelftest(h.client, { vm: "st-ring-run-noflush", collect: collectDirtyRing, ringBytes: 1 << 20, vcpusRun: true, inject: { skipTlbFlushAfterWriteProtect: true } });
+    assert.ok(bad.lost > 0);
+  });
+
+  test("a harvest with the vCPU running moves the clock by its host time and takes what the vCPU pushes meanwhile", async () => {
+    const c = h.client;
+    await c.createVm({
+      vm: "ring-run",
+      vcpus: 1,
+      dirtyRing: { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: BigInt(65536 * 16) },
+      memslots: [{ slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(GiB), flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES }],
+      workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 400_000 },
+    });
+    await c.advanceVm({ vm: "ring-run", durationNs: 50_000_000n });
+    const before = (await c.getVm({ vm: "ring-run" })).vm!;
+    const waiting = before.vcpus[0].dirtyRingEntries;
+    const r = await c.harvestDirtyRing({ vm: "ring-run", vcpu: 0, vcpusRun: true });
+    const after = (await c.getVm({ vm: "ring-run" })).vm!;
+    assert.equal(r.vcpusRan, true);
+    const near = (a: bigint, b: bigint, what: string) => assert.ok(a - b <= 1n && b - a <= 1n, `${what}: ${a} against ${b}`);
+    near(after.clockNs - before.clockNs, r.hostNs, "the clock moved by the harvest's host time");
+    assert.ok(r.count > waiting, `${r.count} entries: more than the ${waiting} there when it started`);
+    const reset = await c.resetDirtyRings({ vm: "ring-run", vcpusRun: true });
+    assert.equal(Number(reset.cleared), r.count, "the reset frees exactly what was harvested; entries pushed during it wait");
+    near((await c.getVm({ vm: "ring-run" })).vm!.clockNs - after.clockNs, reset.hostNs, "and by the reset's");
+  });
+
   test("skipping the TLB flush after a ring reset loses pages, caught by the invariant", async () => {
     const r = await runSelftest(h.client, { vm: "st-ring-noflush", collect: collectDirtyRing, ringBytes: 1 << 20, inject: { skipTlbFlushAfterWriteProtect: true } });
     assert.ok(r.lost > 0);

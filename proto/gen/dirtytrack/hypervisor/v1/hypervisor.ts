@@ -1212,6 +1212,12 @@ export interface HarvestDirtyRingRequest {
   vcpu: number;
   /** At most this many entries; 0 means the whole ring. */
   maxEntries: number;
+  /**
+   * Stepped VMs: the vCPUs keep running through the harvest (userspace reading the ring, no lock),
+   * which reads in chunks of 64 entries and takes what the vCPU pushes meanwhile. As
+   * GetDirtyLogRequest.vcpus_run otherwise.
+   */
+  vcpusRun: boolean;
 }
 
 export interface HarvestDirtyRingResponse {
@@ -1223,10 +1229,18 @@ export interface HarvestDirtyRingResponse {
   count: number;
   /** Host (userspace) time of the harvest. */
   hostNs: bigint;
+  /** As GetDirtyLogResponse.vcpus_ran. */
+  vcpusRan: boolean;
 }
 
 export interface ResetDirtyRingsRequest {
   vm: string;
+  /**
+   * Stepped VMs: the vCPUs keep running through the reset, between one vCPU's ring and the next
+   * and before the TLB flush; faults do not wait (KVM takes mmu_lock per mask). As
+   * GetDirtyLogRequest.vcpus_run otherwise.
+   */
+  vcpusRun: boolean;
 }
 
 export interface ResetDirtyRingsResponse {
@@ -1234,6 +1248,8 @@ export interface ResetDirtyRingsResponse {
   cleared: bigint;
   tlbFlushed: boolean;
   hostNs: bigint;
+  /** As GetDirtyLogResponse.vcpus_ran. */
+  vcpusRan: boolean;
 }
 
 export interface HostWriteOp {
@@ -10189,7 +10205,7 @@ export const KickVcpusResponse: MessageFns<KickVcpusResponse> = {
 };
 
 function createBaseHarvestDirtyRingRequest(): HarvestDirtyRingRequest {
-  return { vm: "", vcpu: 0, maxEntries: 0 };
+  return { vm: "", vcpu: 0, maxEntries: 0, vcpusRun: false };
 }
 
 export const HarvestDirtyRingRequest: MessageFns<HarvestDirtyRingRequest> = {
@@ -10202,6 +10218,9 @@ export const HarvestDirtyRingRequest: MessageFns<HarvestDirtyRingRequest> = {
     }
     if (message.maxEntries !== 0) {
       writer.uint32(24).uint32(message.maxEntries);
+    }
+    if (message.vcpusRun !== false) {
+      writer.uint32(32).bool(message.vcpusRun);
     }
     return writer;
   },
@@ -10243,6 +10262,14 @@ export const HarvestDirtyRingRequest: MessageFns<HarvestDirtyRingRequest> = {
             message.maxEntries = reader.uint32();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.vcpusRun = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -10264,6 +10291,11 @@ export const HarvestDirtyRingRequest: MessageFns<HarvestDirtyRingRequest> = {
         : isSet(object.max_entries)
         ? globalThis.Number(object.max_entries)
         : 0,
+      vcpusRun: isSet(object.vcpusRun)
+        ? globalThis.Boolean(object.vcpusRun)
+        : isSet(object.vcpus_run)
+        ? globalThis.Boolean(object.vcpus_run)
+        : false,
     };
   },
 
@@ -10278,6 +10310,9 @@ export const HarvestDirtyRingRequest: MessageFns<HarvestDirtyRingRequest> = {
     if (message.maxEntries !== 0) {
       obj.maxEntries = Math.round(message.maxEntries);
     }
+    if (message.vcpusRun !== false) {
+      obj.vcpusRun = message.vcpusRun;
+    }
     return obj;
   },
 
@@ -10289,12 +10324,13 @@ export const HarvestDirtyRingRequest: MessageFns<HarvestDirtyRingRequest> = {
     message.vm = object.vm ?? "";
     message.vcpu = object.vcpu ?? 0;
     message.maxEntries = object.maxEntries ?? 0;
+    message.vcpusRun = object.vcpusRun ?? false;
     return message;
   },
 };
 
 function createBaseHarvestDirtyRingResponse(): HarvestDirtyRingResponse {
-  return { entries: Buffer.alloc(0), count: 0, hostNs: 0n };
+  return { entries: Buffer.alloc(0), count: 0, hostNs: 0n, vcpusRan: false };
 }
 
 export const HarvestDirtyRingResponse: MessageFns<HarvestDirtyRingResponse> = {
@@ -10310,6 +10346,9 @@ export const HarvestDirtyRingResponse: MessageFns<HarvestDirtyRingResponse> = {
         throw new globalThis.Error("value provided for field message.hostNs of type uint64 too large");
       }
       writer.uint32(24).uint64(message.hostNs);
+    }
+    if (message.vcpusRan !== false) {
+      writer.uint32(32).bool(message.vcpusRan);
     }
     return writer;
   },
@@ -10351,6 +10390,14 @@ export const HarvestDirtyRingResponse: MessageFns<HarvestDirtyRingResponse> = {
             message.hostNs = reader.uint64() as bigint;
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.vcpusRan = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -10368,6 +10415,11 @@ export const HarvestDirtyRingResponse: MessageFns<HarvestDirtyRingResponse> = {
       entries: isSet(object.entries) ? Buffer.from(bytesFromBase64(object.entries)) : Buffer.alloc(0),
       count: isSet(object.count) ? globalThis.Number(object.count) : 0,
       hostNs: isSet(object.hostNs) ? BigInt(object.hostNs) : isSet(object.host_ns) ? BigInt(object.host_ns) : 0n,
+      vcpusRan: isSet(object.vcpusRan)
+        ? globalThis.Boolean(object.vcpusRan)
+        : isSet(object.vcpus_ran)
+        ? globalThis.Boolean(object.vcpus_ran)
+        : false,
     };
   },
 
@@ -10382,6 +10434,9 @@ export const HarvestDirtyRingResponse: MessageFns<HarvestDirtyRingResponse> = {
     if (message.hostNs !== 0n) {
       obj.hostNs = message.hostNs.toString();
     }
+    if (message.vcpusRan !== false) {
+      obj.vcpusRan = message.vcpusRan;
+    }
     return obj;
   },
 
@@ -10393,18 +10448,22 @@ export const HarvestDirtyRingResponse: MessageFns<HarvestDirtyRingResponse> = {
     message.entries = object.entries ?? Buffer.alloc(0);
     message.count = object.count ?? 0;
     message.hostNs = (object.hostNs !== undefined && object.hostNs !== null) ? BigInt(object.hostNs) : 0n;
+    message.vcpusRan = object.vcpusRan ?? false;
     return message;
   },
 };
 
 function createBaseResetDirtyRingsRequest(): ResetDirtyRingsRequest {
-  return { vm: "" };
+  return { vm: "", vcpusRun: false };
 }
 
 export const ResetDirtyRingsRequest: MessageFns<ResetDirtyRingsRequest> = {
   encode(message: ResetDirtyRingsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.vm !== "") {
       writer.uint32(10).string(message.vm);
+    }
+    if (message.vcpusRun !== false) {
+      writer.uint32(16).bool(message.vcpusRun);
     }
     return writer;
   },
@@ -10430,6 +10489,14 @@ export const ResetDirtyRingsRequest: MessageFns<ResetDirtyRingsRequest> = {
             message.vm = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.vcpusRun = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -10443,13 +10510,23 @@ export const ResetDirtyRingsRequest: MessageFns<ResetDirtyRingsRequest> = {
   },
 
   fromJSON(object: any): ResetDirtyRingsRequest {
-    return { vm: isSet(object.vm) ? globalThis.String(object.vm) : "" };
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      vcpusRun: isSet(object.vcpusRun)
+        ? globalThis.Boolean(object.vcpusRun)
+        : isSet(object.vcpus_run)
+        ? globalThis.Boolean(object.vcpus_run)
+        : false,
+    };
   },
 
   toJSON(message: ResetDirtyRingsRequest): unknown {
     const obj: any = {};
     if (message.vm !== "") {
       obj.vm = message.vm;
+    }
+    if (message.vcpusRun !== false) {
+      obj.vcpusRun = message.vcpusRun;
     }
     return obj;
   },
@@ -10460,12 +10537,13 @@ export const ResetDirtyRingsRequest: MessageFns<ResetDirtyRingsRequest> = {
   fromPartial(object: DeepPartial<ResetDirtyRingsRequest>): ResetDirtyRingsRequest {
     const message = createBaseResetDirtyRingsRequest();
     message.vm = object.vm ?? "";
+    message.vcpusRun = object.vcpusRun ?? false;
     return message;
   },
 };
 
 function createBaseResetDirtyRingsResponse(): ResetDirtyRingsResponse {
-  return { cleared: 0n, tlbFlushed: false, hostNs: 0n };
+  return { cleared: 0n, tlbFlushed: false, hostNs: 0n, vcpusRan: false };
 }
 
 export const ResetDirtyRingsResponse: MessageFns<ResetDirtyRingsResponse> = {
@@ -10484,6 +10562,9 @@ export const ResetDirtyRingsResponse: MessageFns<ResetDirtyRingsResponse> = {
         throw new globalThis.Error("value provided for field message.hostNs of type uint64 too large");
       }
       writer.uint32(24).uint64(message.hostNs);
+    }
+    if (message.vcpusRan !== false) {
+      writer.uint32(32).bool(message.vcpusRan);
     }
     return writer;
   },
@@ -10525,6 +10606,14 @@ export const ResetDirtyRingsResponse: MessageFns<ResetDirtyRingsResponse> = {
             message.hostNs = reader.uint64() as bigint;
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.vcpusRan = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -10546,6 +10635,11 @@ export const ResetDirtyRingsResponse: MessageFns<ResetDirtyRingsResponse> = {
         ? globalThis.Boolean(object.tlb_flushed)
         : false,
       hostNs: isSet(object.hostNs) ? BigInt(object.hostNs) : isSet(object.host_ns) ? BigInt(object.host_ns) : 0n,
+      vcpusRan: isSet(object.vcpusRan)
+        ? globalThis.Boolean(object.vcpusRan)
+        : isSet(object.vcpus_ran)
+        ? globalThis.Boolean(object.vcpus_ran)
+        : false,
     };
   },
 
@@ -10560,6 +10654,9 @@ export const ResetDirtyRingsResponse: MessageFns<ResetDirtyRingsResponse> = {
     if (message.hostNs !== 0n) {
       obj.hostNs = message.hostNs.toString();
     }
+    if (message.vcpusRan !== false) {
+      obj.vcpusRan = message.vcpusRan;
+    }
     return obj;
   },
 
@@ -10571,6 +10668,7 @@ export const ResetDirtyRingsResponse: MessageFns<ResetDirtyRingsResponse> = {
     message.cleared = (object.cleared !== undefined && object.cleared !== null) ? BigInt(object.cleared) : 0n;
     message.tlbFlushed = object.tlbFlushed ?? false;
     message.hostNs = (object.hostNs !== undefined && object.hostNs !== null) ? BigInt(object.hostNs) : 0n;
+    message.vcpusRan = object.vcpusRan ?? false;
     return message;
   },
 };
