@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { mkdtemp, readFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -159,9 +159,15 @@ describe("migration controller CLI", () => {
   });
 });
 
-test("the embedded demo runs a verified migration between two hypervisor processes", async () => {
-  const r = await cli(["demo", "--memory", "256MiB", "--vcpus", "2", "--quiet"]);
+test("the embedded demo runs a verified migration between two hypervisor processes, its guest having touched every page first", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "demo-"));
+  const json = join(dir, "demo.json");
+  // Four vCPUs faulting at once contend for mmu_lock: the first touch takes longer than one fault per page.
+  const r = await cli(["demo", "--memory", "256MiB", "--vcpus", "4", "--quiet", "--json", json]);
   assert.equal(r.code, 0, r.err);
   assert.match(r.out, /migration demo@127\.0\.0\.1:\d+ -> demo@127\.0\.0\.1:\d+ \(bitmap, stepped clock\): completed, verified/);
   assert.match(r.out, /downtime [\d.]+ ms \(limit 300 ms\)/);
+  const report = JSON.parse(await readFile(json, "utf8"));
+  assert.equal(report.ram.duplicate, 0, "no zero page: the guest wrote every page before the migration");
+  await rm(dir, { recursive: true, force: true });
 });

@@ -52,7 +52,7 @@ for (const [host, m] of [["the reference host", REFERENCE_HOST], ["a calibrated 
     if (manual) await c().enableCap({ vm: name, capability: Capability.CAPABILITY_MANUAL_DIRTY_LOG_PROTECT2, args: [BigInt(ManualProtectFlag.MANUAL_PROTECT_FLAG_MANUAL_PROTECT_ENABLE)] });
   }
 
-  test("GET: nothing dirty 0.011 ms, every page dirty 7.9 ms; enable 10.3 ms, disable 11.2 ms", async () => {
+  test("GET with nothing, every page and one page a word dirty; enable and disable logging", async () => {
     await vm("cal-get", false);
     const on = await c().setUserMemoryRegion({ vm: "cal-get", memslot: { slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(size), flags: LOG } });
     within(on.hostNs, m.enableLoggingNs, "enable logging");
@@ -110,7 +110,7 @@ for (const [host, m] of [["the reference host", REFERENCE_HOST], ["a calibrated 
     assert.equal((await info()).mappedBlocks2m, blocks, "faults mapped the blocks again");
   });
 
-  test("manual protect: GET of every page dirty 0.015 ms, CLEAR of the whole slot 6.4 ms, CLEAR of one 64-page chunk 2.3 us", async () => {
+  test("manual protect: GET of every page dirty, CLEAR of the whole slot and of one 64-page chunk", async () => {
     await vm("cal-manual", true);
     await c().setUserMemoryRegion({ vm: "cal-manual", memslot: { slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(size), flags: LOG } });
     const dirtyAll = async () => {
