@@ -289,21 +289,24 @@ function demoTotalSeconds(flags: string[]): Promise<number> {
  * in its cover letter since v1): "a 24G guest, 8 vcpus, using 10g NIC", "random dirty workload
  * (800MB/s dirty rate upon 20G memory)": 73 s with a 4096-entry ring, 55 s with the bitmap. The
  * setup here: 24 GiB, 8 vCPUs writing 25,600 pages/s each (800 MiB/s) at random over 20 GiB,
- * 10 Gbit/s, x86_64.
+ * 10 Gbit/s, x86_64. QEMU's "dirty logging" there is manual protect (KVM_CLEAR_DIRTY_LOG, which QEMU
+ * has used whenever KVM offers it since 4.1, also his work): each chunk is re-protected just before it
+ * is sent, so a page written between the sync and its send is not dirty again; the ring re-protects at
+ * every reset, so such a page is sent again the next round.
  */
 async function peterXuRingVsBitmap(): Promise<FidelityRow> {
   const setup = ["--memory", "24GiB", "--vcpus", "8", "--arch", "x86_64", "--workload", "hot-cold", "--hot-fraction", String(20 / 24), "--hot-write-fraction", "1", "--write-rate", "25600", "--bandwidth", "10Gbit"];
-  const bitmap = await demoTotalSeconds([...setup, "--mechanism", "bitmap"]);
+  const bitmap = await demoTotalSeconds([...setup, "--mechanism", "bitmap-manual"]);
   const ring = await demoTotalSeconds([...setup, "--mechanism", "ring", "--ring-entries", "4096"]);
   return row({
     group: "published",
-    quantity: "migration total time, ring (4096 entries) / bitmap: 24 GiB, 8 vCPUs, 800 MiB/s over 20 GiB, 10 Gbit/s",
+    quantity: "migration total time, ring (4096 entries) / QEMU's dirty logging (manual protect): 24 GiB, 8 vCPUs, 800 MiB/s over 20 GiB, 10g",
     unit: "ratio",
     model: ring / bitmap,
     reference: 73 / 55,
     source: "Peter Xu, QEMU dirty ring v7, 20210506160549.130416-1-peterx@redhat.com",
     target: [0.9, 1.1],
-    note: `model: ring ${ring.toFixed(1)} s, bitmap ${bitmap.toFixed(1)} s`,
+    note: `model: ring ${ring.toFixed(1)} s, bitmap with manual protect ${bitmap.toFixed(1)} s`,
   });
 }
 
