@@ -26,7 +26,8 @@ Measures this host's KVM dirty-logging costs by driving /dev/kvm with a
 minimal x86-64 guest (a CPL3 long-mode loop), checks that no dirty page was
 lost, and writes a cost model fitted to them. Run the hypervisor with it:
 HYPERVISOR_COST_MODEL=FILE npm run hypervisor. Needs read-write /dev/kvm and a
-C compiler; without /dev/kvm it says so and exits 3.
+C compiler, on an x86-64 host; without /dev/kvm (or on another
+architecture) it says so and exits 3.
 
 options:
   --slot-mib N        size of the measured memslot in MiB, even, 2..1024 (default 256)
@@ -129,6 +130,8 @@ export interface CalibrationResult {
 
 /** Measures and fits; throws on a host without /dev/kvm (code ENOKVM) or a report that cannot be fitted. */
 export async function calibrate(opts: { slotMib: number; reps: number; cc: string; device?: string; progress?: (line: string) => void; signal?: AbortSignal }): Promise<CalibrationResult> {
+  // The harness's guest is x86-64 code run natively: an arm64 KVM needs a harness of its own.
+  if (process.arch !== "x64") throw Object.assign(new Error(`calibrate drives an x86-64 guest; this host is ${process.arch}`), { code: "ENOKVM" });
   const device = opts.device ?? "/dev/kvm";
   try {
     accessSync(device, constants.R_OK | constants.W_OK);
