@@ -12,7 +12,7 @@
 import { popcount32 } from "./bits.js";
 import type { Memslot } from "./memslot.js";
 import { DomainError, failedPrecondition, invalidArgument } from "../../../common/errors.js";
-import { GuestRunsThrough, guestRunsThrough } from "./guest-runs-through.js";
+import { GuestRunsThrough, mayRunThrough } from "./guest-runs-through.js";
 import type { Vm } from "./vm.js";
 
 export interface GetDirtyLogResult {
@@ -75,7 +75,7 @@ function loggingSlot(vm: Vm, id: number, what: string): Memslot {
 export function getDirtyLog(vm: Vm, slotId: number, vcpusRun = false): GetDirtyLogResult & { numPages: number } {
   checkLogAccess(vm, slotId, "GET_DIRTY_LOG");
   const slot = loggingSlot(vm, slotId, "GET_DIRTY_LOG");
-  const r = snapshotAndProtect(vm, slot, guestRunsThrough(vm, vcpusRun));
+  const r = snapshotAndProtect(vm, slot, mayRunThrough(vm, vcpusRun));
   // The injected bug: the bits are consumed, then the copy out fails.
   if (vm.injected.failEveryOtherGetCopy && vm.injected.getsSeen++ % 2 === 0) {
     throw new DomainError("aborted", `GET_DIRTY_LOG: copying the bitmap of slot ${slotId} out failed after it was cleared (an injected bug)`, "EFAULT");
@@ -92,7 +92,7 @@ export function clearDirtyLog(vm: Vm, slotId: number, firstPage: number, numPage
   const words = Math.ceil(numPages / 64);
   const user = new Int32Array(2 * words);
   new Uint8Array(user.buffer).set(bitmap.subarray(0, words * 8));
-  return clearAndProtect(vm, slot, firstPage, numPages, user, guestRunsThrough(vm, vcpusRun));
+  return clearAndProtect(vm, slot, firstPage, numPages, user, mayRunThrough(vm, vcpusRun));
 }
 
 function snapshotAndProtect(vm: Vm, slot: Memslot, concurrent: boolean): GetDirtyLogResult {
@@ -114,7 +114,7 @@ function snapshotAndProtect(vm: Vm, slot: Memslot, concurrent: boolean): GetDirt
   let elapsed = sync.hostNs + c.ioctlNs;
   if (concurrent) {
     const { calls, pages } = census(bm, 0, words, null);
-    run = new GuestRunsThrough(vm, true, elapsed + words * c.bitmapWordScanNs + calls * c.protectMaskedCallNs + pages * perPage + (pages > 0 ? c.tlbFlushNs : 0));
+    run = GuestRunsThrough.start(vm, true, true, elapsed + words * c.bitmapWordScanNs + calls * c.protectMaskedCallNs + pages * perPage + (pages > 0 ? c.tlbFlushNs : 0));
   }
   let calls = 0;
   for (let w = 0; w < words; w++) {
@@ -183,7 +183,7 @@ function clearAndProtect(vm: Vm, slot: Memslot, firstPage: number, numPages: num
   const start = syncNs + c.ioctlNs;
   if (concurrent) {
     const n = census(bm, firstWord, words, user);
-    run = new GuestRunsThrough(vm, true, start + words * c.bitmapWordScanNs + n.calls * c.protectMaskedCallNs + n.pages * perPage + (n.pages > 0 ? c.tlbFlushNs : 0));
+    run = GuestRunsThrough.start(vm, true, true, start + words * c.bitmapWordScanNs + n.calls * c.protectMaskedCallNs + n.pages * perPage + (n.pages > 0 ? c.tlbFlushNs : 0));
   }
   for (let k = 0; k < words; k++) {
     if (run && k % SYNC_CHUNK_WORDS === 0) run.at(start + k * c.bitmapWordScanNs + calls * c.protectMaskedCallNs + cleared * perPage);

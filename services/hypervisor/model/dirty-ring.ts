@@ -12,7 +12,7 @@
  */
 import { invalidArgument, failedPrecondition } from "../../../common/errors.js";
 import type { MaskedProtect } from "./arch.js";
-import { GuestRunsThrough, guestRunsThrough } from "./guest-runs-through.js";
+import { GuestRunsThrough, mayRunThrough } from "./guest-runs-through.js";
 import type { Vm } from "./vm.js";
 
 /** With the vCPUs running, the guest runs between chunks of this many entries of a harvest. */
@@ -220,15 +220,15 @@ export function harvestRing(vm: Vm, vcpu: number, max: number, vcpusRun = false)
   const ring = ringOf(vm, vcpu, "harvest dirty ring");
   const perEntry = vm.costs.ringHarvestEntryNs;
   const skip = vm.injected.skipRingEntryAtWrap;
-  if (!guestRunsThrough(vm, vcpusRun)) {
-    const n = Math.min(max || ring.size, ring.pending);
+  const limit = Math.min(max || ring.size, ring.size);
+  const run = GuestRunsThrough.start(vm, mayRunThrough(vm, vcpusRun), false, limit * perEntry);
+  if (!run) {
+    const n = Math.min(limit, ring.pending);
     const entries = new Uint8Array(n * ENTRY_BYTES);
     const count = ring.harvest(n, new DataView(entries.buffer), skip);
     return { entries, count, hostNs: count * perEntry, vcpusRan: false };
   }
-  const limit = Math.min(max || ring.size, ring.size);
   const entries = new Uint8Array(limit * ENTRY_BYTES);
-  const run = new GuestRunsThrough(vm, false);
   let count = 0;
   while (count < limit) {
     run.at(count * perEntry);
@@ -251,7 +251,9 @@ export function harvestRing(vm: Vm, vcpu: number, max: number, vcpusRun = false)
 export function resetDirtyRings(vm: Vm, vcpusRun = false): { cleared: number; tlbFlushed: boolean; hostNs: number; vcpusRan: boolean } {
   if (!vm.ringEnabled) throw failedPrecondition(`RESET_DIRTY_RINGS: VM ${vm.name} has no dirty ring`, "EINVAL");
   const c = vm.costs;
-  const run = guestRunsThrough(vm, vcpusRun) ? new GuestRunsThrough(vm, false) : null;
+  // Every harvested entry is reset, each its own mask at worst.
+  const toReset = vm.vcpus.reduce((n, v) => n + v.ring!.fetchIndex - v.ring!.resetIndex, 0);
+  const run = GuestRunsThrough.start(vm, mayRunThrough(vm, vcpusRun), false, c.ioctlNs + toReset * (c.ringResetEntryNs + c.protectMaskedCallNs) + c.tlbFlushNs);
   const protectors = new Map<number, MaskedProtect>();
   let calls = 0;
   const protect = (slotId: number, first: number, lo: number, hi: number, span: number) => {
