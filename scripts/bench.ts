@@ -21,7 +21,7 @@ import { CAP, Hypervisor, type CreateVmSpec } from "../services/hypervisor/model
 import { getDirtyLog } from "../services/hypervisor/model/dirty-bitmap.js";
 import { harvestRing, resetDirtyRings } from "../services/hypervisor/model/dirty-ring.js";
 import type { Vm } from "../services/hypervisor/model/vm.js";
-import type { WorkloadSpec } from "../services/hypervisor/model/workload.js";
+import { IDLE, type WorkloadSpec } from "../services/hypervisor/model/workload.js";
 import { spawnService } from "../common/spawn.js";
 import { connectHypervisor } from "../services/hypervisor/client.js";
 import { migrate } from "../clients/migration-controller/migrate.js";
@@ -47,7 +47,7 @@ const ms = (t0: bigint) => Number(process.hrtime.bigint() - t0) / 1e6;
 const fmt = (n: number, digits = 1) => n.toLocaleString("en-US", { maximumFractionDigits: digits });
 
 function workload(pattern: WorkloadSpec["pattern"], writesPerSecond: number, seed = 1n): WorkloadSpec {
-  return { pattern, writesPerSecond, firstPage: 0, pages: 0, hotFraction: 0.1, hotWriteFraction: 0.9, readsPerSecond: 0, value: "sequence", epoch: 0n, seed };
+  return { ...IDLE, pattern, writesPerSecond, seed };
 }
 
 const benchHypervisor = () => new Hypervisor({ memoryBudgetBytes: 2 ** 41, costs: { ...DEFAULT_COSTS }, allowFaultInjection: false });

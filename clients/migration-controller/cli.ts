@@ -76,10 +76,11 @@ migrate options:
 demo options:
   --memory SIZE              guest memory (default 4GiB)
   --vcpus N                  vCPUs (default 4)
-  --workload PATTERN         hot-cold | uniform | sequential | idle (default hot-cold)
+  --workload PATTERN         hot-cold | uniform | sequential | zipf | idle (default hot-cold)
   --write-rate N             guest writes per second per vCPU (default 100000)
   --hot-fraction F           hot share of memory (default 0.05)
   --hot-write-fraction F     share of writes to hot pages (default 0.9)
+  --zipf-skew S              zipf: page of rank k written with probability ~ 1/k^S, in (0, 10] (default 0.99, YCSB's)
   --seed N                   workload seed (default 1)
   --ring-entries N           dirty-ring entries per vCPU with --mechanism ring (default 4096, QEMU's advice)
   --arch A                   arm64 | x86_64 (default arm64; x86_64 when the mechanism uses pml)
@@ -149,6 +150,7 @@ const OPTIONS = {
   workload: { type: "string" },
   "write-rate": { type: "string" },
   "hot-fraction": { type: "string" },
+  "zipf-skew": { type: "string" },
   "hot-write-fraction": { type: "string" },
   seed: { type: "string" },
   "ring-entries": { type: "string" },
@@ -389,6 +391,7 @@ const PATTERNS: Record<string, WorkloadPattern> = {
   "hot-cold": WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD,
   uniform: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM,
   sequential: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL,
+  zipf: WorkloadPattern.WORKLOAD_PATTERN_ZIPF,
   idle: WorkloadPattern.WORKLOAD_PATTERN_IDLE,
 };
 
@@ -463,6 +466,7 @@ async function runDemo(v: Values, io: Io): Promise<number> {
   const rate = number(v["write-rate"], "write-rate", 100_000, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]");
   const hot = number(v["hot-fraction"], "hot-fraction", 0.05, (n) => n > 0 && n <= 1, "in (0, 1]");
   const hotWrites = number(v["hot-write-fraction"], "hot-write-fraction", 0.9, (n) => n > 0 && n <= 1, "in (0, 1]");
+  const zipfSkew = number(v["zipf-skew"], "zipf-skew", 0.99, (n) => n > 0 && n <= 10, "in (0, 10]");
   const seed = number(v.seed, "seed", 1, (n) => Number.isInteger(n) && n >= 0, "a whole number >= 0");
   const ringEntries = number(v["ring-entries"], "ring-entries", 4096, (n) => Number.isInteger(n) && n >= 256 && n <= 65536 && (n & (n - 1)) === 0, "a power of two in [256, 65536]");
 
@@ -525,7 +529,7 @@ async function runDemo(v: Values, io: Io): Promise<number> {
         if (mapped >= total) break;
         step = (step * (total - mapped)) / Math.max(mapped, 1) + 1e6;
       }
-      await setUp(() => source.setWorkload({ vm: "demo", workload: { pattern, writesPerSecond: rate, hotFraction: hot, hotWriteFraction: hotWrites } }));
+      await setUp(() => source.setWorkload({ vm: "demo", workload: { pattern, writesPerSecond: rate, hotFraction: hot, hotWriteFraction: hotWrites, zipfSkew } }));
       await setUp(() => source.advanceVm({ vm: "demo", durationNs: 1_000_000_000n }, { deadlineMs: 3_600_000, signal: interrupt.signal }));
       say(`migrating 'demo' with ${cfg.mechanism} over ${cfg.bandwidthBitsPerSecond / 1e9} Gbit/s, downtime limit ${cfg.downtimeLimitMs} ms`);
       return await runMigration(v, io, cfg, { source: "demo", destination: "demo" }, { source, destination }, interrupt.signal);

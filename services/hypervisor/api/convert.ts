@@ -48,12 +48,14 @@ const PATTERN: Record<number, Pattern> = {
   [WorkloadPattern.WORKLOAD_PATTERN_UNIFORM]: "uniform",
   [WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD]: "hot-cold",
   [WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL]: "sequential",
+  [WorkloadPattern.WORKLOAD_PATTERN_ZIPF]: "zipf",
 };
 const PATTERN_OUT: Record<Pattern, WorkloadPattern> = {
   idle: WorkloadPattern.WORKLOAD_PATTERN_IDLE,
   uniform: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM,
   "hot-cold": WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD,
   sequential: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL,
+  zipf: WorkloadPattern.WORKLOAD_PATTERN_ZIPF,
 };
 
 export function workloadFromProto(w: Workload): WorkloadSpec {
@@ -69,6 +71,7 @@ export function workloadFromProto(w: Workload): WorkloadSpec {
     pages: num(w.workingSetPages, "working_set_pages"),
     hotFraction: w.hotFraction || 0.1,
     hotWriteFraction: w.hotWriteFraction || 0.9,
+    zipfSkew: w.zipfSkew || 0.99,
     readsPerSecond: w.readsPerSecond,
     value: w.value === WriteValue.WRITE_VALUE_EPOCH ? "epoch" : "sequence",
     epoch: w.epoch,
@@ -84,6 +87,7 @@ export function workloadToProto(s: WorkloadSpec): Workload {
     workingSetPages: BigInt(s.pages),
     hotFraction: s.hotFraction,
     hotWriteFraction: s.hotWriteFraction,
+    zipfSkew: s.zipfSkew,
     readsPerSecond: s.readsPerSecond,
     value: s.value === "epoch" ? WriteValue.WRITE_VALUE_EPOCH : WriteValue.WRITE_VALUE_SEQUENCE,
     epoch: s.epoch,

@@ -396,6 +396,7 @@ export class Hypervisor {
     if (!(w.hotWriteFraction >= 0 && w.hotWriteFraction <= 1)) {
       throw invalidArgument(`workload hot_write_fraction ${w.hotWriteFraction} must be in [0, 1]`);
     }
+    if (!(w.zipfSkew > 0 && w.zipfSkew <= 10)) throw invalidArgument(`workload zipf_skew ${w.zipfSkew} must be in (0, 10]`);
   }
 }
 

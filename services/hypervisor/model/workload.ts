@@ -5,12 +5,13 @@
  */
 import { invalidArgument } from "../../../common/errors.js";
 import { Rng } from "./rng.js";
+import { ZipfSampler } from "./zipf.js";
 
 /** GetVcpuState's generator layout: version, sfc32 state (4 x u32), sequential position (u64), queued page indices (u32 each). */
 const STATE_VERSION = 1;
 const STATE_HEADER = 1 + 16 + 8;
 
-export type Pattern = "idle" | "uniform" | "hot-cold" | "sequential";
+export type Pattern = "idle" | "uniform" | "hot-cold" | "sequential" | "zipf";
 export type ValueMode = "sequence" | "epoch";
 
 export interface WorkloadSpec {
@@ -22,6 +23,8 @@ export interface WorkloadSpec {
   pages: number;
   hotFraction: number;
   hotWriteFraction: number;
+  /** ZIPF: the exponent s; page of rank k is written with probability proportional to 1 / k^s. */
+  zipfSkew: number;
   /** Guest reads per second over the same pattern (they matter only in post-copy). */
   readsPerSecond: number;
   value: ValueMode;
@@ -36,6 +39,7 @@ export const IDLE: WorkloadSpec = Object.freeze({
   pages: 0,
   hotFraction: 0.1,
   hotWriteFraction: 0.9,
+  zipfSkew: 0.99,
   readsPerSecond: 0,
   value: "sequence",
   epoch: 0n,
@@ -54,6 +58,7 @@ export class WorkloadGen {
   private readonly size: number;
   private readonly hotSize: number;
   private seqPos: number;
+  private readonly zipf: ZipfSampler | null;
   /** EPOCH mode's value as the two 32-bit words a write stores. */
   readonly epochLo: number;
   readonly epochHi: number;
@@ -72,6 +77,7 @@ export class WorkloadGen {
     this.seqPos = Math.floor((this.size * vcpuIndex) / Math.max(1, vcpuCount));
     this.epochLo = Number(spec.epoch & 0xffffffffn) | 0;
     this.epochHi = Number((spec.epoch >> 32n) & 0xffffffffn) | 0;
+    this.zipf = spec.pattern === "zipf" && this.size > 0 ? new ZipfSampler(this.size, spec.zipfSkew) : null;
   }
 
   /** This generator's position (see STATE_VERSION's layout). */
@@ -129,6 +135,11 @@ export class WorkloadGen {
         }
         break;
       }
+      case "zipf": {
+        const zipf = this.zipf!;
+        for (let i = 0; i < BATCH; i++) out[i] = first + scatter(zipf.sample(rng) - 1, size);
+        break;
+      }
       case "sequential": {
         let pos = this.seqPos;
         for (let i = 0; i < BATCH; i++) {
@@ -144,4 +155,15 @@ export class WorkloadGen {
     }
     this.cursor = 0;
   }
+}
+
+/** A prime multiplier: rank r goes to page r x A mod n, a bijection for every n < A, so the hot keys lie scattered over the working set as a hash table's would. */
+const SCATTER = 2654435761;
+const SCATTER_HI = Math.floor(SCATTER / 65536);
+const SCATTER_LO = SCATTER % 65536;
+
+/** r x SCATTER mod n in exact integer steps (each product below 2^49). */
+function scatter(r: number, n: number): number {
+  const hi = (((r * SCATTER_HI) % n) * 65536) % n;
+  return (hi + ((r * SCATTER_LO) % n)) % n;
 }

@@ -13,6 +13,7 @@ import { MAX_DETAILS_CHARS } from "../../../common/grpc.js";
 import { DEFAULT_COSTS } from "../model/cost-model.js";
 import { Hypervisor, type CreateVmSpec } from "../model/hypervisor.js";
 import { RealtimeDriver } from "../model/clock.js";
+import { IDLE } from "../model/workload.js";
 import { GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 import { rejects } from "../../../tests/grpc-assert.js";
 
@@ -139,7 +140,7 @@ describe("no call monopolizes the event loop", () => {
         clock: "realtime",
         dirtyRing: null,
         memslots: [{ slot: 0, gpa: GiB, size: 64 * MiB, flags: 0 }],
-        workload: { pattern: "uniform", writesPerSecond: 1e9, firstPage: 0, pages: 0, hotFraction: 0.1, hotWriteFraction: 0.9, readsPerSecond: 0, value: "sequence", epoch: 0n, seed: 1n },
+        workload: { ...IDLE, pattern: "uniform", writesPerSecond: 1e9, seed: 1n },
       }),
     );
     let now = 1000;

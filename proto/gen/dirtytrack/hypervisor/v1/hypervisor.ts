@@ -297,6 +297,11 @@ export enum WorkloadPattern {
   WORKLOAD_PATTERN_HOT_COLD = 3,
   /** WORKLOAD_PATTERN_SEQUENTIAL - streams through the working set, wrapping */
   WORKLOAD_PATTERN_SEQUENTIAL = 4,
+  /**
+   * WORKLOAD_PATTERN_ZIPF - A key-value store: the page of rank k written with probability proportional to 1 / k^zipf_skew,
+   * ranks scattered over the working set as a hash table's keys are.
+   */
+  WORKLOAD_PATTERN_ZIPF = 5,
   UNRECOGNIZED = -1,
 }
 
@@ -317,6 +322,9 @@ export function workloadPatternFromJSON(object: any): WorkloadPattern {
     case 4:
     case "WORKLOAD_PATTERN_SEQUENTIAL":
       return WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL;
+    case 5:
+    case "WORKLOAD_PATTERN_ZIPF":
+      return WorkloadPattern.WORKLOAD_PATTERN_ZIPF;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -336,6 +344,8 @@ export function workloadPatternToJSON(object: WorkloadPattern): string {
       return "WORKLOAD_PATTERN_HOT_COLD";
     case WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL:
       return "WORKLOAD_PATTERN_SEQUENTIAL";
+    case WorkloadPattern.WORKLOAD_PATTERN_ZIPF:
+      return "WORKLOAD_PATTERN_ZIPF";
     case WorkloadPattern.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -593,6 +603,8 @@ export interface Workload {
    * only there.
    */
   readsPerSecond: number;
+  /** ZIPF: the exponent, in (0, 10]; 0 means 0.99 (YCSB's zipfian constant). */
+  zipfSkew: number;
 }
 
 export interface CreateVmRequest {
@@ -1499,6 +1511,7 @@ function createBaseWorkload(): Workload {
     epoch: 0n,
     seed: 0n,
     readsPerSecond: 0,
+    zipfSkew: 0,
   };
 }
 
@@ -1545,6 +1558,9 @@ export const Workload: MessageFns<Workload> = {
     }
     if (message.readsPerSecond !== 0) {
       writer.uint32(81).double(message.readsPerSecond);
+    }
+    if (message.zipfSkew !== 0) {
+      writer.uint32(89).double(message.zipfSkew);
     }
     return writer;
   },
@@ -1642,6 +1658,14 @@ export const Workload: MessageFns<Workload> = {
             message.readsPerSecond = reader.double();
             continue;
           }
+          case 11: {
+            if (tag !== 89) {
+              break;
+            }
+
+            message.zipfSkew = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1690,6 +1714,11 @@ export const Workload: MessageFns<Workload> = {
         : isSet(object.reads_per_second)
         ? globalThis.Number(object.reads_per_second)
         : 0,
+      zipfSkew: isSet(object.zipfSkew)
+        ? globalThis.Number(object.zipfSkew)
+        : isSet(object.zipf_skew)
+        ? globalThis.Number(object.zipf_skew)
+        : 0,
     };
   },
 
@@ -1725,6 +1754,9 @@ export const Workload: MessageFns<Workload> = {
     if (message.readsPerSecond !== 0) {
       obj.readsPerSecond = floatToJson(message.readsPerSecond);
     }
+    if (message.zipfSkew !== 0) {
+      obj.zipfSkew = floatToJson(message.zipfSkew);
+    }
     return obj;
   },
 
@@ -1747,6 +1779,7 @@ export const Workload: MessageFns<Workload> = {
     message.epoch = (object.epoch !== undefined && object.epoch !== null) ? BigInt(object.epoch) : 0n;
     message.seed = (object.seed !== undefined && object.seed !== null) ? BigInt(object.seed) : 0n;
     message.readsPerSecond = object.readsPerSecond ?? 0;
+    message.zipfSkew = object.zipfSkew ?? 0;
     return message;
   },
 };
