@@ -112,6 +112,26 @@ export class HypervisorMetrics {
         for (const vm of hv.vms.values()) for (const v of vm.vcpus) if (v.throttle) this.set({ vm: vm.name, vcpu: String(v.index) }, v.throttle.percentage);
       },
     });
+    new Gauge({
+      name: "hypervisor_dirty_rate_mebibytes_per_second",
+      help: "Each VM's last calc-dirty-rate (QEMU's dirty-rate, MiB/s), by mode.",
+      labelNames: ["vm", "mode"],
+      registers,
+      collect() {
+        this.reset();
+        for (const vm of hv.vms.values()) if (vm.dirtyRate?.status === "measured") this.set({ vm: vm.name, mode: vm.dirtyRate.mode }, vm.dirtyRate.dirtyRateMiBps);
+      },
+    });
+    new Gauge({
+      name: "hypervisor_vcpu_dirty_rate_mebibytes_per_second",
+      help: "Each vCPU's rate in its VM's last calc-dirty-rate in dirty-ring mode (MiB/s).",
+      labelNames: ["vm", "vcpu"],
+      registers,
+      collect() {
+        this.reset();
+        for (const vm of hv.vms.values()) vm.dirtyRate?.vcpuDirtyRateMiBps.forEach((r, i) => this.set({ vm: vm.name, vcpu: String(i) }, r));
+      },
+    });
     perVcpu("hypervisor_vcpu_dirty_limit_sleep_seconds_total", "Guest time each vCPU slept under QEMU's dirty limit (after full rings).", (t) => t.dirtyLimitNs / 1e9);
     const perLimited = (name: string, help: string, pick: (l: { quotaMBps: number; currentMBps: number; throttleUsPerFull: number }) => number) =>
       new Gauge({

@@ -16,6 +16,7 @@ import { serverSerializers } from "./wire.js";
 import { SyncClock, type ApiContext, type Handlers } from "./api/context.js";
 import { deviceHandlers } from "./api/device.js";
 import { dirtyLogHandlers } from "./api/dirty-log.js";
+import { dirtyRateHandlers } from "./api/dirty-rate.js";
 import { memoryHandlers } from "./api/memory.js";
 import { postcopyHandlers } from "./api/postcopy.js";
 import { SLICE_MS, vmHandlers } from "./api/vms.js";
@@ -30,7 +31,7 @@ export const HYPERVISOR_SERVICE = "dirtytrack.hypervisor.v1.HypervisorService";
 
 /** Every RPC of the service, from the groups that implement them. */
 export function hypervisorHandlers(ctx: ApiContext): Handlers {
-  return { ...vmHandlers(ctx), ...dirtyLogHandlers(ctx), ...memoryHandlers(ctx), ...postcopyHandlers(ctx), ...writeTrackingHandlers(ctx), ...deviceHandlers(ctx) };
+  return { ...vmHandlers(ctx), ...dirtyLogHandlers(ctx), ...dirtyRateHandlers(ctx), ...memoryHandlers(ctx), ...postcopyHandlers(ctx), ...writeTrackingHandlers(ctx), ...deviceHandlers(ctx) };
 }
 
 export interface HypervisorServerDeps {

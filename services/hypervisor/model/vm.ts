@@ -10,6 +10,7 @@ import { failedPrecondition, invalidArgument, notFound } from "../../../common/e
 import type { KvmArch, ArchName } from "./arch.js";
 import { ARCHES } from "./arches.js";
 import type { CostModel } from "./cost-model.js";
+import type { DirtyRateInfo } from "./dirty-rate.js";
 import { HI_DBM, S2AP_W } from "./descriptor.js";
 import * as bitmapLog from "./dirty-bitmap.js";
 import { DirtyRing, ENTRY_BYTES } from "./dirty-ring.js";
@@ -210,6 +211,8 @@ export class Vm {
   advancing = false;
   /** Until this clock time a sync holds mmu_lock with the vCPUs running (dirty-bitmap.ts): a fault waits for it. */
   hostLockUntil = 0;
+  /** The last calc-dirty-rate (dirty-rate.ts), or the one in progress; null before any. */
+  dirtyRate: DirtyRateInfo | null = null;
   /** Destroyed: an advance in progress stops at its next slice. */
   destroyed = false;
 

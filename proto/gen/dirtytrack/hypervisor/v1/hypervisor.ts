@@ -523,6 +523,100 @@ export function archToJSON(object: Arch): string {
   }
 }
 
+export enum DirtyRateMode {
+  /** DIRTY_RATE_MODE_UNSPECIFIED - page-sampling, QEMU's default */
+  DIRTY_RATE_MODE_UNSPECIFIED = 0,
+  /** DIRTY_RATE_MODE_PAGE_SAMPLING - hash sampled pages at the start and the end; logging stays off */
+  DIRTY_RATE_MODE_PAGE_SAMPLING = 1,
+  /** DIRTY_RATE_MODE_DIRTY_BITMAP - log dirty pages into the bitmap and count them (no dirty ring) */
+  DIRTY_RATE_MODE_DIRTY_BITMAP = 2,
+  /** DIRTY_RATE_MODE_DIRTY_RING - log into the rings and count each vCPU's entries (needs rings) */
+  DIRTY_RATE_MODE_DIRTY_RING = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function dirtyRateModeFromJSON(object: any): DirtyRateMode {
+  switch (object) {
+    case 0:
+    case "DIRTY_RATE_MODE_UNSPECIFIED":
+      return DirtyRateMode.DIRTY_RATE_MODE_UNSPECIFIED;
+    case 1:
+    case "DIRTY_RATE_MODE_PAGE_SAMPLING":
+      return DirtyRateMode.DIRTY_RATE_MODE_PAGE_SAMPLING;
+    case 2:
+    case "DIRTY_RATE_MODE_DIRTY_BITMAP":
+      return DirtyRateMode.DIRTY_RATE_MODE_DIRTY_BITMAP;
+    case 3:
+    case "DIRTY_RATE_MODE_DIRTY_RING":
+      return DirtyRateMode.DIRTY_RATE_MODE_DIRTY_RING;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return DirtyRateMode.UNRECOGNIZED;
+  }
+}
+
+export function dirtyRateModeToJSON(object: DirtyRateMode): string {
+  switch (object) {
+    case DirtyRateMode.DIRTY_RATE_MODE_UNSPECIFIED:
+      return "DIRTY_RATE_MODE_UNSPECIFIED";
+    case DirtyRateMode.DIRTY_RATE_MODE_PAGE_SAMPLING:
+      return "DIRTY_RATE_MODE_PAGE_SAMPLING";
+    case DirtyRateMode.DIRTY_RATE_MODE_DIRTY_BITMAP:
+      return "DIRTY_RATE_MODE_DIRTY_BITMAP";
+    case DirtyRateMode.DIRTY_RATE_MODE_DIRTY_RING:
+      return "DIRTY_RATE_MODE_DIRTY_RING";
+    case DirtyRateMode.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+export enum DirtyRateStatus {
+  DIRTY_RATE_STATUS_UNSPECIFIED = 0,
+  DIRTY_RATE_STATUS_UNSTARTED = 1,
+  DIRTY_RATE_STATUS_MEASURING = 2,
+  DIRTY_RATE_STATUS_MEASURED = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function dirtyRateStatusFromJSON(object: any): DirtyRateStatus {
+  switch (object) {
+    case 0:
+    case "DIRTY_RATE_STATUS_UNSPECIFIED":
+      return DirtyRateStatus.DIRTY_RATE_STATUS_UNSPECIFIED;
+    case 1:
+    case "DIRTY_RATE_STATUS_UNSTARTED":
+      return DirtyRateStatus.DIRTY_RATE_STATUS_UNSTARTED;
+    case 2:
+    case "DIRTY_RATE_STATUS_MEASURING":
+      return DirtyRateStatus.DIRTY_RATE_STATUS_MEASURING;
+    case 3:
+    case "DIRTY_RATE_STATUS_MEASURED":
+      return DirtyRateStatus.DIRTY_RATE_STATUS_MEASURED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return DirtyRateStatus.UNRECOGNIZED;
+  }
+}
+
+export function dirtyRateStatusToJSON(object: DirtyRateStatus): string {
+  switch (object) {
+    case DirtyRateStatus.DIRTY_RATE_STATUS_UNSPECIFIED:
+      return "DIRTY_RATE_STATUS_UNSPECIFIED";
+    case DirtyRateStatus.DIRTY_RATE_STATUS_UNSTARTED:
+      return "DIRTY_RATE_STATUS_UNSTARTED";
+    case DirtyRateStatus.DIRTY_RATE_STATUS_MEASURING:
+      return "DIRTY_RATE_STATUS_MEASURING";
+    case DirtyRateStatus.DIRTY_RATE_STATUS_MEASURED:
+      return "DIRTY_RATE_STATUS_MEASURED";
+    case DirtyRateStatus.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 export enum LogTarget {
   /** LOG_TARGET_UNSPECIFIED - not logged: the slot is not logging */
   LOG_TARGET_UNSPECIFIED = 0,
@@ -1206,6 +1300,56 @@ export interface SetFaultInjectionRequest {
 }
 
 export interface SetFaultInjectionResponse {
+}
+
+export interface CalcDirtyRateRequest {
+  vm: string;
+  /** 50 to 60000 (QEMU's MIN/MAX_CALC_TIME_MS); 0 means 1000. */
+  calcTimeMs: number;
+  /** page-sampling: pages sampled per GiB of each slot of 128 MiB or more, 128 to 16384; 0 means 512. */
+  samplePages: number;
+  mode: DirtyRateMode;
+}
+
+export interface QueryDirtyRateRequest {
+  vm: string;
+}
+
+export interface CalcDirtyRateResponse {
+  info: DirtyRateInfo | undefined;
+}
+
+export interface QueryDirtyRateResponse {
+  info: DirtyRateInfo | undefined;
+}
+
+export interface VcpuDirtyRate {
+  id: number;
+  /** MiB/s, as QEMU's. */
+  dirtyRate: bigint;
+}
+
+export interface DirtyRateInfo {
+  status: DirtyRateStatus;
+  /** MiB/s (QEMU's dirty-rate), when MEASURED. */
+  dirtyRate: bigint;
+  /** Guest time the measurement started at. */
+  startTimeNs: bigint;
+  calcTimeMs: number;
+  /** 0 in the logging modes, as QEMU reports. */
+  samplePages: number;
+  mode: DirtyRateMode;
+  /** dirty-ring mode: each vCPU's rate. */
+  vcpuDirtyRate: VcpuDirtyRate[];
+  /** Pages found dirty (dirty samples, in page-sampling) and the bytes per second they make. */
+  dirtyPages: bigint;
+  dirtyBytesPerSecond: number;
+  /**
+   * What measuring cost the guest: its write rate (every vCPU) over the step before the
+   * measurement, and during it (the logging modes slow it with faults; sampling does not).
+   */
+  guestWritesPerSecondBefore: number;
+  guestWritesPerSecondDuring: number;
 }
 
 export interface KickVcpusRequest {
@@ -10082,6 +10226,718 @@ export const SetFaultInjectionResponse: MessageFns<SetFaultInjectionResponse> = 
   },
 };
 
+function createBaseCalcDirtyRateRequest(): CalcDirtyRateRequest {
+  return { vm: "", calcTimeMs: 0, samplePages: 0, mode: 0 };
+}
+
+export const CalcDirtyRateRequest: MessageFns<CalcDirtyRateRequest> = {
+  encode(message: CalcDirtyRateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.calcTimeMs !== 0) {
+      writer.uint32(16).uint32(message.calcTimeMs);
+    }
+    if (message.samplePages !== 0) {
+      writer.uint32(24).uint32(message.samplePages);
+    }
+    if (message.mode !== 0) {
+      writer.uint32(32).int32(message.mode);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CalcDirtyRateRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCalcDirtyRateRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.calcTimeMs = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.samplePages = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.mode = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CalcDirtyRateRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      calcTimeMs: isSet(object.calcTimeMs)
+        ? globalThis.Number(object.calcTimeMs)
+        : isSet(object.calc_time_ms)
+        ? globalThis.Number(object.calc_time_ms)
+        : 0,
+      samplePages: isSet(object.samplePages)
+        ? globalThis.Number(object.samplePages)
+        : isSet(object.sample_pages)
+        ? globalThis.Number(object.sample_pages)
+        : 0,
+      mode: isSet(object.mode) ? dirtyRateModeFromJSON(object.mode) : 0,
+    };
+  },
+
+  toJSON(message: CalcDirtyRateRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.calcTimeMs !== 0) {
+      obj.calcTimeMs = Math.round(message.calcTimeMs);
+    }
+    if (message.samplePages !== 0) {
+      obj.samplePages = Math.round(message.samplePages);
+    }
+    if (message.mode !== 0) {
+      obj.mode = dirtyRateModeToJSON(message.mode);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CalcDirtyRateRequest>): CalcDirtyRateRequest {
+    return CalcDirtyRateRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CalcDirtyRateRequest>): CalcDirtyRateRequest {
+    const message = createBaseCalcDirtyRateRequest();
+    message.vm = object.vm ?? "";
+    message.calcTimeMs = object.calcTimeMs ?? 0;
+    message.samplePages = object.samplePages ?? 0;
+    message.mode = object.mode ?? 0;
+    return message;
+  },
+};
+
+function createBaseQueryDirtyRateRequest(): QueryDirtyRateRequest {
+  return { vm: "" };
+}
+
+export const QueryDirtyRateRequest: MessageFns<QueryDirtyRateRequest> = {
+  encode(message: QueryDirtyRateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): QueryDirtyRateRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseQueryDirtyRateRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): QueryDirtyRateRequest {
+    return { vm: isSet(object.vm) ? globalThis.String(object.vm) : "" };
+  },
+
+  toJSON(message: QueryDirtyRateRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<QueryDirtyRateRequest>): QueryDirtyRateRequest {
+    return QueryDirtyRateRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<QueryDirtyRateRequest>): QueryDirtyRateRequest {
+    const message = createBaseQueryDirtyRateRequest();
+    message.vm = object.vm ?? "";
+    return message;
+  },
+};
+
+function createBaseCalcDirtyRateResponse(): CalcDirtyRateResponse {
+  return { info: undefined };
+}
+
+export const CalcDirtyRateResponse: MessageFns<CalcDirtyRateResponse> = {
+  encode(message: CalcDirtyRateResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.info !== undefined) {
+      DirtyRateInfo.encode(message.info, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CalcDirtyRateResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCalcDirtyRateResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.info = DirtyRateInfo.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CalcDirtyRateResponse {
+    return { info: isSet(object.info) ? DirtyRateInfo.fromJSON(object.info) : undefined };
+  },
+
+  toJSON(message: CalcDirtyRateResponse): unknown {
+    const obj: any = {};
+    if (message.info !== undefined) {
+      obj.info = DirtyRateInfo.toJSON(message.info);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CalcDirtyRateResponse>): CalcDirtyRateResponse {
+    return CalcDirtyRateResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CalcDirtyRateResponse>): CalcDirtyRateResponse {
+    const message = createBaseCalcDirtyRateResponse();
+    message.info = (object.info !== undefined && object.info !== null)
+      ? DirtyRateInfo.fromPartial(object.info)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseQueryDirtyRateResponse(): QueryDirtyRateResponse {
+  return { info: undefined };
+}
+
+export const QueryDirtyRateResponse: MessageFns<QueryDirtyRateResponse> = {
+  encode(message: QueryDirtyRateResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.info !== undefined) {
+      DirtyRateInfo.encode(message.info, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): QueryDirtyRateResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseQueryDirtyRateResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.info = DirtyRateInfo.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): QueryDirtyRateResponse {
+    return { info: isSet(object.info) ? DirtyRateInfo.fromJSON(object.info) : undefined };
+  },
+
+  toJSON(message: QueryDirtyRateResponse): unknown {
+    const obj: any = {};
+    if (message.info !== undefined) {
+      obj.info = DirtyRateInfo.toJSON(message.info);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<QueryDirtyRateResponse>): QueryDirtyRateResponse {
+    return QueryDirtyRateResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<QueryDirtyRateResponse>): QueryDirtyRateResponse {
+    const message = createBaseQueryDirtyRateResponse();
+    message.info = (object.info !== undefined && object.info !== null)
+      ? DirtyRateInfo.fromPartial(object.info)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseVcpuDirtyRate(): VcpuDirtyRate {
+  return { id: 0, dirtyRate: 0n };
+}
+
+export const VcpuDirtyRate: MessageFns<VcpuDirtyRate> = {
+  encode(message: VcpuDirtyRate, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== 0) {
+      writer.uint32(8).uint32(message.id);
+    }
+    if (message.dirtyRate !== 0n) {
+      if (BigInt.asIntN(64, message.dirtyRate) !== message.dirtyRate) {
+        throw new globalThis.Error("value provided for field message.dirtyRate of type int64 too large");
+      }
+      writer.uint32(16).int64(message.dirtyRate);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VcpuDirtyRate {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVcpuDirtyRate();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.id = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.dirtyRate = reader.int64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VcpuDirtyRate {
+    return {
+      id: isSet(object.id) ? globalThis.Number(object.id) : 0,
+      dirtyRate: isSet(object.dirtyRate)
+        ? BigInt(object.dirtyRate)
+        : isSet(object.dirty_rate)
+        ? BigInt(object.dirty_rate)
+        : 0n,
+    };
+  },
+
+  toJSON(message: VcpuDirtyRate): unknown {
+    const obj: any = {};
+    if (message.id !== 0) {
+      obj.id = Math.round(message.id);
+    }
+    if (message.dirtyRate !== 0n) {
+      obj.dirtyRate = message.dirtyRate.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<VcpuDirtyRate>): VcpuDirtyRate {
+    return VcpuDirtyRate.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<VcpuDirtyRate>): VcpuDirtyRate {
+    const message = createBaseVcpuDirtyRate();
+    message.id = object.id ?? 0;
+    message.dirtyRate = (object.dirtyRate !== undefined && object.dirtyRate !== null) ? BigInt(object.dirtyRate) : 0n;
+    return message;
+  },
+};
+
+function createBaseDirtyRateInfo(): DirtyRateInfo {
+  return {
+    status: 0,
+    dirtyRate: 0n,
+    startTimeNs: 0n,
+    calcTimeMs: 0,
+    samplePages: 0,
+    mode: 0,
+    vcpuDirtyRate: [],
+    dirtyPages: 0n,
+    dirtyBytesPerSecond: 0,
+    guestWritesPerSecondBefore: 0,
+    guestWritesPerSecondDuring: 0,
+  };
+}
+
+export const DirtyRateInfo: MessageFns<DirtyRateInfo> = {
+  encode(message: DirtyRateInfo, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.status !== 0) {
+      writer.uint32(8).int32(message.status);
+    }
+    if (message.dirtyRate !== 0n) {
+      if (BigInt.asIntN(64, message.dirtyRate) !== message.dirtyRate) {
+        throw new globalThis.Error("value provided for field message.dirtyRate of type int64 too large");
+      }
+      writer.uint32(16).int64(message.dirtyRate);
+    }
+    if (message.startTimeNs !== 0n) {
+      if (BigInt.asUintN(64, message.startTimeNs) !== message.startTimeNs) {
+        throw new globalThis.Error("value provided for field message.startTimeNs of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.startTimeNs);
+    }
+    if (message.calcTimeMs !== 0) {
+      writer.uint32(32).uint32(message.calcTimeMs);
+    }
+    if (message.samplePages !== 0) {
+      writer.uint32(40).uint32(message.samplePages);
+    }
+    if (message.mode !== 0) {
+      writer.uint32(48).int32(message.mode);
+    }
+    for (const v of message.vcpuDirtyRate) {
+      VcpuDirtyRate.encode(v!, writer.uint32(58).fork()).join();
+    }
+    if (message.dirtyPages !== 0n) {
+      if (BigInt.asUintN(64, message.dirtyPages) !== message.dirtyPages) {
+        throw new globalThis.Error("value provided for field message.dirtyPages of type uint64 too large");
+      }
+      writer.uint32(64).uint64(message.dirtyPages);
+    }
+    if (message.dirtyBytesPerSecond !== 0) {
+      writer.uint32(73).double(message.dirtyBytesPerSecond);
+    }
+    if (message.guestWritesPerSecondBefore !== 0) {
+      writer.uint32(81).double(message.guestWritesPerSecondBefore);
+    }
+    if (message.guestWritesPerSecondDuring !== 0) {
+      writer.uint32(89).double(message.guestWritesPerSecondDuring);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DirtyRateInfo {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDirtyRateInfo();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.status = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.dirtyRate = reader.int64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.startTimeNs = reader.uint64() as bigint;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.calcTimeMs = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.samplePages = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.mode = reader.int32() as any;
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.vcpuDirtyRate.push(VcpuDirtyRate.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.dirtyPages = reader.uint64() as bigint;
+            continue;
+          }
+          case 9: {
+            if (tag !== 73) {
+              break;
+            }
+
+            message.dirtyBytesPerSecond = reader.double();
+            continue;
+          }
+          case 10: {
+            if (tag !== 81) {
+              break;
+            }
+
+            message.guestWritesPerSecondBefore = reader.double();
+            continue;
+          }
+          case 11: {
+            if (tag !== 89) {
+              break;
+            }
+
+            message.guestWritesPerSecondDuring = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DirtyRateInfo {
+    return {
+      status: isSet(object.status) ? dirtyRateStatusFromJSON(object.status) : 0,
+      dirtyRate: isSet(object.dirtyRate)
+        ? BigInt(object.dirtyRate)
+        : isSet(object.dirty_rate)
+        ? BigInt(object.dirty_rate)
+        : 0n,
+      startTimeNs: isSet(object.startTimeNs)
+        ? BigInt(object.startTimeNs)
+        : isSet(object.start_time_ns)
+        ? BigInt(object.start_time_ns)
+        : 0n,
+      calcTimeMs: isSet(object.calcTimeMs)
+        ? globalThis.Number(object.calcTimeMs)
+        : isSet(object.calc_time_ms)
+        ? globalThis.Number(object.calc_time_ms)
+        : 0,
+      samplePages: isSet(object.samplePages)
+        ? globalThis.Number(object.samplePages)
+        : isSet(object.sample_pages)
+        ? globalThis.Number(object.sample_pages)
+        : 0,
+      mode: isSet(object.mode) ? dirtyRateModeFromJSON(object.mode) : 0,
+      vcpuDirtyRate: globalThis.Array.isArray(object?.vcpuDirtyRate)
+        ? object.vcpuDirtyRate.map((e: any) => VcpuDirtyRate.fromJSON(e))
+        : globalThis.Array.isArray(object?.vcpu_dirty_rate)
+        ? object.vcpu_dirty_rate.map((e: any) => VcpuDirtyRate.fromJSON(e))
+        : [],
+      dirtyPages: isSet(object.dirtyPages)
+        ? BigInt(object.dirtyPages)
+        : isSet(object.dirty_pages)
+        ? BigInt(object.dirty_pages)
+        : 0n,
+      dirtyBytesPerSecond: isSet(object.dirtyBytesPerSecond)
+        ? globalThis.Number(object.dirtyBytesPerSecond)
+        : isSet(object.dirty_bytes_per_second)
+        ? globalThis.Number(object.dirty_bytes_per_second)
+        : 0,
+      guestWritesPerSecondBefore: isSet(object.guestWritesPerSecondBefore)
+        ? globalThis.Number(object.guestWritesPerSecondBefore)
+        : isSet(object.guest_writes_per_second_before)
+        ? globalThis.Number(object.guest_writes_per_second_before)
+        : 0,
+      guestWritesPerSecondDuring: isSet(object.guestWritesPerSecondDuring)
+        ? globalThis.Number(object.guestWritesPerSecondDuring)
+        : isSet(object.guest_writes_per_second_during)
+        ? globalThis.Number(object.guest_writes_per_second_during)
+        : 0,
+    };
+  },
+
+  toJSON(message: DirtyRateInfo): unknown {
+    const obj: any = {};
+    if (message.status !== 0) {
+      obj.status = dirtyRateStatusToJSON(message.status);
+    }
+    if (message.dirtyRate !== 0n) {
+      obj.dirtyRate = message.dirtyRate.toString();
+    }
+    if (message.startTimeNs !== 0n) {
+      obj.startTimeNs = message.startTimeNs.toString();
+    }
+    if (message.calcTimeMs !== 0) {
+      obj.calcTimeMs = Math.round(message.calcTimeMs);
+    }
+    if (message.samplePages !== 0) {
+      obj.samplePages = Math.round(message.samplePages);
+    }
+    if (message.mode !== 0) {
+      obj.mode = dirtyRateModeToJSON(message.mode);
+    }
+    if (message.vcpuDirtyRate?.length) {
+      obj.vcpuDirtyRate = message.vcpuDirtyRate.map((e) => VcpuDirtyRate.toJSON(e));
+    }
+    if (message.dirtyPages !== 0n) {
+      obj.dirtyPages = message.dirtyPages.toString();
+    }
+    if (message.dirtyBytesPerSecond !== 0) {
+      obj.dirtyBytesPerSecond = floatToJson(message.dirtyBytesPerSecond);
+    }
+    if (message.guestWritesPerSecondBefore !== 0) {
+      obj.guestWritesPerSecondBefore = floatToJson(message.guestWritesPerSecondBefore);
+    }
+    if (message.guestWritesPerSecondDuring !== 0) {
+      obj.guestWritesPerSecondDuring = floatToJson(message.guestWritesPerSecondDuring);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DirtyRateInfo>): DirtyRateInfo {
+    return DirtyRateInfo.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DirtyRateInfo>): DirtyRateInfo {
+    const message = createBaseDirtyRateInfo();
+    message.status = object.status ?? 0;
+    message.dirtyRate = (object.dirtyRate !== undefined && object.dirtyRate !== null) ? BigInt(object.dirtyRate) : 0n;
+    message.startTimeNs = (object.startTimeNs !== undefined && object.startTimeNs !== null)
+      ? BigInt(object.startTimeNs)
+      : 0n;
+    message.calcTimeMs = object.calcTimeMs ?? 0;
+    message.samplePages = object.samplePages ?? 0;
+    message.mode = object.mode ?? 0;
+    message.vcpuDirtyRate = object.vcpuDirtyRate?.map((e) => VcpuDirtyRate.fromPartial(e)) || [];
+    message.dirtyPages = (object.dirtyPages !== undefined && object.dirtyPages !== null)
+      ? BigInt(object.dirtyPages)
+      : 0n;
+    message.dirtyBytesPerSecond = object.dirtyBytesPerSecond ?? 0;
+    message.guestWritesPerSecondBefore = object.guestWritesPerSecondBefore ?? 0;
+    message.guestWritesPerSecondDuring = object.guestWritesPerSecondDuring ?? 0;
+    return message;
+  },
+};
+
 function createBaseKickVcpusRequest(): KickVcpusRequest {
   return { vm: "" };
 }
@@ -12627,6 +13483,32 @@ export const HypervisorServiceService = {
     responseSerialize: (value: KickVcpusResponse): Buffer => Buffer.from(KickVcpusResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): KickVcpusResponse => KickVcpusResponse.decode(value),
   },
+  /**
+   * QEMU's calc-dirty-rate, measured here: returns when the measurement is done (a stepped VM is
+   * run for calc_time; a real-time one is waited for), with query-dirty-rate's answer.
+   */
+  calcDirtyRate: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/CalcDirtyRate" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: CalcDirtyRateRequest): Buffer => Buffer.from(CalcDirtyRateRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): CalcDirtyRateRequest => CalcDirtyRateRequest.decode(value),
+    responseSerialize: (value: CalcDirtyRateResponse): Buffer =>
+      Buffer.from(CalcDirtyRateResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): CalcDirtyRateResponse => CalcDirtyRateResponse.decode(value),
+  },
+  /** QEMU's query-dirty-rate: the last measurement of the VM (UNSTARTED before any). */
+  queryDirtyRate: {
+    path: "/dirtytrack.hypervisor.v1.HypervisorService/QueryDirtyRate" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: QueryDirtyRateRequest): Buffer =>
+      Buffer.from(QueryDirtyRateRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): QueryDirtyRateRequest => QueryDirtyRateRequest.decode(value),
+    responseSerialize: (value: QueryDirtyRateResponse): Buffer =>
+      Buffer.from(QueryDirtyRateResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): QueryDirtyRateResponse => QueryDirtyRateResponse.decode(value),
+  },
   /** KVM_RESET_DIRTY_RINGS: re-protects the harvested pages, flushes TLBs once. */
   resetDirtyRings: {
     path: "/dirtytrack.hypervisor.v1.HypervisorService/ResetDirtyRings" as const,
@@ -12834,6 +13716,13 @@ export interface HypervisorServiceServer extends UntypedServiceImplementation {
    * hardware logs (PML) into the rings, and each vCPU loses an exit's time.
    */
   kickVcpus: handleUnaryCall<KickVcpusRequest, KickVcpusResponse>;
+  /**
+   * QEMU's calc-dirty-rate, measured here: returns when the measurement is done (a stepped VM is
+   * run for calc_time; a real-time one is waited for), with query-dirty-rate's answer.
+   */
+  calcDirtyRate: handleUnaryCall<CalcDirtyRateRequest, CalcDirtyRateResponse>;
+  /** QEMU's query-dirty-rate: the last measurement of the VM (UNSTARTED before any). */
+  queryDirtyRate: handleUnaryCall<QueryDirtyRateRequest, QueryDirtyRateResponse>;
   /** KVM_RESET_DIRTY_RINGS: re-protects the harvested pages, flushes TLBs once. */
   resetDirtyRings: handleUnaryCall<ResetDirtyRingsRequest, ResetDirtyRingsResponse>;
   /**
@@ -13330,6 +14219,41 @@ export interface HypervisorServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: KickVcpusResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * QEMU's calc-dirty-rate, measured here: returns when the measurement is done (a stepped VM is
+   * run for calc_time; a real-time one is waited for), with query-dirty-rate's answer.
+   */
+  calcDirtyRate(
+    request: CalcDirtyRateRequest,
+    callback: (error: ServiceError | null, response: CalcDirtyRateResponse) => void,
+  ): ClientUnaryCall;
+  calcDirtyRate(
+    request: CalcDirtyRateRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: CalcDirtyRateResponse) => void,
+  ): ClientUnaryCall;
+  calcDirtyRate(
+    request: CalcDirtyRateRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: CalcDirtyRateResponse) => void,
+  ): ClientUnaryCall;
+  /** QEMU's query-dirty-rate: the last measurement of the VM (UNSTARTED before any). */
+  queryDirtyRate(
+    request: QueryDirtyRateRequest,
+    callback: (error: ServiceError | null, response: QueryDirtyRateResponse) => void,
+  ): ClientUnaryCall;
+  queryDirtyRate(
+    request: QueryDirtyRateRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: QueryDirtyRateResponse) => void,
+  ): ClientUnaryCall;
+  queryDirtyRate(
+    request: QueryDirtyRateRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: QueryDirtyRateResponse) => void,
   ): ClientUnaryCall;
   /** KVM_RESET_DIRTY_RINGS: re-protects the harvested pages, flushes TLBs once. */
   resetDirtyRings(
