@@ -6,6 +6,7 @@
  */
 import { accessSync, constants as fsConstants, existsSync, readFileSync, statSync } from "node:fs";
 import { writeFile } from "node:fs/promises";
+import { status } from "@grpc/grpc-js";
 import { dirname, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import type { Io } from "../../common/io.js";
@@ -14,7 +15,7 @@ import { ConfigError, envHost, envPort, parseBytes } from "../../common/config.j
 import type { ClientOptions } from "../../common/client.js";
 import { securityFromEnv } from "../../common/security.js";
 import { spawnService, type SpawnedService } from "../../common/spawn.js";
-import { Arch, Capability, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { Arch, Capability, DirtyRateMode, DirtyRateStatus, WorkloadPattern, type DirtyRateInfo } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor, type HypervisorClient } from "../../services/hypervisor/client.js";
 import { DEFAULT_CONFIG, explain, migrate, MigrationError, type CleanupReport, type FailureKind, type MigrationConfig, type MigrationReport } from "./migrate.js";
 import { createLogger } from "../../common/log.js";
@@ -56,6 +57,7 @@ const HELP = `usage:
   migration-controller migrate --vm NAME [options]          migrate a VM between running hypervisors
   migration-controller serve [options]                      keep a demo VM migrating back and forth between two
                                                             hypervisors (real-time clock), metrics on /metrics
+  migration-controller estimate --vm NAME [options]         measure a running VM's dirty rate (QEMU's calc-dirty-rate)
   migration-controller calibrate [options]                  measure this host's KVM (/dev/kvm) and write a cost model
                                                             that HYPERVISOR_COST_MODEL loads (calibrate --help)
 
@@ -66,6 +68,14 @@ serve options:
   --realtime-speed F         guest seconds per wall second (default 1)
   --pause-ms N               wall time between migrations (default 2000)
   (--vm, --memory, --vcpus, --write-rate, --hot-fraction as for demo; defaults demo, 1GiB, 2, 20000, 0.05)
+
+estimate options:
+  --source ADDR              the VM's hypervisor (env MIGRATION_SOURCE; default 127.0.0.1:50051)
+  --vm NAME                  the VM (required)
+  --mode MODE                page-sampling | dirty-bitmap | dirty-ring (default page-sampling, as QEMU)
+  --calc-time T              how long to measure: 1s, 500ms; a bare number is seconds (default 1s; 50ms to 60s)
+  --sample-pages N           page-sampling: pages per GiB, 128 to 16384 (default 512)
+  --json FILE                write query-dirty-rate's answer as JSON (QEMU's names)
 
 migrate options:
   --source ADDR              source hypervisor (env MIGRATION_SOURCE; default 127.0.0.1:50051)
@@ -151,6 +161,9 @@ const OPTIONS = {
   "write-rate": { type: "string" },
   "hot-fraction": { type: "string" },
   "zipf-skew": { type: "string" },
+  mode: { type: "string" },
+  "calc-time": { type: "string" },
+  "sample-pages": { type: "string" },
   "hot-write-fraction": { type: "string" },
   seed: { type: "string" },
   "ring-entries": { type: "string" },
@@ -434,6 +447,87 @@ async function runMigration(
   }
 }
 
+const DIRTY_RATE_MODES: Record<string, DirtyRateMode> = {
+  "page-sampling": DirtyRateMode.DIRTY_RATE_MODE_PAGE_SAMPLING,
+  "dirty-bitmap": DirtyRateMode.DIRTY_RATE_MODE_DIRTY_BITMAP,
+  "dirty-ring": DirtyRateMode.DIRTY_RATE_MODE_DIRTY_RING,
+};
+
+/** "1s", "500ms", or a bare number of seconds (QEMU's calc-time unit), to ms. */
+function calcTimeMs(text: string | undefined): number {
+  if (text === undefined) return 1000;
+  const m = /^(\d+(?:\.\d+)?)\s*(ms|s)?$/.exec(text.trim());
+  const ms = m ? Number(m[1]) * (m[2] === "ms" ? 1 : 1000) : NaN;
+  if (!(ms >= 50 && ms <= 60_000) || !Number.isInteger(ms)) throw new UsageError(`--calc-time ${text}: must be a whole number of ms from 50ms to 60s (1s, 500ms, or seconds)`);
+  return ms;
+}
+
+/** QEMU's calc-dirty-rate then query-dirty-rate, on one VM. */
+async function runEstimate(v: Values, io: Io): Promise<number> {
+  if (!v.vm) throw new UsageError("--vm NAME is required (the VM to measure)");
+  const mode = DIRTY_RATE_MODES[v.mode ?? "page-sampling"];
+  if (mode === undefined) throw new UsageError(`--mode ${v.mode}: must be one of ${Object.keys(DIRTY_RATE_MODES).join(", ")}`);
+  const ms = calcTimeMs(v["calc-time"]);
+  const samplePages = number(v["sample-pages"], "sample-pages", 512, (n) => Number.isInteger(n) && n >= 128 && n <= 16384, "a whole number in [128, 16384]");
+  checkOutputs(v);
+  // The call lasts the measurement (a stepped VM simulates it, a real-time one waits it out): ten times it, and the usual timeout on top.
+  const rpcTimeoutMs = DEFAULT_CONFIG.rpcTimeoutMs + 10 * ms;
+  const source = connectHypervisor(v.source ?? io.env.MIGRATION_SOURCE ?? "127.0.0.1:50051", clientOptions(v, io, { rpcTimeoutMs }));
+  try {
+    io.err.write(`measuring the dirty rate of '${v.vm}' for ${ms} ms (${v.mode ?? "page-sampling"})\n`);
+    const info = (await source.calcDirtyRate({ vm: v.vm, calcTimeMs: ms, samplePages, mode })).info!;
+    const json = dirtyRateJson(info);
+    io.out.write(describeDirtyRate(json, info) + "\n");
+    if (v.json) await writeFile(v.json, JSON.stringify(json, null, 2) + "\n");
+    return EXIT.ok;
+  } catch (err) {
+    const e = err as { code?: number; details?: string };
+    if (typeof e.code === "number") {
+      io.err.write(`estimate: ${e.details ?? String(err)}\n`);
+      const exit: Partial<Record<number, number>> = {
+        [status.UNAVAILABLE]: EXIT.unreachable,
+        [status.DEADLINE_EXCEEDED]: EXIT.unreachable,
+        [status.NOT_FOUND]: EXIT["not-found"],
+        [status.FAILED_PRECONDITION]: EXIT.precondition,
+        [status.INVALID_ARGUMENT]: EXIT.usage,
+      };
+      return exit[e.code] ?? EXIT.failed;
+    }
+    throw err;
+  } finally {
+    source.close();
+  }
+}
+
+/** query-dirty-rate's answer with QEMU's names and types (integers where QEMU has them), and what measuring cost the guest. */
+function dirtyRateJson(i: DirtyRateInfo): Record<string, unknown> {
+  const mode = Object.entries(DIRTY_RATE_MODES).find(([, m]) => m === i.mode)?.[0] ?? "page-sampling";
+  return {
+    status: i.status === DirtyRateStatus.DIRTY_RATE_STATUS_MEASURED ? "measured" : i.status === DirtyRateStatus.DIRTY_RATE_STATUS_MEASURING ? "measuring" : "unstarted",
+    "dirty-rate": Number(i.dirtyRate),
+    "start-time": Math.floor(Number(i.startTimeNs) / 1e9),
+    "calc-time": i.calcTimeMs,
+    "calc-time-unit": "millisecond",
+    "sample-pages": i.samplePages,
+    mode,
+    ...(i.vcpuDirtyRate.length ? { "vcpu-dirty-rate": i.vcpuDirtyRate.map((r) => ({ id: r.id, "dirty-rate": Number(r.dirtyRate) })) } : {}),
+    "dirty-pages": Number(i.dirtyPages),
+    "guest-writes-per-second-before": Math.round(i.guestWritesPerSecondBefore),
+    "guest-writes-per-second-during": Math.round(i.guestWritesPerSecondDuring),
+    units: { "dirty-rate": "MiB/s", "start-time": "s of guest time", "calc-time": "ms", "dirty-pages": "pages (page-sampling: dirty samples)" },
+  };
+}
+
+function describeDirtyRate(j: Record<string, unknown>, i: DirtyRateInfo): string {
+  const lines = [`Dirty rate: ${j["dirty-rate"]} (MB/s), ${j.mode}, calc time ${i.calcTimeMs} ms${i.samplePages ? `, ${i.samplePages} sample pages per GiB` : ""}`];
+  if (i.vcpuDirtyRate.length) lines.push(`vCPU dirty rates (MB/s): ${i.vcpuDirtyRate.map((r) => `${r.id}: ${r.dirtyRate}`).join(", ")}`);
+  const before = i.guestWritesPerSecondBefore;
+  const during = i.guestWritesPerSecondDuring;
+  const cost = before > 0 ? ` (${(100 * (1 - during / before)).toFixed(1)}% slower while measuring)` : "";
+  lines.push(`guest writes/s: ${Math.round(before).toLocaleString("en-US")} before, ${Math.round(during).toLocaleString("en-US")} during${cost}`);
+  return lines.join("\n");
+}
+
 async function runMigrate(v: Values, io: Io): Promise<number> {
   if (!v.vm) throw new UsageError("--vm NAME is required (the VM to migrate)");
   const cfg = policy(v);
@@ -622,7 +716,8 @@ export async function runCli(argv: string[], io: Io): Promise<number> {
     if (command === "demo") return await runDemo(v, io);
     if (command === "migrate") return await runMigrate(v, io);
     if (command === "serve") return await runServe(v, io);
-    throw new UsageError(`unknown command '${command}' (use demo, migrate or serve)`);
+    if (command === "estimate") return await runEstimate(v, io);
+    throw new UsageError(`unknown command '${command}' (use demo, migrate, serve, estimate or calibrate)`);
   } catch (err) {
     if (err instanceof UsageError) {
       io.err.write(`${err.message}\nrun with --help for usage\n`);

@@ -35,6 +35,38 @@ describe("migration controller CLI", () => {
   });
   after(() => h.close());
 
+  test("estimate measures a running VM's dirty rate as QEMU's calc-dirty-rate, and refuses bad input precisely", async () => {
+    await h.client.createVm({
+      vm: "est",
+      vcpus: 1,
+      memslots: [{ slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(256 * MiB) }],
+      workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 10_000 },
+    });
+    await h.client.advanceVm({ vm: "est", durationNs: 100_000_000n });
+    const json = join(dir, "rate.json");
+    const r = await cli(["estimate", "--source", h.address, "--vm", "est", "--mode", "dirty-bitmap", "--calc-time", "500ms", "--json", json]);
+    assert.equal(r.code, 0, r.err);
+    assert.match(r.out, /Dirty rate: 3\d \(MB\/s\), dirty-bitmap, calc time 500 ms/);
+    assert.match(r.out, /guest writes\/s: [\d,]+ before, [\d,]+ during \([\d.]+% slower while measuring\)/);
+    const j = JSON.parse(await readFile(json, "utf8"));
+    assert.equal(j.status, "measured");
+    assert.ok(Number.isInteger(j["dirty-rate"]) && j["dirty-rate"] >= 30 && j["dirty-rate"] <= 40, `${j["dirty-rate"]} MiB/s`);
+    assert.deepEqual([j["calc-time"], j["calc-time-unit"], j["sample-pages"], j.mode], [500, "millisecond", 0, "dirty-bitmap"]);
+    for (const [args, code, msg] of [
+      [["--calc-time", "10ms"], 2, /--calc-time 10ms: must be a whole number of ms from 50ms to 60s/],
+      [["--mode", "guess"], 2, /--mode guess: must be one of page-sampling, dirty-bitmap, dirty-ring/],
+      [["--mode", "dirty-ring"], 3, /mode dirty-ring needs a VM created with dirty rings/],
+    ] as const) {
+      const bad = await cli(["estimate", "--source", h.address, "--vm", "est", ...args]);
+      assert.equal(bad.code, code, bad.err);
+      assert.match(bad.err, msg);
+      noStack(bad.err);
+    }
+    const none = await cli(["estimate", "--source", h.address, "--vm", "nope"]);
+    assert.equal(none.code, 3);
+    assert.match(none.err, /nope/);
+  });
+
   test("--help documents the commands, options and exit codes", async () => {
     const r = await cli(["--help"]);
     assert.equal(r.code, 0);
@@ -84,7 +116,7 @@ describe("migration controller CLI", () => {
       [["demo", "--arch", "riscv"], /--arch riscv: must be arm64 or x86_64/],
       [["migrate", "--vm", "web", "--mechanism", "bitmap+turbo"], /unknown part 'turbo'/],
       [["migrate", "--vm", "web", "--downtime-limit=-1"], /--downtime-limit -1/],
-      [["teleport"], /unknown command 'teleport' \(use demo, migrate or serve\)/],
+      [["teleport"], /unknown command 'teleport' \(use demo, migrate, serve, estimate or calibrate\)/],
       [["serve", "--hypervisor-a", "127.0.0.1:1"], /serve needs --hypervisor-a and --hypervisor-b/],
       [["demo", "--memory", "12KiB"], /--memory 12KiB: must be a multiple of 4 KiB and at least 1 MiB/],
       [["demo", "--ring-entries", "1000"], /--ring-entries 1000: must be a power of two/],
