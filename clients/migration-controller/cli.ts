@@ -91,6 +91,8 @@ demo options:
   --hot-fraction F           hot share of memory (default 0.05)
   --hot-write-fraction F     share of writes to hot pages (default 0.9)
   --zipf-skew S              zipf: page of rank k written with probability ~ 1/k^S, in (0, 10] (default 0.99, YCSB's)
+  --noisy-vcpu-rate N        vCPU 0 writes N per second instead (one noisy vCPU: per-vCPU dirty rates
+                             and QEMU's dirty limit tell it from the others; default: as the others)
   --seed N                   workload seed (default 1)
   --ring-entries N           dirty-ring entries per vCPU with --mechanism ring (default 4096, QEMU's advice)
   --arch A                   arm64 | x86_64 (default arm64; x86_64 when the mechanism uses pml)
@@ -165,6 +167,7 @@ const OPTIONS = {
   "calc-time": { type: "string" },
   "sample-pages": { type: "string" },
   "hot-write-fraction": { type: "string" },
+  "noisy-vcpu-rate": { type: "string" },
   seed: { type: "string" },
   "ring-entries": { type: "string" },
   arch: { type: "string" },
@@ -561,6 +564,7 @@ async function runDemo(v: Values, io: Io): Promise<number> {
   const hot = number(v["hot-fraction"], "hot-fraction", 0.05, (n) => n > 0 && n <= 1, "in (0, 1]");
   const hotWrites = number(v["hot-write-fraction"], "hot-write-fraction", 0.9, (n) => n > 0 && n <= 1, "in (0, 1]");
   const zipfSkew = number(v["zipf-skew"], "zipf-skew", 0.99, (n) => n > 0 && n <= 10, "in (0, 10]");
+  const noisy = v["noisy-vcpu-rate"] === undefined ? null : number(v["noisy-vcpu-rate"], "noisy-vcpu-rate", 0, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]");
   const seed = number(v.seed, "seed", 1, (n) => Number.isInteger(n) && n >= 0, "a whole number >= 0");
   const ringEntries = number(v["ring-entries"], "ring-entries", 4096, (n) => Number.isInteger(n) && n >= 256 && n <= 65536 && (n & (n - 1)) === 0, "a power of two in [256, 65536]");
 
@@ -624,6 +628,7 @@ async function runDemo(v: Values, io: Io): Promise<number> {
         step = (step * (total - mapped)) / Math.max(mapped, 1) + 1e6;
       }
       await setUp(() => source.setWorkload({ vm: "demo", workload: { pattern, writesPerSecond: rate, hotFraction: hot, hotWriteFraction: hotWrites, zipfSkew } }));
+      if (noisy !== null) await setUp(() => source.setWorkload({ vm: "demo", vcpu: 0, workload: { pattern, writesPerSecond: noisy, hotFraction: hot, hotWriteFraction: hotWrites, zipfSkew } }));
       await setUp(() => source.advanceVm({ vm: "demo", durationNs: 1_000_000_000n }, { deadlineMs: 3_600_000, signal: interrupt.signal }));
       say(`migrating 'demo' with ${cfg.mechanism} over ${cfg.bandwidthBitsPerSecond / 1e9} Gbit/s, downtime limit ${cfg.downtimeLimitMs} ms`);
       return await runMigration(v, io, cfg, { source: "demo", destination: "demo" }, { source, destination }, interrupt.signal);

@@ -191,6 +191,16 @@ describe("migration controller CLI", () => {
   });
 });
 
+test("the demo's one noisy vCPU shows in the per-vCPU dirty rates of a ring migration", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "noisy-"));
+  const json = join(dir, "noisy.json");
+  const r = await cli(["demo", "--memory", "256MiB", "--vcpus", "3", "--mechanism", "ring", "--workload", "uniform", "--write-rate", "2000", "--noisy-vcpu-rate", "20000", "--bandwidth", "1Gbit", "--quiet", "--json", json]);
+  assert.equal(r.code, 0, r.err);
+  const rates = JSON.parse(await readFile(json, "utf8")).rounds.find((x: { "vcpu-dirty-rate": unknown }) => x["vcpu-dirty-rate"])["vcpu-dirty-rate"].map((x: { "dirty-rate": number }) => x["dirty-rate"]);
+  assert.ok(rates[0] > 5 * rates[1] && rates[0] > 5 * rates[2], `per-vCPU pages/s ${rates}`);
+  await rm(dir, { recursive: true, force: true });
+});
+
 test("the embedded demo runs a verified migration between two hypervisor processes, its guest having touched every page first", async () => {
   const dir = await mkdtemp(join(tmpdir(), "demo-"));
   const json = join(dir, "demo.json");
