@@ -13,7 +13,7 @@ export function progressPrinter(stream: NodeJS.WriteStream | { write(s: string):
       if (e.phase === "round" && e.round === 0) {
         line = `${t} round 0: sending all ${e.dirtyPages.toLocaleString("en-US")} pages (${formatBytes(e.remainingBytes)}) while the guest runs`;
       } else if (e.phase === "round") {
-        line = `${t} sync ${e.round}: ${e.dirtyPages.toLocaleString("en-US")} dirty pages, remaining ${formatBytes(e.remainingBytes)}, dirty rate ${Math.round(e.dirtyRatePagesPerSecond).toLocaleString("en-US")} pages/s, expected downtime ${e.expectedDowntimeMs.toFixed(1)} ms${e.cpuThrottlePercentage ? `, vCPUs throttled ${e.cpuThrottlePercentage}%` : ""}${e.dirtyLimitMBps ? `, vCPUs limited to ${e.dirtyLimitMBps} MB/s` : ""}`;
+        line = `${t} sync ${e.round}: ${e.dirtyPages.toLocaleString("en-US")} dirty pages, remaining ${formatBytes(e.remainingBytes)}, dirty rate ${Math.round(e.dirtyRatePagesPerSecond).toLocaleString("en-US")} pages/s, expected downtime ${e.expectedDowntimeMs.toFixed(1)} ms, ${e.etaMs === null || e.etaMs === undefined ? "not converging at this rate" : `done in ~${(e.etaMs / 1e3).toFixed(1)} s`}${e.cpuThrottlePercentage ? `, vCPUs throttled ${e.cpuThrottlePercentage}%` : ""}${e.dirtyLimitMBps ? `, vCPUs limited to ${e.dirtyLimitMBps} MB/s` : ""}`;
       } else if (e.phase === "switchover") {
         line = `${t} switchover: pausing the source, final sync, copying ${formatBytes(e.remainingBytes)}`;
       } else if (e.phase === "postcopy") {

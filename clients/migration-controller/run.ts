@@ -205,12 +205,13 @@ export class MigrationRun {
   }
 
   /** Closes the round being sent with what it sent and what the guest did meanwhile; the next one begins. */
-  async endRound(r: Pick<RoundReport, "round" | "dirtyPages" | "syncHostMs" | "dirtyRatePagesPerSecond" | "vcpuDirtyRatesPagesPerSecond" | "remainingBytes" | "stopAndCopy"> & { fallbackSyncs?: number }, sent: Sent): Promise<void> {
+  async endRound(r: Pick<RoundReport, "round" | "dirtyPages" | "syncHostMs" | "dirtyRatePagesPerSecond" | "vcpuDirtyRatesPagesPerSecond" | "remainingBytes" | "stopAndCopy"> & { fallbackSyncs?: number; etaMs?: number | null }, sent: Sent): Promise<void> {
     const now = this.clock.now();
     const g = await this.guestTotals();
     const a = this.atRoundStart;
     this.report.rounds.push({
       ...r,
+      etaMs: r.etaMs ?? null,
       fallbackSyncs: r.fallbackSyncs ?? 0,
       postcopy: false,
       pagesSent: sent.normal + sent.zero,

@@ -46,6 +46,7 @@ export class MigrationMetrics {
   readonly throttle: Gauge<"vm">;
   readonly dirtyLimit: Gauge<"vm">;
   readonly expectedDowntime: Gauge<"vm">;
+  readonly eta: Gauge<"vm">;
   readonly downtimeLimit: Gauge<"vm">;
   readonly inProgress: Gauge<"vm">;
   readonly postcopyActive: Gauge<"vm">;
@@ -66,6 +67,12 @@ export class MigrationMetrics {
     this.dirtyRate = new Gauge({ name: "migration_dirty_rate_pages_per_second", help: "Dirty rate computed at the last sync (QEMU's dirty-pages-rate), in pages per second.", labelNames: ["vm"], registers });
     this.throttle = new Gauge({ name: "migration_cpu_throttle_percentage", help: "Auto-converge's vCPU throttle on the source (QEMU's cpu-throttle-percentage).", labelNames: ["vm"], registers });
     this.dirtyLimit = new Gauge({ name: "migration_vcpu_dirty_limit_bytes_per_second", help: "Dirty-limit's per-vCPU limit in service on the source (QEMU's vcpu-dirty-limit in MB/s x 2^20; 0: none).", labelNames: ["vm"], registers });
+    this.eta = new Gauge({
+      name: "migration_estimated_completion_seconds",
+      help: "Guest time the current migration still needs, estimated at its last sync from the dirty rate and the bandwidth (absent: not converging at that rate).",
+      labelNames: ["vm"],
+      registers,
+    });
     this.expectedDowntime = new Gauge({ name: "migration_expected_downtime_seconds", help: "Dirty bytes at the last sync divided by the bandwidth.", labelNames: ["vm"], registers });
     this.downtimeLimit = new Gauge({ name: "migration_downtime_limit_seconds", help: "The downtime limit the switchover rule uses.", labelNames: ["vm"], registers });
     this.inProgress = new Gauge({ name: "migration_in_progress", help: "1 while a migration of the VM runs.", labelNames: ["vm"], registers });
@@ -165,6 +172,8 @@ export class MigrationService {
       this.metrics.remaining.set({ vm }, e.remainingBytes);
       this.metrics.dirtyRate.set({ vm }, e.dirtyRatePagesPerSecond);
       this.metrics.expectedDowntime.set({ vm }, e.expectedDowntimeMs / 1e3);
+      if (e.etaMs === null || e.etaMs === undefined) this.metrics.eta.remove({ vm });
+      else this.metrics.eta.set({ vm }, e.etaMs / 1e3);
     }
     if (e.transferredBytes > sent.bytes) {
       this.metrics.transferred.inc({ vm }, e.transferredBytes - sent.bytes);

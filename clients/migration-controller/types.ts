@@ -110,6 +110,8 @@ export interface RoundReport {
   remainingBytes: number;
   thresholdBytes: number;
   expectedDowntimeMs: number;
+  /** The time to completion estimated at the sync that opened the round (eta.ts); null: not converging at that rate, round 0, stop-and-copy. */
+  etaMs: number | null;
   /** Writes per second the guest achieved during the round (its slowdown shows here). */
   guestWritesPerSecond: number;
   /** KVM_EXIT_DIRTY_RING_FULL exits during the round, and the guest time vCPUs spent stalled on them. */
@@ -213,6 +215,8 @@ export interface ProgressEvent {
   cpuThrottlePercentage: number;
   /** Dirty-limit's per-vCPU limit in service, MB/s (0: none). */
   dirtyLimitMBps: number;
+  /** At a sync: the guest time the pre-copy still needs at the current dirty rate (eta.ts); null when it does not converge at it, or before the first sync. */
+  etaMs?: number | null;
 }
 
 export interface Endpoints {

@@ -230,6 +230,7 @@ async function runPostcopy(run: MigrationRun, resumed: VmInfo, missing: Map<numb
           bytesSent: out.bytes,
           durationMs: durationNs / 1e6,
           syncHostMs: 0,
+          etaMs: null,
           dirtyRatePagesPerSecond: 0,
           vcpuDirtyRatesPagesPerSecond: null,
           remainingBytes: missingPages * 4096,

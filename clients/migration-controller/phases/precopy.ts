@@ -10,6 +10,7 @@ import type { Decision, SyncState } from "../policies/policy.js";
 import type { MigrationRun } from "../run.js";
 import type { SyncResult } from "../trackers/tracker.js";
 import { FallbackSyncTimer } from "../fallback-sync.js";
+import { estimatedCompletionMs } from "../eta.js";
 import { popcount, sendPages, type MidPassSync } from "../transfer.js";
 
 /** How pre-copy ended: the last sync (its pages not sent yet), and why. */
@@ -114,7 +115,8 @@ export async function precopy(run: MigrationRun): Promise<PrecopyEnd> {
     for (const a of actions) await actOnGuest(run, a);
     await lookAtDirtyLimit(run);
     report.expectedDowntimeMs = remaining / run.bwBytesPerMs;
-    run.progress("round", { dirtyPages: sync.dirtyPages, remainingBytes: remaining, dirtyRatePagesPerSecond: rate, expectedDowntimeMs: report.expectedDowntimeMs });
+    const etaMs = estimatedCompletionMs(remaining, rate * PAGE_SIZE, run.link.bytesPerSecond, run.thresholdBytes);
+    run.progress("round", { dirtyPages: sync.dirtyPages, remainingBytes: remaining, dirtyRatePagesPerSecond: rate, expectedDowntimeMs: report.expectedDowntimeMs, etaMs });
     if (verdict.kind === "fail") throw new MigrationError(verdict.failure, verdict.message);
     if (verdict.kind === "switchover" || verdict.kind === "postcopy") {
       run.policies.active = false;
@@ -125,7 +127,7 @@ export async function precopy(run: MigrationRun): Promise<PrecopyEnd> {
     sent = await sendPages(run, sync.bitmaps, remaining, midPass);
     report.precopyBytes += sent.bytes;
     await run.endRound(
-      { round, dirtyPages: remaining / PAGE_SIZE, syncHostMs: sync.hostNs / 1e6, dirtyRatePagesPerSecond: rate, vcpuDirtyRatesPagesPerSecond: vcpuRates, remainingBytes: remaining, stopAndCopy: false, fallbackSyncs },
+      { round, dirtyPages: remaining / PAGE_SIZE, syncHostMs: sync.hostNs / 1e6, dirtyRatePagesPerSecond: rate, vcpuDirtyRatesPagesPerSecond: vcpuRates, remainingBytes: remaining, stopAndCopy: false, fallbackSyncs, etaMs },
       sent,
     );
   }
