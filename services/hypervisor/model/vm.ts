@@ -21,7 +21,7 @@ import { deriveSeed } from "./rng.js";
 import { Level } from "./stage2.js";
 import { Tlb } from "./tlb.js";
 import { Vcpu } from "./vcpu.js";
-import { BATCH, IDLE, WorkloadGen, type WorkloadSpec } from "./workload.js";
+import { BATCH, IDLE, workloadGen, type WorkloadGen, type WorkloadSpec } from "./workload.js";
 import { CPU_THROTTLE_PCT_MAX, CpuThrottle } from "./cpu-throttle.js";
 import { setVcpuDirtyLimit, type DirtyLimiter } from "./dirty-limit.js";
 import { MmuLock } from "./mmu-lock.js";
@@ -325,7 +325,7 @@ export class Vm {
   private makeGen(spec: WorkloadSpec, i: number): WorkloadGen {
     const seed = spec.seed || deriveSeed(this.config.seed, i);
     const clamped = spec.firstPage >= this.writablePages ? { ...spec, pattern: "idle" as const } : spec;
-    return new WorkloadGen(clamped, this.writablePages, seed, i, this.config.vcpus);
+    return workloadGen(clamped, this.writablePages, seed, i, this.config.vcpus);
   }
 
   setWorkload(vcpu: number | undefined, spec: WorkloadSpec): void {

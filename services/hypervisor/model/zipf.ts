@@ -30,6 +30,11 @@ export class ZipfSampler {
     this.squeeze = 2 - this.hIntegralInverse(this.hIntegral(2.5) - this.h(2));
   }
 
+  /** Fills out with pages first + the scattered rank of n draws (the key-value store's batch of writes). */
+  fill(out: Uint32Array, rng: Rng, first: number): void {
+    for (let i = 0; i < out.length; i++) out[i] = first + scatter(this.sample(rng) - 1, this.n);
+  }
+
   /** A rank in [1, n]. */
   sample(rng: Rng): number {
     for (;;) {
@@ -56,4 +61,15 @@ export class ZipfSampler {
     if (t < -1) t = -1; // guards rounding at the far end
     return Math.exp(log1pOverX(t) * y);
   }
+}
+
+/** A prime multiplier: rank r goes to page r x A mod n, a bijection for every n < A, so the hot keys lie scattered over the working set as a hash table's would. */
+const SCATTER = 2654435761;
+const SCATTER_HI = Math.floor(SCATTER / 65536);
+const SCATTER_LO = SCATTER % 65536;
+
+/** r x SCATTER mod n in exact integer steps (each product below 2^49). */
+function scatter(r: number, n: number): number {
+  const hi = (((r * SCATTER_HI) % n) * 65536) % n;
+  return (hi + ((r * SCATTER_LO) % n)) % n;
 }

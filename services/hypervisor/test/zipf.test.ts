@@ -9,7 +9,7 @@ import { MemslotFlag, WorkloadPattern } from "../../../proto/gen/dirtytrack/hype
 import { rejects } from "../../../tests/grpc-assert.js";
 import { GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 import { Rng } from "../model/rng.js";
-import { BATCH, IDLE, WorkloadGen } from "../model/workload.js";
+import { BATCH, IDLE, workloadGen } from "../model/workload.js";
 import { ZipfSampler } from "../model/zipf.js";
 
 test("ranks follow the Zipf law: P(k) = k^-s / H(n, s)", () => {
@@ -32,7 +32,7 @@ test("ranks follow the Zipf law: P(k) = k^-s / H(n, s)", () => {
 
 test("the generator scatters the ranks over the working set, stays in it, and resumes exactly from a saved position", () => {
   const spec = { ...IDLE, pattern: "zipf" as const, writesPerSecond: 1e6, firstPage: 100, pages: 5000, zipfSkew: 0.99 };
-  const gen = new WorkloadGen(spec, 10_000, 7n, 0, 1);
+  const gen = workloadGen(spec, 10_000, 7n, 0, 1);
   gen.refill();
   const pages = Array.from(gen.batch);
   assert.ok(pages.every((p) => p >= 100 && p < 5100));
@@ -41,12 +41,12 @@ test("the generator scatters the ranks over the working set, stays in it, and re
   const top = [...counts.entries()].sort((a, b) => b[1] - a[1]).slice(0, 5).map(([p]) => p);
   assert.ok(counts.get(top[0])! > BATCH / 20, "the hottest key takes a large share");
   assert.ok(Math.max(...top) - Math.min(...top) > 500, `the hottest keys are scattered, not adjacent: ${top}`);
-  const again = new WorkloadGen(spec, 10_000, 7n, 0, 1);
+  const again = workloadGen(spec, 10_000, 7n, 0, 1);
   again.refill();
   assert.deepEqual(Array.from(again.batch), pages, "a seed gives the same pages");
   const saved = gen.save();
   gen.refill();
-  const resumed = new WorkloadGen(spec, 10_000, 7n, 0, 1);
+  const resumed = workloadGen(spec, 10_000, 7n, 0, 1);
   resumed.restore(saved, "test");
   resumed.refill();
   assert.deepEqual(Array.from(resumed.batch), Array.from(gen.batch));
