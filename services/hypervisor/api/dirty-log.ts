@@ -1,5 +1,6 @@
 /** The dirty-log interfaces: GET and CLEAR of the bitmap, the rings' harvest and reset, writes without a vCPU. */
 import { resourceExhausted } from "../../../common/errors.js";
+import { checkNotMeasuring } from "../model/dirty-rate.js";
 import { harvestRing, kickVcpus, resetDirtyRings } from "../model/dirty-ring.js";
 import { asBuffer, LOG_TARGET_OUT, num } from "./convert.js";
 import type { ApiContext, Handlers } from "./context.js";
@@ -9,6 +10,7 @@ export function dirtyLogHandlers(ctx: ApiContext): Pick<Handlers, "getDirtyLog" 
   return {
     async getDirtyLog(req) {
       const vm = hv.vm(req.vm);
+      checkNotMeasuring(vm, "GET_DIRTY_LOG");
       const slot = vm.slots.get(req.slot);
       // Refused before anything is synced or cleared: a bitmap that cannot be sent must not be lost.
       if (slot && slot.bitmapBytes + 1024 > ctx.maxMessageBytes) {
@@ -35,6 +37,7 @@ export function dirtyLogHandlers(ctx: ApiContext): Pick<Handlers, "getDirtyLog" 
     },
     async clearDirtyLog(req) {
       const vm = hv.vm(req.vm);
+      checkNotMeasuring(vm, "CLEAR_DIRTY_LOG");
       const r = await hv.clearDirtyLog(vm, req.slot, num(req.firstPage, "first_page"), req.numPages, req.bitmap, req.vcpusRun);
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "clear" }, r.hostNs / 1e9);
       return { pagesCleared: BigInt(r.pagesCleared), tlbFlushed: r.tlbFlushed, hostNs: BigInt(Math.round(r.hostNs)), vcpusRan: r.vcpusRan };
@@ -44,12 +47,15 @@ export function dirtyLogHandlers(ctx: ApiContext): Pick<Handlers, "getDirtyLog" 
       return { kicked: r.kicked, hostNs: BigInt(r.hostNs) };
     },
     harvestDirtyRing(req) {
-      const r = harvestRing(hv.vm(req.vm), req.vcpu, req.maxEntries, req.vcpusRun);
+      const vm = hv.vm(req.vm);
+      checkNotMeasuring(vm, "harvest dirty ring");
+      const r = harvestRing(vm, req.vcpu, req.maxEntries, req.vcpusRun);
       metrics.ringHarvested.inc({ vm: req.vm }, r.count);
       return { entries: asBuffer(r.entries), count: r.count, hostNs: BigInt(Math.round(r.hostNs)), vcpusRan: r.vcpusRan };
     },
     resetDirtyRings(req) {
       const vm = hv.vm(req.vm);
+      checkNotMeasuring(vm, "RESET_DIRTY_RINGS");
       const r = resetDirtyRings(vm, req.vcpusRun);
       metrics.ringResetEntries.inc({ vm: vm.name }, r.cleared);
       metrics.syncHostSeconds.observe({ vm: vm.name, interface: "ring_reset" }, r.hostNs / 1e9);

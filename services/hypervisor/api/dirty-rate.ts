@@ -52,8 +52,11 @@ export function dirtyRateHandlers(ctx: ApiContext): Pick<Handlers, "calcDirtyRat
         const cancelled = () => {
           if (call.signal.aborted) throw new DomainError("aborted", `calc-dirty-rate: the call was cancelled or its deadline passed; VM ${vm.name} is left as it was`);
         };
-        if (vm.config.clock === "stepped") await hv.advance(vm, ns, SLICE_MS, async () => (await yieldToEventLoop(), cancelled()));
-        else await sleep(ns / 1e6 / vm.config.realtimeSpeed, undefined, { signal: call.signal }).catch(cancelled);
+        if (vm.config.clock === "stepped") {
+          await hv.advance(vm, ns, SLICE_MS, async () => (await yieldToEventLoop(), cancelled()));
+          // A short run (the ring mode's steps) ends inside one slice: yield anyway, so that other calls and a cancellation get in.
+          await yieldToEventLoop();
+        } else await sleep(ns / 1e6 / vm.config.realtimeSpeed, undefined, { signal: call.signal }).catch(cancelled);
         cancelled();
       };
       const setSlotFlags = (slot: number, flags: number) => {

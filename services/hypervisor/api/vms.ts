@@ -3,6 +3,7 @@ import { setImmediate as yieldToEventLoop } from "node:timers/promises";
 import { DomainError, failedPrecondition, invalidArgument, permissionDenied } from "../../../common/errors.js";
 import { Capability, ClockDrive, ExitReason } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { AF, outputAddressOf } from "../model/descriptor.js";
+import { checkNotMeasuring } from "../model/dirty-rate.js";
 import { resumeSnapshotBytes, takeResumeSnapshot } from "../model/guest-memory.js";
 import { DEFAULT_PERIOD_MS } from "../model/dirty-limit.js";
 import { Level } from "../model/stage2.js";
@@ -109,6 +110,7 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
     },
     setUserMemoryRegion(req) {
       const vm = hv.vm(req.vm);
+      checkNotMeasuring(vm, "SET_USER_MEMORY_REGION");
       if (!req.memslot) throw invalidArgument("SET_USER_MEMORY_REGION: memslot is missing");
       const m = req.memslot;
       const hostNs = hv.setUserMemoryRegion(vm, {

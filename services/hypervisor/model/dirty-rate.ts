@@ -67,6 +67,19 @@ export interface DirtyRateRequest {
   mode: DirtyRateMode;
 }
 
+/**
+ * While a logging-mode measurement runs it owns the VM's dirty log: another
+ * caller's GET, CLEAR, harvest or reset would take pages from it (or it from
+ * them), and a change of a slot's flags would be undone when it turns logging
+ * off. Those calls are refused until it ends.
+ */
+export function checkNotMeasuring(vm: Vm, what: string): void {
+  const m = vm.dirtyRate;
+  if (m?.status === "measuring" && m.mode !== "page-sampling") {
+    throw failedPrecondition(`${what}: VM ${vm.name} is measuring its dirty rate in mode ${m.mode}, which owns its dirty log until it ends`, "EBUSY");
+  }
+}
+
 /** Validates a request as QEMU's qmp_calc_dirty_rate does, before anything starts. */
 export function checkDirtyRateRequest(vm: Vm, r: DirtyRateRequest): void {
   const what = "calc-dirty-rate";
@@ -125,6 +138,8 @@ export async function calcDirtyRate(vm: Vm, r: DirtyRateRequest, setSlotFlags: (
           info.dirtyPages = perVcpu.reduce((a, b) => a + b, 0);
         }
       } finally {
+        // Interrupted or not, no vCPU is left out on a full ring once nobody reaps.
+        if (r.mode === "dirty-ring") reapRings(vm, vm.vcpus.map(() => 0), true);
         for (const s of slots) setSlotFlags(s.id, s.flags & ~KVM_MEM_LOG_DIRTY_PAGES);
       }
       info.dirtyRateMiBps = toMiBps(info.dirtyPages, r.calcTimeMs);
@@ -143,21 +158,29 @@ export async function calcDirtyRate(vm: Vm, r: DirtyRateRequest, setSlotFlags: (
 async function samplePages(vm: Vm, perGiB: number, calcNs: number, runGuest: RunGuest): Promise<{ dirty: number; samples: number; bytes: number }> {
   // Seeded from the VM and the guest time: the same run picks the same pages.
   const rng = new Rng(BigInt(vm.config.seed) ^ BigInt(Math.floor(vm.clockNs)));
-  const picked: { slot: Memslot; page: number; lo: number; hi: number }[] = [];
+  // Per sampled slot: the pages and their content words, in typed arrays (16 bytes a sample).
+  const picked: { slot: Memslot; pages: Uint32Array; words: Uint32Array }[] = [];
   let bytes = 0;
+  let samples = 0;
   for (const slot of writable(vm)) {
     if (slot.size < MIN_SAMPLED_SLOT_BYTES) continue;
     bytes += slot.size;
     const n = Math.floor((slot.size * perGiB) / 2 ** 30);
+    const pages = new Uint32Array(n);
+    const words = new Uint32Array(2 * n);
     for (let i = 0; i < n; i++) {
-      const page = rng.below(slot.npages);
-      picked.push({ slot, page, lo: slot.content[2 * page], hi: slot.content[2 * page + 1] });
+      const p = (pages[i] = rng.below(slot.npages));
+      words[2 * i] = slot.content[2 * p];
+      words[2 * i + 1] = slot.content[2 * p + 1];
     }
+    picked.push({ slot, pages, words });
+    samples += n;
   }
   await runGuest(calcNs);
   let dirty = 0;
-  for (const p of picked) if (p.slot.content[2 * p.page] !== p.lo || p.slot.content[2 * p.page + 1] !== p.hi) dirty++;
-  return { dirty, samples: picked.length, bytes };
+  for (const { slot, pages, words } of picked)
+    for (let i = 0; i < pages.length; i++) if (slot.content[2 * pages[i]] !== words[2 * i] || slot.content[2 * pages[i] + 1] !== words[2 * i + 1]) dirty++;
+  return { dirty, samples, bytes };
 }
 
 /** dirty-bitmap: the pages GET finds dirty in a slot (logging goes off next, so manual protect needs no CLEAR). */
@@ -171,25 +194,26 @@ function clearAll(vm: Vm, slot: Memslot): void {
   bitmapLog.clearDirtyLog(vm, slot.id, 0, slot.npages, new Uint8Array(g.bitmap.buffer, g.bitmap.byteOffset, g.bitmap.byteLength));
 }
 
+/** Harvests the full rings (all: every ring) and resets them, adding each vCPU's entries to counts. */
+function reapRings(vm: Vm, counts: number[], all: boolean): void {
+  let any = false;
+  for (const v of vm.vcpus) {
+    if (!all && !v.ringFull) continue;
+    const n = harvestRing(vm, v.index, 0).count;
+    counts[v.index] += n;
+    any ||= n > 0;
+  }
+  if (any) resetDirtyRings(vm);
+}
+
 /** dirty-ring: runs the guest in steps, reaping every full ring between them (and all at the end); entries per vCPU. */
 async function countRings(vm: Vm, calcNs: number, runGuest: RunGuest): Promise<number[]> {
+  reapRings(vm, vm.vcpus.map(() => 0), true); // entries from before the measurement are not its
   const counts = vm.vcpus.map(() => 0);
-  const reap = (all: boolean) => {
-    let any = false;
-    for (const v of vm.vcpus) {
-      if (!all && !v.ringFull) continue;
-      const n = harvestRing(vm, v.index, 0).count;
-      counts[v.index] += n;
-      any ||= n > 0;
-    }
-    if (any) resetDirtyRings(vm);
-  };
-  reap(true); // entries from before the measurement are not its
-  counts.fill(0);
   for (let done = 0; done < calcNs; done += RING_STEP_NS) {
     await runGuest(Math.min(RING_STEP_NS, calcNs - done));
-    reap(false);
+    reapRings(vm, counts, false);
   }
-  reap(true);
+  reapRings(vm, counts, true);
   return counts;
 }

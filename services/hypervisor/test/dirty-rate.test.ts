@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { status } from "@grpc/grpc-js";
 import { after, before, describe, test } from "node:test";
-import { Capability, DirtyRateMode, DirtyRateStatus, MemslotFlag, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { Capability, ClockDrive, DirtyRateMode, DirtyRateStatus, MemslotFlag, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { rejects } from "../../../tests/grpc-assert.js";
 import { GiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
 
@@ -85,6 +85,29 @@ describe("calc-dirty-rate", () => {
     const i = await calc("dr-slow", DirtyRateMode.DIRTY_RATE_MODE_DIRTY_BITMAP, 200);
     assert.ok(i.guestWritesPerSecondBefore > 450_000, `before ${i.guestWritesPerSecondBefore}`);
     assert.ok(i.guestWritesPerSecondDuring < 0.6 * i.guestWritesPerSecondBefore, `during ${i.guestWritesPerSecondDuring}: every write faults while logging`);
+  });
+
+  test("while a logging-mode measurement runs it owns the dirty log: other syncs and flag changes are refused until it ends", async () => {
+    await c().createVm({ vm: "dr-own", vcpus: 1, clock: ClockDrive.CLOCK_DRIVE_REALTIME, memslots: [slot()], workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 10_000 } });
+    const measuring = c().calcDirtyRate({ vm: "dr-own", calcTimeMs: 400, mode: DirtyRateMode.DIRTY_RATE_MODE_DIRTY_BITMAP });
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal((await c().queryDirtyRate({ vm: "dr-own" })).info!.status, DirtyRateStatus.DIRTY_RATE_STATUS_MEASURING);
+    await rejects(c().getDirtyLog({ vm: "dr-own", slot: 0 }), status.FAILED_PRECONDITION, /GET_DIRTY_LOG: VM dr-own is measuring its dirty rate in mode dirty-bitmap/);
+    await rejects(c().setUserMemoryRegion({ vm: "dr-own", memslot: slot(MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES) }), status.FAILED_PRECONDITION, /SET_USER_MEMORY_REGION: VM dr-own is measuring/);
+    assert.equal((await measuring).info!.status, DirtyRateStatus.DIRTY_RATE_STATUS_MEASURED);
+    await c().setUserMemoryRegion({ vm: "dr-own", memslot: slot(MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES) });
+    await c().getDirtyLog({ vm: "dr-own", slot: 0 });
+  });
+
+  test("a dirty-ring measurement cut short leaves no vCPU out on a full ring and logging off", async () => {
+    await vm("dr-cut", 1, true);
+    await c().setWorkload({ vm: "dr-cut", workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 1e7 } });
+    await assert.rejects(c().calcDirtyRate({ vm: "dr-cut", calcTimeMs: 60_000, mode: DirtyRateMode.DIRTY_RATE_MODE_DIRTY_RING }, { deadlineMs: 300 }));
+    await new Promise((r) => setTimeout(r, 300)); // the server notices the cancellation at its next slice
+    const info = (await c().getVm({ vm: "dr-cut" })).vm!;
+    assert.equal(info.memslots[0].logging, false);
+    assert.equal(info.vcpus[0].dirtyRingEntries, 0, "the rings were reaped");
+    assert.equal((await c().queryDirtyRate({ vm: "dr-cut" })).info!.status, DirtyRateStatus.DIRTY_RATE_STATUS_UNSTARTED);
   });
 
   test("bad input and modes the VM cannot run are refused with precise statuses, and change nothing", async () => {
