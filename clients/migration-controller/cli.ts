@@ -4,52 +4,26 @@
  * demo VM, a verified migration, a report). Returns an exit code; never
  * prints a stack trace for a user's mistake or a failed migration.
  */
-import { accessSync, constants as fsConstants, existsSync, readFileSync, statSync } from "node:fs";
 import { writeFile } from "node:fs/promises";
 import { status } from "@grpc/grpc-js";
-import { dirname, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import type { Io } from "../../common/io.js";
 import { runCalibrate } from "../calibrate/calibrate.js";
 import { ConfigError, envHost, envPort, parseBytes } from "../../common/config.js";
-import type { ClientOptions } from "../../common/client.js";
-import { securityFromEnv } from "../../common/security.js";
 import { spawnService, type SpawnedService } from "../../common/spawn.js";
-import { Arch, Capability, DirtyRateMode, DirtyRateStatus, WorkloadPattern, type DirtyRateInfo } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { DirtyRateMode, DirtyRateStatus, type DirtyRateInfo } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor, type HypervisorClient } from "../../services/hypervisor/client.js";
-import { DEFAULT_CONFIG, explain, migrate, MigrationError, type CleanupReport, type FailureKind, type MigrationConfig, type MigrationReport } from "./migrate.js";
+import { DEFAULT_CONFIG, explain, migrate, MigrationError, type CleanupReport, type MigrationConfig, type MigrationReport } from "./migrate.js";
 import { createLogger } from "../../common/log.js";
 import { progressPrinter } from "./progress.js";
 import { MigrationService } from "./service.js";
 import { htmlReport, jsonReport, textReport } from "./report.js";
-import { ALIASES, archOf, MechanismError, parseMechanism, PARTS } from "./trackers/index.js";
-import { guestMemslots, ipaBitsFor } from "./guest.js";
-import { parseBandwidth } from "./units.js";
-import { QEMU_AUTO_CONVERGE, type AutoConvergeConfig } from "./policies/auto-converge.js";
-import { QEMU_DIRTY_LIMIT, type DirtyLimitConfig } from "./policies/dirty-limit.js";
-import { applyMigrationPolicy, parseMigrationPolicy, PolicyFileError } from "./policies/kubevirt-policy.js";
-import type { PostcopyConfig } from "./types.js";
+import { ALIASES, parseMechanism, PARTS } from "./trackers/index.js";
+import { createDemoVm } from "./demo-vm.js";
+import { COMPARE_HELP, runCompare } from "./compare/cli.js";
+import { checkOutputs, clientOptions, EXIT, exitFor, guestSpec, interruptOnSignals, number, OPTIONS, policy, SIGNAL_EXIT, UsageError, type Values } from "./flags.js";
 
-export const EXIT: Record<FailureKind | "ok", number> = {
-  ok: 0,
-  failed: 1,
-  usage: 2,
-  unreachable: 3,
-  "not-found": 3,
-  precondition: 3,
-  "not-converged": 4,
-  verification: 5,
-  // A failure after the post-copy switch: neither side holds the whole guest any more.
-  "postcopy-lost": 6,
-  // 128 + the signal's number: 130 for SIGINT; a SIGTERM makes it 143 (see exitFor).
-  interrupted: 130,
-};
-
-const SIGNAL_EXIT: Record<string, number> = { SIGINT: 130, SIGTERM: 143 };
-
-function exitFor(err: MigrationError, signal: AbortSignal): number {
-  return err.kind === "interrupted" ? (SIGNAL_EXIT[String(signal.reason)] ?? EXIT.interrupted) : EXIT[err.kind];
-}
+export { EXIT };
 
 const HELP = `usage:
   migration-controller demo [options]                       run the embedded default: two hypervisors on
@@ -57,9 +31,13 @@ const HELP = `usage:
   migration-controller migrate --vm NAME [options]          migrate a VM between running hypervisors
   migration-controller serve [options]                      keep a demo VM migrating back and forth between two
                                                             hypervisors (real-time clock), metrics on /metrics
+  migration-controller compare [options]                    run a matrix of mechanisms, policies and links on one guest
+                                                            and rank them (hypervisors started here, or --hypervisors)
   migration-controller estimate --vm NAME [options]         measure a running VM's dirty rate (QEMU's calc-dirty-rate)
   migration-controller calibrate [options]                  measure this host's KVM (/dev/kvm) and write a cost model
                                                             that HYPERVISOR_COST_MODEL loads (calibrate --help)
+
+${COMPARE_HELP}
 
 serve options:
   --hypervisor-a ADDR, --hypervisor-b ADDR   the two hypervisors (env MIGRATION_HYPERVISOR_A / _B)
@@ -96,6 +74,7 @@ demo options:
   --seed N                   workload seed (default 1)
   --ring-entries N           dirty-ring entries per vCPU with --mechanism ring (default 4096, QEMU's advice)
   --arch A                   arm64 | x86_64 (default arm64; x86_64 when the mechanism uses pml)
+  --backing SIZE             4k | 2m | 1g: the host pages behind guest memory (THP / hugetlbfs; default 4k)
 
 policy and link (both commands):
   --mechanism M              LOG[+PROTECTION][+ASSIST] (default bitmap):
@@ -150,224 +129,6 @@ or a precondition (destination exists, slot already logging, over a hypervisor's
 
 export type { Io };
 
-class UsageError extends Error {}
-
-const OPTIONS = {
-  source: { type: "string" },
-  destination: { type: "string" },
-  vm: { type: "string" },
-  "dest-vm": { type: "string" },
-  memory: { type: "string" },
-  vcpus: { type: "string" },
-  workload: { type: "string" },
-  "write-rate": { type: "string" },
-  "hot-fraction": { type: "string" },
-  "zipf-skew": { type: "string" },
-  mode: { type: "string" },
-  "calc-time": { type: "string" },
-  "sample-pages": { type: "string" },
-  "hot-write-fraction": { type: "string" },
-  "noisy-vcpu-rate": { type: "string" },
-  seed: { type: "string" },
-  "ring-entries": { type: "string" },
-  arch: { type: "string" },
-  "hypervisor-a": { type: "string" },
-  "hypervisor-b": { type: "string" },
-  "http-port": { type: "string" },
-  host: { type: "string" },
-  "realtime-speed": { type: "string" },
-  "pause-ms": { type: "string" },
-  mechanism: { type: "string" },
-  bandwidth: { type: "string" },
-  latency: { type: "string" },
-  "downtime-limit": { type: "string" },
-  "max-rounds": { type: "string" },
-  "progress-timeout": { type: "string" },
-  "completion-timeout-per-gib": { type: "string" },
-  "chunk-pages": { type: "string" },
-  "rpc-timeout": { type: "string" },
-  "auto-converge": { type: "boolean" },
-  "throttle-trigger-threshold": { type: "string" },
-  "cpu-throttle-initial": { type: "string" },
-  "cpu-throttle-increment": { type: "string" },
-  "cpu-throttle-tailslow": { type: "boolean" },
-  "max-cpu-throttle": { type: "string" },
-  "dirty-limit": { type: "boolean" },
-  "vcpu-dirty-limit": { type: "string" },
-  "vcpu-dirty-limit-period": { type: "string" },
-  postcopy: { type: "boolean" },
-  "postcopy-after-rounds": { type: "string" },
-  "postcopy-preempt": { type: "boolean" },
-  policy: { type: "string" },
-  "tls-ca": { type: "string" },
-  "tls-cert": { type: "string" },
-  "tls-key": { type: "string" },
-  token: { type: "string" },
-  json: { type: "string" },
-  report: { type: "string" },
-  quiet: { type: "boolean" },
-  help: { type: "boolean", short: "h" },
-} as const;
-
-type Values = ReturnType<typeof parseArgs<{ options: typeof OPTIONS; allowPositionals: true }>>["values"];
-
-function number(v: string | undefined, name: string, fallback: number, check: (n: number) => boolean, what: string): number {
-  if (v === undefined) return fallback;
-  const n = Number(v);
-  if (!Number.isFinite(n) || !check(n)) throw new UsageError(`--${name} ${v}: must be ${what}`);
-  return n;
-}
-
-/** The configuration from the flags, then a KubeVirt MigrationPolicy file's spec over it (--policy). */
-function policy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> {
-  const cfg = flagPolicy(v);
-  if (v.policy === undefined) return cfg;
-  let text: string;
-  try {
-    text = readFileSync(v.policy, "utf8");
-  } catch (e) {
-    throw new UsageError(`--policy ${v.policy}: cannot read it: ${(e as Error).message}`);
-  }
-  let p;
-  try {
-    p = parseMigrationPolicy(text, v.policy);
-  } catch (e) {
-    if (e instanceof PolicyFileError) throw new UsageError(`--policy ${e.message}`);
-    throw e;
-  }
-  // A setting both the file and a flag give is ambiguous: say which.
-  const both: [keyof typeof p, string][] = [
-    ["allowAutoConverge", "auto-converge"],
-    ["completionTimeoutPerGiB", "completion-timeout-per-gib"],
-    ["allowPostCopy", "postcopy"],
-    ["allowWorkloadDisruption", "postcopy"],
-  ];
-  for (const [field, flag] of both) if (p[field] !== undefined && v[flag as keyof Values] !== undefined) throw new UsageError(`--${flag} conflicts with spec.${field} in ${v.policy}: give it in one place`);
-  return applyMigrationPolicy(cfg, p);
-}
-
-function flagPolicy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> {
-  let mechanism: string;
-  try {
-    mechanism = parseMechanism(v.mechanism ?? DEFAULT_CONFIG.mechanism).name;
-  } catch (e) {
-    if (e instanceof MechanismError) throw new UsageError(`--mechanism ${e.message}`);
-    throw e;
-  }
-  let bandwidth = DEFAULT_CONFIG.bandwidthBitsPerSecond;
-  if (v.bandwidth !== undefined) {
-    try {
-      bandwidth = parseBandwidth(v.bandwidth);
-    } catch (e) {
-      throw new UsageError(`--bandwidth: ${(e as Error).message}`);
-    }
-  }
-  const pos = (n: number) => n > 0;
-  return {
-    mechanism,
-    bandwidthBitsPerSecond: bandwidth,
-    latencyNs: number(v.latency, "latency", DEFAULT_CONFIG.latencyNs / 1e6, (n) => n >= 0, "a number of ms >= 0") * 1e6,
-    downtimeLimitMs: number(v["downtime-limit"], "downtime-limit", DEFAULT_CONFIG.downtimeLimitMs, pos, "a number of ms > 0"),
-    maxRounds: v["max-rounds"] === undefined ? null : number(v["max-rounds"], "max-rounds", 0, (n) => Number.isInteger(n) && n >= 1, "a whole number >= 1"),
-    progressTimeoutS: number(v["progress-timeout"], "progress-timeout", DEFAULT_CONFIG.progressTimeoutS, pos, "a number of seconds > 0"),
-    completionTimeoutPerGiBS: number(v["completion-timeout-per-gib"], "completion-timeout-per-gib", DEFAULT_CONFIG.completionTimeoutPerGiBS, pos, "a number of seconds > 0"),
-    completionTimeoutAction: DEFAULT_CONFIG.completionTimeoutAction,
-    chunkPages: number(v["chunk-pages"], "chunk-pages", DEFAULT_CONFIG.chunkPages, (n) => Number.isInteger(n) && n >= 64 && n % 64 === 0 && n <= 1 << 20, "a multiple of 64 up to 1048576"),
-    rpcTimeoutMs: number(v["rpc-timeout"], "rpc-timeout", DEFAULT_CONFIG.rpcTimeoutMs / 1e3, (n) => n >= 0.1 && n <= 3600, "a number of seconds in [0.1, 3600]") * 1e3,
-    autoConverge: autoConverge(v),
-    dirtyLimit: dirtyLimit(v),
-    postcopy: postcopy(v),
-  };
-}
-
-/** --postcopy and its parameters; a parameter without it is an error. */
-function postcopy(v: Values): PostcopyConfig | null {
-  const given = (["postcopy-after-rounds", "postcopy-preempt"] as const).filter((f) => v[f] !== undefined);
-  if (!v.postcopy) {
-    if (given.length) throw new UsageError(`--${given[0]} needs --postcopy`);
-    return null;
-  }
-  const after = v["postcopy-after-rounds"];
-  return {
-    afterRounds: after === undefined ? null : whole(v, "postcopy-after-rounds", 0, 1, Number.MAX_SAFE_INTEGER, "number of syncs"),
-    preempt: v["postcopy-preempt"] ?? false,
-  };
-}
-
-const AUTO_CONVERGE_FLAGS = ["cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle"] as const;
-const DIRTY_LIMIT_FLAGS = ["vcpu-dirty-limit", "vcpu-dirty-limit-period"] as const;
-
-const whole = (v: Values, name: string, fallback: number, lo: number, hi: number, unit: string) =>
-  number(v[name as keyof Values] as string | undefined, name, fallback, (n) => Number.isInteger(n) && n >= lo && n <= hi, `a whole ${unit} in [${lo}, ${hi}]`);
-
-/** QEMU's throttle-trigger-threshold, which auto-converge and dirty-limit share; an error without either. */
-function triggerThreshold(v: Values): number {
-  if (v["throttle-trigger-threshold"] !== undefined && !v["auto-converge"] && !v["dirty-limit"]) throw new UsageError("--throttle-trigger-threshold needs --auto-converge or --dirty-limit");
-  return whole(v, "throttle-trigger-threshold", QEMU_AUTO_CONVERGE.throttleTriggerThreshold, 1, 100, "percentage");
-}
-
-/** --dirty-limit and its parameters, QEMU's defaults where not given; a parameter without --dirty-limit is an error. */
-function dirtyLimit(v: Values): DirtyLimitConfig | null {
-  const given = DIRTY_LIMIT_FLAGS.filter((f) => v[f] !== undefined);
-  if (!v["dirty-limit"]) {
-    if (given.length) throw new UsageError(`--${given[0]} needs --dirty-limit`);
-    return null;
-  }
-  if (v["auto-converge"]) throw new UsageError("--dirty-limit conflicts with --auto-converge (as QEMU's capabilities do): choose one");
-  const q = QEMU_DIRTY_LIMIT;
-  return {
-    throttleTriggerThreshold: triggerThreshold(v),
-    vcpuDirtyLimitMBps: whole(v, "vcpu-dirty-limit", q.vcpuDirtyLimitMBps, 1, Number.MAX_SAFE_INTEGER, "number of MB/s"),
-    periodMs: whole(v, "vcpu-dirty-limit-period", q.periodMs, 1, 1000, "number of ms"),
-  };
-}
-
-/** --auto-converge and its parameters, QEMU's defaults where not given; a parameter without --auto-converge is an error. */
-function autoConverge(v: Values): AutoConvergeConfig | null {
-  const given = AUTO_CONVERGE_FLAGS.filter((f) => v[f] !== undefined);
-  if (!v["auto-converge"]) {
-    if (given.length) throw new UsageError(`--${given[0]} needs --auto-converge`);
-    triggerThreshold(v);
-    return null;
-  }
-  const pct = (name: (typeof AUTO_CONVERGE_FLAGS)[number], fallback: number, lo: number, hi: number) => whole(v, name, fallback, lo, hi, "percentage");
-  const q = QEMU_AUTO_CONVERGE;
-  return {
-    throttleTriggerThreshold: triggerThreshold(v),
-    cpuThrottleInitial: pct("cpu-throttle-initial", q.cpuThrottleInitial, 1, 99),
-    cpuThrottleIncrement: pct("cpu-throttle-increment", q.cpuThrottleIncrement, 1, 99),
-    cpuThrottleTailslow: v["cpu-throttle-tailslow"] ?? q.cpuThrottleTailslow,
-    maxCpuThrottle: pct("max-cpu-throttle", q.maxCpuThrottle, 1, 99),
-  };
-}
-
-/** How the controller's clients connect: its security settings and its hang bound. */
-function clientOptions(v: Values, io: Io, cfg: { rpcTimeoutMs: number }): ClientOptions {
-  let security;
-  try {
-    security = securityFromEnv(io.env, { ca: v["tls-ca"], cert: v["tls-cert"], key: v["tls-key"], token: v.token });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-  return { security, deadlineMs: cfg.rpcTimeoutMs, hangTimeoutMs: cfg.rpcTimeoutMs };
-}
-
-/** Output files must be writable before a migration starts, not after it ran for an hour. */
-function checkOutputs(v: Values): void {
-  for (const [flag, file] of [["json", v.json], ["report", v.report]] as const) {
-    if (!file) continue;
-    const path = resolve(file);
-    const dir = dirname(path);
-    const fail = (why: string) => new UsageError(`--${flag} ${file}: ${why}`);
-    if (!existsSync(dir)) throw fail(`the directory ${dir} does not exist`);
-    if (existsSync(path) && statSync(path).isDirectory()) throw fail("is a directory");
-    try {
-      accessSync(existsSync(path) ? path : dir, fsConstants.W_OK);
-    } catch {
-      throw fail(`cannot write ${existsSync(path) ? "it" : `in ${dir}`}`);
-    }
-  }
-}
 
 /** What the controller saw of the source and destination after a failure, in one line. */
 export function describeCleanup(c: CleanupReport | null, vms: { source: string; destination: string }): string {
@@ -389,27 +150,6 @@ export function describeCleanup(c: CleanupReport | null, vms: { source: string; 
  * SIGINT and SIGTERM abort the migration (which then cleans up) instead of
  * killing the process; the returned signal says which one came.
  */
-function interruptOnSignals(): { signal: AbortSignal; dispose(): void } {
-  const ac = new AbortController();
-  const on = { SIGINT: () => ac.abort("SIGINT"), SIGTERM: () => ac.abort("SIGTERM") };
-  process.on("SIGINT", on.SIGINT);
-  process.on("SIGTERM", on.SIGTERM);
-  return {
-    signal: ac.signal,
-    dispose() {
-      process.off("SIGINT", on.SIGINT);
-      process.off("SIGTERM", on.SIGTERM);
-    },
-  };
-}
-
-const PATTERNS: Record<string, WorkloadPattern> = {
-  "hot-cold": WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD,
-  uniform: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM,
-  sequential: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL,
-  zipf: WorkloadPattern.WORKLOAD_PATTERN_ZIPF,
-  idle: WorkloadPattern.WORKLOAD_PATTERN_IDLE,
-};
 
 async function writeOutputs(v: Values, report: MigrationReport, io: Io) {
   if (v.json) await writeFile(v.json, JSON.stringify(jsonReport(report), null, 2) + "\n");
@@ -548,32 +288,14 @@ async function runMigrate(v: Values, io: Io): Promise<number> {
   }
 }
 
+/** The demo VM's description from the flags; arch is the flag's or the mechanism's. */
+
 async function runDemo(v: Values, io: Io): Promise<number> {
   const cfg = policy(v);
-  let memory: number;
-  try {
-    memory = parseBytes(v.memory ?? "4GiB");
-  } catch (e) {
-    throw new UsageError(`--memory: ${(e as Error).message}`);
-  }
-  if (memory < 2 ** 20 || memory % 4096 !== 0) throw new UsageError(`--memory ${v.memory}: must be a multiple of 4 KiB and at least 1 MiB`);
-  const vcpus = number(v.vcpus, "vcpus", 4, (n) => Number.isInteger(n) && n >= 1 && n <= 512, "a whole number in [1, 512]");
-  const pattern = PATTERNS[v.workload ?? "hot-cold"];
-  if (pattern === undefined) throw new UsageError(`--workload ${v.workload}: must be one of ${Object.keys(PATTERNS).join(", ")}`);
-  const rate = number(v["write-rate"], "write-rate", 100_000, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]");
-  const hot = number(v["hot-fraction"], "hot-fraction", 0.05, (n) => n > 0 && n <= 1, "in (0, 1]");
-  const hotWrites = number(v["hot-write-fraction"], "hot-write-fraction", 0.9, (n) => n > 0 && n <= 1, "in (0, 1]");
-  const zipfSkew = number(v["zipf-skew"], "zipf-skew", 0.99, (n) => n > 0 && n <= 10, "in (0, 10]");
-  const noisy = v["noisy-vcpu-rate"] === undefined ? null : number(v["noisy-vcpu-rate"], "noisy-vcpu-rate", 0, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]");
-  const seed = number(v.seed, "seed", 1, (n) => Number.isInteger(n) && n >= 0, "a whole number >= 0");
-  const ringEntries = number(v["ring-entries"], "ring-entries", 4096, (n) => Number.isInteger(n) && n >= 256 && n <= 65536 && (n & (n - 1)) === 0, "a power of two in [256, 65536]");
-
+  const mechanism = parseMechanism(cfg.mechanism);
+  const guest = guestSpec(v, mechanism);
   checkOutputs(v);
   const opts = clientOptions(v, io, cfg);
-  const mechanism = parseMechanism(cfg.mechanism);
-  const arch = v.arch ?? (archOf(mechanism) === "x86_64" ? "x86_64" : "arm64");
-  if (arch !== "arm64" && arch !== "x86_64") throw new UsageError(`--arch ${arch}: must be arm64 or x86_64`);
-  if (archOf(mechanism) !== "any" && archOf(mechanism) !== arch) throw new UsageError(`--mechanism ${mechanism.name} needs --arch ${archOf(mechanism)}`);
   const say = (s: string) => v.quiet || io.err.write(`${s}\n`);
   const services: SpawnedService[] = [];
   const interrupt = interruptOnSignals();
@@ -600,36 +322,8 @@ async function runDemo(v: Values, io: Io): Promise<number> {
           }),
         );
       }
-      say(`source ${src.address}, destination ${dst.address}; creating VM 'demo' (${memory / 2 ** 30} GiB, ${vcpus} vCPUs, ${arch})`);
-      await setUp(() =>
-        source.createVm({
-          vm: "demo",
-          vcpus,
-          seed: BigInt(seed),
-          arch: arch === "x86_64" ? Arch.ARCH_X86_64 : Arch.ARCH_ARM64,
-          pml: mechanism.assist === "pml",
-          ipaBits: ipaBitsFor(memory),
-          memslots: guestMemslots(memory),
-          // Rings exist only if the VM is created with them (KVM enables them before vCPUs).
-          dirtyRing: mechanism.log === "ring" ? { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: BigInt(ringEntries * 16), withBitmap: true } : undefined,
-          // First the guest touches all of its memory, as a booted OS with a page cache would have.
-          workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL, writesPerSecond: 1e8 },
-        }),
-      );
-      // Until every page is mapped: a first touch costs what the hypervisor's cost model says (a calibrated host's may be 20 us).
-      const pagesPerVcpu = Math.ceil(memory / 4096 / vcpus);
-      let step = pagesPerVcpu * (10 + 2430) + 1e6;
-      for (;;) {
-        await setUp(() => source.advanceVm({ vm: "demo", durationNs: BigInt(Math.ceil(step)) }, { deadlineMs: 3_600_000, signal: interrupt.signal }));
-        const slots = (await setUp(() => source.getVm({ vm: "demo" }))).vm!.memslots;
-        const mapped = slots.reduce((n, s) => n + Number(s.mappedPages4k) + 512 * Number(s.mappedBlocks2m) + 262144 * Number(s.mappedBlocks1g), 0);
-        const total = slots.reduce((n, s) => n + Number(s.numPages), 0);
-        if (mapped >= total) break;
-        step = (step * (total - mapped)) / Math.max(mapped, 1) + 1e6;
-      }
-      await setUp(() => source.setWorkload({ vm: "demo", workload: { pattern, writesPerSecond: rate, hotFraction: hot, hotWriteFraction: hotWrites, zipfSkew } }));
-      if (noisy !== null) await setUp(() => source.setWorkload({ vm: "demo", vcpu: 0, workload: { pattern, writesPerSecond: noisy, hotFraction: hot, hotWriteFraction: hotWrites, zipfSkew } }));
-      await setUp(() => source.advanceVm({ vm: "demo", durationNs: 1_000_000_000n }, { deadlineMs: 3_600_000, signal: interrupt.signal }));
+      say(`source ${src.address}, destination ${dst.address}; creating VM 'demo' (${guest.memoryBytes / 2 ** 30} GiB, ${guest.vcpus} vCPUs, ${guest.arch})`);
+      await setUp(() => createDemoVm(source, "demo", guest, mechanism, { signal: interrupt.signal }));
       say(`migrating 'demo' with ${cfg.mechanism} over ${cfg.bandwidthBitsPerSecond / 1e9} Gbit/s, downtime limit ${cfg.downtimeLimitMs} ms`);
       return await runMigration(v, io, cfg, { source: "demo", destination: "demo" }, { source, destination }, interrupt.signal);
     } finally {
@@ -722,7 +416,8 @@ export async function runCli(argv: string[], io: Io): Promise<number> {
     if (command === "migrate") return await runMigrate(v, io);
     if (command === "serve") return await runServe(v, io);
     if (command === "estimate") return await runEstimate(v, io);
-    throw new UsageError(`unknown command '${command}' (use demo, migrate, serve, estimate or calibrate)`);
+    if (command === "compare") return await runCompare(v, io);
+    throw new UsageError(`unknown command '${command}' (use demo, migrate, compare, serve, estimate or calibrate)`);
   } catch (err) {
     if (err instanceof UsageError) {
       io.err.write(`${err.message}\nrun with --help for usage\n`);

@@ -7,17 +7,8 @@ import { spawnService } from "../../../common/spawn.js";
 import { WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor } from "../../../services/hypervisor/client.js";
 import { GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
-import { EXIT, runCli } from "../cli.js";
-
-/** Runs the CLI in process with captured output. */
-async function cli(args: string[]) {
-  let out = "";
-  let err = "";
-  const code = await runCli(args, { out: { write: (s: string) => (out += s) }, err: { write: (s: string) => (err += s) }, env: {} });
-  return { code, out, err };
-}
-
-const noStack = (s: string) => assert.doesNotMatch(s, /\n\s+at .+:\d+:\d+/, "no stack trace");
+import { EXIT } from "../cli.js";
+import { cli, noStack } from "./cli-harness.js";
 
 describe("migration controller CLI", () => {
   let h: RunningHypervisor;
@@ -116,7 +107,7 @@ describe("migration controller CLI", () => {
       [["demo", "--arch", "riscv"], /--arch riscv: must be arm64 or x86_64/],
       [["migrate", "--vm", "web", "--mechanism", "bitmap+turbo"], /unknown part 'turbo'/],
       [["migrate", "--vm", "web", "--downtime-limit=-1"], /--downtime-limit -1/],
-      [["teleport"], /unknown command 'teleport' \(use demo, migrate, serve, estimate or calibrate\)/],
+      [["teleport"], /unknown command 'teleport' \(use demo, migrate, compare, serve, estimate or calibrate\)/],
       [["serve", "--hypervisor-a", "127.0.0.1:1"], /serve needs --hypervisor-a and --hypervisor-b/],
       [["demo", "--memory", "12KiB"], /--memory 12KiB: must be a multiple of 4 KiB and at least 1 MiB/],
       [["demo", "--ring-entries", "1000"], /--ring-entries 1000: must be a power of two/],

@@ -73,6 +73,24 @@ const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 /** Host time a sync spent, by the interface that spent it (the names of hypervisor_dirty_log_sync_host_seconds). */
 export type SyncCosts = Partial<Record<"get" | "clear" | "dbm_scan" | "device_read", number>>;
 
+/**
+ * Bytes of a VM's typed arrays as created (what createVm counts against the
+ * budget): its slots as flagged, and per vCPU the TLB, the ring and the batch.
+ */
+export function vmStateBytes(v: {
+  vcpus: number;
+  memslots: { gpa: number; size: number; flags: number }[];
+  tlbEntries?: number;
+  ring: boolean;
+  ringBytes: number;
+  withBitmap: boolean;
+  pml: boolean;
+}): number {
+  // Sizes that are not whole pages are refused per slot, with their own message.
+  const slotBytes = v.memslots.reduce((n, s) => n + (s.size > 0 && s.size % PAGE_SIZE === 0 ? Memslot.bytesFor(s.gpa, s.size, s.flags, v.ring, v.withBitmap) : 0), 0);
+  return slotBytes + v.vcpus * (8 * (v.tlbEntries || DEFAULT_TLB_ENTRIES) + DirtyRing.bytesFor(v.ringBytes / ENTRY_BYTES) + 4 * BATCH) + (v.pml ? Pml.bytesFor(v.vcpus) : 0);
+}
+
 export class Hypervisor {
   readonly vms = new Map<string, Vm>();
   /** A page-tracking device is registered (page_tracking_device_registered()). */
@@ -127,11 +145,8 @@ export class Hypervisor {
       ringBytes = this.ringSize(spec.arch, spec.dirtyRing.capability, spec.dirtyRing.bytes);
       checkRingBytes(ringBytes, false, false, arch.cpuDirtyLogSize(spec.pml));
     }
-    // Sizes that are not whole pages are refused per slot below, with their own message.
-    const ring = spec.dirtyRing !== null;
-    const slotBytes = spec.memslots.reduce((n, s) => n + (s.size > 0 && s.size % PAGE_SIZE === 0 ? Memslot.bytesFor(s.gpa, s.size, s.flags, ring, Boolean(spec.dirtyRing?.withBitmap)) : 0), 0);
-    const vcpuBytes = spec.vcpus * (8 * tlbEntries + DirtyRing.bytesFor(ringBytes / ENTRY_BYTES) + 4 * BATCH) + (spec.pml ? Pml.bytesFor(spec.vcpus) : 0);
-    this.checkBudget(slotBytes + vcpuBytes, `VM '${spec.name}' (${formatBytes(spec.memslots.reduce((n, s) => n + s.size, 0))} of guest memory, ${spec.vcpus} vCPUs)`);
+    const bytes = vmStateBytes({ ...spec, tlbEntries, ring: spec.dirtyRing !== null, ringBytes, withBitmap: Boolean(spec.dirtyRing?.withBitmap) });
+    this.checkBudget(bytes, `VM '${spec.name}' (${formatBytes(spec.memslots.reduce((n, s) => n + s.size, 0))} of guest memory, ${spec.vcpus} vCPUs)`);
     const vm = new Vm({
       name: spec.name,
       vmid: this.nextVmid,

@@ -193,6 +193,8 @@ export class Vm {
   hwDirtyUpdates = 0;
   /** Set by writeMiss: the miss took a stage-2 fault (as opposed to a walk or a hardware update), and what it did. */
   private missFaulted = false;
+  /** Set by writeMiss: the miss was dirty tracking's doing (a fault or the hardware's dirty update), so its cost is tracking overhead. */
+  private missTracked = false;
   /** The last miss hit a page post-copy has not sent: the vCPU waits, the write has not happened. */
   private missBlocked = false;
   /** Contention of vCPUs' faults for mmu_lock, re-evaluated every quantum from each vCPU's faults and idle time at its start. */
@@ -539,10 +541,8 @@ export class Vm {
         cur--; // the write waits for its page
         break;
       }
-      if (this.missFaulted) {
-        faults++;
-        if (slot.logging) overhead += cost;
-      }
+      if (this.missFaulted) faults++;
+      if (this.missTracked && slot.logging) overhead += cost;
       if (v.ringFull && this.storeWaitsForRing()) {
         t += cost;
         cur--;
@@ -740,6 +740,7 @@ export class Vm {
 
   private writeMiss(v: Vcpu, slot: Memslot, p: number, gfn: number, lo: number, hi: number, t: number, mayBlock: boolean): number {
     this.missFaulted = false;
+    this.missTracked = false;
     this.missBlocked = false;
     let wait = this.postcopy === null ? 0 : this.postcopyWait(v, slot, p, gfn, t);
     if (this.missBlocked) return 0;
@@ -752,6 +753,7 @@ export class Vm {
       }
     } else if (level === Level.Page && this.hw !== null && slot.s2.pte.hi[p] & HI_DBM) {
       // Writable-clean (DBM set, or W with D clear; only ever with an assist on): the hardware's update, no fault.
+      this.missTracked = true;
       return wait + this.arch.hardwareDirtyUpdate(this, v, slot, p, gfn);
     }
     if (t + wait < this.hostLockUntil) {
@@ -764,6 +766,7 @@ export class Vm {
       wait = this.hostLockUntil - t;
     }
     this.missFaulted = true;
+    this.missTracked = true;
     this.lastFault = this.arch.handleWriteFault(this, v, slot, p, gfn, level, lo, hi, t + wait);
     // Other vCPUs hold mmu_lock part of the time (mmu-lock.ts).
     this.lastFault.costNs += this.mmuLock.waitNs;

@@ -767,7 +767,10 @@ export interface VcpuInfo {
   workload: Workload | undefined;
   writes: bigint;
   writeFaults: bigint;
-  /** Guest time lost to dirty tracking (faults, TLB refills after flushes). */
+  /**
+   * Guest time lost to dirty tracking: write faults on logged slots, the hardware's clean-to-dirty
+   * updates with an assist on (DBM, HDBSS, PML) and their buffer-full exits, ring-full exits.
+   */
   trackingOverheadNs: bigint;
   /** Writes per second of guest time over the last AdvanceVm or real-time tick. */
   achievedWritesPerSecond: number;

@@ -1,0 +1,149 @@
+/**
+ * `migration-controller compare`: the matrix from the flags (each axis a
+ * comma-separated list), the cells run, the ranked table on stdout, and the
+ * JSON and HTML files. Exit 0 when every cell migrated and verified, 1 when
+ * one failed (the table shows why), 2 for a matrix that cannot run.
+ */
+import { availableParallelism } from "node:os";
+import { writeFile } from "node:fs/promises";
+import type { Io } from "../../../common/io.js";
+import { formatBytes } from "../report.js";
+import {
+  AUTO_CONVERGE_FLAGS,
+  checkOutputs,
+  clientOptions,
+  DIRTY_LIMIT_FLAGS,
+  EXIT,
+  guestSpec,
+  interruptOnSignals,
+  number,
+  policy,
+  POSTCOPY_FLAGS,
+  SIGNAL_EXIT,
+  UsageError,
+  type Values,
+} from "../flags.js";
+import { DEFAULT_CONFIG } from "../migrate.js";
+import { mechanismsByArch, MatrixError, POLICIES, splitAxis, type Arch, type Cell, type CellConfig } from "./matrix.js";
+import { label, compareJson, compareTable, rank, RANK_BY, type RankBy } from "./table.js";
+import { checkBudget, runComparison } from "./run.js";
+
+export const COMPARE_HELP = `compare options (each axis a comma-separated list; every cell migrates the same guest from the same seed):
+  --mechanism LIST           mechanisms, or all: every valid one of each architecture (default all)
+  --arch LIST                arm64, x86_64 (default: each mechanism on every architecture that has it;
+                             given, every mechanism must exist on every architecture listed)
+  --policies LIST            none, auto-converge, dirty-limit, postcopy, or KubeVirt MigrationPolicy files (default none;
+                             the policy flags such as --cpu-throttle-initial apply to the cells of their policy)
+  --bandwidth LIST, --latency LIST, --downtime-limit LIST   link axes (defaults 10Gbit, 0.1, 300)
+  --jobs N                   hypervisor processes started on 127.0.0.1, one cell at a time each (default: the cores, ${availableParallelism()} here)
+  --hypervisors LIST         run the cells on these running hypervisors instead (source and destination VM on each)
+  --rank-by KEY              ${Object.keys(RANK_BY).join(" | ")} (default downtime)
+  (the guest: --memory, --vcpus, --backing, --workload and its flags, --noisy-vcpu-rate, --seed, --ring-entries as for demo)
+  --json FILE, --report FILE.html, --quiet as for demo
+  exit codes: 0 every cell migrated and verified; 1 a cell failed (the table says why); 2 a matrix that cannot run; 130/143 interrupted`;
+
+const POLICY_PARAMS: Record<string, readonly string[]> = {
+  "auto-converge": AUTO_CONVERGE_FLAGS,
+  "dirty-limit": DIRTY_LIMIT_FLAGS,
+  postcopy: POSTCOPY_FLAGS,
+};
+
+/** The flags of one policy cell: the policy's switch on, other policies' parameters off. */
+function cellFlags(v: Values, p: string, link: { bandwidth: string; latency: string; "downtime-limit": string }): Values {
+  const c: Record<string, unknown> = { ...v, ...link, mechanism: undefined };
+  for (const [name, params] of Object.entries(POLICY_PARAMS)) if (name !== p) for (const f of params) delete c[f];
+  if (p !== "auto-converge" && p !== "dirty-limit") delete c["throttle-trigger-threshold"];
+  if (p === "auto-converge" || p === "dirty-limit" || p === "postcopy") c[p] = true;
+  else if (p !== "none") c.policy = p;
+  return c as Values;
+}
+
+/** The cells of the matrix the flags describe. */
+export function cellsFromFlags(v: Values): Cell[] {
+  for (const f of ["auto-converge", "dirty-limit", "postcopy", "policy"] as const) {
+    if (v[f] !== undefined) throw new UsageError(`--${f}: compare takes its policies as one axis: --policies ${POLICIES.join(",")} (or MigrationPolicy files)`);
+  }
+  const policies = splitAxis("policies", v.policies, ["none"]);
+  for (const [name, params] of Object.entries(POLICY_PARAMS)) {
+    const given = params.find((f) => v[f as keyof Values] !== undefined);
+    if (given && !policies.includes(name)) throw new UsageError(`--${given} needs ${name} in --policies`);
+  }
+  if (v["throttle-trigger-threshold"] !== undefined && !policies.some((p) => p === "auto-converge" || p === "dirty-limit")) {
+    throw new UsageError("--throttle-trigger-threshold needs auto-converge or dirty-limit in --policies");
+  }
+  const archs = v.arch === undefined ? null : (splitAxis("arch", v.arch, []) as Arch[]);
+  const pairs = mechanismsByArch(splitAxis("mechanism", v.mechanism, ["all"]), archs);
+  const bandwidths = splitAxis("bandwidth", v.bandwidth, [String(DEFAULT_CONFIG.bandwidthBitsPerSecond)]);
+  const latencies = splitAxis("latency", v.latency, [String(DEFAULT_CONFIG.latencyNs / 1e6)]);
+  const limits = splitAxis("downtime-limit", v["downtime-limit"], [String(DEFAULT_CONFIG.downtimeLimitMs)]);
+  const configs: { policy: string; config: CellConfig }[] = [];
+  for (const p of policies) {
+    for (const bandwidth of bandwidths) for (const latency of latencies) for (const dl of limits) configs.push({ policy: p, config: policy(cellFlags(v, p, { bandwidth, latency, "downtime-limit": dl })) });
+  }
+  const cells: Cell[] = [];
+  for (const { arch, mechanism } of pairs) for (const c of configs) cells.push({ index: cells.length, arch, mechanism, policy: c.policy, config: { ...c.config, mechanism: mechanism.name } });
+  return cells;
+}
+
+/** A matrix that cannot run is a usage error (exit 2). */
+function matrixError<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    if (e instanceof MatrixError) throw new UsageError(e.message);
+    throw e;
+  }
+}
+
+export async function runCompare(v: Values, io: Io): Promise<number> {
+  const { cells, guest, addresses, jobs } = matrixError(() => {
+    const cells = cellsFromFlags(v);
+    const guest = guestSpec({ ...v, arch: undefined, mechanism: undefined }, null);
+    const addresses = v.hypervisors === undefined ? undefined : splitAxis("hypervisors", v.hypervisors, []);
+    if (addresses && v.jobs !== undefined) throw new UsageError("--jobs and --hypervisors: give one (with --hypervisors, one cell runs at a time on each)");
+    const jobs = number(v.jobs, "jobs", availableParallelism(), (n) => Number.isInteger(n) && n >= 1 && n <= 64, "a whole number in [1, 64]");
+    checkBudget({ guest, cells, jobs, addresses });
+    return { cells, guest, addresses, jobs };
+  });
+  const by = (v["rank-by"] ?? "downtime") as RankBy;
+  if (!(by in RANK_BY)) throw new UsageError(`--rank-by ${v["rank-by"]}: must be one of ${Object.keys(RANK_BY).join(", ")}`);
+  checkOutputs(v);
+  const say = (s: string) => v.quiet || io.err.write(`${s}\n`);
+  const where = addresses ? `on ${addresses.join(", ")}` : `on ${Math.min(jobs, cells.length)} hypervisor process${Math.min(jobs, cells.length) > 1 ? "es" : ""} on 127.0.0.1`;
+  const guestText = `${formatBytes(guest.memoryBytes)}, ${guest.vcpus} vCPUs, ${guest.backing} backing, ${v.workload ?? "hot-cold"} workload, seed ${guest.seed}`;
+  say(`comparing ${cells.length} cells (${guestText}) ${where}`);
+  const interrupt = interruptOnSignals();
+  try {
+    const opts = clientOptions(v, io, { rpcTimeoutMs: Math.max(...cells.map((c) => c.config.rpcTimeoutMs)) });
+    const ran = await runComparison({
+      guest,
+      cells,
+      jobs,
+      addresses,
+      clientOptions: opts,
+      signal: interrupt.signal,
+      onCell: (r, done, of) =>
+        say(`[${done}/${of}] ${label(r)}: ${r.status === "completed" && r.verified ? `verified, downtime ${r.downtimeMs?.toFixed(1)} ms, total ${(r.totalTimeMs / 1e3).toFixed(2)} s` : `FAILED: ${r.error}`} (wall ${(r.wallTimeMs / 1e3).toFixed(1)} s)`),
+    });
+    if (interrupt.signal.aborted) {
+      io.err.write(`compare interrupted by ${String(interrupt.signal.reason)} after ${ran.results.length} of ${cells.length} cells (each interrupted migration cleaned up)\n`);
+      return SIGNAL_EXIT[String(interrupt.signal.reason)] ?? EXIT.interrupted;
+    }
+    const ranked = rank(ran.results, by);
+    const table = compareTable(ranked, by);
+    io.out.write(`${table}\n`);
+    const simulated = ran.results.reduce((n, r) => n + r.totalTimeMs, 0) / 1e3;
+    say(`${cells.length} cells in ${(ran.wallTimeMs / 1e3).toFixed(1)} s of wall time (${(simulated / (ran.wallTimeMs / 1e3)).toFixed(1)} simulated s per wall s)`);
+    const meta = { guest: { memory: guest.memoryBytes, vcpus: guest.vcpus, backing: guest.backing, workload: v.workload ?? "hot-cold", seed: guest.seed }, "rank-by": by };
+    if (v.json) await writeFile(v.json, JSON.stringify(compareJson(ranked, meta), null, 2) + "\n");
+    if (v.report) {
+      const { compareHtml } = await import("./html.js");
+      await writeFile(v.report, compareHtml(ranked, { title: `Comparison of ${cells.length} cells`, guest: guestText, by, table }));
+    }
+    const files = [v.json && `JSON: ${v.json}`, v.report && `HTML: ${v.report}`].filter(Boolean);
+    if (files.length) say(`written: ${files.join(", ")}`);
+    return ranked.every((r) => r.status === "completed" && r.verified) ? EXIT.ok : EXIT.failed;
+  } finally {
+    interrupt.dispose();
+  }
+}

@@ -1,0 +1,325 @@
+/**
+ * The command line's shared parts: the flags and how they parse (the
+ * migration policy, the guest's description, security, output files), the
+ * exit codes, and the signals that interrupt a run.
+ */
+import { accessSync, constants as fsConstants, existsSync, readFileSync, statSync } from "node:fs";
+import { dirname, resolve } from "node:path";
+import type { parseArgs } from "node:util";
+import type { Io } from "../../common/io.js";
+import { parseBytes } from "../../common/config.js";
+import type { ClientOptions } from "../../common/client.js";
+import { securityFromEnv } from "../../common/security.js";
+import { Workload, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { DEFAULT_CONFIG, MigrationError, type FailureKind, type MigrationConfig } from "./migrate.js";
+import { archOf, MechanismError, parseMechanism, type MechanismSpec } from "./trackers/index.js";
+import { BACKINGS, type GuestSpec } from "./demo-vm.js";
+import { parseBandwidth } from "./units.js";
+import { QEMU_AUTO_CONVERGE, type AutoConvergeConfig } from "./policies/auto-converge.js";
+import { QEMU_DIRTY_LIMIT, type DirtyLimitConfig } from "./policies/dirty-limit.js";
+import { applyMigrationPolicy, parseMigrationPolicy, PolicyFileError } from "./policies/kubevirt-policy.js";
+import type { PostcopyConfig } from "./types.js";
+
+export const EXIT: Record<FailureKind | "ok", number> = {
+  ok: 0,
+  failed: 1,
+  usage: 2,
+  unreachable: 3,
+  "not-found": 3,
+  precondition: 3,
+  "not-converged": 4,
+  verification: 5,
+  // A failure after the post-copy switch: neither side holds the whole guest any more.
+  "postcopy-lost": 6,
+  // 128 + the signal's number: 130 for SIGINT; a SIGTERM makes it 143 (see exitFor).
+  interrupted: 130,
+};
+
+export const SIGNAL_EXIT: Record<string, number> = { SIGINT: 130, SIGTERM: 143 };
+
+export function exitFor(err: MigrationError, signal: AbortSignal): number {
+  return err.kind === "interrupted" ? (SIGNAL_EXIT[String(signal.reason)] ?? EXIT.interrupted) : EXIT[err.kind];
+}
+
+export class UsageError extends Error {}
+
+export const OPTIONS = {
+  source: { type: "string" },
+  destination: { type: "string" },
+  vm: { type: "string" },
+  "dest-vm": { type: "string" },
+  memory: { type: "string" },
+  vcpus: { type: "string" },
+  workload: { type: "string" },
+  "write-rate": { type: "string" },
+  "hot-fraction": { type: "string" },
+  "zipf-skew": { type: "string" },
+  mode: { type: "string" },
+  "calc-time": { type: "string" },
+  "sample-pages": { type: "string" },
+  "hot-write-fraction": { type: "string" },
+  "noisy-vcpu-rate": { type: "string" },
+  seed: { type: "string" },
+  "ring-entries": { type: "string" },
+  arch: { type: "string" },
+  policies: { type: "string" },
+  jobs: { type: "string" },
+  hypervisors: { type: "string" },
+  "rank-by": { type: "string" },
+  backing: { type: "string" },
+  "hypervisor-a": { type: "string" },
+  "hypervisor-b": { type: "string" },
+  "http-port": { type: "string" },
+  host: { type: "string" },
+  "realtime-speed": { type: "string" },
+  "pause-ms": { type: "string" },
+  mechanism: { type: "string" },
+  bandwidth: { type: "string" },
+  latency: { type: "string" },
+  "downtime-limit": { type: "string" },
+  "max-rounds": { type: "string" },
+  "progress-timeout": { type: "string" },
+  "completion-timeout-per-gib": { type: "string" },
+  "chunk-pages": { type: "string" },
+  "rpc-timeout": { type: "string" },
+  "auto-converge": { type: "boolean" },
+  "throttle-trigger-threshold": { type: "string" },
+  "cpu-throttle-initial": { type: "string" },
+  "cpu-throttle-increment": { type: "string" },
+  "cpu-throttle-tailslow": { type: "boolean" },
+  "max-cpu-throttle": { type: "string" },
+  "dirty-limit": { type: "boolean" },
+  "vcpu-dirty-limit": { type: "string" },
+  "vcpu-dirty-limit-period": { type: "string" },
+  postcopy: { type: "boolean" },
+  "postcopy-after-rounds": { type: "string" },
+  "postcopy-preempt": { type: "boolean" },
+  policy: { type: "string" },
+  "tls-ca": { type: "string" },
+  "tls-cert": { type: "string" },
+  "tls-key": { type: "string" },
+  token: { type: "string" },
+  json: { type: "string" },
+  report: { type: "string" },
+  quiet: { type: "boolean" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+export type Values = ReturnType<typeof parseArgs<{ options: typeof OPTIONS; allowPositionals: true }>>["values"];
+
+export function number(v: string | undefined, name: string, fallback: number, check: (n: number) => boolean, what: string): number {
+  if (v === undefined) return fallback;
+  const n = Number(v);
+  if (!Number.isFinite(n) || !check(n)) throw new UsageError(`--${name} ${v}: must be ${what}`);
+  return n;
+}
+
+/** The configuration from the flags, then a KubeVirt MigrationPolicy file's spec over it (--policy). */
+export function policy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> {
+  const cfg = flagPolicy(v);
+  if (v.policy === undefined) return cfg;
+  let text: string;
+  try {
+    text = readFileSync(v.policy, "utf8");
+  } catch (e) {
+    throw new UsageError(`--policy ${v.policy}: cannot read it: ${(e as Error).message}`);
+  }
+  let p;
+  try {
+    p = parseMigrationPolicy(text, v.policy);
+  } catch (e) {
+    if (e instanceof PolicyFileError) throw new UsageError(`--policy ${e.message}`);
+    throw e;
+  }
+  // A setting both the file and a flag give is ambiguous: say which.
+  const both: [keyof typeof p, string][] = [
+    ["allowAutoConverge", "auto-converge"],
+    ["completionTimeoutPerGiB", "completion-timeout-per-gib"],
+    ["allowPostCopy", "postcopy"],
+    ["allowWorkloadDisruption", "postcopy"],
+  ];
+  for (const [field, flag] of both) if (p[field] !== undefined && v[flag as keyof Values] !== undefined) throw new UsageError(`--${flag} conflicts with spec.${field} in ${v.policy}: give it in one place`);
+  return applyMigrationPolicy(cfg, p);
+}
+
+function flagPolicy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationVm"> {
+  let mechanism: string;
+  try {
+    mechanism = parseMechanism(v.mechanism ?? DEFAULT_CONFIG.mechanism).name;
+  } catch (e) {
+    if (e instanceof MechanismError) throw new UsageError(`--mechanism ${e.message}`);
+    throw e;
+  }
+  let bandwidth = DEFAULT_CONFIG.bandwidthBitsPerSecond;
+  if (v.bandwidth !== undefined) {
+    try {
+      bandwidth = parseBandwidth(v.bandwidth);
+    } catch (e) {
+      throw new UsageError(`--bandwidth: ${(e as Error).message}`);
+    }
+  }
+  const pos = (n: number) => n > 0;
+  return {
+    mechanism,
+    bandwidthBitsPerSecond: bandwidth,
+    latencyNs: number(v.latency, "latency", DEFAULT_CONFIG.latencyNs / 1e6, (n) => n >= 0, "a number of ms >= 0") * 1e6,
+    downtimeLimitMs: number(v["downtime-limit"], "downtime-limit", DEFAULT_CONFIG.downtimeLimitMs, pos, "a number of ms > 0"),
+    maxRounds: v["max-rounds"] === undefined ? null : number(v["max-rounds"], "max-rounds", 0, (n) => Number.isInteger(n) && n >= 1, "a whole number >= 1"),
+    progressTimeoutS: number(v["progress-timeout"], "progress-timeout", DEFAULT_CONFIG.progressTimeoutS, pos, "a number of seconds > 0"),
+    completionTimeoutPerGiBS: number(v["completion-timeout-per-gib"], "completion-timeout-per-gib", DEFAULT_CONFIG.completionTimeoutPerGiBS, pos, "a number of seconds > 0"),
+    completionTimeoutAction: DEFAULT_CONFIG.completionTimeoutAction,
+    chunkPages: number(v["chunk-pages"], "chunk-pages", DEFAULT_CONFIG.chunkPages, (n) => Number.isInteger(n) && n >= 64 && n % 64 === 0 && n <= 1 << 20, "a multiple of 64 up to 1048576"),
+    rpcTimeoutMs: number(v["rpc-timeout"], "rpc-timeout", DEFAULT_CONFIG.rpcTimeoutMs / 1e3, (n) => n >= 0.1 && n <= 3600, "a number of seconds in [0.1, 3600]") * 1e3,
+    autoConverge: autoConverge(v),
+    dirtyLimit: dirtyLimit(v),
+    postcopy: postcopy(v),
+  };
+}
+
+export const POSTCOPY_FLAGS = ["postcopy-after-rounds", "postcopy-preempt"] as const;
+
+/** --postcopy and its parameters; a parameter without it is an error. */
+function postcopy(v: Values): PostcopyConfig | null {
+  const given = POSTCOPY_FLAGS.filter((f) => v[f] !== undefined);
+  if (!v.postcopy) {
+    if (given.length) throw new UsageError(`--${given[0]} needs --postcopy`);
+    return null;
+  }
+  const after = v["postcopy-after-rounds"];
+  return {
+    afterRounds: after === undefined ? null : whole(v, "postcopy-after-rounds", 0, 1, Number.MAX_SAFE_INTEGER, "number of syncs"),
+    preempt: v["postcopy-preempt"] ?? false,
+  };
+}
+
+export const AUTO_CONVERGE_FLAGS = ["cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow", "max-cpu-throttle"] as const;
+export const DIRTY_LIMIT_FLAGS = ["vcpu-dirty-limit", "vcpu-dirty-limit-period"] as const;
+
+export const whole = (v: Values, name: string, fallback: number, lo: number, hi: number, unit: string) =>
+  number(v[name as keyof Values] as string | undefined, name, fallback, (n) => Number.isInteger(n) && n >= lo && n <= hi, `a whole ${unit} in [${lo}, ${hi}]`);
+
+/** QEMU's throttle-trigger-threshold, which auto-converge and dirty-limit share; an error without either. */
+function triggerThreshold(v: Values): number {
+  if (v["throttle-trigger-threshold"] !== undefined && !v["auto-converge"] && !v["dirty-limit"]) throw new UsageError("--throttle-trigger-threshold needs --auto-converge or --dirty-limit");
+  return whole(v, "throttle-trigger-threshold", QEMU_AUTO_CONVERGE.throttleTriggerThreshold, 1, 100, "percentage");
+}
+
+/** --dirty-limit and its parameters, QEMU's defaults where not given; a parameter without --dirty-limit is an error. */
+function dirtyLimit(v: Values): DirtyLimitConfig | null {
+  const given = DIRTY_LIMIT_FLAGS.filter((f) => v[f] !== undefined);
+  if (!v["dirty-limit"]) {
+    if (given.length) throw new UsageError(`--${given[0]} needs --dirty-limit`);
+    return null;
+  }
+  if (v["auto-converge"]) throw new UsageError("--dirty-limit conflicts with --auto-converge (as QEMU's capabilities do): choose one");
+  const q = QEMU_DIRTY_LIMIT;
+  return {
+    throttleTriggerThreshold: triggerThreshold(v),
+    vcpuDirtyLimitMBps: whole(v, "vcpu-dirty-limit", q.vcpuDirtyLimitMBps, 1, Number.MAX_SAFE_INTEGER, "number of MB/s"),
+    periodMs: whole(v, "vcpu-dirty-limit-period", q.periodMs, 1, 1000, "number of ms"),
+  };
+}
+
+/** --auto-converge and its parameters, QEMU's defaults where not given; a parameter without --auto-converge is an error. */
+function autoConverge(v: Values): AutoConvergeConfig | null {
+  const given = AUTO_CONVERGE_FLAGS.filter((f) => v[f] !== undefined);
+  if (!v["auto-converge"]) {
+    if (given.length) throw new UsageError(`--${given[0]} needs --auto-converge`);
+    triggerThreshold(v);
+    return null;
+  }
+  const pct = (name: (typeof AUTO_CONVERGE_FLAGS)[number], fallback: number, lo: number, hi: number) => whole(v, name, fallback, lo, hi, "percentage");
+  const q = QEMU_AUTO_CONVERGE;
+  return {
+    throttleTriggerThreshold: triggerThreshold(v),
+    cpuThrottleInitial: pct("cpu-throttle-initial", q.cpuThrottleInitial, 1, 99),
+    cpuThrottleIncrement: pct("cpu-throttle-increment", q.cpuThrottleIncrement, 1, 99),
+    cpuThrottleTailslow: v["cpu-throttle-tailslow"] ?? q.cpuThrottleTailslow,
+    maxCpuThrottle: pct("max-cpu-throttle", q.maxCpuThrottle, 1, 99),
+  };
+}
+
+/** How the controller's clients connect: its security settings and its hang bound. */
+export function clientOptions(v: Values, io: Io, cfg: { rpcTimeoutMs: number }): ClientOptions {
+  let security;
+  try {
+    security = securityFromEnv(io.env, { ca: v["tls-ca"], cert: v["tls-cert"], key: v["tls-key"], token: v.token });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  return { security, deadlineMs: cfg.rpcTimeoutMs, hangTimeoutMs: cfg.rpcTimeoutMs };
+}
+
+/** Output files must be writable before a migration starts, not after it ran for an hour. */
+export function checkOutputs(v: Values): void {
+  for (const [flag, file] of [["json", v.json], ["report", v.report]] as const) {
+    if (!file) continue;
+    const path = resolve(file);
+    const dir = dirname(path);
+    const fail = (why: string) => new UsageError(`--${flag} ${file}: ${why}`);
+    if (!existsSync(dir)) throw fail(`the directory ${dir} does not exist`);
+    if (existsSync(path) && statSync(path).isDirectory()) throw fail("is a directory");
+    try {
+      accessSync(existsSync(path) ? path : dir, fsConstants.W_OK);
+    } catch {
+      throw fail(`cannot write ${existsSync(path) ? "it" : `in ${dir}`}`);
+    }
+  }
+}
+
+export function interruptOnSignals(): { signal: AbortSignal; dispose(): void } {
+  const ac = new AbortController();
+  const on = { SIGINT: () => ac.abort("SIGINT"), SIGTERM: () => ac.abort("SIGTERM") };
+  process.on("SIGINT", on.SIGINT);
+  process.on("SIGTERM", on.SIGTERM);
+  return {
+    signal: ac.signal,
+    dispose() {
+      process.off("SIGINT", on.SIGINT);
+      process.off("SIGTERM", on.SIGTERM);
+    },
+  };
+}
+
+export const PATTERNS: Record<string, WorkloadPattern> = {
+  "hot-cold": WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD,
+  uniform: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM,
+  sequential: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL,
+  zipf: WorkloadPattern.WORKLOAD_PATTERN_ZIPF,
+  idle: WorkloadPattern.WORKLOAD_PATTERN_IDLE,
+};
+
+export function guestSpec(v: Values, mechanism: MechanismSpec | null): GuestSpec {
+  let memory: number;
+  try {
+    memory = parseBytes(v.memory ?? "4GiB");
+  } catch (e) {
+    throw new UsageError(`--memory: ${(e as Error).message}`);
+  }
+  if (memory < 2 ** 20 || memory % 4096 !== 0) throw new UsageError(`--memory ${v.memory}: must be a multiple of 4 KiB and at least 1 MiB`);
+  const vcpus = number(v.vcpus, "vcpus", 4, (n) => Number.isInteger(n) && n >= 1 && n <= 512, "a whole number in [1, 512]");
+  const pattern = PATTERNS[v.workload ?? "hot-cold"];
+  if (pattern === undefined) throw new UsageError(`--workload ${v.workload}: must be one of ${Object.keys(PATTERNS).join(", ")}`);
+  const backing = (v.backing ?? "4k") as GuestSpec["backing"];
+  if (!(backing in BACKINGS)) throw new UsageError(`--backing ${v.backing}: must be one of ${Object.keys(BACKINGS).join(", ")}`);
+  if (memory % { "4k": 4096, "2m": 2 ** 21, "1g": 2 ** 30 }[backing] !== 0) throw new UsageError(`--memory ${v.memory}: must be a multiple of the --backing page size ${backing}`);
+  const arch = v.arch ?? (mechanism && archOf(mechanism) === "x86_64" ? "x86_64" : "arm64");
+  if (arch !== "arm64" && arch !== "x86_64") throw new UsageError(`--arch ${arch}: must be arm64 or x86_64`);
+  if (mechanism && archOf(mechanism) !== "any" && archOf(mechanism) !== arch) throw new UsageError(`--mechanism ${mechanism.name} needs --arch ${archOf(mechanism)}`);
+  return {
+    memoryBytes: memory,
+    vcpus,
+    arch,
+    backing,
+    workload: Workload.fromPartial({
+      pattern,
+      writesPerSecond: number(v["write-rate"], "write-rate", 100_000, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]"),
+      hotFraction: number(v["hot-fraction"], "hot-fraction", 0.05, (n) => n > 0 && n <= 1, "in (0, 1]"),
+      hotWriteFraction: number(v["hot-write-fraction"], "hot-write-fraction", 0.9, (n) => n > 0 && n <= 1, "in (0, 1]"),
+      zipfSkew: number(v["zipf-skew"], "zipf-skew", 0.99, (n) => n > 0 && n <= 10, "in (0, 10]"),
+    }),
+    noisyWritesPerSecond: v["noisy-vcpu-rate"] === undefined ? null : number(v["noisy-vcpu-rate"], "noisy-vcpu-rate", 0, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]"),
+    seed: number(v.seed, "seed", 1, (n) => Number.isInteger(n) && n >= 0, "a whole number >= 0"),
+    ringEntries: number(v["ring-entries"], "ring-entries", 4096, (n) => Number.isInteger(n) && n >= 256 && n <= 65536 && (n & (n - 1)) === 0, "a power of two in [256, 65536]"),
+  };
+}
