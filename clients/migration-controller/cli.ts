@@ -19,7 +19,9 @@ import { progressPrinter } from "./progress.js";
 import { MigrationService } from "./service.js";
 import { htmlReport, jsonReport, textReport } from "./report.js";
 import { ALIASES, parseMechanism, PARTS } from "./trackers/index.js";
+import { WORKLOADS } from "./workloads.js";
 import { createDemoVm } from "./demo-vm.js";
+import { parseDuration } from "./units.js";
 import { COMPARE_HELP, runCompare } from "./compare/cli.js";
 import { checkOutputs, clientOptions, EXIT, exitFor, guestSpec, interruptOnSignals, number, OPTIONS, policy, SIGNAL_EXIT, UsageError, type Values } from "./flags.js";
 
@@ -64,11 +66,16 @@ migrate options:
 demo options:
   --memory SIZE              guest memory (default 4GiB)
   --vcpus N                  vCPUs (default 4)
-  --workload PATTERN         hot-cold | uniform | sequential | zipf | idle (default hot-cold)
+  --workload NAME            the guest's writes (default hot-cold):
+${Object.entries(WORKLOADS).map(([k, d]) => `                               ${k.padEnd(11)} ${d}`).join("\n")}
   --write-rate N             guest writes per second per vCPU (default 100000)
   --hot-fraction F           hot share of memory (default 0.05)
   --hot-write-fraction F     share of writes to hot pages (default 0.9)
   --zipf-skew S              zipf: page of rank k written with probability ~ 1/k^S, in (0, 10] (default 0.99, YCSB's)
+  --checkpoint-every T, --checkpoint-for T   bursty: a checkpoint every T (default 5s) lasting T (default 0.5s)
+  --checkpoint-rate N        bursty: writes per second per vCPU during a checkpoint (default 10x --write-rate)
+  --checkpoint-fraction F    bursty: share of memory a checkpoint writes, in (0, 1] (default 0.25)
+  --stream-for T, --stream-rate N   training: the streaming phase's length (default 2s) and rate (default --write-rate)
   --noisy-vcpu-rate N        vCPU 0 writes N per second instead (one noisy vCPU: per-vCPU dirty rates
                              and QEMU's dirty limit tell it from the others; default: as the others)
   --seed N                   workload seed (default 1)
@@ -199,8 +206,12 @@ const DIRTY_RATE_MODES: Record<string, DirtyRateMode> = {
 /** "1s", "500ms", or a bare number of seconds (QEMU's calc-time unit), to ms. */
 function calcTimeMs(text: string | undefined): number {
   if (text === undefined) return 1000;
-  const m = /^(\d+(?:\.\d+)?)\s*(ms|s)?$/.exec(text.trim());
-  const ms = m ? Number(m[1]) * (m[2] === "ms" ? 1 : 1000) : NaN;
+  let ms = NaN;
+  try {
+    ms = parseDuration(text);
+  } catch {
+    // Said below, with the range.
+  }
   if (!(ms >= 50 && ms <= 60_000) || !Number.isInteger(ms)) throw new UsageError(`--calc-time ${text}: must be a whole number of ms from 50ms to 60s (1s, 500ms, or seconds)`);
   return ms;
 }

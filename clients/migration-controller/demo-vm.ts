@@ -9,13 +9,14 @@ import { Arch, BackingPageSize, Capability, WorkloadPattern, type Workload } fro
 import type { HypervisorClient } from "../../services/hypervisor/client.js";
 import { guestMemslots, ipaBitsFor } from "./guest.js";
 import type { MechanismSpec } from "./trackers/mechanism.js";
+import { withRate } from "./workloads.js";
 
 export interface GuestSpec {
   memoryBytes: number;
   vcpus: number;
   arch: "arm64" | "x86_64";
   backing: "4k" | "2m" | "1g";
-  /** Every vCPU's workload; vCPU 0's own when noisyWritesPerSecond is set. */
+  /** Every vCPU's workload (workloads.ts); vCPU 0's at its own rate when noisyWritesPerSecond is set. */
   workload: Workload;
   noisyWritesPerSecond: number | null;
   seed: number;
@@ -68,7 +69,7 @@ export async function createDemoVm(hv: HypervisorClient, name: string, g: GuestS
     step = (step * (total - mapped)) / Math.max(mapped, 1) + 1e6;
   }
   await hv.setWorkload({ vm: name, workload: g.workload });
-  if (g.noisyWritesPerSecond !== null) await hv.setWorkload({ vm: name, vcpu: 0, workload: { ...g.workload, writesPerSecond: g.noisyWritesPerSecond } });
+  if (g.noisyWritesPerSecond !== null) await hv.setWorkload({ vm: name, vcpu: 0, workload: withRate(g.workload, g.noisyWritesPerSecond) });
   const before = await writes(hv, name);
   await hv.advanceVm({ vm: name, durationNs: BigInt(WARMUP_NS) }, long);
   return ((await writes(hv, name)) - before) / (WARMUP_NS / 1e9);

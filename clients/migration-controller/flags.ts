@@ -10,11 +10,11 @@ import type { Io } from "../../common/io.js";
 import { parseBytes } from "../../common/config.js";
 import type { ClientOptions } from "../../common/client.js";
 import { securityFromEnv } from "../../common/security.js";
-import { Workload, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { DEFAULT_CONFIG, MigrationError, type FailureKind, type MigrationConfig } from "./migrate.js";
 import { archOf, MechanismError, parseMechanism, type MechanismSpec } from "./trackers/index.js";
 import { BACKINGS, type GuestSpec } from "./demo-vm.js";
-import { parseBandwidth } from "./units.js";
+import { parseBandwidth, parseDuration } from "./units.js";
+import { buildWorkload, WORKLOADS, type WorkloadName, type WorkloadParams } from "./workloads.js";
 import { QEMU_AUTO_CONVERGE, type AutoConvergeConfig } from "./policies/auto-converge.js";
 import { QEMU_DIRTY_LIMIT, type DirtyLimitConfig } from "./policies/dirty-limit.js";
 import { applyMigrationPolicy, parseMigrationPolicy, PolicyFileError } from "./policies/kubevirt-policy.js";
@@ -59,6 +59,12 @@ export const OPTIONS = {
   "sample-pages": { type: "string" },
   "hot-write-fraction": { type: "string" },
   "noisy-vcpu-rate": { type: "string" },
+  "checkpoint-every": { type: "string" },
+  "checkpoint-for": { type: "string" },
+  "checkpoint-rate": { type: "string" },
+  "checkpoint-fraction": { type: "string" },
+  "stream-for": { type: "string" },
+  "stream-rate": { type: "string" },
   seed: { type: "string" },
   "ring-entries": { type: "string" },
   arch: { type: "string" },
@@ -281,13 +287,46 @@ export function interruptOnSignals(): { signal: AbortSignal; dispose(): void } {
   };
 }
 
-export const PATTERNS: Record<string, WorkloadPattern> = {
-  "hot-cold": WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD,
-  uniform: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM,
-  sequential: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL,
-  zipf: WorkloadPattern.WORKLOAD_PATTERN_ZIPF,
-  idle: WorkloadPattern.WORKLOAD_PATTERN_IDLE,
-};
+
+const PHASE_FLAGS = { bursty: ["checkpoint-every", "checkpoint-for", "checkpoint-rate", "checkpoint-fraction"], training: ["stream-for", "stream-rate"] } as const;
+
+/** --workload's parameters; a phased workload's flag with another workload is an error. */
+function workloadParams(v: Values, workload: WorkloadName): WorkloadParams {
+  for (const [name, flags] of Object.entries(PHASE_FLAGS)) {
+    const given = flags.find((f) => v[f] !== undefined);
+    if (given && workload !== name) throw new UsageError(`--${given} is for --workload ${name}`);
+  }
+  const rate = number(v["write-rate"], "write-rate", 100_000, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]");
+  const positiveRate = (name: "checkpoint-rate" | "stream-rate", fallback: number) => number(v[name], name, fallback, (n) => n > 0 && n <= 1e9, "writes per second in (0, 1e9]");
+  const duration = (name: "checkpoint-every" | "checkpoint-for" | "stream-for", fallbackMs: number) => {
+    const text = v[name];
+    if (text === undefined) return fallbackMs * 1e6;
+    let ms = NaN;
+    try {
+      ms = parseDuration(text);
+    } catch {
+      // Said below.
+    }
+    if (!(ms >= 1 && ms <= 3_600_000)) throw new UsageError(`--${name} ${text}: must be a duration from 1ms to 1h (5s, 500ms, or seconds)`);
+    return ms * 1e6;
+  };
+  const checkpoint = {
+    everyNs: duration("checkpoint-every", 5000),
+    forNs: duration("checkpoint-for", 500),
+    writesPerSecond: workload === "bursty" ? positiveRate("checkpoint-rate", Math.max(1, 10 * rate)) : 1,
+    fraction: number(v["checkpoint-fraction"], "checkpoint-fraction", 0.25, (n) => n > 0 && n <= 1, "in (0, 1]"),
+  };
+  if (checkpoint.forNs >= checkpoint.everyNs) throw new UsageError(`--checkpoint-for must be shorter than --checkpoint-every (${checkpoint.forNs / 1e6} ms >= ${checkpoint.everyNs / 1e6} ms)`);
+  if ((workload === "bursty" || workload === "training") && !(rate > 0)) throw new UsageError(`--write-rate 0: --workload ${workload} writes in every phase (use --workload idle)`);
+  return {
+    writesPerSecond: rate,
+    hotFraction: number(v["hot-fraction"], "hot-fraction", 0.05, (n) => n > 0 && n <= 1, "in (0, 1]"),
+    hotWriteFraction: number(v["hot-write-fraction"], "hot-write-fraction", 0.9, (n) => n > 0 && n <= 1, "in (0, 1]"),
+    zipfSkew: number(v["zipf-skew"], "zipf-skew", 0.99, (n) => n > 0 && n <= 10, "in (0, 10]"),
+    checkpoint,
+    stream: { forNs: duration("stream-for", 2000), writesPerSecond: workload === "training" ? positiveRate("stream-rate", rate) : 1 },
+  };
+}
 
 export function guestSpec(v: Values, mechanism: MechanismSpec | null): GuestSpec {
   let memory: number;
@@ -298,8 +337,8 @@ export function guestSpec(v: Values, mechanism: MechanismSpec | null): GuestSpec
   }
   if (memory < 2 ** 20 || memory % 4096 !== 0) throw new UsageError(`--memory ${v.memory}: must be a multiple of 4 KiB and at least 1 MiB`);
   const vcpus = number(v.vcpus, "vcpus", 4, (n) => Number.isInteger(n) && n >= 1 && n <= 512, "a whole number in [1, 512]");
-  const pattern = PATTERNS[v.workload ?? "hot-cold"];
-  if (pattern === undefined) throw new UsageError(`--workload ${v.workload}: must be one of ${Object.keys(PATTERNS).join(", ")}`);
+  const workload = (v.workload ?? "hot-cold") as WorkloadName;
+  if (!(workload in WORKLOADS)) throw new UsageError(`--workload ${v.workload}: must be one of ${Object.keys(WORKLOADS).join(", ")}`);
   const backing = (v.backing ?? "4k") as GuestSpec["backing"];
   if (!(backing in BACKINGS)) throw new UsageError(`--backing ${v.backing}: must be one of ${Object.keys(BACKINGS).join(", ")}`);
   if (memory % { "4k": 4096, "2m": 2 ** 21, "1g": 2 ** 30 }[backing] !== 0) throw new UsageError(`--memory ${v.memory}: must be a multiple of the --backing page size ${backing}`);
@@ -311,13 +350,7 @@ export function guestSpec(v: Values, mechanism: MechanismSpec | null): GuestSpec
     vcpus,
     arch,
     backing,
-    workload: Workload.fromPartial({
-      pattern,
-      writesPerSecond: number(v["write-rate"], "write-rate", 100_000, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]"),
-      hotFraction: number(v["hot-fraction"], "hot-fraction", 0.05, (n) => n > 0 && n <= 1, "in (0, 1]"),
-      hotWriteFraction: number(v["hot-write-fraction"], "hot-write-fraction", 0.9, (n) => n > 0 && n <= 1, "in (0, 1]"),
-      zipfSkew: number(v["zipf-skew"], "zipf-skew", 0.99, (n) => n > 0 && n <= 10, "in (0, 10]"),
-    }),
+    workload: buildWorkload(workload, workloadParams(v, workload), memory / 4096),
     noisyWritesPerSecond: v["noisy-vcpu-rate"] === undefined ? null : number(v["noisy-vcpu-rate"], "noisy-vcpu-rate", 0, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]"),
     seed: number(v.seed, "seed", 1, (n) => Number.isInteger(n) && n >= 0, "a whole number >= 0"),
     ringEntries: number(v["ring-entries"], "ring-entries", 4096, (n) => Number.isInteger(n) && n >= 256 && n <= 65536 && (n & (n - 1)) === 0, "a power of two in [256, 65536]"),

@@ -1,4 +1,4 @@
-/** Parsing the CLI's quantities: link rates. */
+/** Parsing the CLI's quantities: link rates and durations. */
 
 /** "10Gbit", "10Gbps", "800Mbit/s", "1.25GB/s", "1GiB/s", or plain bits/s. Returns bits per second. */
 export function parseBandwidth(text: string): number {
@@ -9,4 +9,11 @@ export function parseBandwidth(text: string): number {
   const v = Number(num) * scale * (unit === "B" ? 8 : 1);
   if (!(v > 0)) throw new Error(`bandwidth '${text}' must be greater than zero`);
   return v;
+}
+
+/** "5s", "500ms", "1.5s", or a bare number of seconds. Returns ms. */
+export function parseDuration(text: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/.exec(text);
+  if (!m) throw new Error(`'${text}' is not a duration (examples: 5s, 500ms, 1.5)`);
+  return Number(m[1]) * (m[2] === "ms" ? 1 : 1000);
 }

@@ -111,6 +111,14 @@ describe("migration controller CLI", () => {
       [["serve", "--hypervisor-a", "127.0.0.1:1"], /serve needs --hypervisor-a and --hypervisor-b/],
       [["demo", "--memory", "12KiB"], /--memory 12KiB: must be a multiple of 4 KiB and at least 1 MiB/],
       [["demo", "--ring-entries", "1000"], /--ring-entries 1000: must be a power of two/],
+      [["demo", "--workload", "crypto"], /--workload crypto: must be one of hot-cold, uniform, sequential, zipf, bursty, training, idle/],
+      [["demo", "--checkpoint-every", "2s"], /--checkpoint-every is for --workload bursty/],
+      [["demo", "--workload", "bursty", "--stream-for", "2s"], /--stream-for is for --workload training/],
+      [["demo", "--workload", "bursty", "--checkpoint-every", "1s", "--checkpoint-for", "2s"], /--checkpoint-for must be shorter than --checkpoint-every/],
+      [["demo", "--workload", "bursty", "--checkpoint-every", "soon"], /--checkpoint-every soon: must be a duration from 1ms to 1h/],
+      [["demo", "--workload", "training", "--stream-rate", "0"], /--stream-rate 0: must be writes per second in \(0, 1e9\]/],
+      [["demo", "--workload", "training", "--write-rate", "0"], /--write-rate 0: --workload training writes in every phase/],
+      [["demo", "--backing", "3m"], /--backing 3m: must be one of 4k, 2m, 1g/],
       [["--frobnicate"], /Unknown option '--frobnicate'/],
       [["migrate", "--vm", "web", "--cpu-throttle-initial", "30"], /--cpu-throttle-initial needs --auto-converge/],
       [["migrate", "--vm", "web", "--auto-converge", "--max-cpu-throttle", "100"], /--max-cpu-throttle 100: must be a whole percentage in \[1, 99\]/],
@@ -202,5 +210,23 @@ test("the embedded demo runs a verified migration between two hypervisor process
   assert.match(r.out, /downtime [\d.]+ ms \(limit 300 ms\)/);
   const report = JSON.parse(await readFile(json, "utf8"));
   assert.equal(report.ram.duplicate, 0, "no zero page: the guest wrote every page before the migration");
+  await rm(dir, { recursive: true, force: true });
+});
+
+test("the phased workloads migrate and verify: a training job's streaming phase dirties all memory, then its hot loop converges; a database's checkpoint shows as a burst", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "phased-"));
+  const rounds = async (args: string[]) => {
+    const json = join(dir, "r.json");
+    const r = await cli(["demo", "--memory", "128MiB", "--vcpus", "2", "--quiet", "--bandwidth", "1Gbit", "--json", json, ...args]);
+    assert.equal(r.code, 0, r.err);
+    assert.match(r.out, /completed, verified/);
+    return JSON.parse(await readFile(json, "utf8")).rounds as { "dirty-pages": number; "guest-writes-rate": number }[];
+  };
+  const training = await rounds(["--workload", "training", "--stream-for", "1.5s", "--write-rate", "20000", "--stream-rate", "100000"]);
+  assert.equal(training[1]["dirty-pages"], 32768, "the stream wrote every page during round 0");
+  assert.ok(training.at(-1)!["dirty-pages"] < 32768 / 4, "the hot loop dirties a fraction");
+  const bursty = await rounds(["--workload", "bursty", "--checkpoint-every", "1.2s", "--checkpoint-for", "0.2s", "--write-rate", "2000", "--checkpoint-rate", "100000"]);
+  const rates = bursty.filter((x) => x["guest-writes-rate"] > 0).map((x) => x["guest-writes-rate"]);
+  assert.ok(Math.max(...rates) > 3 * 2 * 2000, `a round through a checkpoint writes faster than the base rate: ${rates.map(Math.round)}`);
   await rm(dir, { recursive: true, force: true });
 });

@@ -21,7 +21,7 @@ import { Hdbss } from "../model/hdbss.js";
 import { Pml } from "../model/pml.js";
 import type { StepStats } from "../model/vcpu.js";
 import type { Arch, Vm, BackingPageSize as Backing, LogTarget } from "../model/vm.js";
-import type { Pattern, WorkloadSpec } from "../model/workload.js";
+import { MAX_PHASES, type Pattern, type WorkloadPhase, type WorkloadSpec } from "../model/workload.js";
 
 /** A uint64 from the wire as a JS number, refusing values past 2^53. */
 export function num(v: bigint, what: string): number {
@@ -49,6 +49,7 @@ const PATTERN: Record<number, Pattern> = {
   [WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD]: "hot-cold",
   [WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL]: "sequential",
   [WorkloadPattern.WORKLOAD_PATTERN_ZIPF]: "zipf",
+  [WorkloadPattern.WORKLOAD_PATTERN_PHASED]: "phased",
 };
 const PATTERN_OUT: Record<Pattern, WorkloadPattern> = {
   idle: WorkloadPattern.WORKLOAD_PATTERN_IDLE,
@@ -56,7 +57,27 @@ const PATTERN_OUT: Record<Pattern, WorkloadPattern> = {
   "hot-cold": WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD,
   sequential: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL,
   zipf: WorkloadPattern.WORKLOAD_PATTERN_ZIPF,
+  phased: WorkloadPattern.WORKLOAD_PATTERN_PHASED,
 };
+
+/** A phased workload's phases: 1 to MAX_PHASES, none of them phased, durations > 0 but the last's, rates > 0. */
+function phasesFromProto(w: Workload, pattern: Pattern): WorkloadPhase[] {
+  if (pattern !== "phased") {
+    if (w.phases.length) throw invalidArgument(`workload phases are for WORKLOAD_PATTERN_PHASED; this workload's pattern is ${pattern}`);
+    return [];
+  }
+  if (w.phases.length === 0 || w.phases.length > MAX_PHASES) throw invalidArgument(`a phased workload has 1 to ${MAX_PHASES} phases, not ${w.phases.length}`);
+  return w.phases.map((ph, k) => {
+    const what = `workload phase ${k}`;
+    if (!ph.workload) throw invalidArgument(`${what} has no workload`);
+    if (ph.workload.pattern === WorkloadPattern.WORKLOAD_PATTERN_PHASED || ph.workload.phases.length) throw invalidArgument(`${what}: a phase cannot itself be phased`);
+    const durationNs = num(ph.durationNs, `${what} duration_ns`);
+    if (durationNs === 0 && k !== w.phases.length - 1) throw invalidArgument(`${what}: duration_ns 0 (for ever) is for the last phase only`);
+    const spec = workloadFromProto(ph.workload);
+    if (spec.pattern === "idle" || !(spec.writesPerSecond > 0)) throw invalidArgument(`${what}: a phase writes (a pattern other than idle, writes_per_second > 0); a quiet phase is a low rate`);
+    return { durationNs, spec };
+  });
+}
 
 export function workloadFromProto(w: Workload): WorkloadSpec {
   const pattern = PATTERN[w.pattern];
@@ -76,6 +97,7 @@ export function workloadFromProto(w: Workload): WorkloadSpec {
     value: w.value === WriteValue.WRITE_VALUE_EPOCH ? "epoch" : "sequence",
     epoch: w.epoch,
     seed: w.seed,
+    phases: phasesFromProto(w, pattern),
   };
 }
 
@@ -92,6 +114,7 @@ export function workloadToProto(s: WorkloadSpec): Workload {
     value: s.value === "epoch" ? WriteValue.WRITE_VALUE_EPOCH : WriteValue.WRITE_VALUE_SEQUENCE,
     epoch: s.epoch,
     seed: s.seed,
+    phases: s.phases.map((p) => ({ durationNs: BigInt(p.durationNs), workload: workloadToProto(p.spec) })),
   };
 }
 

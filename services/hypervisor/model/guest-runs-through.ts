@@ -36,7 +36,7 @@ export class GuestRunsThrough {
    */
   static start(vm: Vm, allowed: boolean, holdsLock: boolean, estimateNs: number): GuestRunsThrough | null {
     if (!allowed) return null;
-    const rate = vm.vcpus.reduce((n, v) => n + (!v.paused && v.gen.active ? v.gen.spec.writesPerSecond : 0), 0);
+    const rate = vm.vcpus.reduce((n, v) => n + (!v.paused && v.gen.active ? v.gen.peakWritesPerSecond : 0), 0);
     return (rate * estimateNs) / 1e9 <= MAX_RUN_THROUGH_WRITES ? new GuestRunsThrough(vm, holdsLock, estimateNs) : null;
   }
 

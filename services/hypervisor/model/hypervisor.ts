@@ -398,20 +398,21 @@ export class Hypervisor {
     return addWriteTracking(vm, gfn);
   }
 
-  validateWorkload(vm: Vm, w: WorkloadSpec): void {
+  validateWorkload(vm: Vm, w: WorkloadSpec, what = "workload"): void {
     if (!Number.isFinite(w.writesPerSecond) || w.writesPerSecond < 0 || w.writesPerSecond > 1e9) {
-      throw invalidArgument(`workload writes_per_second ${w.writesPerSecond} must be in [0, 1e9]`);
+      throw invalidArgument(`${what} writes_per_second ${w.writesPerSecond} must be in [0, 1e9]`);
     }
     const total = vm.totalWritablePages;
-    if (w.pattern !== "idle" && total === 0) throw invalidArgument("workload: the VM has no writable memslot to write to");
+    if (w.pattern !== "idle" && total === 0) throw invalidArgument(`${what}: the VM has no writable memslot to write to`);
     if (w.firstPage > total || w.pages > total - w.firstPage) {
-      throw invalidArgument(`workload: working set [${w.firstPage}, ${w.firstPage + w.pages}) runs past the VM's ${total} writable pages`);
+      throw invalidArgument(`${what}: working set [${w.firstPage}, ${w.firstPage + w.pages}) runs past the VM's ${total} writable pages`);
     }
-    if (!(w.hotFraction > 0 && w.hotFraction <= 1)) throw invalidArgument(`workload hot_fraction ${w.hotFraction} must be in (0, 1]`);
+    if (!(w.hotFraction > 0 && w.hotFraction <= 1)) throw invalidArgument(`${what} hot_fraction ${w.hotFraction} must be in (0, 1]`);
     if (!(w.hotWriteFraction >= 0 && w.hotWriteFraction <= 1)) {
-      throw invalidArgument(`workload hot_write_fraction ${w.hotWriteFraction} must be in [0, 1]`);
+      throw invalidArgument(`${what} hot_write_fraction ${w.hotWriteFraction} must be in [0, 1]`);
     }
-    if (!(w.zipfSkew > 0 && w.zipfSkew <= 10)) throw invalidArgument(`workload zipf_skew ${w.zipfSkew} must be in (0, 10]`);
+    if (!(w.zipfSkew > 0 && w.zipfSkew <= 10)) throw invalidArgument(`${what} zipf_skew ${w.zipfSkew} must be in (0, 10]`);
+    w.phases.forEach((p, k) => this.validateWorkload(vm, p.spec, `workload phase ${k}`));
   }
 }
 

@@ -327,7 +327,7 @@ export class Vm {
   private makeGen(spec: WorkloadSpec, i: number): WorkloadGen {
     const seed = spec.seed || deriveSeed(this.config.seed, i);
     const clamped = spec.firstPage >= this.writablePages ? { ...spec, pattern: "idle" as const } : spec;
-    return workloadGen(clamped, this.writablePages, seed, i, this.config.vcpus);
+    return workloadGen(clamped, this.writablePages, seed, i, this.config.vcpus).start(this.clockNs);
   }
 
   setWorkload(vcpu: number | undefined, spec: WorkloadSpec): void {
@@ -440,7 +440,7 @@ export class Vm {
 
   /** Each vCPU's workload with its generator's position, and the write sequence (GetVcpuState). */
   saveVcpuState(): { vcpus: { workload: WorkloadSpec; generator: Uint8Array }[]; writeSequence: number } {
-    return { vcpus: this.vcpus.map((v, i) => ({ workload: this.specs[i], generator: v.gen.save() })), writeSequence: this.writeSeq };
+    return { vcpus: this.vcpus.map((v, i) => ({ workload: this.specs[i], generator: v.gen.save(this.clockNs) })), writeSequence: this.writeSeq };
   }
 
   /** SetVcpuState: the vCPUs continue exactly where the saved ones stopped. Every vCPU must be paused. */
@@ -452,7 +452,7 @@ export class Vm {
     const gens = vcpus.map((s, k) => {
       if (s.index !== k) throw invalidArgument(`${what}: state ${k} is for vCPU ${s.index}; give them in order`, "EINVAL");
       const gen = this.makeGen(s.workload, k);
-      gen.restore(s.generator, `${what}: vCPU ${k}`);
+      gen.restore(s.generator, `${what}: vCPU ${k}`, this.clockNs);
       return gen;
     });
     gens.forEach((g, k) => {
@@ -499,7 +499,7 @@ export class Vm {
       v.time = until;
       return;
     }
-    const interval = Math.max(1e9 / gen.spec.writesPerSecond, this.costs.writeNs);
+    let interval = Math.max(1e9 / gen.writesPerSecond, this.costs.writeNs);
     const epochMode = gen.spec.value === "epoch";
     const eLo = gen.epochLo;
     const eHi = gen.epochHi;
@@ -516,8 +516,8 @@ export class Vm {
     let cur = gen.cursor;
     while (t < until) {
       if (cur === BATCH) {
-        gen.refill();
-        cur = 0;
+        cur = gen.refill(t);
+        interval = Math.max(1e9 / gen.writesPerSecond, this.costs.writeNs);
       }
       const vp = batch[cur];
       if (vp < seg.start || vp >= seg.end) {
@@ -635,8 +635,7 @@ export class Vm {
       }
       if (pc.waits[v.index] || v.ringFull || rs.nextAt >= until) break;
       if (rs.gen.cursor === rs.gen.batch.length) {
-        rs.gen.refill();
-        rs.gen.cursor = 0;
+        rs.gen.refill(v.time);
       }
       const vp = rs.gen.batch[rs.gen.cursor];
       const seg = this.segmentOf(vp);

@@ -31,8 +31,8 @@ export class ZipfSampler {
   }
 
   /** Fills out with pages first + the scattered rank of n draws (the key-value store's batch of writes). */
-  fill(out: Uint32Array, rng: Rng, first: number): void {
-    for (let i = 0; i < out.length; i++) out[i] = first + scatter(this.sample(rng) - 1, this.n);
+  fill(out: Uint32Array, from: number, rng: Rng, first: number): void {
+    for (let i = from; i < out.length; i++) out[i] = first + scatter(this.sample(rng) - 1, this.n);
   }
 
   /** A rank in [1, n]. */

@@ -33,7 +33,7 @@ test("ranks follow the Zipf law: P(k) = k^-s / H(n, s)", () => {
 test("the generator scatters the ranks over the working set, stays in it, and resumes exactly from a saved position", () => {
   const spec = { ...IDLE, pattern: "zipf" as const, writesPerSecond: 1e6, firstPage: 100, pages: 5000, zipfSkew: 0.99 };
   const gen = workloadGen(spec, 10_000, 7n, 0, 1);
-  gen.refill();
+  gen.refill(0);
   const pages = Array.from(gen.batch);
   assert.ok(pages.every((p) => p >= 100 && p < 5100));
   const counts = new Map<number, number>();
@@ -42,13 +42,13 @@ test("the generator scatters the ranks over the working set, stays in it, and re
   assert.ok(counts.get(top[0])! > BATCH / 20, "the hottest key takes a large share");
   assert.ok(Math.max(...top) - Math.min(...top) > 500, `the hottest keys are scattered, not adjacent: ${top}`);
   const again = workloadGen(spec, 10_000, 7n, 0, 1);
-  again.refill();
+  again.refill(0);
   assert.deepEqual(Array.from(again.batch), pages, "a seed gives the same pages");
-  const saved = gen.save();
-  gen.refill();
+  const saved = gen.save(0);
+  gen.refill(0);
   const resumed = workloadGen(spec, 10_000, 7n, 0, 1);
-  resumed.restore(saved, "test");
-  resumed.refill();
+  resumed.restore(saved, "test", 0);
+  resumed.refill(0);
   assert.deepEqual(Array.from(resumed.batch), Array.from(gen.batch));
 });
 

@@ -302,6 +302,12 @@ export enum WorkloadPattern {
    * ranks scattered over the working set as a hash table's keys are.
    */
   WORKLOAD_PATTERN_ZIPF = 5,
+  /**
+   * WORKLOAD_PATTERN_PHASED - Behaviour that changes with guest time: the workload's phases, each with its own pattern and
+   * rate, in order (a database's checkpoint every N seconds; a training job's streaming phase,
+   * then its hot loop).
+   */
+  WORKLOAD_PATTERN_PHASED = 6,
   UNRECOGNIZED = -1,
 }
 
@@ -325,6 +331,9 @@ export function workloadPatternFromJSON(object: any): WorkloadPattern {
     case 5:
     case "WORKLOAD_PATTERN_ZIPF":
       return WorkloadPattern.WORKLOAD_PATTERN_ZIPF;
+    case 6:
+    case "WORKLOAD_PATTERN_PHASED":
+      return WorkloadPattern.WORKLOAD_PATTERN_PHASED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -346,6 +355,8 @@ export function workloadPatternToJSON(object: WorkloadPattern): string {
       return "WORKLOAD_PATTERN_SEQUENTIAL";
     case WorkloadPattern.WORKLOAD_PATTERN_ZIPF:
       return "WORKLOAD_PATTERN_ZIPF";
+    case WorkloadPattern.WORKLOAD_PATTERN_PHASED:
+      return "WORKLOAD_PATTERN_PHASED";
     case WorkloadPattern.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -699,6 +710,18 @@ export interface Workload {
   readsPerSecond: number;
   /** ZIPF: the exponent, in (0, 10]; 0 means 0.99 (YCSB's zipfian constant). */
   zipfSkew: number;
+  /**
+   * PHASED: 1 to 16 phases, repeated in order unless the last one's duration is 0 (it lasts for
+   * ever). Time counts from when the workload is set; it migrates with the vCPU state.
+   */
+  phases: WorkloadPhase[];
+}
+
+export interface WorkloadPhase {
+  /** Guest time the phase lasts, > 0; 0 on the last phase only. */
+  durationNs: bigint;
+  /** The phase's pattern, rate (> 0), working set and its parameters; not PHASED itself. */
+  workload: Workload | undefined;
 }
 
 export interface CreateVmRequest {
@@ -1659,6 +1682,7 @@ function createBaseWorkload(): Workload {
     seed: 0n,
     readsPerSecond: 0,
     zipfSkew: 0,
+    phases: [],
   };
 }
 
@@ -1708,6 +1732,9 @@ export const Workload: MessageFns<Workload> = {
     }
     if (message.zipfSkew !== 0) {
       writer.uint32(89).double(message.zipfSkew);
+    }
+    for (const v of message.phases) {
+      WorkloadPhase.encode(v!, writer.uint32(98).fork()).join();
     }
     return writer;
   },
@@ -1813,6 +1840,14 @@ export const Workload: MessageFns<Workload> = {
             message.zipfSkew = reader.double();
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.phases.push(WorkloadPhase.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1866,6 +1901,9 @@ export const Workload: MessageFns<Workload> = {
         : isSet(object.zipf_skew)
         ? globalThis.Number(object.zipf_skew)
         : 0,
+      phases: globalThis.Array.isArray(object?.phases)
+        ? object.phases.map((e: any) => WorkloadPhase.fromJSON(e))
+        : [],
     };
   },
 
@@ -1904,6 +1942,9 @@ export const Workload: MessageFns<Workload> = {
     if (message.zipfSkew !== 0) {
       obj.zipfSkew = floatToJson(message.zipfSkew);
     }
+    if (message.phases?.length) {
+      obj.phases = message.phases.map((e) => WorkloadPhase.toJSON(e));
+    }
     return obj;
   },
 
@@ -1927,6 +1968,103 @@ export const Workload: MessageFns<Workload> = {
     message.seed = (object.seed !== undefined && object.seed !== null) ? BigInt(object.seed) : 0n;
     message.readsPerSecond = object.readsPerSecond ?? 0;
     message.zipfSkew = object.zipfSkew ?? 0;
+    message.phases = object.phases?.map((e) => WorkloadPhase.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseWorkloadPhase(): WorkloadPhase {
+  return { durationNs: 0n, workload: undefined };
+}
+
+export const WorkloadPhase: MessageFns<WorkloadPhase> = {
+  encode(message: WorkloadPhase, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.durationNs !== 0n) {
+      if (BigInt.asUintN(64, message.durationNs) !== message.durationNs) {
+        throw new globalThis.Error("value provided for field message.durationNs of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.durationNs);
+    }
+    if (message.workload !== undefined) {
+      Workload.encode(message.workload, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): WorkloadPhase {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWorkloadPhase();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.durationNs = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.workload = Workload.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): WorkloadPhase {
+    return {
+      durationNs: isSet(object.durationNs)
+        ? BigInt(object.durationNs)
+        : isSet(object.duration_ns)
+        ? BigInt(object.duration_ns)
+        : 0n,
+      workload: isSet(object.workload) ? Workload.fromJSON(object.workload) : undefined,
+    };
+  },
+
+  toJSON(message: WorkloadPhase): unknown {
+    const obj: any = {};
+    if (message.durationNs !== 0n) {
+      obj.durationNs = message.durationNs.toString();
+    }
+    if (message.workload !== undefined) {
+      obj.workload = Workload.toJSON(message.workload);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<WorkloadPhase>): WorkloadPhase {
+    return WorkloadPhase.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<WorkloadPhase>): WorkloadPhase {
+    const message = createBaseWorkloadPhase();
+    message.durationNs = (object.durationNs !== undefined && object.durationNs !== null)
+      ? BigInt(object.durationNs)
+      : 0n;
+    message.workload = (object.workload !== undefined && object.workload !== null)
+      ? Workload.fromPartial(object.workload)
+      : undefined;
     return message;
   },
 };
