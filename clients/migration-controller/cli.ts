@@ -23,6 +23,7 @@ import { WORKLOADS } from "./workloads.js";
 import { createDemoVm } from "./demo-vm.js";
 import { parseDuration } from "./units.js";
 import { COMPARE_HELP, runCompare } from "./compare/cli.js";
+import { PREDICT_HELP, runPredict } from "./predict/cli.js";
 import { checkOutputs, clientOptions, EXIT, exitFor, guestSpec, interruptOnSignals, number, OPTIONS, policy, SIGNAL_EXIT, UsageError, type Values } from "./flags.js";
 
 export { EXIT };
@@ -35,11 +36,15 @@ const HELP = `usage:
                                                             hypervisors (real-time clock), metrics on /metrics
   migration-controller compare [options]                    run a matrix of mechanisms, policies and links on one guest
                                                             and rank them (hypervisors started here, or --hypervisors)
+  migration-controller predict [options]                    predict a migration's rounds, time, downtime and whether it
+                                                            converges, from numbers or a measurement (--check: and run it)
   migration-controller estimate --vm NAME [options]         measure a running VM's dirty rate (QEMU's calc-dirty-rate)
   migration-controller calibrate [options]                  measure this host's KVM (/dev/kvm) and write a cost model
                                                             that HYPERVISOR_COST_MODEL loads (calibrate --help)
 
 ${COMPARE_HELP}
+
+${PREDICT_HELP}
 
 serve options:
   --hypervisor-a ADDR, --hypervisor-b ADDR   the two hypervisors (env MIGRATION_HYPERVISOR_A / _B)
@@ -428,7 +433,8 @@ export async function runCli(argv: string[], io: Io): Promise<number> {
     if (command === "serve") return await runServe(v, io);
     if (command === "estimate") return await runEstimate(v, io);
     if (command === "compare") return await runCompare(v, io);
-    throw new UsageError(`unknown command '${command}' (use demo, migrate, compare, serve, estimate or calibrate)`);
+    if (command === "predict") return await runPredict(v, io);
+    throw new UsageError(`unknown command '${command}' (use demo, migrate, compare, predict, serve, estimate or calibrate)`);
   } catch (err) {
     if (err instanceof UsageError) {
       io.err.write(`${err.message}\nrun with --help for usage\n`);

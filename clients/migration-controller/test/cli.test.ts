@@ -107,7 +107,7 @@ describe("migration controller CLI", () => {
       [["demo", "--arch", "riscv"], /--arch riscv: must be arm64 or x86_64/],
       [["migrate", "--vm", "web", "--mechanism", "bitmap+turbo"], /unknown part 'turbo'/],
       [["migrate", "--vm", "web", "--downtime-limit=-1"], /--downtime-limit -1/],
-      [["teleport"], /unknown command 'teleport' \(use demo, migrate, compare, serve, estimate or calibrate\)/],
+      [["teleport"], /unknown command 'teleport' \(use demo, migrate, compare, predict, serve, estimate or calibrate\)/],
       [["serve", "--hypervisor-a", "127.0.0.1:1"], /serve needs --hypervisor-a and --hypervisor-b/],
       [["demo", "--memory", "12KiB"], /--memory 12KiB: must be a multiple of 4 KiB and at least 1 MiB/],
       [["demo", "--ring-entries", "1000"], /--ring-entries 1000: must be a power of two/],
