@@ -24,6 +24,7 @@ import { createDemoVm } from "./demo-vm.js";
 import { parseDuration } from "./units.js";
 import { COMPARE_HELP, runCompare } from "./compare/cli.js";
 import { PREDICT_HELP, runPredict } from "./predict/cli.js";
+import { RECORD_HELP, runRecord } from "./trace/cli.js";
 import { checkOutputs, clientOptions, EXIT, exitFor, guestSpec, interruptOnSignals, number, OPTIONS, policy, SIGNAL_EXIT, UsageError, type Values } from "./flags.js";
 
 export { EXIT };
@@ -38,6 +39,7 @@ const HELP = `usage:
                                                             and rank them (hypervisors started here, or --hypervisors)
   migration-controller predict [options]                    predict a migration's rounds, time, downtime and whether it
                                                             converges, from numbers or a measurement (--check: and run it)
+  migration-controller record --vm NAME --out FILE          record a running VM's dirtied pages per interval (a trace to replay)
   migration-controller estimate --vm NAME [options]         measure a running VM's dirty rate (QEMU's calc-dirty-rate)
   migration-controller calibrate [options]                  measure this host's KVM (/dev/kvm) and write a cost model
                                                             that HYPERVISOR_COST_MODEL loads (calibrate --help)
@@ -45,6 +47,8 @@ const HELP = `usage:
 ${COMPARE_HELP}
 
 ${PREDICT_HELP}
+
+${RECORD_HELP}
 
 serve options:
   --hypervisor-a ADDR, --hypervisor-b ADDR   the two hypervisors (env MIGRATION_HYPERVISOR_A / _B)
@@ -81,6 +85,7 @@ ${Object.entries(WORKLOADS).map(([k, d]) => `                               ${k.
   --checkpoint-rate N        bursty: writes per second per vCPU during a checkpoint (default 10x --write-rate)
   --checkpoint-fraction F    bursty: share of memory a checkpoint writes, in (0, 1] (default 0.25)
   --stream-for T, --stream-rate N   training: the streaming phase's length (default 2s) and rate (default --write-rate)
+  --trace FILE               trace: the file \`record\` wrote (its vCPU count is the default --vcpus)
   --noisy-vcpu-rate N        vCPU 0 writes N per second instead (one noisy vCPU: per-vCPU dirty rates
                              and QEMU's dirty limit tell it from the others; default: as the others)
   --seed N                   workload seed (default 1)
@@ -434,7 +439,8 @@ export async function runCli(argv: string[], io: Io): Promise<number> {
     if (command === "estimate") return await runEstimate(v, io);
     if (command === "compare") return await runCompare(v, io);
     if (command === "predict") return await runPredict(v, io);
-    throw new UsageError(`unknown command '${command}' (use demo, migrate, compare, predict, serve, estimate or calibrate)`);
+    if (command === "record") return await runRecord(v, io);
+    throw new UsageError(`unknown command '${command}' (use demo, migrate, compare, predict, record, serve, estimate or calibrate)`);
   } catch (err) {
     if (err instanceof UsageError) {
       io.err.write(`${err.message}\nrun with --help for usage\n`);

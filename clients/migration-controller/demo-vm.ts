@@ -19,6 +19,8 @@ export interface GuestSpec {
   /** Every vCPU's workload (workloads.ts); vCPU 0's at its own rate when noisyWritesPerSecond is set. */
   workload: Workload;
   noisyWritesPerSecond: number | null;
+  /** Each vCPU's own workload instead (a replayed trace); null: `workload` on every vCPU. */
+  vcpuWorkloads: Workload[] | null;
   seed: number;
   /** Dirty-ring entries per vCPU, used when the mechanism logs to rings. */
   ringEntries: number;
@@ -68,7 +70,8 @@ export async function createDemoVm(hv: HypervisorClient, name: string, g: GuestS
     if (mapped >= total) break;
     step = (step * (total - mapped)) / Math.max(mapped, 1) + 1e6;
   }
-  await hv.setWorkload({ vm: name, workload: g.workload });
+  if (g.vcpuWorkloads) for (const [vcpu, workload] of g.vcpuWorkloads.entries()) await hv.setWorkload({ vm: name, vcpu, workload });
+  else await hv.setWorkload({ vm: name, workload: g.workload });
   if (g.noisyWritesPerSecond !== null) await hv.setWorkload({ vm: name, vcpu: 0, workload: withRate(g.workload, g.noisyWritesPerSecond) });
   const before = await writes(hv, name);
   await hv.advanceVm({ vm: name, durationNs: BigInt(WARMUP_NS) }, long);

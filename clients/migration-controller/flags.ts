@@ -15,6 +15,8 @@ import { archOf, MechanismError, parseMechanism, type MechanismSpec } from "./tr
 import { BACKINGS, type GuestSpec } from "./demo-vm.js";
 import { parseBandwidth, parseDuration } from "./units.js";
 import { buildWorkload, WORKLOADS, type WorkloadName, type WorkloadParams } from "./workloads.js";
+import type { TraceFile } from "./trace/format.js";
+import { readTrace, TraceFileError, traceWorkloads } from "./trace/replay.js";
 import { QEMU_AUTO_CONVERGE, type AutoConvergeConfig } from "./policies/auto-converge.js";
 import { QEMU_DIRTY_LIMIT, type DirtyLimitConfig } from "./policies/dirty-limit.js";
 import { applyMigrationPolicy, parseMigrationPolicy, PolicyFileError } from "./policies/kubevirt-policy.js";
@@ -65,6 +67,10 @@ export const OPTIONS = {
   "checkpoint-fraction": { type: "string" },
   "stream-for": { type: "string" },
   "stream-rate": { type: "string" },
+  trace: { type: "string" },
+  interval: { type: "string" },
+  intervals: { type: "string" },
+  out: { type: "string" },
   seed: { type: "string" },
   "ring-entries": { type: "string" },
   arch: { type: "string" },
@@ -261,8 +267,8 @@ export function clientOptions(v: Values, io: Io, cfg: { rpcTimeoutMs: number }):
 }
 
 /** Output files must be writable before a migration starts, not after it ran for an hour. */
-export function checkOutputs(v: Values): void {
-  for (const [flag, file] of [["json", v.json], ["report", v.report]] as const) {
+export function checkOutputs(v: Values, flags: readonly ("json" | "report" | "out")[] = ["json", "report"]): void {
+  for (const [flag, file] of flags.map((f) => [f, v[f]] as const)) {
     if (!file) continue;
     const path = resolve(file);
     const dir = dirname(path);
@@ -332,6 +338,19 @@ function workloadParams(v: Values, workload: WorkloadName): WorkloadParams {
   };
 }
 
+/** A trace file, or what is wrong with it, as a usage error (exit 2). */
+function traceFile(path: string): TraceFile;
+function traceFile<T>(path: string, then: (t: TraceFile) => T): T;
+function traceFile<T>(path: string, then?: (t: TraceFile) => T): T | TraceFile {
+  try {
+    const t = readTrace(path);
+    return then ? then(t) : t;
+  } catch (e) {
+    if (e instanceof TraceFileError) throw new UsageError(`--trace ${e.message}`);
+    throw e;
+  }
+}
+
 export function guestSpec(v: Values, mechanism: MechanismSpec | null): GuestSpec {
   let memory: number;
   try {
@@ -340,9 +359,13 @@ export function guestSpec(v: Values, mechanism: MechanismSpec | null): GuestSpec
     throw new UsageError(`--memory: ${(e as Error).message}`);
   }
   if (memory < 2 ** 20 || memory % 4096 !== 0) throw new UsageError(`--memory ${v.memory}: must be a multiple of 4 KiB and at least 1 MiB`);
-  const vcpus = number(v.vcpus, "vcpus", 4, (n) => Number.isInteger(n) && n >= 1 && n <= 512, "a whole number in [1, 512]");
   const workload = (v.workload ?? "hot-cold") as WorkloadName;
   if (!(workload in WORKLOADS)) throw new UsageError(`--workload ${v.workload}: must be one of ${Object.keys(WORKLOADS).join(", ")}`);
+  if ((workload === "trace") !== (v.trace !== undefined)) throw new UsageError(workload === "trace" ? "--workload trace needs --trace FILE" : "--trace FILE is for --workload trace");
+  const trace = v.trace === undefined ? null : traceFile(v.trace);
+  if (trace && v["noisy-vcpu-rate"] !== undefined) throw new UsageError("--noisy-vcpu-rate does not apply to --workload trace: the trace gives every vCPU its writes");
+  // A trace recorded per vCPU brings its vCPU count.
+  const vcpus = number(v.vcpus, "vcpus", trace && !trace.perVm ? trace.vcpus : 4, (n) => Number.isInteger(n) && n >= 1 && n <= 512, "a whole number in [1, 512]");
   const backing = (v.backing ?? "4k") as GuestSpec["backing"];
   if (!(backing in BACKINGS)) throw new UsageError(`--backing ${v.backing}: must be one of ${Object.keys(BACKINGS).join(", ")}`);
   if (memory % { "4k": 4096, "2m": 2 ** 21, "1g": 2 ** 30 }[backing] !== 0) throw new UsageError(`--memory ${v.memory}: must be a multiple of the --backing page size ${backing}`);
@@ -355,6 +378,7 @@ export function guestSpec(v: Values, mechanism: MechanismSpec | null): GuestSpec
     arch,
     backing,
     workload: buildWorkload(workload, workloadParams(v, workload), memory / 4096),
+    vcpuWorkloads: trace ? traceFile(v.trace!, (t) => traceWorkloads(t, v.trace!, vcpus, memory / 4096)) : null,
     noisyWritesPerSecond: v["noisy-vcpu-rate"] === undefined ? null : number(v["noisy-vcpu-rate"], "noisy-vcpu-rate", 0, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]"),
     seed: number(v.seed, "seed", 1, (n) => Number.isInteger(n) && n >= 0, "a whole number >= 0"),
     ringEntries: number(v["ring-entries"], "ring-entries", 4096, (n) => Number.isInteger(n) && n >= 256 && n <= 65536 && (n & (n - 1)) === 0, "a power of two in [256, 65536]"),

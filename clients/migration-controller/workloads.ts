@@ -13,6 +13,7 @@ export const WORKLOADS = {
   zipf: "a key-value store: the page of rank k written with probability ~ 1/k^--zipf-skew, ranks scattered as a hash table's keys",
   bursty: "a database: hot-cold writes, and every --checkpoint-every a checkpoint that writes --checkpoint-fraction of memory at --checkpoint-rate",
   training: "a training job: streams through all memory at --stream-rate for --stream-for (loading data), then a hot-cold loop for ever",
+  trace: "a recorded trace (--trace FILE, from `record`) replayed: each interval's pages written once each, in a loop",
   idle: "no writes",
 } as const;
 export type WorkloadName = keyof typeof WORKLOADS;
@@ -57,7 +58,8 @@ export function buildWorkload(name: WorkloadName, p: WorkloadParams, totalPages:
       { durationNs: 0, workload: hotCold },
     ]);
   }
-  return Workload.fromPartial({ pattern: PLAIN[name], writesPerSecond: p.writesPerSecond, hotFraction: p.hotFraction, hotWriteFraction: p.hotWriteFraction, zipfSkew: p.zipfSkew });
+  // A trace is per vCPU (trace/replay.ts); every vCPU gets its own, and this stays idle.
+  return Workload.fromPartial({ pattern: PLAIN[name] ?? WorkloadPattern.WORKLOAD_PATTERN_IDLE, writesPerSecond: p.writesPerSecond, hotFraction: p.hotFraction, hotWriteFraction: p.hotWriteFraction, zipfSkew: p.zipfSkew });
 }
 
 /** The workload with vCPU 0's rate: every phase scaled as the base rate is. */

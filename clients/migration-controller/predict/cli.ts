@@ -143,7 +143,7 @@ export async function runPredict(v: Values, io: Io): Promise<number> {
     const arch = archOf(mechanism) === "x86_64" ? "x86_64" : "arm64";
     const workload = Workload.fromPartial({ pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: n.dirtyPagesPerSecond / n.vcpus, workingSetPages: BigInt(pages) });
     const ran = await runComparison({
-      guest: { memoryBytes: n.memoryBytes, vcpus: n.vcpus, backing: "4k", workload, noisyWritesPerSecond: null, seed: 1, ringEntries },
+      guest: { memoryBytes: n.memoryBytes, vcpus: n.vcpus, backing: "4k", workload, noisyWritesPerSecond: null, vcpuWorkloads: null, seed: 1, ringEntries },
       cells: [{ index: 0, arch, mechanism, policy: "predict", config: cfg }],
       jobs: 1,
     });

@@ -21,7 +21,7 @@ import { Hdbss } from "../model/hdbss.js";
 import { Pml } from "../model/pml.js";
 import type { StepStats } from "../model/vcpu.js";
 import type { Arch, Vm, BackingPageSize as Backing, LogTarget } from "../model/vm.js";
-import { MAX_PHASES, type Pattern, type WorkloadPhase, type WorkloadSpec } from "../model/workload.js";
+import { MAX_PHASES, MAX_TRACE_PAGES, type Pattern, type Trace, type WorkloadPhase, type WorkloadSpec } from "../model/workload.js";
 
 /** A uint64 from the wire as a JS number, refusing values past 2^53. */
 export function num(v: bigint, what: string): number {
@@ -50,6 +50,7 @@ const PATTERN: Record<number, Pattern> = {
   [WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL]: "sequential",
   [WorkloadPattern.WORKLOAD_PATTERN_ZIPF]: "zipf",
   [WorkloadPattern.WORKLOAD_PATTERN_PHASED]: "phased",
+  [WorkloadPattern.WORKLOAD_PATTERN_TRACE]: "trace",
 };
 const PATTERN_OUT: Record<Pattern, WorkloadPattern> = {
   idle: WorkloadPattern.WORKLOAD_PATTERN_IDLE,
@@ -58,6 +59,7 @@ const PATTERN_OUT: Record<Pattern, WorkloadPattern> = {
   sequential: WorkloadPattern.WORKLOAD_PATTERN_SEQUENTIAL,
   zipf: WorkloadPattern.WORKLOAD_PATTERN_ZIPF,
   phased: WorkloadPattern.WORKLOAD_PATTERN_PHASED,
+  trace: WorkloadPattern.WORKLOAD_PATTERN_TRACE,
 };
 
 /** A phased workload's phases: 1 to MAX_PHASES, none of them phased, durations > 0 but the last's, rates > 0. */
@@ -79,6 +81,36 @@ function phasesFromProto(w: Workload, pattern: Pattern): WorkloadPhase[] {
   });
 }
 
+/** A trace workload's pages, flattened: at least one page, at most MAX_TRACE_PAGES, an interval > 0, no reads. */
+function traceFromProto(w: Workload, pattern: Pattern): Trace | null {
+  if (pattern !== "trace") {
+    if (w.trace) throw invalidArgument(`workload trace is for WORKLOAD_PATTERN_TRACE; this workload's pattern is ${pattern}`);
+    return null;
+  }
+  const t = w.trace;
+  if (!t) throw invalidArgument("a trace workload needs its trace");
+  const intervalNs = num(t.intervalNs, "trace interval_ns");
+  if (intervalNs === 0) throw invalidArgument("trace interval_ns must be > 0");
+  if (t.intervals.length === 0) throw invalidArgument("the trace has no intervals");
+  const total = t.intervals.reduce((n, i) => n + i.pages.length, 0);
+  if (total === 0) throw invalidArgument("the trace has no pages in any interval");
+  if (total > MAX_TRACE_PAGES) throw invalidArgument(`the trace has ${total} pages; at most ${MAX_TRACE_PAGES} per vCPU`);
+  if (w.readsPerSecond > 0) throw invalidArgument("a trace replays writes only: reads_per_second must be 0");
+  const pages = new Uint32Array(total);
+  const offsets = new Uint32Array(t.intervals.length + 1);
+  t.intervals.forEach((iv, k) => {
+    pages.set(iv.pages, offsets[k]);
+    offsets[k + 1] = offsets[k] + iv.pages.length;
+  });
+  return { intervalNs, pages, offsets };
+}
+
+function traceToProto(t: Trace | null, withPages: boolean): Workload["trace"] {
+  if (!t) return undefined;
+  if (!withPages) return { intervalNs: BigInt(t.intervalNs), intervals: [] };
+  return { intervalNs: BigInt(t.intervalNs), intervals: Array.from({ length: t.offsets.length - 1 }, (_, k) => ({ pages: Array.from(t.pages.subarray(t.offsets[k], t.offsets[k + 1])) })) };
+}
+
 export function workloadFromProto(w: Workload): WorkloadSpec {
   const pattern = PATTERN[w.pattern];
   if (!pattern) throw invalidArgument(`unknown workload pattern ${w.pattern}`);
@@ -98,10 +130,12 @@ export function workloadFromProto(w: Workload): WorkloadSpec {
     epoch: w.epoch,
     seed: w.seed,
     phases: phasesFromProto(w, pattern),
+    trace: traceFromProto(w, pattern),
   };
 }
 
-export function workloadToProto(s: WorkloadSpec): Workload {
+/** The workload as the API shows it; a trace's pages only when asked (GetVcpuState), not in every VmInfo. */
+export function workloadToProto(s: WorkloadSpec, withTrace = false): Workload {
   return {
     pattern: PATTERN_OUT[s.pattern],
     writesPerSecond: s.writesPerSecond,
@@ -115,6 +149,7 @@ export function workloadToProto(s: WorkloadSpec): Workload {
     epoch: s.epoch,
     seed: s.seed,
     phases: s.phases.map((p) => ({ durationNs: BigInt(p.durationNs), workload: workloadToProto(p.spec) })),
+    trace: traceToProto(s.trace, withTrace),
   };
 }
 

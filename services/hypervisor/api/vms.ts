@@ -140,6 +140,7 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
       if (req.vcpu !== undefined) vm.vcpu(req.vcpu, "set workload");
       const spec = workloadFromProto(req.workload);
       hv.validateWorkload(vm, spec);
+      hv.checkTraces(vm, req.vcpu, spec);
       vm.setWorkload(req.vcpu, spec);
       return { vm: vmInfo(vm) };
     },
@@ -177,7 +178,7 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
     getVcpuState(req) {
       const st = hv.vm(req.vm).saveVcpuState();
       return {
-        vcpus: st.vcpus.map((v, index) => ({ index, workload: workloadToProto(v.workload), generator: asBuffer(v.generator) })),
+        vcpus: st.vcpus.map((v, index) => ({ index, workload: workloadToProto(v.workload, true), generator: asBuffer(v.generator) })),
         writeSequence: BigInt(st.writeSequence),
       };
     },

@@ -9,7 +9,7 @@ import { formatBytes } from "../../../common/config.js";
 import type { CostModel } from "./cost-model.js";
 import { PAGE_SIZE } from "./descriptor.js";
 import { checkRingBytes, DirtyRing, ENTRY_BYTES, MAX_ENTRIES } from "./dirty-ring.js";
-import { BATCH } from "./workload.js";
+import { BATCH, MAX_TRACE_PAGES } from "./workload.js";
 import { KNOWN_FLAGS, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MAX_SLOT_PAGES, Memslot, USER_MEM_SLOTS } from "./memslot.js";
 import { INITIALLY_SET, MANUAL_PROTECT_ENABLE, Vm, type Arch, type BackingPageSize, type ClockDrive } from "./vm.js";
 import { Pml } from "./pml.js";
@@ -166,7 +166,10 @@ export class Hypervisor {
     if (spec.dirtyRing?.withBitmap) this.enableCap(vm, CAP.DIRTY_LOG_RING_WITH_BITMAP, 0, []);
     if (spec.eagerSplitChunkSize !== 0) this.enableCap(vm, CAP.ARM_EAGER_SPLIT_CHUNK_SIZE, 0, [BigInt(spec.eagerSplitChunkSize)]);
     for (const s of spec.memslots) this.setUserMemoryRegion(vm, s);
-    if (spec.workload) this.validateWorkload(vm, spec.workload);
+    if (spec.workload) {
+      this.validateWorkload(vm, spec.workload);
+      this.checkTraces(vm, undefined, spec.workload);
+    }
     this.nextVmid++;
     this.vms.set(vm.name, vm);
     if (spec.workload) vm.setWorkload(undefined, spec.workload);
@@ -413,6 +416,23 @@ export class Hypervisor {
     }
     if (!(w.zipfSkew > 0 && w.zipfSkew <= 10)) throw invalidArgument(`${what} zipf_skew ${w.zipfSkew} must be in (0, 10]`);
     w.phases.forEach((p, k) => this.validateWorkload(vm, p.spec, `workload phase ${k}`));
+    if (w.trace) {
+      const bad = w.trace.pages.find((p) => p >= total);
+      if (bad !== undefined) throw invalidArgument(`${what}: trace page ${bad} is past the VM's ${total} writable pages`);
+    }
+  }
+
+  /**
+   * Traces set on vCPUs (all of them when vcpu is undefined): GetVcpuState
+   * carries every vCPU's, so the VM's together stay within one message
+   * (MAX_TRACE_PAGES), and their arrays count against the budget.
+   */
+  checkTraces(vm: Vm, vcpu: number | undefined, w: WorkloadSpec): void {
+    if (!w.trace) return;
+    const pagesOf = (s: WorkloadSpec) => s.trace?.pages.length ?? 0;
+    const total = vm.vcpus.reduce((n, v) => n + (vcpu === undefined || v.index === vcpu ? pagesOf(w) : pagesOf(vm.workloadOf(v.index))), 0);
+    if (total > MAX_TRACE_PAGES) throw invalidArgument(`the VM's traces would hold ${total} pages over its vCPUs; at most ${MAX_TRACE_PAGES} (GetVcpuState carries them all)`);
+    this.checkBudget(w.trace.pages.byteLength + w.trace.offsets.byteLength, `the trace workload of VM ${vm.name}`);
   }
 }
 

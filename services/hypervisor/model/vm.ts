@@ -471,6 +471,8 @@ export class Vm {
     for (const v of this.vcpus) n += v.allocatedBytes;
     let snapshot = 0;
     for (const c of this.resumeSnapshot?.values() ?? []) snapshot += c.byteLength;
+    // vCPUs given one SetWorkload share its trace.
+    for (const t of new Set(this.specs.map((sp) => sp.trace))) if (t) n += t.pages.byteLength + t.offsets.byteLength;
     return n + this.writeTrack.allocatedBytes + (this.hw?.allocatedBytes ?? 0) + snapshot + (this.postcopy?.allocatedBytes ?? 0);
   }
 
@@ -517,6 +519,11 @@ export class Vm {
     while (t < until) {
       if (cur === BATCH) {
         cur = gen.refill(t);
+        if (cur === BATCH) {
+          // Nothing to write until then (a trace's quiet stretch).
+          t = Math.min(until, gen.idleUntilNs);
+          continue;
+        }
         interval = Math.max(1e9 / gen.writesPerSecond, this.costs.writeNs);
       }
       const vp = batch[cur];

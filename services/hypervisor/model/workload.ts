@@ -16,7 +16,17 @@ import { ZipfSampler } from "./zipf.js";
 const STATE_VERSION = 2;
 const STATE_HEADER = 1 + 16 + 8 + 8 + 1;
 
-export type Pattern = "idle" | "uniform" | "hot-cold" | "sequential" | "zipf" | "phased";
+export type Pattern = "idle" | "uniform" | "hot-cold" | "sequential" | "zipf" | "phased" | "trace";
+
+/** A recorded trace: per interval, the pages one vCPU dirtied (pages[offsets[k], offsets[k + 1]) for interval k). */
+export interface Trace {
+  intervalNs: number;
+  pages: Uint32Array;
+  offsets: Uint32Array;
+}
+
+/** At most this many pages in one vCPU's trace (64 MiB: the gRPC message limit). */
+export const MAX_TRACE_PAGES = 16 * 2 ** 20;
 
 /** One phase of a phased workload: its own pattern and rate, for a stretch of guest time. */
 export interface WorkloadPhase {
@@ -47,6 +57,8 @@ export interface WorkloadSpec {
   seed: bigint;
   /** PHASED: the phases in order, repeated unless the last lasts for ever; empty for the other patterns. */
   phases: WorkloadPhase[];
+  /** TRACE: the recorded pages replayed; null for the other patterns. */
+  trace: Trace | null;
 }
 
 export const IDLE: WorkloadSpec = Object.freeze({
@@ -62,6 +74,7 @@ export const IDLE: WorkloadSpec = Object.freeze({
   epoch: 0n,
   seed: 0n,
   phases: [],
+  trace: null,
 }) as WorkloadSpec;
 
 export const BATCH = 1024;
@@ -98,6 +111,11 @@ export class WorkloadGen {
     this.seqPos = Math.floor((this.size * vcpuIndex) / Math.max(1, vcpuCount));
     this.epochLo = Number(spec.epoch & 0xffffffffn) | 0;
     this.epochHi = Number((spec.epoch >> 32n) & 0xffffffffn) | 0;
+  }
+
+  /** Whether a saved sequential position fits this workload. */
+  protected positionOk(pos: number): boolean {
+    return this.size === 0 || pos < this.size;
   }
 
   /** Where the workload begins: its phases count guest time from here. */
@@ -141,7 +159,7 @@ export class WorkloadGen {
     const queued = (state.byteLength - header) / 4;
     if (queued > BATCH) throw bad(`queues ${queued} pages, more than a batch (${BATCH})`);
     const seqPos = Number(dv.getBigUint64(17, true));
-    if (this.size > 0 && seqPos >= this.size) throw bad(`position ${seqPos} is past the working set (${this.size} pages)`);
+    if (!this.positionOk(seqPos)) throw bad(`position ${seqPos} is past the working set (${this.size} pages)`);
     const elapsed = dv.getFloat64(25, true);
     if (!(elapsed >= 0 && Number.isFinite(elapsed))) throw bad(`elapsed time ${elapsed} is out of range`);
     const phasePos = phases.map((g, k) => {
@@ -161,6 +179,9 @@ export class WorkloadGen {
     this.originNs = nowNs - elapsed;
     this.cursor = cursor;
   }
+
+  /** When refill() returns BATCH (no pages), the guest time until which the vCPU has nothing to write (a trace's quiet stretch). */
+  idleUntilNs = 0;
 
   /** The current demanded writes per second (a phased workload's changes at its refills). */
   get writesPerSecond(): number {
@@ -281,8 +302,84 @@ class PhasedGen extends WorkloadGen {
   }
 }
 
+/** Pages per batch of a trace: the spacing is re-aimed at the interval's end this often, so faults do not push writes into the next interval. */
+const TRACE_BATCH = 64;
+const TRACE_AIM = 0.9;
+
+/**
+ * A recorded trace replayed: interval k's pages are written once each,
+ * evenly over [origin + k I, origin + (k + 1) I), and the trace loops. A
+ * vCPU with nothing left in an interval idles to the next one's start. The
+ * position in the trace (loops, interval, page) is the saved sequential
+ * position, so it migrates as the other patterns' does.
+ */
+class TraceGen extends WorkloadGen {
+  private readonly trace: Trace;
+  private readonly intervals: number;
+  private readonly total: number;
+  private rate = 0;
+
+  constructor(spec: WorkloadSpec, totalPages: number, seed: bigint, vcpuIndex: number, vcpuCount: number) {
+    super(spec, totalPages, seed, vcpuIndex, vcpuCount);
+    this.trace = spec.trace!;
+    this.intervals = this.trace.offsets.length - 1;
+    this.total = this.trace.pages.length;
+    this.seqPos = 0;
+  }
+
+  override get active(): boolean {
+    return this.total > 0;
+  }
+
+  /** The position counts pages replayed, loops included. */
+  protected override positionOk(pos: number): boolean {
+    return Number.isSafeInteger(pos);
+  }
+
+  override get writesPerSecond(): number {
+    return this.rate;
+  }
+
+  override get peakWritesPerSecond(): number {
+    let most = 0;
+    const o = this.trace.offsets;
+    for (let k = 0; k < this.intervals; k++) most = Math.max(most, o[k + 1] - o[k]);
+    return (most * 1e9) / this.trace.intervalNs;
+  }
+
+  override refill(tNs: number): number {
+    const { offsets, intervalNs, pages } = this.trace;
+    const loop = Math.floor(this.seqPos / this.total);
+    let at = this.seqPos - loop * this.total;
+    // The interval holding position `at`: the k with offsets[k] <= at < offsets[k + 1] (empty intervals hold none).
+    let lo = 0;
+    let hi = this.intervals - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >>> 1;
+      if (offsets[mid] <= at) lo = mid;
+      else hi = mid - 1;
+    }
+    const k = lo;
+    const start = this.originNs + (loop * this.intervals + k) * intervalNs;
+    if (tNs < start) {
+      this.idleUntilNs = start;
+      return (this.cursor = BATCH);
+    }
+    const left = offsets[k + 1] - at;
+    const n = Math.min(TRACE_BATCH, left);
+    // Aimed at 90% of what is left of the interval: the slack absorbs what the writes cost the vCPU (faults), so none spills into the next one.
+    const spacing = (TRACE_AIM * Math.max(0, start + intervalNs - tNs)) / left;
+    this.rate = spacing > 0 ? 1e9 / spacing : Infinity;
+    this.batch.set(pages.subarray(at, at + n), BATCH - n);
+    at += n;
+    this.seqPos = loop * this.total + at;
+    return (this.cursor = BATCH - n);
+  }
+}
+
 /** The generator for spec: each pattern's stream of pages. */
 export function workloadGen(spec: WorkloadSpec, totalPages: number, seed: bigint, vcpuIndex: number, vcpuCount: number, rng?: Rng): WorkloadGen {
   if (spec.pattern === "phased") return new PhasedGen(spec, totalPages, seed, vcpuIndex, vcpuCount);
+  if (spec.pattern === "trace") return new TraceGen(spec, totalPages, seed, vcpuIndex, vcpuCount);
   return spec.pattern === "zipf" ? new ZipfGen(spec, totalPages, seed, vcpuIndex, vcpuCount, rng) : new WorkloadGen(spec, totalPages, seed, vcpuIndex, vcpuCount, rng);
 }

@@ -110,4 +110,30 @@ describe("phased workloads", () => {
     ];
     for (const [workload, message] of cases) await rejects(h.client.setWorkload({ vm: "bad", workload }), status.INVALID_ARGUMENT, message);
   });
+
+  test("a trace workload writes each interval's pages once, idles through an empty interval, and malformed traces are refused", async () => {
+    await touched("tr", 200n * MS);
+    const trace = { intervalNs: 50n * MS, intervals: [{ pages: [1, 2, 3] }, { pages: [] }, { pages: [9000, 9001] }] };
+    await h.client.setWorkload({ vm: "tr", workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_TRACE, trace } });
+    const got: number[][] = [];
+    for (let i = 0; i < 6; i++) {
+      await h.client.advanceVm({ vm: "tr", durationNs: 50n * MS });
+      got.push(pagesOf((await h.client.getDirtyLog({ vm: "tr", slot: 0 })).bitmap));
+    }
+    assert.deepEqual(got, [[1, 2, 3], [], [9000, 9001], [1, 2, 3], [], [9000, 9001]], "in a loop");
+    assert.equal((await h.client.getVm({ vm: "tr" })).vm!.vcpus[0].workload!.trace!.intervals.length, 0, "VmInfo leaves the pages out");
+    const state = await h.client.getVcpuState({ vm: "tr" });
+    assert.equal(state.vcpus[0].workload!.trace!.intervals.length, 3, "GetVcpuState carries them");
+    const t = (tr: object, extra: object = {}) => Workload.fromPartial({ pattern: WorkloadPattern.WORKLOAD_PATTERN_TRACE, trace: tr, ...extra });
+    const cases: [Workload, RegExp][] = [
+      [Workload.fromPartial({ pattern: WorkloadPattern.WORKLOAD_PATTERN_TRACE }), /a trace workload needs its trace/],
+      [t({ intervalNs: 0n, intervals: [{ pages: [1] }] }), /trace interval_ns must be > 0/],
+      [t({ intervalNs: MS, intervals: [] }), /the trace has no intervals/],
+      [t({ intervalNs: MS, intervals: [{ pages: [] }] }), /the trace has no pages in any interval/],
+      [t({ intervalNs: MS, intervals: [{ pages: [1] }] }, { readsPerSecond: 5 }), /a trace replays writes only/],
+      [t({ intervalNs: MS, intervals: [{ pages: [16384] }] }), /workload: trace page 16384 is past the VM's 16384 writable pages/],
+      [Workload.fromPartial({ pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 1, trace: { intervalNs: MS, intervals: [] } }), /workload trace is for WORKLOAD_PATTERN_TRACE/],
+    ];
+    for (const [workload, message] of cases) await rejects(h.client.setWorkload({ vm: "tr", workload }), status.INVALID_ARGUMENT, message);
+  });
 });

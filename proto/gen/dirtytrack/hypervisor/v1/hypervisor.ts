@@ -308,6 +308,11 @@ export enum WorkloadPattern {
    * then its hot loop).
    */
   WORKLOAD_PATTERN_PHASED = 6,
+  /**
+   * WORKLOAD_PATTERN_TRACE - A recorded trace replayed: per interval, the pages to write (trace), each once, evenly over the
+   * interval; the trace loops.
+   */
+  WORKLOAD_PATTERN_TRACE = 7,
   UNRECOGNIZED = -1,
 }
 
@@ -334,6 +339,9 @@ export function workloadPatternFromJSON(object: any): WorkloadPattern {
     case 6:
     case "WORKLOAD_PATTERN_PHASED":
       return WorkloadPattern.WORKLOAD_PATTERN_PHASED;
+    case 7:
+    case "WORKLOAD_PATTERN_TRACE":
+      return WorkloadPattern.WORKLOAD_PATTERN_TRACE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -357,6 +365,8 @@ export function workloadPatternToJSON(object: WorkloadPattern): string {
       return "WORKLOAD_PATTERN_ZIPF";
     case WorkloadPattern.WORKLOAD_PATTERN_PHASED:
       return "WORKLOAD_PATTERN_PHASED";
+    case WorkloadPattern.WORKLOAD_PATTERN_TRACE:
+      return "WORKLOAD_PATTERN_TRACE";
     case WorkloadPattern.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -715,6 +725,22 @@ export interface Workload {
    * ever). Time counts from when the workload is set; it migrates with the vCPU state.
    */
   phases: WorkloadPhase[];
+  /** TRACE: what this vCPU replays (at most 16 Mi pages in all; no reads). */
+  trace: TraceWorkload | undefined;
+}
+
+export interface TraceWorkload {
+  /** Guest time each interval lasts, > 0. */
+  intervalNs: bigint;
+  /**
+   * In order: the pages dirtied in each interval, as indices into the VM's writable pages taken in
+   * slot order (as working_set_first_page counts them); at least one page in all.
+   */
+  intervals: TraceInterval[];
+}
+
+export interface TraceInterval {
+  pages: number[];
 }
 
 export interface WorkloadPhase {
@@ -787,6 +813,7 @@ export interface CreateVmResponse {
 export interface VcpuInfo {
   index: number;
   paused: boolean;
+  /** A trace workload's intervals are left out here (its interval_ns stays); GetVcpuState carries them. */
   workload: Workload | undefined;
   writes: bigint;
   writeFaults: bigint;
@@ -1683,6 +1710,7 @@ function createBaseWorkload(): Workload {
     readsPerSecond: 0,
     zipfSkew: 0,
     phases: [],
+    trace: undefined,
   };
 }
 
@@ -1735,6 +1763,9 @@ export const Workload: MessageFns<Workload> = {
     }
     for (const v of message.phases) {
       WorkloadPhase.encode(v!, writer.uint32(98).fork()).join();
+    }
+    if (message.trace !== undefined) {
+      TraceWorkload.encode(message.trace, writer.uint32(106).fork()).join();
     }
     return writer;
   },
@@ -1848,6 +1879,14 @@ export const Workload: MessageFns<Workload> = {
             message.phases.push(WorkloadPhase.decode(reader, reader.uint32()));
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.trace = TraceWorkload.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1904,6 +1943,7 @@ export const Workload: MessageFns<Workload> = {
       phases: globalThis.Array.isArray(object?.phases)
         ? object.phases.map((e: any) => WorkloadPhase.fromJSON(e))
         : [],
+      trace: isSet(object.trace) ? TraceWorkload.fromJSON(object.trace) : undefined,
     };
   },
 
@@ -1945,6 +1985,9 @@ export const Workload: MessageFns<Workload> = {
     if (message.phases?.length) {
       obj.phases = message.phases.map((e) => WorkloadPhase.toJSON(e));
     }
+    if (message.trace !== undefined) {
+      obj.trace = TraceWorkload.toJSON(message.trace);
+    }
     return obj;
   },
 
@@ -1969,6 +2012,186 @@ export const Workload: MessageFns<Workload> = {
     message.readsPerSecond = object.readsPerSecond ?? 0;
     message.zipfSkew = object.zipfSkew ?? 0;
     message.phases = object.phases?.map((e) => WorkloadPhase.fromPartial(e)) || [];
+    message.trace = (object.trace !== undefined && object.trace !== null)
+      ? TraceWorkload.fromPartial(object.trace)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseTraceWorkload(): TraceWorkload {
+  return { intervalNs: 0n, intervals: [] };
+}
+
+export const TraceWorkload: MessageFns<TraceWorkload> = {
+  encode(message: TraceWorkload, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.intervalNs !== 0n) {
+      if (BigInt.asUintN(64, message.intervalNs) !== message.intervalNs) {
+        throw new globalThis.Error("value provided for field message.intervalNs of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.intervalNs);
+    }
+    for (const v of message.intervals) {
+      TraceInterval.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TraceWorkload {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTraceWorkload();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.intervalNs = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.intervals.push(TraceInterval.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TraceWorkload {
+    return {
+      intervalNs: isSet(object.intervalNs)
+        ? BigInt(object.intervalNs)
+        : isSet(object.interval_ns)
+        ? BigInt(object.interval_ns)
+        : 0n,
+      intervals: globalThis.Array.isArray(object?.intervals)
+        ? object.intervals.map((e: any) => TraceInterval.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: TraceWorkload): unknown {
+    const obj: any = {};
+    if (message.intervalNs !== 0n) {
+      obj.intervalNs = message.intervalNs.toString();
+    }
+    if (message.intervals?.length) {
+      obj.intervals = message.intervals.map((e) => TraceInterval.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<TraceWorkload>): TraceWorkload {
+    return TraceWorkload.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<TraceWorkload>): TraceWorkload {
+    const message = createBaseTraceWorkload();
+    message.intervalNs = (object.intervalNs !== undefined && object.intervalNs !== null)
+      ? BigInt(object.intervalNs)
+      : 0n;
+    message.intervals = object.intervals?.map((e) => TraceInterval.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseTraceInterval(): TraceInterval {
+  return { pages: [] };
+}
+
+export const TraceInterval: MessageFns<TraceInterval> = {
+  encode(message: TraceInterval, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.pages.length !== 0) {
+      writer.uint32(10).fork();
+      for (const v of message.pages) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TraceInterval {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTraceInterval();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag === 8) {
+              message.pages.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 10) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.pages.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TraceInterval {
+    return { pages: globalThis.Array.isArray(object?.pages) ? object.pages.map((e: any) => globalThis.Number(e)) : [] };
+  },
+
+  toJSON(message: TraceInterval): unknown {
+    const obj: any = {};
+    if (message.pages?.length) {
+      obj.pages = message.pages.map((e) => Math.round(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<TraceInterval>): TraceInterval {
+    return TraceInterval.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<TraceInterval>): TraceInterval {
+    const message = createBaseTraceInterval();
+    message.pages = object.pages?.map((e) => e) || [];
     return message;
   },
 };

@@ -1,0 +1,61 @@
+/** `migration-controller record`: a running VM's dirtied pages, per interval, into a trace file (format.ts). */
+import { writeFile } from "node:fs/promises";
+import { status } from "@grpc/grpc-js";
+import type { Io } from "../../../common/io.js";
+import { connectHypervisor } from "../../../services/hypervisor/client.js";
+import { checkOutputs, clientOptions, EXIT, interruptOnSignals, number, SIGNAL_EXIT, UsageError, type Values } from "../flags.js";
+import { formatBytes } from "../report.js";
+import { parseDuration } from "../units.js";
+import { encodeTrace } from "./format.js";
+import { recordTrace } from "./record.js";
+
+export const RECORD_HELP = `record options (the VM's dirtied pages per interval into a trace that --workload trace --trace FILE replays):
+  --source ADDR              the VM's hypervisor (env MIGRATION_SOURCE; default 127.0.0.1:50051)
+  --vm NAME                  the VM (required; not logging already)
+  --interval T               the interval, 1ms to 1h (default 100ms)
+  --intervals N              how many, 1 to 100000 (default 50)
+  --out FILE                 the trace file (required); per vCPU with dirty rings, per VM otherwise`;
+
+export async function runRecord(v: Values, io: Io): Promise<number> {
+  if (!v.vm) throw new UsageError("--vm NAME is required (the VM to record)");
+  if (!v.out) throw new UsageError("--out FILE is required (where the trace goes)");
+  let intervalMs = 100;
+  if (v.interval !== undefined) {
+    try {
+      intervalMs = parseDuration(v.interval);
+    } catch {
+      intervalMs = NaN;
+    }
+    if (!(intervalMs >= 1 && intervalMs <= 3_600_000)) throw new UsageError(`--interval ${v.interval}: must be a duration from 1ms to 1h (100ms, 1s, or seconds)`);
+  }
+  const intervals = number(v.intervals, "intervals", 50, (n) => Number.isInteger(n) && n >= 1 && n <= 100_000, "a whole number in [1, 100000]");
+  checkOutputs(v, ["out"]);
+  const hv = connectHypervisor(v.source ?? io.env.MIGRATION_SOURCE ?? "127.0.0.1:50051", clientOptions(v, io, { rpcTimeoutMs: 10_000 }));
+  const interrupt = interruptOnSignals();
+  try {
+    io.err.write(`recording '${v.vm}' for ${intervals} intervals of ${intervalMs} ms\n`);
+    const t = await recordTrace(hv, v.vm, {
+      intervalNs: Math.round(intervalMs * 1e6),
+      intervals,
+      signal: interrupt.signal,
+      onInterval: (k) => (k + 1) % Math.max(1, Math.floor(intervals / 10)) === 0 && io.err.write(`  ${k + 1}/${intervals} intervals\n`),
+    });
+    if (interrupt.signal.aborted) {
+      io.err.write(`record interrupted by ${String(interrupt.signal.reason)} after ${t.pages.length} intervals; logging is off again, nothing written\n`);
+      return SIGNAL_EXIT[String(interrupt.signal.reason)] ?? EXIT.interrupted;
+    }
+    const bytes = encodeTrace(t);
+    await writeFile(v.out, bytes);
+    const pages = t.pages.reduce((n, row) => n + row.reduce((m, p) => m + p.length, 0), 0);
+    io.out.write(`recorded ${pages.toLocaleString("en-US")} dirtied pages in ${t.pages.length} intervals of ${intervalMs} ms, ${t.perVm ? "per VM (no dirty rings: from the bitmap)" : `per vCPU (${t.vcpus}, from the dirty rings)`}: ${v.out} (${formatBytes(bytes.byteLength)})\n`);
+    return EXIT.ok;
+  } catch (err) {
+    const e = err as { code?: number; details?: string; message?: string };
+    io.err.write(`record: ${e.details ?? e.message ?? String(err)}\n`);
+    if (e.code === status.UNAVAILABLE || e.code === status.DEADLINE_EXCEEDED || e.code === status.NOT_FOUND || e.code === status.FAILED_PRECONDITION) return EXIT.unreachable;
+    return typeof e.code === "number" ? EXIT.failed : EXIT.precondition;
+  } finally {
+    interrupt.dispose();
+    hv.close();
+  }
+}
