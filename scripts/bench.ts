@@ -2,7 +2,7 @@
  * npm run bench: wall-clock throughput of the simulator's hot paths, printed
  * as a table with the issue's targets. Not a test: figures vary by machine.
  *
- *   --only NAME[,NAME]   run only some sections (hypervisor, ring, hardware, migration, limits)
+ *   --only NAME[,NAME]   run only some sections (hypervisor, datapath, ring, hardware, migration, limits, scale, compare)
  *   --gib N              guest size for the hypervisor section (default 64)
  */
 import { execFileSync, spawn } from "node:child_process";
@@ -12,7 +12,7 @@ import { availableParallelism, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import * as grpc from "@grpc/grpc-js";
-import { MemslotFlag, WorkloadPattern, type WriteMemoryRequest } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { MemslotFlag, Workload, WorkloadPattern, type WriteMemoryRequest } from "../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { channelOptions } from "../common/grpc.js";
 import { DEFAULT_COSTS } from "../services/hypervisor/model/cost-model.js";
 import { Hdbss } from "../services/hypervisor/model/hdbss.js";
@@ -24,7 +24,11 @@ import type { Vm } from "../services/hypervisor/model/vm.js";
 import { IDLE, type WorkloadSpec } from "../services/hypervisor/model/workload.js";
 import { spawnService } from "../common/spawn.js";
 import { connectHypervisor } from "../services/hypervisor/client.js";
-import { migrate } from "../clients/migration-controller/migrate.js";
+import { DEFAULT_CONFIG, migrate } from "../clients/migration-controller/migrate.js";
+import { runComparison } from "../clients/migration-controller/compare/run.js";
+import type { Cell } from "../clients/migration-controller/compare/matrix.js";
+import { QEMU_AUTO_CONVERGE } from "../clients/migration-controller/policies/auto-converge.js";
+import { parseMechanism } from "../clients/migration-controller/trackers/index.js";
 import { guestMemslots, ipaBitsFor } from "../clients/migration-controller/guest.js";
 import { startHypervisor } from "../tests/hypervisor-harness.js";
 
@@ -32,7 +36,7 @@ const { values: args } = parseArgs({
   options: { only: { type: "string" }, gib: { type: "string", default: "64" }, "scale-gib": { type: "string", default: "4,16,64,256,1024" }, help: { type: "boolean" } },
 });
 if (args.help) {
-  console.log("usage: npm run bench -- [--only hypervisor,datapath,ring,hardware,migration,limits,scale] [--gib 64] [--scale-gib 4,16,64,256,1024]");
+  console.log("usage: npm run bench -- [--only hypervisor,datapath,ring,hardware,migration,limits,scale,compare] [--gib 64] [--scale-gib 4,16,64,256,1024]");
   process.exit(0);
 }
 const only = args.only?.split(",");
@@ -747,6 +751,39 @@ async function limitsBench(gib: number) {
   }
 }
 
+/**
+ * Issue 14's comparison: 12 cells (six arm64 mechanisms x no policy and
+ * auto-converge) of an 8 GiB, 8-vCPU guest, on one hypervisor process and on
+ * two: the wall time, the speed-up, and simulated seconds per wall second.
+ */
+async function compareBench() {
+  console.log("\ncompare: 12 cells of an 8 GiB, 8-vCPU guest (6 arm64 mechanisms x none, auto-converge), hot-cold 100,000 writes/s per vCPU, 10 Gbit/s");
+  const mechanisms = ["bitmap", "bitmap+manual", "bitmap+initially-set", "ring", "bitmap+dbm", "bitmap+hdbss"].map(parseMechanism);
+  const cells: Cell[] = [];
+  for (const mechanism of mechanisms) {
+    for (const autoConverge of [null, QEMU_AUTO_CONVERGE]) cells.push({ index: cells.length, arch: "arm64", mechanism, policy: autoConverge ? "auto-converge" : "none", config: { ...DEFAULT_CONFIG, mechanism: mechanism.name, autoConverge } });
+  }
+  const guest = {
+    memoryBytes: 8 * 2 ** 30,
+    vcpus: 8,
+    backing: "4k" as const,
+    workload: Workload.fromPartial({ pattern: WorkloadPattern.WORKLOAD_PATTERN_HOT_COLD, writesPerSecond: 100_000, hotFraction: 0.05, hotWriteFraction: 0.9 }),
+    noisyWritesPerSecond: null,
+    vcpuWorkloads: null,
+    seed: 1,
+    ringEntries: 4096,
+  };
+  const walls: number[] = [];
+  for (const jobs of [1, 2]) {
+    const r = await runComparison({ guest, cells, jobs });
+    const failed = r.results.filter((x) => x.status !== "completed" || !x.verified).length;
+    const simulated = r.results.reduce((n, x) => n + x.totalTimeMs, 0) / 1e3;
+    walls.push(r.wallTimeMs);
+    report(`--jobs ${jobs}: wall time of the 12 cells`, `${fmt(r.wallTimeMs / 1e3, 1)} s`, `${fmt(simulated / (r.wallTimeMs / 1e3), 1)} simulated s per wall s${failed ? `; ${failed} cells FAILED` : ""}`);
+  }
+  report("  speed-up from 1 to 2 hypervisor processes", `${fmt(walls[0] / walls[1], 2)}x`, `target close to 2x on ${availableParallelism()} CPUs`);
+}
+
 console.log(`npm run bench on node ${process.version}, ${process.arch}; load average ${loadavg().map((l) => l.toFixed(2)).join(" ")} on ${availableParallelism()} CPUs (ratios are measured in the same run; absolute figures swing with the load)`);
 if (want("hypervisor")) await hypervisorBench(Number(args.gib));
 if (want("datapath")) await datapathBench(16);
@@ -755,5 +792,6 @@ if (want("hardware")) await hardwareBench(Number(args.gib));
 if (want("migration")) await migrationBench();
 if (want("limits")) await limitsBench(Number(args.gib));
 if (want("scale")) await scaleBench(String(args["scale-gib"]).split(",").map(Number));
+if (want("compare")) await compareBench();
 console.log("\nsummary (JSON):");
 console.log(JSON.stringify(rows));
