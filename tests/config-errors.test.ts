@@ -36,7 +36,7 @@ const COMPONENTS = [
     name: "migration-controller",
     entry: "clients/migration-controller/main.ts",
     args: ["serve", "--hypervisor-a", "127.0.0.1:1", "--hypervisor-b", "127.0.0.1:2"],
-    grpc: null,
+    grpc: "MIGRATION_GRPC_PORT",
     http: "MIGRATION_HTTP_PORT",
   },
 ] as const;
@@ -59,9 +59,9 @@ describe("a bad environment: one line naming the variable, exit 1", () => {
   after(() => new Promise<void>((r) => busy.close(() => r())));
 
   for (const c of COMPONENTS) {
-    const ports = { ...(c.grpc ? { [c.grpc]: "0" } : {}), [c.http]: "0" };
+    const ports = { [c.grpc]: "0", [c.http]: "0" };
     test(`${c.name}: a port above 65535, a port in use, an unknown LOG_LEVEL`, async () => {
-      const port = c.grpc ?? c.http;
+      const port = c.grpc;
       let r = await run(c.entry, { ...ports, [port]: "70000" }, [...c.args]);
       assert.equal(r.code, 1);
       oneLine(r.err, new RegExp(`^${c.name}: ${port}=70000 is not a port \\(an integer in \\[0, 65535\\]`));
@@ -85,7 +85,7 @@ describe("a bad environment: one line naming the variable, exit 1", () => {
   test("an empty MIGRATION_HOST binds 127.0.0.1, as every component does", async () => {
     const p = spawn(process.execPath, ["--import", "tsx", "clients/migration-controller/main.ts", "serve", "--hypervisor-a", "127.0.0.1:1", "--hypervisor-b", "127.0.0.1:2"], {
       cwd: ROOT,
-      env: { ...process.env, LOG_LEVEL: "silent", MIGRATION_HOST: "", MIGRATION_HTTP_PORT: "0", MIGRATION_ANNOUNCE: "1" },
+      env: { ...process.env, LOG_LEVEL: "silent", MIGRATION_HOST: "", MIGRATION_HTTP_PORT: "0", MIGRATION_GRPC_PORT: "0", MIGRATION_ANNOUNCE: "1" },
       stdio: ["ignore", "pipe", "pipe"],
     });
     try {

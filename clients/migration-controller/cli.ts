@@ -10,6 +10,7 @@ import { parseArgs } from "node:util";
 import type { Io } from "../../common/io.js";
 import { runCalibrate } from "../calibrate/calibrate.js";
 import { ConfigError, envHost, envPort, parseBytes } from "../../common/config.js";
+import { loadCostModel } from "../../services/hypervisor/model/cost-model.js";
 import { spawnService, type SpawnedService } from "../../common/spawn.js";
 import { DirtyRateMode, DirtyRateStatus, type DirtyRateInfo } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor, type HypervisorClient } from "../../services/hypervisor/client.js";
@@ -53,6 +54,8 @@ ${RECORD_HELP}
 serve options:
   --hypervisor-a ADDR, --hypervisor-b ADDR   the two hypervisors (env MIGRATION_HYPERVISOR_A / _B)
   --http-port N              ops port for /metrics and /healthz (env MIGRATION_HTTP_PORT; default 9480)
+  --grpc-port N              gRPC port of dirtytrack.controller.v1 (PredictMigration), health and reflection
+                             (env MIGRATION_GRPC_PORT; default 50070)
   --host ADDR                ops bind address (env MIGRATION_HOST; default 127.0.0.1)
   --realtime-speed F         guest seconds per wall second (default 1)
   --pause-ms N               wall time between migrations (default 2000)
@@ -376,10 +379,10 @@ async function runServe(v: Values, io: Io): Promise<number> {
   } catch (e) {
     throw new UsageError(`--memory: ${(e as Error).message}`);
   }
-  const port =
-    v["http-port"] !== undefined
-      ? number(v["http-port"], "http-port", 9480, (n) => Number.isInteger(n) && n >= 0 && n < 65536, "a port number")
-      : envPort(io.env, "MIGRATION_HTTP_PORT", 9480);
+  const portOf = (flag: "http-port" | "grpc-port", variable: string, fallback: number) =>
+    v[flag] !== undefined ? number(v[flag], flag, fallback, (n) => Number.isInteger(n) && n >= 0 && n < 65536, "a port number") : envPort(io.env, variable, fallback);
+  const port = portOf("http-port", "MIGRATION_HTTP_PORT", 9480);
+  const grpcPort = portOf("grpc-port", "MIGRATION_GRPC_PORT", 50070);
   const service = new MigrationService(
     {
       hypervisors: [a, b],
@@ -392,6 +395,7 @@ async function runServe(v: Values, io: Io): Promise<number> {
       pauseMs: number(v["pause-ms"], "pause-ms", 2000, (n) => n >= 0, "a number of ms >= 0"),
       policy: cfg,
       clientOptions: clientOptions(v, io, cfg),
+      costs: loadCostModel(io.env.HYPERVISOR_COST_MODEL),
     },
     createLogger("migration-controller"),
   );
@@ -401,12 +405,13 @@ async function runServe(v: Values, io: Io): Promise<number> {
   } catch (e) {
     throw new UsageError((e as ConfigError).message);
   }
-  const bound = await service.listen(host, port).catch(async (err: NodeJS.ErrnoException) => {
+  const vars = { grpcPort: v["grpc-port"] !== undefined ? "--grpc-port" : "MIGRATION_GRPC_PORT", httpPort: v["http-port"] !== undefined ? "--http-port" : "MIGRATION_HTTP_PORT" };
+  const bound = await service.listen({ host, grpcPort, httpPort: port, vars }).catch(async (err: unknown) => {
     await service.stop();
-    throw new ConfigError(`${v["http-port"] !== undefined ? "--http-port" : "MIGRATION_HTTP_PORT"}=${port}: cannot listen on ${host}:${port} for the ops port: ${err.code === "EADDRINUSE" ? "the address is in use" : err.message}`);
+    throw err;
   });
-  if (io.env.MIGRATION_ANNOUNCE === "1") io.out.write(JSON.stringify({ listening: { host, grpcPort: 0, httpPort: bound } }) + "\n");
-  io.err.write(`serving: migrating '${v.vm ?? "demo"}' between ${a} and ${b} with ${cfg.mechanism}; metrics on http://${host}:${bound}/metrics\n`);
+  if (io.env.MIGRATION_ANNOUNCE === "1") io.out.write(JSON.stringify({ listening: { host, ...bound } }) + "\n");
+  io.err.write(`serving: migrating '${v.vm ?? "demo"}' between ${a} and ${b} with ${cfg.mechanism}; PredictMigration on ${host}:${bound.grpcPort}, metrics on http://${host}:${bound.httpPort}/metrics\n`);
   service.start();
   await new Promise<void>((resolve) => {
     process.once("SIGTERM", resolve);

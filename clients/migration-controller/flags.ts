@@ -86,6 +86,7 @@ export const OPTIONS = {
   "hypervisor-a": { type: "string" },
   "hypervisor-b": { type: "string" },
   "http-port": { type: "string" },
+  "grpc-port": { type: "string" },
   host: { type: "string" },
   "realtime-speed": { type: "string" },
   "pause-ms": { type: "string" },

@@ -62,7 +62,8 @@ export async function migrate(cfgIn: Partial<MigrationConfig> & Pick<MigrationCo
   }
 }
 
-function validate(cfg: MigrationConfig): void {
+/** Refuses a configuration no migration could run with (MigrationError "usage"), as the controller's setup would. */
+export function validate(cfg: MigrationConfig): void {
   const bad = (m: string) => new MigrationError("usage", m);
   if (!(cfg.bandwidthBitsPerSecond > 0) || !Number.isFinite(cfg.bandwidthBitsPerSecond)) throw bad(`bandwidth must be a positive number of bits/s (got ${cfg.bandwidthBitsPerSecond})`);
   if (!(cfg.latencyNs >= 0)) throw bad(`latency must be >= 0 (got ${cfg.latencyNs} ns)`);

@@ -5,11 +5,15 @@
  * progress and outcome as Prometheus metrics (for the dashboards), with
  * /metrics and /healthz on its ops port.
  */
-import type { FastifyInstance } from "fastify";
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import { GrpcClientMetrics, type ClientOptions } from "../../common/client.js";
-import { createOpsServer, registerProcessMetrics } from "../../common/http.js";
+import { createComponentServer, type ComponentServer, type ListenOptions } from "../../common/component.js";
+import { addService } from "../../common/grpc.js";
 import type { Logger } from "../../common/log.js";
+import * as messages from "../../proto/gen/dirtytrack/controller/v1/controller.js";
+import { MigrationControllerServiceService } from "../../proto/gen/dirtytrack/controller/v1/controller.js";
+import type { CostModel } from "../../services/hypervisor/model/cost-model.js";
+import { CONTROLLER_PROTO, CONTROLLER_SERVICE, controllerHandlers } from "./predict/grpc.js";
 import { Capability, ClockDrive, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor, type HypervisorClient } from "../../services/hypervisor/client.js";
 import { migrate, MigrationError, type MigrationConfig, type ProgressEvent } from "./migrate.js";
@@ -27,8 +31,10 @@ export interface ServiceConfig {
   /** Wall-clock pause between migrations. */
   pauseMs: number;
   policy: Omit<MigrationConfig, "sourceVm" | "destinationVm">;
-  /** Security and timeouts of the clients of both hypervisors. */
+  /** Security and timeouts of the clients of both hypervisors; its security also guards this service's own gRPC port. */
   clientOptions?: ClientOptions;
+  /** What PredictMigration prices tracking with (HYPERVISOR_COST_MODEL's, as the hypervisors'). */
+  costs: CostModel;
 }
 
 const RESULT: Record<string, string> = {
@@ -101,7 +107,7 @@ export class MigrationService {
   /** Interrupts the migration in flight when the service stops: it cleans up instead of leaving a VM paused. */
   private readonly abort = new AbortController();
   private loop: Promise<void> | null = null;
-  private ops: FastifyInstance;
+  private readonly server: ComponentServer;
   completed = 0;
   failed = 0;
 
@@ -109,18 +115,23 @@ export class MigrationService {
     private readonly cfg: ServiceConfig,
     private readonly logger: Logger,
   ) {
-    registerProcessMetrics(this.registry);
+    this.server = createComponentServer({
+      registry: this.registry,
+      security: cfg.clientOptions?.security,
+      protoFiles: [CONTROLLER_PROTO],
+      serviceNames: [CONTROLLER_SERVICE],
+      health: () => ({ ok: !this.stopped, detail: { completed: this.completed, failed: this.failed } }),
+    });
+    addService(this.server.grpc, MigrationControllerServiceService, controllerHandlers(cfg.costs), { metrics: this.server.rpcMetrics, logger, messages });
     this.metrics = new MigrationMetrics(this.registry);
     const rpc = new GrpcClientMetrics(this.registry);
     const opts = { ...cfg.clientOptions, metrics: rpc };
     this.clients = [connectHypervisor(cfg.hypervisors[0], opts), connectHypervisor(cfg.hypervisors[1], opts)];
-    this.ops = createOpsServer({ registry: this.registry, health: () => ({ ok: !this.stopped, detail: { completed: this.completed, failed: this.failed } }) });
   }
 
-  async listen(host: string, port: number): Promise<number> {
-    await this.ops.listen({ host, port });
-    const a = this.ops.server.address();
-    return typeof a === "object" && a ? a.port : port;
+  /** Binds the gRPC port (PredictMigration, health, reflection) and the ops port (/metrics, /healthz). */
+  listen(opts: ListenOptions): Promise<{ grpcPort: number; httpPort: number }> {
+    return this.server.listen(opts);
   }
 
   start(): void {
@@ -132,7 +143,7 @@ export class MigrationService {
     this.abort.abort("SIGTERM");
     await this.loop?.catch(() => undefined);
     for (const c of this.clients) c.close();
-    await this.ops.close();
+    await this.server.close();
   }
 
   /** Which side runs the VM now: the one where it exists unpaused (a leftover paused copy is removed). */

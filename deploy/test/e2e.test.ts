@@ -141,7 +141,7 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
 
 /** The controller's service, started as compose starts it (smaller VM, shorter pauses). */
 function spawnServe(hvA: SpawnedService, hvB: SpawnedService): Promise<SpawnedService> {
-  const env = { MIGRATION_ANNOUNCE: "1", MIGRATION_HYPERVISOR_A: hvA.address, MIGRATION_HYPERVISOR_B: hvB.address, MIGRATION_HTTP_PORT: "0" };
+  const env = { MIGRATION_ANNOUNCE: "1", MIGRATION_HYPERVISOR_A: hvA.address, MIGRATION_HYPERVISOR_B: hvB.address, MIGRATION_HTTP_PORT: "0", MIGRATION_GRPC_PORT: "0" };
   const args = ["serve", "--mechanism", "device", "--memory", "128MiB", "--pause-ms", "300", "--write-rate", "20000"];
   return spawnService("clients/migration-controller/main.ts", env, 20_000, args);
 }

@@ -26,6 +26,7 @@ import { policiesFor } from "../policies/index.js";
 import type { SyncState } from "../policies/policy.js";
 import type { MechanismSpec } from "../trackers/mechanism.js";
 import type { MigrationConfig } from "../types.js";
+import { validate } from "../migrate.js";
 import type { CostModel } from "../../../services/hypervisor/model/cost-model.js";
 
 export interface PredictInput {
@@ -94,8 +95,10 @@ export function syncHostNs(m: MechanismSpec, c: CostModel, pages: number, dirty:
   return m.protection === "get" ? { sync: sync + protect, pass: 0 } : { sync, pass: protect + c.tlbFlushNs };
 }
 
+/** Throws MigrationError("usage") for a configuration the controller would refuse (dirty-limit without rings, …). */
 export function predict(p: PredictInput): Prediction {
-  const cfg = { ...p.config, sourceVm: "predicted", destinationVm: "predicted" };
+  const cfg = { ...p.config, mechanism: p.mechanism.name, sourceVm: "predicted", destinationVm: "predicted" };
+  validate(cfg);
   const N = p.memoryBytes / PAGE_SIZE;
   const W = Math.max(1, Math.min(N, p.workingSetBytes / PAGE_SIZE));
   const B = cfg.bandwidthBitsPerSecond / 8;

@@ -9,6 +9,14 @@ import { DEFAULT_CONFIG } from "../migrate.js";
 import { predict } from "../predict/model.js";
 import { parseMechanism } from "../trackers/index.js";
 import { cli, noStack } from "./cli-harness.js";
+import { credentials, status } from "@grpc/grpc-js";
+import { createLogger } from "../../../common/log.js";
+import { MigrationControllerServiceClient, PredictMigrationRequest, type PredictMigrationResponse } from "../../../proto/gen/dirtytrack/controller/v1/controller.js";
+import { rejects } from "../../../tests/grpc-assert.js";
+import { QEMU_AUTO_CONVERGE } from "../policies/auto-converge.js";
+import { MigrationService } from "../service.js";
+
+const MiB = 2 ** 20;
 
 interface Checked {
   converges: boolean;
@@ -90,6 +98,51 @@ describe("predict", () => {
       assert.equal(e.code, EXIT.usage, `${args.join(" ")}: ${e.err}`);
       assert.match(e.err, message);
       noStack(e.err);
+    }
+  });
+});
+
+describe("PredictMigration over gRPC (serve's dirtytrack.controller.v1)", () => {
+  let svc: MigrationService;
+  let client: InstanceType<typeof MigrationControllerServiceClient>;
+  before(async () => {
+    svc = new MigrationService(
+      { hypervisors: ["127.0.0.1:1", "127.0.0.1:2"], vm: "unused", memoryBytes: MiB, vcpus: 1, writesPerSecond: 0, hotFraction: 0.1, realtimeSpeed: 1, pauseMs: 0, policy: DEFAULT_CONFIG, costs: DEFAULT_COSTS },
+      createLogger("migration-controller", "silent"),
+    );
+    const { grpcPort } = await svc.listen({ host: "127.0.0.1", grpcPort: 0, httpPort: 0 });
+    client = new MigrationControllerServiceClient(`127.0.0.1:${grpcPort}`, credentials.createInsecure());
+  });
+  after(async () => {
+    client.close();
+    await svc.stop();
+  });
+  const call = (req: Partial<PredictMigrationRequest>) =>
+    new Promise<PredictMigrationResponse>((resolve, reject) => client.predictMigration(PredictMigrationRequest.fromPartial(req), (err, res) => (err ? reject(err) : resolve(res!))));
+
+  test("answers what the CLI's model predicts, and refuses bad numbers with INVALID_ARGUMENT", async () => {
+    const r = await call({ memoryBytes: BigInt(2 ** 31), vcpus: 4, dirtyRateMibps: 400, mechanism: "bitmap-manual", autoConverge: true });
+    const local = predict({ memoryBytes: 2 ** 31, workingSetBytes: 2 ** 31, dirtyPagesPerSecond: (400 * MiB) / 4096, vcpus: 4, mechanism: parseMechanism("bitmap+manual"), ringEntries: 4096, config: { ...DEFAULT_CONFIG, autoConverge: QEMU_AUTO_CONVERGE }, costs: DEFAULT_COSTS });
+    assert.equal(r.converges, local.converges);
+    assert.equal(r.dirtySyncCount, local.dirtySyncCount);
+    assert.equal(r.totalTimeMs, local.totalTimeMs);
+    assert.equal(r.downtimeMs, local.downtimeMs ?? undefined);
+    assert.equal(r.rounds.length, r.roundsTotal);
+    const never = await call({ memoryBytes: BigInt(2 ** 30), vcpus: 2, dirtyRateMibps: 5000 });
+    assert.equal(never.converges, false);
+    assert.equal(never.downtimeMs, undefined);
+    assert.ok(never.rounds.length <= 1000 && never.roundsTotal >= never.rounds.length);
+    for (const [req, message] of [
+      [{ memoryBytes: 4095n, vcpus: 1 }, /memory_bytes 4095 must be a multiple of 4 KiB/],
+      [{ memoryBytes: BigInt(2 ** 30), vcpus: 0 }, /vcpus 0 must be in \[1, 512\]/],
+      [{ memoryBytes: BigInt(2 ** 30), vcpus: 1, workingSetBytes: BigInt(2 ** 31) }, /working_set_bytes .* must be between 4 KiB and memory_bytes/],
+      [{ memoryBytes: BigInt(2 ** 30), vcpus: 1, dirtyRateMibps: -1 }, /dirty_rate_mibps -1 must be in \[0, 1e6\]/],
+      [{ memoryBytes: BigInt(2 ** 30), vcpus: 1, mechanism: "bitmap+turbo" }, /mechanism 'bitmap\+turbo': unknown part 'turbo'/],
+      [{ memoryBytes: BigInt(2 ** 30), vcpus: 1, dirtyLimit: true }, /dirty-limit works through the dirty ring/],
+      [{ memoryBytes: BigInt(2 ** 30), vcpus: 1, bandwidthBitsPerSecond: 0 }, /bandwidth must be a positive number/],
+      [{ memoryBytes: BigInt(2 ** 30), vcpus: 1, ringEntries: 1000 }, /ring_entries 1000 must be a power of two/],
+    ] as [Partial<PredictMigrationRequest>, RegExp][]) {
+      await rejects(call(req), status.INVALID_ARGUMENT, message);
     }
   });
 });

@@ -7,6 +7,7 @@ import { after, before, describe, test } from "node:test";
 import { createLogger } from "../../../common/log.js";
 import { hypervisorPair, MiB } from "../../../tests/hypervisor-harness.js";
 import { DEFAULT_CONFIG } from "../migrate.js";
+import { DEFAULT_COSTS } from "../../../services/hypervisor/model/cost-model.js";
 import { QEMU_AUTO_CONVERGE } from "../policies/auto-converge.js";
 import { QEMU_DIRTY_LIMIT } from "../policies/dirty-limit.js";
 import { MigrationService } from "../service.js";
@@ -19,10 +20,10 @@ describe("serve with a policy", () => {
 
   async function serveUntilMigrated(vm: string, policy: Omit<MigrationConfig, "sourceVm" | "destinationVm">): Promise<string> {
     const svc = new MigrationService(
-      { hypervisors: [pair.src.address, pair.dst.address], vm, memoryBytes: 32 * MiB, vcpus: 2, writesPerSecond: 100_000, hotFraction: 0.5, realtimeSpeed: 1, pauseMs: 50, policy },
+      { hypervisors: [pair.src.address, pair.dst.address], vm, memoryBytes: 32 * MiB, vcpus: 2, writesPerSecond: 100_000, hotFraction: 0.5, realtimeSpeed: 1, pauseMs: 50, policy, costs: DEFAULT_COSTS },
       createLogger("migration-controller", "silent"),
     );
-    const port = await svc.listen("127.0.0.1", 0);
+    const port = (await svc.listen({ host: "127.0.0.1", grpcPort: 0, httpPort: 0 })).httpPort;
     svc.start();
     const metrics = () => fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text());
     try {
