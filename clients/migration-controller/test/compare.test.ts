@@ -1,8 +1,9 @@
 import assert from "node:assert/strict";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
+import { startHypervisor } from "../../../tests/hypervisor-harness.js";
 import { EXIT } from "../cli.js";
 import { cli, noStack } from "./cli-harness.js";
 
@@ -62,6 +63,27 @@ describe("compare", () => {
     const again = await cli(args);
     assert.equal(again.code, EXIT.ok);
     assert.equal(again.out, first.out, "the same inputs give the same table");
+  });
+
+  test("cells run on running hypervisors given with --hypervisors, and a KubeVirt MigrationPolicy file is a policy of the axis", async () => {
+    const [a, b] = [await startHypervisor(), await startHypervisor()];
+    try {
+      const file = join(dir, "slow.yaml");
+      await writeFile(file, "apiVersion: migrations.kubevirt.io/v1alpha1\nkind: MigrationPolicy\nmetadata:\n  name: slow\nspec:\n  bandwidthPerMigration: 64Mi\n");
+      const json = join(dir, "remote.json");
+      const r = await cli(["compare", ...SMALL, "--arch", "arm64", "--mechanism", "bitmap,ring", "--policies", `none,${file}`, "--hypervisors", `${a.address},${b.address}`, "--json", json]);
+      assert.equal(r.code, EXIT.ok, r.err);
+      const cells = (JSON.parse(await readFile(json, "utf8")) as { cells: (CellJson & { bandwidth: number })[] }).cells;
+      assert.equal(cells.length, 4);
+      assert.ok(cells.every((c) => c.verified));
+      // bandwidthPerMigration caps the link at 64 MiB/s: those cells take longer.
+      const slow = cells.filter((c) => c.policy === file);
+      assert.ok(slow.every((c) => c.bandwidth === 64 * 2 ** 20 * 8), `the policy's cap: ${slow.map((c) => c.bandwidth)}`);
+      assert.ok(Math.min(...slow.map((c) => c["total-time"])) > Math.max(...cells.filter((c) => c.policy === "none").map((c) => c["total-time"])));
+      for (const h of [a, b]) assert.equal((await h.client.listVms({})).vms.length, 0, "every cell's VMs removed");
+    } finally {
+      await Promise.all([a.close(), b.close()]);
+    }
   });
 
   test("a failed cell shows in the table with its reason and the others still run (exit 1)", async () => {
