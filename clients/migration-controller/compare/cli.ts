@@ -138,7 +138,7 @@ export async function runCompare(v: Values, io: Io): Promise<number> {
     if (v.json) await writeFile(v.json, JSON.stringify(compareJson(ranked, meta), null, 2) + "\n");
     if (v.report) {
       const { compareHtml } = await import("./html.js");
-      await writeFile(v.report, compareHtml(ranked, { title: `Comparison of ${cells.length} cells`, guest: guestText, by, table }));
+      await writeFile(v.report, compareHtml(ranked, { title: `Comparison of ${cells.length} cells`, guest: guestText, by }));
     }
     const files = [v.json && `JSON: ${v.json}`, v.report && `HTML: ${v.report}`].filter(Boolean);
     if (files.length) say(`written: ${files.join(", ")}`);

@@ -48,9 +48,13 @@ const COLUMNS: [string, (r: CellResult) => string][] = [
   ["verified", (r) => (r.verified ? "yes" : "no")],
 ];
 
+/** The ranked table's header and rows, as text cells (the text table's and the HTML page's). */
+export function tableCells(ranked: CellResult[]): { head: string[]; rows: string[][] } {
+  return { head: ["#", ...COLUMNS.map(([h]) => h)], rows: ranked.map((r, i) => [String(i + 1), ...COLUMNS.map(([, f]) => f(r))]) };
+}
+
 export function compareTable(ranked: CellResult[], by: RankBy): string {
-  const head = ["#", ...COLUMNS.map(([h]) => h)];
-  const rows = ranked.map((r, i) => [String(i + 1), ...COLUMNS.map(([, f]) => f(r))]);
+  const { head, rows } = tableCells(ranked);
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i].length)));
   const left = new Set([1, 2, 3, 4]);
   const line = (row: string[]) => row.map((c, i) => (left.has(i) ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ").trimEnd();
