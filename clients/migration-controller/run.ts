@@ -58,6 +58,8 @@ export interface GuestTotals {
   writes: number;
   ringFullExits: number;
   ringStallNs: number;
+  pmlFullExits: number;
+  hdbssFullFaults: number;
 }
 
 export class MigrationRun {
@@ -76,7 +78,7 @@ export class MigrationRun {
   private readonly wall0 = performance.now();
   /** Where the round being sent began, and the guest's totals then. */
   private roundStart = 0;
-  private atRoundStart: GuestTotals = { writes: 0, ringFullExits: 0, ringStallNs: 0 };
+  private atRoundStart: GuestTotals = { writes: 0, ringFullExits: 0, ringStallNs: 0, pmlFullExits: 0, hdbssFullFaults: 0 };
 
   constructor(
     readonly cfg: MigrationConfig,
@@ -195,6 +197,8 @@ export class MigrationRun {
       writes: v.vcpus.reduce((n, c) => n + Number(c.writes), 0),
       ringFullExits: v.vcpus.reduce((n, c) => n + Number(c.dirtyRingFullExits), 0),
       ringStallNs: v.vcpus.reduce((n, c) => n + Number(c.dirtyRingStallNs), 0),
+      pmlFullExits: v.vcpus.reduce((n, c) => n + Number(c.pmlFullExits), 0),
+      hdbssFullFaults: v.vcpus.reduce((n, c) => n + Number(c.hdbssFullFaults), 0),
     };
   }
 
@@ -205,7 +209,10 @@ export class MigrationRun {
   }
 
   /** Closes the round being sent with what it sent and what the guest did meanwhile; the next one begins. */
-  async endRound(r: Pick<RoundReport, "round" | "dirtyPages" | "syncHostMs" | "dirtyRatePagesPerSecond" | "vcpuDirtyRatesPagesPerSecond" | "remainingBytes" | "stopAndCopy"> & { fallbackSyncs?: number; etaMs?: number | null }, sent: Sent): Promise<void> {
+  async endRound(
+    r: Pick<RoundReport, "round" | "dirtyPages" | "syncHostMs" | "dirtyRatePagesPerSecond" | "vcpuDirtyRatesPagesPerSecond" | "remainingBytes" | "stopAndCopy"> & { fallbackSyncs?: number; etaMs?: number | null; endedMigration?: boolean },
+    sent: Sent,
+  ): Promise<void> {
     const now = this.clock.now();
     const g = await this.guestTotals();
     const a = this.atRoundStart;
@@ -213,6 +220,7 @@ export class MigrationRun {
       ...r,
       etaMs: r.etaMs ?? null,
       fallbackSyncs: r.fallbackSyncs ?? 0,
+      endedMigration: r.endedMigration ?? false,
       postcopy: false,
       pagesSent: sent.normal + sent.zero,
       normalPages: sent.normal,
@@ -224,6 +232,8 @@ export class MigrationRun {
       guestWritesPerSecond: now > this.roundStart ? ((g.writes - a.writes) * 1e9) / (now - this.roundStart) : 0,
       ringFullExits: g.ringFullExits - a.ringFullExits,
       ringStallMs: (g.ringStallNs - a.ringStallNs) / 1e6,
+      pmlFullExits: g.pmlFullExits - a.pmlFullExits,
+      hdbssFullFaults: g.hdbssFullFaults - a.hdbssFullFaults,
       cpuThrottlePercentage: this.report.cpuThrottlePercentage,
       dirtyLimitThrottleTimePerRoundUs: this.report.dirtyLimitThrottleTimePerRoundUs,
       dirtyLimitRingFullTimeUs: this.report.dirtyLimitRingFullTimeUs,

@@ -158,6 +158,10 @@ export async function sendPages(run: MigrationRun, select: Map<number, Uint8Arra
       out.normal += c.normal;
       out.zero += c.zero;
       out.bytes += bytes;
+      // Counted as each chunk goes, so that a pass that fails half-way reports what it sent.
+      report.normalPages += c.normal;
+      report.zeroPages += c.zero;
+      report.transferredBytes += bytes;
       const chunkNs = hostNs + link.transmitNs(bytes);
       run.policies.onSent(Math.max(0, remainingBytes - (out.normal + out.zero) * PAGE_SIZE), clock.now() + chunkNs);
       await run.elapse(chunkNs);
@@ -169,8 +173,5 @@ export async function sendPages(run: MigrationRun, select: Map<number, Uint8Arra
   }
   await pending;
   await run.elapse(link.latencyNs);
-  report.normalPages += out.normal;
-  report.zeroPages += out.zero;
-  report.transferredBytes += out.bytes;
   return out;
 }

@@ -117,6 +117,11 @@ export interface RoundReport {
   /** KVM_EXIT_DIRTY_RING_FULL exits during the round, and the guest time vCPUs spent stalled on them. */
   ringFullExits: number;
   ringStallMs: number;
+  /** Intel PML-full exits and FEAT_HDBSS buffer-full faults during the round. */
+  pmlFullExits: number;
+  hdbssFullFaults: number;
+  /** The sync that ended the migration (a policy failed it there): its figures, nothing sent after it. */
+  endedMigration: boolean;
   /** The stop-and-copy round: the source was paused. */
   stopAndCopy: boolean;
   /** The post-copy phase: the guest ran on the destination while the rest of its pages came. */

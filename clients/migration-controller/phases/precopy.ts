@@ -101,9 +101,28 @@ export async function precopy(run: MigrationRun): Promise<PrecopyEnd> {
       }
     : undefined;
 
-  let sent = await sendPages(run, null, totalPages * PAGE_SIZE);
+  /**
+   * A round's pass; if the migration fails during it, the report keeps the
+   * round as far as it got (the figures of the sync that opened it, what it
+   * sent), marked as the one that ended the migration.
+   */
+  type Opened = Parameters<MigrationRun["endRound"]>[0];
+  const pass = async (opened: Opened, select: Map<number, Uint8Array> | null, remainingBytes: number) => {
+    const at = { normal: report.normalPages, zero: report.zeroPages, bytes: report.transferredBytes };
+    try {
+      return await sendPages(run, select, remainingBytes, select ? midPass : undefined);
+    } catch (err) {
+      const partial = { normal: report.normalPages - at.normal, zero: report.zeroPages - at.zero, bytes: report.transferredBytes - at.bytes };
+      report.precopyBytes += partial.bytes;
+      await run.endRound({ ...opened, endedMigration: true }, partial).catch(() => undefined);
+      throw err;
+    }
+  };
+
+  const opened0: Opened = { round: 0, dirtyPages: totalPages, syncHostMs: 0, dirtyRatePagesPerSecond: 0, vcpuDirtyRatesPagesPerSecond: null, remainingBytes: totalPages * PAGE_SIZE, stopAndCopy: false };
+  let sent = await pass(opened0, null, totalPages * PAGE_SIZE);
   report.precopyBytes += sent.bytes;
-  await run.endRound({ round: 0, dirtyPages: totalPages, syncHostMs: 0, dirtyRatePagesPerSecond: 0, vcpuDirtyRatesPagesPerSecond: null, remainingBytes: totalPages * PAGE_SIZE, stopAndCopy: false }, sent);
+  await run.endRound(opened0, sent);
 
   for (;;) {
     // What a fallback sync found where the pass had already been goes with this round.
@@ -117,19 +136,21 @@ export async function precopy(run: MigrationRun): Promise<PrecopyEnd> {
     report.expectedDowntimeMs = remaining / run.bwBytesPerMs;
     const etaMs = estimatedCompletionMs(remaining, rate * PAGE_SIZE, run.link.bytesPerSecond, run.thresholdBytes);
     run.progress("round", { dirtyPages: sync.dirtyPages, remainingBytes: remaining, dirtyRatePagesPerSecond: rate, expectedDowntimeMs: report.expectedDowntimeMs, etaMs });
-    if (verdict.kind === "fail") throw new MigrationError(verdict.failure, verdict.message);
+    if (verdict.kind === "fail") {
+      // The report keeps the sync that ended it: what it found, with nothing sent after it.
+      await run.endRound({ round: report.dirtySyncCount, dirtyPages: sync.dirtyPages, syncHostMs: sync.hostNs / 1e6, dirtyRatePagesPerSecond: rate, vcpuDirtyRatesPagesPerSecond: vcpuRates, remainingBytes: remaining, stopAndCopy: false, etaMs, endedMigration: true }, { normal: 0, zero: 0, bytes: 0 }).catch(() => undefined);
+      throw new MigrationError(verdict.failure, verdict.message);
+    }
     if (verdict.kind === "switchover" || verdict.kind === "postcopy") {
       run.policies.active = false;
       return { sync, remainingBytes: remaining, dirtyRatePagesPerSecond: rate, verdict };
     }
     const round = report.dirtySyncCount;
     fallbackSyncs = 0;
-    sent = await sendPages(run, sync.bitmaps, remaining, midPass);
+    const opened: Opened = { round, dirtyPages: remaining / PAGE_SIZE, syncHostMs: sync.hostNs / 1e6, dirtyRatePagesPerSecond: rate, vcpuDirtyRatesPagesPerSecond: vcpuRates, remainingBytes: remaining, stopAndCopy: false, etaMs };
+    sent = await pass(opened, sync.bitmaps, remaining);
     report.precopyBytes += sent.bytes;
-    await run.endRound(
-      { round, dirtyPages: remaining / PAGE_SIZE, syncHostMs: sync.hostNs / 1e6, dirtyRatePagesPerSecond: rate, vcpuDirtyRatesPagesPerSecond: vcpuRates, remainingBytes: remaining, stopAndCopy: false, fallbackSyncs, etaMs },
-      sent,
-    );
+    await run.endRound({ ...opened, fallbackSyncs }, sent);
   }
 }
 
