@@ -138,6 +138,7 @@ security (both commands; flags win over TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE
 output:
   --json FILE                write the report as JSON (QEMU query-migrate names, units in "units")
   --report FILE              write a self-contained HTML report with charts
+  --log-scale                the report's remaining bytes on a log scale
   --quiet                    no progress lines
   -h, --help                 this text
 
@@ -173,7 +174,7 @@ export function describeCleanup(c: CleanupReport | null, vms: { source: string; 
 
 async function writeOutputs(v: Values, report: MigrationReport, io: Io) {
   if (v.json) await writeFile(v.json, JSON.stringify(jsonReport(report), null, 2) + "\n");
-  if (v.report) await writeFile(v.report, htmlReport(report));
+  if (v.report) await writeFile(v.report, htmlReport(report, { logScale: v["log-scale"] }));
   const files = [v.json && `JSON: ${v.json}`, v.report && `HTML: ${v.report}`].filter(Boolean);
   if (files.length) io.err.write(`report written (${files.join(", ")})\n`);
 }

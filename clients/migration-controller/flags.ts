@@ -118,6 +118,7 @@ export const OPTIONS = {
   token: { type: "string" },
   json: { type: "string" },
   report: { type: "string" },
+  "log-scale": { type: "boolean" },
   quiet: { type: "boolean" },
   help: { type: "boolean", short: "h" },
 } as const;

@@ -5,6 +5,7 @@
  * dirty rate and the remaining bytes per round.
  */
 import type { MigrationReport, RoundReport } from "./migrate.js";
+import { barChart, esc, lineChart } from "./charts.js";
 
 const MiB = 2 ** 20;
 const fmt = (n: number, d = 1) => n.toLocaleString("en-US", { maximumFractionDigits: d, minimumFractionDigits: 0 });
@@ -287,44 +288,39 @@ export const JSON_UNITS: Record<string, string> = {
   "wall-time": "ms (wall clock)",
 };
 
-const esc = (s: string) => s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]!);
-
-/** A bar chart as inline SVG, with an optional dashed reference line. */
-function barChart(title: string, unit: string, values: number[], ref?: { value: number; label: string }): string {
-  const W = 640;
-  const H = 220;
-  const pad = { l: 70, r: 10, t: 28, b: 30 };
-  const max = Math.max(1, ...values, ref?.value ?? 0) * 1.1;
-  const bw = (W - pad.l - pad.r) / Math.max(1, values.length);
-  const y = (v: number) => pad.t + (H - pad.t - pad.b) * (1 - v / max);
-  const bars = values
-    .map((v, i) => {
-      const x = pad.l + i * bw + bw * 0.15;
-      return `<rect x="${x.toFixed(1)}" y="${y(v).toFixed(1)}" width="${(bw * 0.7).toFixed(1)}" height="${(H - pad.b - y(v)).toFixed(1)}" fill="#3b82f6"><title>round ${i}: ${fmt(v)} ${esc(unit)}</title></rect>` +
-        `<text x="${(x + bw * 0.35).toFixed(1)}" y="${H - pad.b + 14}" font-size="11" text-anchor="middle">${i}</text>`;
-    })
-    .join("");
-  const ticks = [0, 0.5, 1]
-    .map((f) => `<text x="${pad.l - 6}" y="${(y(max * f / 1.1) + 4).toFixed(1)}" font-size="11" text-anchor="end">${fmt((max * f) / 1.1, 0)}</text>`)
-    .join("");
-  const refLine = ref
-    ? `<line x1="${pad.l}" x2="${W - pad.r}" y1="${y(ref.value).toFixed(1)}" y2="${y(ref.value).toFixed(1)}" stroke="#dc2626" stroke-dasharray="6 4"/>` +
-      `<text x="${W - pad.r}" y="${(y(ref.value) - 4).toFixed(1)}" font-size="11" text-anchor="end" fill="#dc2626">${esc(ref.label)}</text>`
-    : "";
-  return `<figure><svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" role="img" aria-label="${esc(title)}">` +
-    `<text x="${pad.l}" y="16" font-size="13" font-weight="bold">${esc(title)} (${esc(unit)})</text>` +
-    `<line x1="${pad.l}" x2="${pad.l}" y1="${pad.t}" y2="${H - pad.b}" stroke="#888"/><line x1="${pad.l}" x2="${W - pad.r}" y1="${H - pad.b}" y2="${H - pad.b}" stroke="#888"/>` +
-    `${ticks}${bars}${refLine}<text x="${(W + pad.l) / 2}" y="${H - 2}" font-size="11" text-anchor="middle">round</text></svg></figure>`;
+/** Guest time at which each round began (its sync's), in seconds. */
+function roundStarts(r: MigrationReport): number[] {
+  let t = r.setupTimeMs;
+  return r.rounds.map((x) => {
+    const at = t;
+    t += x.durationMs;
+    return at / 1e3;
+  });
 }
 
-export function htmlReport(r: MigrationReport): string {
+export interface HtmlOptions {
+  /** The remaining bytes on a log scale (a migration whose dirty set spans orders of magnitude). */
+  logScale?: boolean;
+}
+
+export function htmlReport(r: MigrationReport, opts: HtmlOptions = {}): string {
   const COLUMNS = columnsFor(r);
   const rows = r.rounds.map((x) => `<tr>${COLUMNS.map(([, f]) => `<td>${esc(f(x))}</td>`).join("")}</tr>`).join("\n");
   const status = r.status === "completed" ? `<p class="ok">Completed and verified: SHA-256 ${esc(r.verification!.sourceSha256)} on both sides.</p>` : `<p class="bad">Failed: ${esc(r.error ?? "")}</p>`;
   const threshold = r.rounds[0]?.thresholdBytes ?? 0;
+  const starts = roundStarts(r);
+  const at = (f: (x: RoundReport) => number) => r.rounds.map((x, i) => [starts[i], f(x)] as [number, number]);
+  const byRound = r.rounds.map((x, i) => `${x.round}${x.stopAndCopy ? "*" : x.postcopy ? "P" : x.endedMigration ? "x" : ""} @ ${fmt(starts[i], 2)} s`);
+  const linkMiBps = r.config.bandwidthBitsPerSecond / 8 / MiB;
+  const exits = [
+    { name: "ring-full exits", values: r.rounds.map((x) => x.ringFullExits) },
+    { name: "PML-full exits", values: r.rounds.map((x) => x.pmlFullExits) },
+    { name: "HDBSS-full faults", values: r.rounds.map((x) => x.hdbssFullFaults) },
+  ].filter((s) => s.values.some((v) => v > 0));
+  const perRound = (title: string, unit: string, values: number[]) => barChart({ title: `${title} (${unit})`, unit, categories: byRound, values: values.map((v) => (Math.abs(v) >= 100 ? Math.round(v) : Number(v.toFixed(2)))) });
   return `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Migration ${esc(r.source.vm)} -> ${esc(r.destination.vm)}</title>
-<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
+<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:72em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
 .ok{color:#166534}.bad{color:#b91c1c}figure{margin:1em 0}dl{display:grid;grid-template-columns:max-content auto;gap:2px 1em}dt{font-weight:bold}</style></head>
 <body><h1>Migration ${esc(r.source.vm)} → ${esc(r.destination.vm)}</h1>
 ${status}
@@ -334,14 +330,15 @@ ${status}
 <dt>link</dt><dd>${fmt(r.config.bandwidthBitsPerSecond / 1e9, 2)} Gbit/s, ${fmt(r.config.latencyNs / 1e6, 3)} ms latency</dd>
 <dt>total time</dt><dd>${fmt(r.totalTimeMs)} ms</dd><dt>downtime</dt><dd>${r.downtimeMs === null ? "-" : `${fmt(r.downtimeMs)} ms`} (limit ${r.config.downtimeLimitMs} ms)</dd>
 <dt>syncs</dt><dd>${r.dirtySyncCount}</dd><dt>transferred</dt><dd>${esc(formatBytes(r.transferredBytes))}</dd></dl>
-${barChart("Dirty rate at each sync", "pages/s", r.rounds.map((x) => x.dirtyRatePagesPerSecond))}
-${barChart("Remaining (dirty) at each sync", "MiB", r.rounds.map((x) => x.remainingBytes / MiB), { value: threshold / MiB, label: "switchover threshold = bandwidth x downtime limit" })}
-${r.config.autoConverge ? `${barChart("vCPU throttle in each round (auto-converge)", "%", r.rounds.map((x) => x.cpuThrottlePercentage))}
-${barChart("Guest writes in each round", "writes/s", r.rounds.map((x) => x.guestWritesPerSecond))}` : ""}
+${lineChart({ title: "Remaining (dirty) at each sync (MiB)", xName: "guest time (s)", yName: "MiB", log: opts.logScale, series: [{ name: "remaining", points: at((x) => x.remainingBytes / MiB) }], refs: [{ value: threshold / MiB, name: `switchover threshold = bandwidth x downtime limit (${fmt(threshold / MiB)} MiB)` }] })}
+${lineChart({ title: "Dirty rate at each sync (MiB/s)", xName: "guest time (s)", yName: "MiB/s", series: [{ name: "dirty rate", points: at((x) => (x.dirtyRatePagesPerSecond * 4096) / MiB) }], refs: [{ value: linkMiBps, name: `link rate (${fmt(linkMiBps)} MiB/s)` }] })}
+${perRound("Guest writes in each round", "writes/s", r.rounds.map((x) => x.guestWritesPerSecond))}
+${exits.length ? barChart({ title: "Exits in each round (count)", unit: "count", categories: byRound, series: exits }) : ""}
+${r.rounds.some((x) => x.ringStallMs > 0) ? perRound("Guest time vCPUs stalled on full rings in each round", "ms", r.rounds.map((x) => x.ringStallMs)) : ""}
+${r.config.autoConverge ? perRound("vCPU throttle in each round (auto-converge)", "%", r.rounds.map((x) => x.cpuThrottlePercentage)) : ""}
 ${r.postcopy ? `<h2>Post-copy</h2><p>${esc(textReport(r).split("\n").find((l) => l.startsWith("P post-copy")) ?? "")}</p>
-${barChart("Post-copy blocktime per vCPU", "ms", r.postcopy.vcpuBlocktimeMs)}` : ""}
-${r.config.dirtyLimit ? `${barChart(`Sleep per full ring at each sync (dirty-limit, ${r.config.dirtyLimit.vcpuDirtyLimitMBps} MB/s per vCPU)`, "µs", r.rounds.map((x) => x.dirtyLimitThrottleTimePerRoundUs))}
-${barChart("Guest writes in each round", "writes/s", r.rounds.map((x) => x.guestWritesPerSecond))}` : ""}
+${barChart({ title: "Post-copy blocktime per vCPU (ms)", unit: "ms", categories: r.postcopy.vcpuBlocktimeMs.map((_, i) => `vCPU ${i}`), values: r.postcopy.vcpuBlocktimeMs.map((v) => Number(v.toFixed(2))) })}` : ""}
+${r.config.dirtyLimit ? perRound(`Sleep per full ring at each sync (dirty-limit, ${r.config.dirtyLimit.vcpuDirtyLimitMBps} MB/s per vCPU)`, "µs", r.rounds.map((x) => x.dirtyLimitThrottleTimePerRoundUs)) : ""}
 <table><thead><tr>${COLUMNS.map(([h]) => `<th>${esc(h)}</th>`).join("")}</tr></thead><tbody>
 ${rows}
 </tbody></table>

@@ -27,6 +27,7 @@ import { DEFAULT_CONFIG } from "../migrate.js";
 import { mechanismsByArch, MatrixError, POLICIES, splitAxis, type Arch, type Cell, type CellConfig } from "./matrix.js";
 import { label, compareJson, compareTable, rank, RANK_BY, type RankBy } from "./table.js";
 import { checkBudget, runComparison } from "./run.js";
+import { compareHtml } from "./html.js";
 
 export const COMPARE_HELP = `compare options (each axis a comma-separated list; every cell migrates the same guest from the same seed):
   --mechanism LIST           mechanisms, or all: every valid one of each architecture (default all)
@@ -137,7 +138,6 @@ export async function runCompare(v: Values, io: Io): Promise<number> {
     const meta = { guest: { memory: guest.memoryBytes, vcpus: guest.vcpus, backing: guest.backing, workload: v.workload ?? "hot-cold", seed: guest.seed }, "rank-by": by };
     if (v.json) await writeFile(v.json, JSON.stringify(compareJson(ranked, meta), null, 2) + "\n");
     if (v.report) {
-      const { compareHtml } = await import("./html.js");
       await writeFile(v.report, compareHtml(ranked, { title: `Comparison of ${cells.length} cells`, guest: guestText, by }));
     }
     const files = [v.json && `JSON: ${v.json}`, v.report && `HTML: ${v.report}`].filter(Boolean);

@@ -4,55 +4,35 @@
  * axes, and one bar chart per figure. Charts are ECharts rendered to SVG on
  * the server, so the page needs no script and no network.
  */
-import * as echarts from "echarts";
+import { barChart, esc, lineChart } from "../charts.js";
 import { formatBytes } from "../report.js";
 import { label, tableCells, type RankBy } from "./table.js";
 import type { CellResult } from "./run.js";
 
-const esc = (s: string) => s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]!);
 const MiB = 2 ** 20;
 
-function svg(option: echarts.EChartsCoreOption, width: number, height: number): string {
-  const chart = echarts.init(null, null, { renderer: "svg", ssr: true, width, height });
-  chart.setOption({ animation: false, textStyle: { fontFamily: "system-ui, sans-serif" }, ...option });
-  const out = chart.renderToSVGString();
-  chart.dispose();
-  return `<figure>${out}</figure>`;
-}
-
-/** One line per cell over guest time; the legend beside it holds every cell, one a line. */
+/** One line per cell over guest time. */
 function lines(title: string, unit: string, results: CellResult[], y: (p: CellResult["series"][number]) => number, opts: { log?: boolean; ref?: { value: number; name: string } } = {}): string {
-  const height = Math.max(340, 80 + 18 * results.length);
-  const series = results.map((r) => ({ name: label(r), type: "line", symbolSize: 4, data: r.series.map((p) => [p.timeMs / 1e3, opts.log ? Math.max(y(p), 1e-3) : y(p)]) }));
-  if (opts.ref) series.push({ name: opts.ref.name, type: "line", symbolSize: 0, data: [], markLine: { symbol: "none", lineStyle: { type: "dashed", color: "#dc2626" }, label: { formatter: opts.ref.name, position: "insideEndTop", color: "#dc2626" }, data: [{ yAxis: opts.ref.value }] } } as never);
-  return svg(
-    {
-      title: { text: `${title} (${unit})`, left: 10, textStyle: { fontSize: 14 } },
-      grid: { left: 70, right: 400, top: 56, bottom: 50 },
-      legend: { orient: "vertical", right: 10, top: 50, itemWidth: 18, itemGap: 4, textStyle: { fontSize: 11 } },
-      xAxis: { type: "value", name: "guest time (s)", nameLocation: "middle", nameGap: 26 },
-      yAxis: { type: opts.log ? "log" : "value", name: unit, nameLocation: "end" },
-      series,
-    },
-    1100,
-    height,
-  );
+  return lineChart({
+    title: `${title} (${unit})`,
+    xName: "guest time (s)",
+    yName: unit,
+    log: opts.log,
+    refs: opts.ref ? [opts.ref] : [],
+    series: results.map((r) => ({ name: label(r), points: r.series.map((p) => [p.timeMs / 1e3, y(p)] as [number, number]) })),
+  });
 }
 
-/** One bar per cell, in rank order. */
+/** One bar per cell, in rank order; failed cells red. */
 function bars(title: string, unit: string, results: CellResult[], value: (r: CellResult) => number): string {
-  const names = results.map((r, i) => `#${i + 1} ${label(r)}`);
-  return svg(
-    {
-      title: { text: `${title} (${unit})`, left: 10, textStyle: { fontSize: 14 } },
-      grid: { left: 320, right: 60, top: 36, bottom: 30 },
-      xAxis: { type: "value", name: unit },
-      yAxis: { type: "category", data: names, inverse: true, axisLabel: { fontSize: 11 } },
-      series: [{ type: "bar", data: results.map((r) => ({ value: value(r), itemStyle: { color: r.status === "completed" && r.verified ? "#3b82f6" : "#dc2626" } })), label: { show: true, position: "right", fontSize: 10 } }],
-    },
-    900,
-    70 + 20 * results.length,
-  );
+  return barChart({
+    title: `${title} (${unit})`,
+    unit,
+    horizontal: true,
+    categories: results.map((r, i) => `#${i + 1} ${label(r)}`),
+    values: results.map(value),
+    colors: results.map((r) => (r.status === "completed" && r.verified ? "#3b82f6" : "#dc2626")),
+  });
 }
 
 export function compareHtml(ranked: CellResult[], meta: { title: string; guest: string; by: RankBy }): string {

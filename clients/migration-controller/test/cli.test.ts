@@ -89,8 +89,8 @@ describe("migration controller CLI", () => {
     for (const [k, v] of Object.entries(j.rounds[0])) if (typeof v === "number") assert.ok(j.units[`rounds[].${k}`], `unit of rounds[].${k}`);
     for (const k of ["total-time", "downtime", "ram.transferred", "ram.dirty-pages-rate"]) assert.ok(Number.isInteger(k.split(".").reduce((o, x) => o[x], j)), `${k}: an integer, as query-migrate's`);
     const page = await readFile(html, "utf8");
-    assert.match(page, /<svg[^>]*aria-label="Dirty rate at each sync"/);
-    assert.match(page, /<svg[^>]*aria-label="Remaining \(dirty\) at each sync"/);
+    assert.match(page, /<svg[^>]*aria-label="Dirty rate at each sync \(MiB\/s\)"/);
+    assert.match(page, /<svg[^>]*aria-label="Remaining \(dirty\) at each sync \(MiB\)"/);
     assert.doesNotMatch(page, /<script|<link|src="http/, "self-contained");
   });
 
