@@ -54,6 +54,7 @@ export class MigrationMetrics {
   readonly expectedDowntime: Gauge<"vm">;
   readonly eta: Gauge<"vm">;
   readonly downtimeLimit: Gauge<"vm">;
+  readonly lastDowntime: Gauge<"vm">;
   readonly inProgress: Gauge<"vm">;
   readonly postcopyActive: Gauge<"vm">;
   readonly postcopyRequests: Counter<"vm">;
@@ -81,6 +82,7 @@ export class MigrationMetrics {
     });
     this.expectedDowntime = new Gauge({ name: "migration_expected_downtime_seconds", help: "Dirty bytes at the last sync divided by the bandwidth.", labelNames: ["vm"], registers });
     this.downtimeLimit = new Gauge({ name: "migration_downtime_limit_seconds", help: "The downtime limit the switchover rule uses.", labelNames: ["vm"], registers });
+    this.lastDowntime = new Gauge({ name: "migration_last_downtime_seconds", help: "Downtime of the VM's last completed migration (guest time from pausing the source to resuming the destination).", labelNames: ["vm"], registers });
     this.inProgress = new Gauge({ name: "migration_in_progress", help: "1 while a migration of the VM runs.", labelNames: ["vm"], registers });
     this.downtime = new Histogram({
       name: "migration_downtime_seconds",
@@ -209,6 +211,7 @@ export class MigrationService {
       this.onProgress({ phase: "done", round: r.dirtySyncCount, dirtyPages: 0, remainingBytes: 0, dirtyRatePagesPerSecond: r.dirtyRatePagesPerSecond, expectedDowntimeMs: 0, elapsedMs: r.totalTimeMs, transferredBytes: r.transferredBytes, cpuThrottlePercentage: 0, dirtyLimitMBps: 0 }, sent);
       this.metrics.migrations.inc({ result: "completed", mechanism });
       this.metrics.downtime.observe({ mechanism }, (r.downtimeMs ?? 0) / 1e3);
+      this.metrics.lastDowntime.set({ vm }, (r.downtimeMs ?? 0) / 1e3);
       this.metrics.totalTime.observe({ mechanism }, r.totalTimeMs / 1e3);
       if (r.postcopy) {
         this.metrics.postcopyRequests.inc({ vm }, r.postcopy.requests);
