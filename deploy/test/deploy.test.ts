@@ -59,6 +59,21 @@ test("the committed dashboards are exactly what deploy/grafana/dashboards.ts gen
   }
 });
 
+test("the dashboards import into an existing Grafana: a $datasource variable every query uses, a $vm filter, units Grafana means", () => {
+  for (const [name, json] of Object.entries(renderAll())) {
+    const d = JSON.parse(json) as { templating: { list: { name: string; type: string }[] }; panels: { type: string; title: string; datasource?: { uid: string }; fieldConfig?: { defaults?: { unit?: string } }; targets?: { expr: string; datasource: { uid: string } }[] }[] };
+    const vars = d.templating.list.map((v) => `${v.name}:${v.type}`);
+    assert.ok(vars.includes("datasource:datasource"), `${name}: $datasource`);
+    for (const p of d.panels.filter((x) => x.type !== "row")) {
+      assert.equal(p.datasource?.uid, "${datasource}", `${name} / ${p.title}: the panel's data source`);
+      for (const t of p.targets ?? []) assert.equal(t.datasource.uid, "${datasource}", `${name} / ${p.title}: a query's data source`);
+      // "pps" is packets per second in Grafana: pages/s is a custom suffix unit.
+      assert.notEqual(p.fieldConfig?.defaults?.unit, "pps", `${name} / ${p.title}`);
+      if (vars.includes("vm:query")) for (const t of p.targets ?? []) if (/\bvm\b/.test(t.expr) || /vm_/.test(t.expr)) assert.match(t.expr, /vm=~"\$vm"/, `${name} / ${p.title}: ${t.expr} is filtered by $vm`);
+    }
+  }
+});
+
 test("promtool: the Prometheus configuration is valid and the rules pass their unit tests", (t) => {
   if (!requireTool("promtool", "prometheus", t)) return;
   execFileSync("promtool", ["check", "config", "prometheus.yml"], { cwd: join(ROOT, "deploy/prometheus") });
