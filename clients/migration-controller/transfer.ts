@@ -165,6 +165,7 @@ export async function sendPages(run: MigrationRun, select: Map<number, Uint8Arra
       const chunkNs = hostNs + link.transmitNs(bytes);
       run.policies.onSent(Math.max(0, remainingBytes - (out.normal + out.zero) * PAGE_SIZE), clock.now() + chunkNs);
       await run.elapse(chunkNs);
+      run.progress("send", { round: select ? run.report.dirtySyncCount : 0, passBytes: remainingBytes, passSentBytes: (out.normal + out.zero) * PAGE_SIZE });
       if (select && midPass) {
         const found = await midPass.due();
         if (found) remainingBytes += merge(select, found, midPass.carry, run.src.memslots.map((m) => m.memslot!.slot), slotIndex, first + count) * PAGE_SIZE;

@@ -208,7 +208,8 @@ export interface CleanupReport {
 }
 
 export interface ProgressEvent {
-  phase: "setup" | "round" | "switchover" | "postcopy" | "verify" | "done";
+  /** "send": a chunk of the round in progress went (round is the round being sent). */
+  phase: "setup" | "round" | "send" | "switchover" | "postcopy" | "verify" | "done";
   round: number;
   dirtyPages: number;
   remainingBytes: number;
@@ -222,6 +223,9 @@ export interface ProgressEvent {
   dirtyLimitMBps: number;
   /** At a sync: the guest time the pre-copy still needs at the current dirty rate (eta.ts); null when it does not converge at it, or before the first sync. */
   etaMs?: number | null;
+  /** "send": the bytes the round's pass sends in all, and those sent so far. */
+  passBytes?: number;
+  passSentBytes?: number;
 }
 
 export interface Endpoints {
