@@ -4,6 +4,8 @@
  * boundary, records go-grpc-prometheus RPC metrics, and adds the standard
  * health and reflection services.
  */
+import { createRequire } from "node:module";
+import { dirname, join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { ReflectionService } from "@grpc/reflection";
@@ -357,12 +359,15 @@ export const channelOptions: grpc.ChannelOptions = {
 export function addStandardServices(server: grpc.Server, protoFiles: string[], serviceNames: string[]) {
   const health = new HealthImplementation(Object.fromEntries(["", ...serviceNames].map((n) => [n, "SERVING"])));
   health.addToServer(server);
-  const pkg = protoLoader.loadSync(protoFiles, { includeDirs: [PROTO_ROOT], longs: String, keepCase: true });
+  // Reflection describes the health service too, so that `buf curl …/grpc.health.v1.Health/Check` and grpcurl find it.
+  const pkg = protoLoader.loadSync([...protoFiles, "health/v1/health.proto"], { includeDirs: [PROTO_ROOT, HEALTH_PROTO_ROOT], longs: String, keepCase: true });
   new ReflectionService(pkg).addToServer(server);
   return health;
 }
 
 export const PROTO_ROOT = new URL("../proto/", import.meta.url).pathname;
+/** grpc-health-check's copy of grpc/health/v1/health.proto. */
+const HEALTH_PROTO_ROOT = join(dirname(createRequire(import.meta.url).resolve("grpc-health-check/package.json")), "proto");
 
 export async function bindServer(server: grpc.Server, host: string, port: number, credentials = grpc.ServerCredentials.createInsecure()): Promise<number> {
   return new Promise((resolve, reject) => {
