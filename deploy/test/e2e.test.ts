@@ -114,7 +114,7 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
     const loaded = rules.data.groups.flatMap((g: { rules: { name: string; health: string; type: string }[] }) => g.rules);
     assert.deepEqual(
       loaded.map((r: { name: string }) => r.name).sort(),
-      ["MigrationNotConverging", "vm:hypervisor_write_faults:rate1m", "vm_mechanism:hypervisor_dirty_bytes:rate1m", "vm_mechanism:hypervisor_pages_dirtied:rate1m", "vm_vcpu:hypervisor_vcpu_pages_dirtied:rate1m"],
+      ["MigrationNotConverging", "MigrationOverDowntimeLimit", "MigrationVerificationFailed", "PageTrackingDeviceLost", "vm:hypervisor_write_faults:rate1m", "vm_mechanism:hypervisor_dirty_bytes:rate1m", "vm_mechanism:hypervisor_pages_dirtied:rate1m", "vm_vcpu:hypervisor_vcpu_pages_dirtied:rate1m"],
     );
     for (const r of loaded) assert.equal(r.health, "ok", `rule ${r.name}`);
     const alert = await api(`/api/v1/query?query=${encodeURIComponent('migration_expected_downtime_seconds > on (vm) 2 * migration_downtime_limit_seconds and on (vm) migration_in_progress == 1')}`);
