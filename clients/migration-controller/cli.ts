@@ -52,13 +52,14 @@ ${PREDICT_HELP}
 ${RECORD_HELP}
 
 serve options:
-  --hypervisor-a ADDR, --hypervisor-b ADDR   the two hypervisors (env MIGRATION_HYPERVISOR_A / _B)
+  --hypervisor-a ADDR, --hypervisor-b ADDR   the two hypervisors (env MIGRATION_HYPERVISOR_A, MIGRATION_HYPERVISOR_B)
   --http-port N              ops port for /metrics and /healthz (env MIGRATION_HTTP_PORT; default 9480)
   --grpc-port N              gRPC port of dirtytrack.controller.v1 (PredictMigration), health and reflection
                              (env MIGRATION_GRPC_PORT; default 50070)
   --host ADDR                ops bind address (env MIGRATION_HOST; default 127.0.0.1)
   --realtime-speed F         guest seconds per wall second (default 1)
   --pause-ms N               wall time between migrations (default 2000)
+  (env LOG_LEVEL: fatal, error, warn, info (default), debug, trace or silent: serve's JSON log lines on stderr)
   (--vm, --memory, --vcpus, --write-rate, --hot-fraction as for demo; defaults demo, 1GiB, 2, 20000, 0.05)
 
 estimate options:

@@ -78,6 +78,7 @@ export const OPTIONS = {
   jobs: { type: "string" },
   hypervisors: { type: "string" },
   "rank-by": { type: "string" },
+  shard: { type: "string" },
   "working-set": { type: "string" },
   "dirty-rate": { type: "string" },
   "from-estimate": { type: "string" },

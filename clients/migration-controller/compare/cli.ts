@@ -39,6 +39,7 @@ export const COMPARE_HELP = `compare options (each axis a comma-separated list; 
   --jobs N                   hypervisor processes started on 127.0.0.1, one cell at a time each (default: the cores, ${availableParallelism()} here)
   --hypervisors LIST         run the cells on these running hypervisors instead (source and destination VM on each)
   --rank-by KEY              ${Object.keys(RANK_BY).join(" | ")} (default downtime)
+  --shard K/N                run only the cells whose index is K modulo N (one task of a Kubernetes Indexed Job)
   (the guest: --memory, --vcpus, --backing, --workload and its flags, --noisy-vcpu-rate, --seed, --ring-entries as for demo)
   --json FILE, --report FILE.html, --quiet as for demo
   exit codes: 0 every cell migrated and verified; 1 a cell failed (the table says why); 2 a matrix that cannot run; 130/143 interrupted`;
@@ -86,6 +87,17 @@ export function cellsFromFlags(v: Values): Cell[] {
   return cells;
 }
 
+/** --shard K/N: the cells whose matrix index is K modulo N (a Kubernetes Indexed Job's share: K from JOB_COMPLETION_INDEX). */
+function shardOf(cells: Cell[], text: string | undefined): Cell[] {
+  if (text === undefined) return cells;
+  const m = /^(\d+)\/(\d+)$/.exec(text.trim());
+  const [k, n] = m ? [Number(m[1]), Number(m[2])] : [NaN, NaN];
+  if (!(n >= 1 && k >= 0 && k < n)) throw new UsageError(`--shard ${text}: must be K/N with 0 <= K < N (e.g. 0/4)`);
+  const mine = cells.filter((c) => c.index % n === k);
+  if (mine.length === 0) throw new UsageError(`--shard ${text}: no cell of the ${cells.length} falls in it`);
+  return mine;
+}
+
 /** A matrix that cannot run is a usage error (exit 2). */
 function matrixError<T>(fn: () => T): T {
   try {
@@ -98,7 +110,7 @@ function matrixError<T>(fn: () => T): T {
 
 export async function runCompare(v: Values, io: Io): Promise<number> {
   const { cells, guest, addresses, jobs } = matrixError(() => {
-    const cells = cellsFromFlags(v);
+    const cells = shardOf(cellsFromFlags(v), v.shard);
     const guest = guestSpec({ ...v, arch: undefined, mechanism: undefined }, null);
     const addresses = v.hypervisors === undefined ? undefined : splitAxis("hypervisors", v.hypervisors, []);
     if (addresses && v.jobs !== undefined) throw new UsageError("--jobs and --hypervisors: give one (with --hypervisors, one cell runs at a time on each)");

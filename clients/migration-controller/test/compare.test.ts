@@ -86,6 +86,14 @@ describe("compare", () => {
     }
   });
 
+  test("--shard K/N runs the cells whose index is K modulo N", async () => {
+    const json = join(dir, "shard.json");
+    const r = await cli(["compare", ...SMALL, "--arch", "arm64", "--mechanism", "bitmap,ring,dbm", "--shard", "1/2", "--jobs", "1", "--json", json]);
+    assert.equal(r.code, EXIT.ok, r.err);
+    const cells = (JSON.parse(await readFile(json, "utf8")) as { cells: (CellJson & { cell: number })[] }).cells;
+    assert.deepEqual(cells.map((c) => [c.cell, c.mechanism]), [[1, "ring"]]);
+  });
+
   test("a failed cell shows in the table with its reason and the others still run (exit 1)", async () => {
     const r = await cli(["compare", ...SMALL, "--mechanism", "bitmap,ring", "--arch", "x86_64", "--policies", "dirty-limit", "--jobs", "1"]);
     assert.equal(r.code, EXIT.failed, r.err);
@@ -111,6 +119,8 @@ describe("compare", () => {
       [["--auto-converge"], /compare takes its policies as one axis/],
       [["--cpu-throttle-initial", "30"], /--cpu-throttle-initial needs auto-converge in --policies/],
       [["--rank-by", "luck"], /--rank-by luck: must be one of downtime/],
+      [["--shard", "4/4"], /--shard 4\/4: must be K\/N with 0 <= K < N/],
+      [["--shard", "5/9", "--mechanism", "ring"], /--shard 5\/9: no cell of the 2 falls in it/],
     ];
     for (const [extra, message] of cases) {
       const r = await cli(["compare", "--quiet", ...extra]);
