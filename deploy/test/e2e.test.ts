@@ -13,23 +13,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 import { spawnService, type SpawnedService } from "../../common/spawn.js";
-import { Arch, Capability, ClockDrive, MemslotFlag, WorkloadPattern } from "../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor } from "../../services/hypervisor/client.js";
-import { allQueries } from "../grafana/dashboards.js";
 import { freePort } from "../../tests/hypervisor-harness.js";
+import { allTargetsUp, checkDashboards, checkRules, prometheusApi, query, sleep, startMechanismLoad, waitFor } from "./stack-checks.js";
 
 const ROOT = new URL("../../", import.meta.url).pathname;
 const has = (bin: string) => spawnSync("sh", ["-c", `command -v ${bin}`]).status === 0;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs: number): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (Date.now() < until) {
-    if (await check().catch(() => false)) return;
-    await sleep(250);
-  }
-  assert.fail(`timed out waiting for ${what}`);
-}
 
 test("the stack under a real Prometheus feeds every dashboard query, rule and alert", { timeout: 180_000 }, async (t) => {
   if (!has("prometheus") || !has("promtool")) {
@@ -39,8 +28,7 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
   }
   const services: SpawnedService[] = [];
   let prometheus: ChildProcess | null = null;
-  let collecting = false;
-  let collector: Promise<void> = Promise.resolve();
+  let load: { stop(): Promise<void> } | null = null;
   const dir = mkdtempSync(join(tmpdir(), "e2e-prom-"));
   try {
     const hvEnv = { HYPERVISOR_GRPC_PORT: "0", HYPERVISOR_HTTP_PORT: "0", HYPERVISOR_ANNOUNCE: "1" };
@@ -52,35 +40,8 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
     const ctl = await spawnServe(hvA, hvB);
     services.push(ctl);
 
-    // Long-lived VMs on A so that every mechanism's series exist: a ring (small, so it fills), DBM, the device, HDBSS, x86 PML.
     const a = connectHypervisor(hvA.address);
-    const slot = { slot: 0, guestPhysAddr: BigInt(2 ** 30), memorySize: BigInt(64 * 2 ** 20), flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES };
-    const workload = { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 20_000 };
-    const realtime = { vcpus: 2, clock: ClockDrive.CLOCK_DRIVE_REALTIME };
-    await a.createVm({ vm: "ring-vm", ...realtime, workload, dirtyRing: { capability: Capability.CAPABILITY_DIRTY_LOG_RING_ACQ_REL, bytes: 65536n }, memslots: [slot] });
-    for (const [vm, capability, args] of [
-      ["dbm-vm", Capability.CAPABILITY_ARM_HW_DIRTY_LOG, [1n]],
-      ["dev-vm", Capability.CAPABILITY_ARM_PAGE_TRACKING_DEVICE, [1n]],
-      ["hdbss-vm", Capability.CAPABILITY_ARM_HW_DIRTY_STATE_TRACK, [0n, 1n]],
-    ] as const) {
-      await a.createVm({ vm, ...realtime });
-      await a.enableCap({ vm, capability, args: [...args] });
-      await a.setUserMemoryRegion({ vm, memslot: slot });
-      await a.setWorkload({ vm, workload });
-    }
-
-    await a.createVm({ vm: "pml-vm", ...realtime, arch: Arch.ARCH_X86_64, pml: true, workload, memslots: [slot] });
-    // The host side of those VMs keeps going as a VMM's would, so that their panels stay active:
-    // a collection of every log and a harvest and reset of the ring, every second.
-    collecting = true;
-    collector = (async () => {
-      while (collecting) {
-        for (const vm of ["dbm-vm", "dev-vm", "hdbss-vm", "pml-vm"]) await a.getDirtyLog({ vm, slot: 0 }).catch(() => undefined);
-        for (const vcpu of [0, 1]) await a.harvestDirtyRing({ vm: "ring-vm", vcpu }).catch(() => undefined);
-        await a.resetDirtyRings({ vm: "ring-vm" }).catch(() => undefined);
-        await sleep(1000);
-      }
-    })();
+    load = await startMechanismLoad(a);
 
     // Prometheus with the project's configuration; only the targets point at 127.0.0.1.
     cpSync(join(ROOT, "deploy/prometheus"), dir, { recursive: true });
@@ -90,16 +51,13 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
     writeFileSync(join(dir, "targets/migration-controller.json"), targets([ctl]));
     const port = await freePort();
     prometheus = spawn("prometheus", [`--config.file=${join(dir, "prometheus.yml")}`, `--storage.tsdb.path=${join(dir, "data")}`, `--web.listen-address=127.0.0.1:${port}`], { stdio: "ignore" });
-    const api = async (path: string) => (await fetch(`http://127.0.0.1:${port}${path}`).then((r) => r.json())) as { status: string; data: any; error?: string };
+    const api = prometheusApi(`http://127.0.0.1:${port}`);
     await waitFor("Prometheus to be ready", async () => (await fetch(`http://127.0.0.1:${port}/-/ready`)).ok, 20_000);
 
     // Let migrations complete and syncs happen while Prometheus scrapes every 2 s.
     const ctlMetrics = () => fetch(`http://127.0.0.1:${ctl.httpPort}/metrics`).then((r) => r.text());
     await waitFor("two completed migrations", async () => /migration_migrations_total\{result="completed",mechanism="bitmap\+device"\} ([2-9]|\d\d)/.test(await ctlMetrics()), 90_000);
-    await waitFor("every target up", async () => {
-      const r = await api("/api/v1/query?query=up");
-      return r.data.result.length === 5 && r.data.result.every((s: { value: [number, string] }) => s.value[1] === "1");
-    }, 20_000);
+    await waitFor("every target up", () => allTargetsUp(api), 20_000);
     await sleep(3000);
 
     // After two migrations the demo VM running now was created by a migration: it runs the guest's
@@ -111,30 +69,9 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
     }, 20_000);
     b.close();
 
-    // The recording rules' 1-minute rates need a few evaluations of data: wait until every query answers before judging.
-    await waitFor("every dashboard query to answer", async () => {
-      for (const q of allQueries()) if ((await api(`/api/v1/query?query=${encodeURIComponent(q.expr)}`)).data.result.length === 0) return false;
-      return true;
-    }, 60_000);
-    const empty: string[] = [];
-    const zero: string[] = [];
-    for (const q of allQueries()) {
-      const r = await api(`/api/v1/query?query=${encodeURIComponent(q.expr)}`);
-      assert.equal(r.status, "success", `${q.dashboard} / ${q.panel}: ${q.expr}: ${r.error}`);
-      if (r.data.result.length === 0) empty.push(`${q.dashboard} / ${q.panel}: ${q.expr}`);
-      else if (r.data.result.every((x: { value: [number, string] }) => Number(x.value[1]) === 0) && !QUIET.some((re) => re.test(q.panel))) zero.push(`${q.dashboard} / ${q.panel}: ${q.expr}`);
-    }
-    assert.deepEqual(empty, [], "every panel query returns data");
-    assert.deepEqual(zero, [], "every panel of an active part of the stack reads non-zero");
-
-    const rules = await api("/api/v1/rules");
-    const loaded = rules.data.groups.flatMap((g: { rules: { name: string; health: string; type: string }[] }) => g.rules);
-    assert.deepEqual(
-      loaded.map((r: { name: string }) => r.name).sort(),
-      ["MigrationNotConverging", "MigrationOverDowntimeLimit", "MigrationVerificationFailed", "PageTrackingDeviceLost", "vm:hypervisor_write_faults:rate1m", "vm_mechanism:hypervisor_dirty_bytes:rate1m", "vm_mechanism:hypervisor_pages_dirtied:rate1m", "vm_vcpu:hypervisor_vcpu_pages_dirtied:rate1m"],
-    );
-    for (const r of loaded) assert.equal(r.health, "ok", `rule ${r.name}`);
-    const alert = await api(`/api/v1/query?query=${encodeURIComponent('migration_expected_downtime_seconds > on (vm) 2 * migration_downtime_limit_seconds and on (vm) migration_in_progress == 1')}`);
+    await checkDashboards(api);
+    await checkRules(api);
+    const alert = await query(api, "migration_expected_downtime_seconds > on (vm) 2 * migration_downtime_limit_seconds and on (vm) migration_in_progress == 1");
     assert.equal(alert.status, "success", "the alert's expression evaluates");
 
     const families: [SpawnedService, string[]][] = [
@@ -150,27 +87,12 @@ test("the stack under a real Prometheus feeds every dashboard query, rule and al
     }
     a.close();
   } finally {
-    collecting = false;
-    await collector;
+    await load?.stop();
     prometheus?.kill("SIGTERM");
     for (const s of services.reverse()) await s.stop();
     rmSync(dir, { recursive: true, force: true });
   }
 });
-
-/**
- * Panels that read 0 on a healthy stack running serve with the device mechanism and no policy:
- * failures and losses that did not happen, and the policies this stack does not run.
- */
-const QUIET = [
-  /^Log overflows and lost devices/,
-  /^Auto-converge/,
-  /^Dirty-limit/,
-  /^Post-copy active/,
-  // Backlog gauges: a device that keeps up has none, and its buffers and log empty at every read.
-  /^Report stream lag/,
-  /^Buffers and logs/,
-];
 
 /** The controller's service, started as compose starts it (smaller VM, shorter pauses). */
 function spawnServe(hvA: SpawnedService, hvB: SpawnedService): Promise<SpawnedService> {
