@@ -13,6 +13,7 @@ import { HealthImplementation } from "grpc-health-check";
 import { Counter, Histogram, type Registry } from "prom-client";
 import { DomainError, type ErrorKind } from "./errors.js";
 import type { Logger } from "./log.js";
+import { withProtocMapEntries } from "./reflection.js";
 
 const STATUS_OF: Record<ErrorKind, grpc.status> = {
   "invalid-argument": grpc.status.INVALID_ARGUMENT,
@@ -361,7 +362,7 @@ export function addStandardServices(server: grpc.Server, protoFiles: string[], s
   health.addToServer(server);
   // Reflection describes the health service too, so that `buf curl …/grpc.health.v1.Health/Check` and grpcurl find it.
   const pkg = protoLoader.loadSync([...protoFiles, "health/v1/health.proto"], { includeDirs: [PROTO_ROOT, HEALTH_PROTO_ROOT], longs: String, keepCase: true });
-  new ReflectionService(pkg).addToServer(server);
+  new ReflectionService(withProtocMapEntries(pkg)).addToServer(server);
   return health;
 }
 
