@@ -6,7 +6,6 @@
  */
 import { writeFile } from "node:fs/promises";
 import { status } from "@grpc/grpc-js";
-import { parseArgs } from "node:util";
 import type { Io } from "../../common/io.js";
 import { runCalibrate } from "../calibrate/calibrate.js";
 import { ConfigError, envHost, envPort, parseBytes } from "../../common/config.js";
@@ -19,135 +18,97 @@ import { createLogger } from "../../common/log.js";
 import { progressPrinter } from "./progress.js";
 import { MigrationService } from "./service.js";
 import { htmlReport, jsonReport, textReport } from "./report.js";
-import { ALIASES, parseMechanism, PARTS } from "./trackers/index.js";
-import { WORKLOADS } from "./workloads.js";
+import { parseMechanism } from "./trackers/index.js";
 import { createDemoVm } from "./demo-vm.js";
-import { parseDuration } from "./units.js";
-import { COMPARE_HELP, runCompare } from "./compare/cli.js";
-import { PREDICT_HELP, runPredict } from "./predict/cli.js";
-import { RECORD_HELP, runRecord } from "./trace/cli.js";
-import { checkOutputs, clientOptions, EXIT, exitFor, guestSpec, interruptOnSignals, number, OPTIONS, policy, SIGNAL_EXIT, UsageError, type Values } from "./flags.js";
+import { COMPARE_COMMAND } from "./compare/cli.js";
+import { PREDICT_COMMAND } from "./predict/cli.js";
+import { RECORD_COMMAND } from "./trace/cli.js";
+import { checkOutputs, clientOptions, duration, EXIT, exitFor, guestSpec, interruptOnSignals, number, policy, SIGNAL_EXIT, UsageError, type Values } from "./flags.js";
+import { GUEST, OUTPUT, POLICY, SECURITY } from "./options.js";
+import { runProgram, type CommandSpec, type ProgramSpec } from "./program.js";
 
 export { EXIT };
 
-const HELP = `usage:
-  migration-controller demo [options]                       run the embedded default: two hypervisors on
-                                                            127.0.0.1, a demo VM, a verified migration, a report
-  migration-controller migrate --vm NAME [options]          migrate a VM between running hypervisors
-  migration-controller serve [options]                      keep a demo VM migrating back and forth between two
-                                                            hypervisors (real-time clock), metrics on /metrics
-  migration-controller compare [options]                    run a matrix of mechanisms, policies and links on one guest
-                                                            and rank them (hypervisors started here, or --hypervisors)
-  migration-controller predict [options]                    predict a migration's rounds, time, downtime and whether it
-                                                            converges, from numbers or a measurement (--check: and run it)
-  migration-controller record --vm NAME --out FILE          record a running VM's dirtied pages per interval (a trace to replay)
-  migration-controller estimate --vm NAME [options]         measure a running VM's dirty rate (QEMU's calc-dirty-rate)
-  migration-controller calibrate [options]                  measure this host's KVM (/dev/kvm) and write a cost model
-                                                            that HYPERVISOR_COST_MODEL loads (calibrate --help)
-
-${COMPARE_HELP}
-
-${PREDICT_HELP}
-
-${RECORD_HELP}
-
-serve options:
-  --hypervisor-a ADDR, --hypervisor-b ADDR   the two hypervisors (env MIGRATION_HYPERVISOR_A, MIGRATION_HYPERVISOR_B)
-  --http-port N              ops port for /metrics and /healthz (env MIGRATION_HTTP_PORT; default 9480)
-  --grpc-port N              gRPC port of dirtytrack.controller.v1 (PredictMigration), health and reflection
-                             (env MIGRATION_GRPC_PORT; default 50070)
-  --host ADDR                ops bind address (env MIGRATION_HOST; default 127.0.0.1)
-  --realtime-speed F         guest seconds per wall second (default 1)
-  --pause-ms N               wall time between migrations (default 2000)
-  (env LOG_LEVEL: fatal, error, warn, info (default), debug, trace or silent: serve's JSON log lines on stderr)
-  (--vm, --memory, --vcpus, --write-rate, --hot-fraction as for demo; defaults demo, 1GiB, 2, 20000, 0.05)
-
-estimate options:
-  --source ADDR              the VM's hypervisor (env MIGRATION_SOURCE; default 127.0.0.1:50051)
-  --vm NAME                  the VM (required)
-  --mode MODE                page-sampling | dirty-bitmap | dirty-ring (default page-sampling, as QEMU)
-  --calc-time T              how long to measure: 1s, 500ms; a bare number is seconds (default 1s; 50ms to 60s)
-  --sample-pages N           page-sampling: pages per GiB, 128 to 16384 (default 512)
-  --json FILE                write query-dirty-rate's answer as JSON (QEMU's names)
-
-migrate options:
-  --source ADDR              source hypervisor (env MIGRATION_SOURCE; default 127.0.0.1:50051)
-  --destination ADDR         destination hypervisor (env MIGRATION_DESTINATION; default: the source)
-  --vm NAME                  the VM to migrate (required)
-  --dest-vm NAME             name of the VM created on the destination (default NAME-migrated)
-
-demo options:
-  --memory SIZE              guest memory (default 4GiB)
-  --vcpus N                  vCPUs (default 4)
-  --workload NAME            the guest's writes (default hot-cold):
-${Object.entries(WORKLOADS).map(([k, d]) => `                               ${k.padEnd(11)} ${d}`).join("\n")}
-  --write-rate N             guest writes per second per vCPU (default 100000)
-  --hot-fraction F           hot share of memory (default 0.05)
-  --hot-write-fraction F     share of writes to hot pages (default 0.9)
-  --zipf-skew S              zipf: page of rank k written with probability ~ 1/k^S, in (0, 10] (default 0.99, YCSB's)
-  --checkpoint-every T, --checkpoint-for T   bursty: a checkpoint every T (default 5s) lasting T (default 0.5s)
-  --checkpoint-rate N        bursty: writes per second per vCPU during a checkpoint (default 10x --write-rate)
-  --checkpoint-fraction F    bursty: share of memory a checkpoint writes, in (0, 1] (default 0.25)
-  --stream-for T, --stream-rate N   training: the streaming phase's length (default 2s) and rate (default --write-rate)
-  --trace FILE               trace: the file \`record\` wrote (its vCPU count is the default --vcpus)
-  --noisy-vcpu-rate N        vCPU 0 writes N per second instead (one noisy vCPU: per-vCPU dirty rates
-                             and QEMU's dirty limit tell it from the others; default: as the others)
-  --seed N                   workload seed (default 1)
-  --ring-entries N           dirty-ring entries per vCPU with --mechanism ring (default 4096, QEMU's advice)
-  --arch A                   arm64 | x86_64 (default arm64; x86_64 when the mechanism uses pml)
-  --backing SIZE             4k | 2m | 1g: the host pages behind guest memory (THP / hugetlbfs; default 4k)
-
-policy and link (both commands):
-  --mechanism M              LOG[+PROTECTION][+ASSIST] (default bitmap):
-${Object.entries(PARTS).map(([k, d]) => `                               ${k.padEnd(14)} ${d}`).join("\n")}
-                             aliases: ${Object.entries(ALIASES).map(([a, m]) => `${a} = ${m}`).join(", ")}
-  --bandwidth RATE           link bandwidth, e.g. 10Gbit, 800Mbit, 1.25GB/s (default 10Gbit)
-  --latency MS               link latency in ms (default 0.1)
-  --downtime-limit MS        switch over when the dirty bytes fit in bandwidth x this (default 300, as QEMU)
-  --max-rounds N             force the switchover after N syncs (Xen-style cap; default none, as QEMU)
-  --progress-timeout S       fail when the remaining bytes have not fallen for S guest seconds (default 150)
-  --completion-timeout-per-gib S   fail past S guest seconds per GiB of memory (default 150)
-  --chunk-pages N            pages per copy chunk, a multiple of 64 (default 262144 = 1 GiB)
-  --rpc-timeout S            wall seconds to wait for a hypervisor that stopped answering before the
-                             migration fails cleanly (the deadline of ordinary calls; default 10)
-  --auto-converge            throttle the source's vCPUs when they dirty faster than the link carries,
-                             as QEMU's auto-converge (off by default, as in QEMU); with:
-    --cpu-throttle-initial PCT         the first throttle (20)
-    --cpu-throttle-increment PCT       added at each later trigger (10)
-    --cpu-throttle-tailslow            smaller steps near the ideal throttle
-    --max-cpu-throttle PCT             the cap (99)
-  --dirty-limit              limit each source vCPU's dirty page rate when they dirty faster than the link
-                             carries, as QEMU's dirty-limit (needs --mechanism ring; excludes --auto-converge); with:
-    --vcpu-dirty-limit MBPS            the limit per vCPU in MB/s (1, QEMU's vcpu-dirty-limit)
-    --vcpu-dirty-limit-period MS       how often each vCPU's rate is measured, 1-1000 (1000, x-vcpu-dirty-limit-period)
-  --throttle-trigger-threshold PCT     with either: dirtied vs transferred bytes in a period that counts as high (50)
-  --postcopy                 allow post-copy (QEMU's postcopy-ram): when pre-copy stops making progress (a sync
-                             finds no fewer bytes dirty than the one before) the guest moves to the destination
-                             and its remaining pages follow; a failure after that switch loses the VM (exit 6); with:
-    --postcopy-after-rounds N          switch after N syncs instead
-    --postcopy-preempt                 page requests on a channel of their own (QEMU's postcopy-preempt)
-  --policy FILE              a KubeVirt MigrationPolicy (migrations.kubevirt.io/v1alpha1) applied as KubeVirt does:
-                             allowAutoConverge, bandwidthPerMigration (caps --bandwidth), completionTimeoutPerGiB,
-                             allowPostCopy / allowWorkloadDisruption (at the completion timeout switch to post-copy,
-                             or pause the guest to complete, instead of aborting); other fields are errors
-
-security (both commands; flags win over TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE, AUTH_TOKEN):
-  --tls-ca FILE              use TLS and verify the hypervisors against this CA
-  --tls-cert FILE, --tls-key FILE   client certificate and key for mutual TLS
-  --token TOKEN              bearer token the hypervisors require
-
-output:
-  --json FILE                write the report as JSON (QEMU query-migrate names, units in "units")
-  --report FILE              write a self-contained HTML report with charts
-  --log-scale                the report's remaining bytes on a log scale
-  --quiet                    no progress lines
-  -h, --help                 this text
-
-exit codes: 0 migrated and verified; 1 other failure; 2 bad usage; 3 unreachable hypervisor, unknown VM
+const MIGRATION_EXITS = `exit codes: 0 migrated and verified; 1 other failure; 2 bad usage; 3 unreachable hypervisor, unknown VM
 or a precondition (destination exists, slot already logging, over a hypervisor's memory budget);
 4 did not converge (timeout); 5 verification failed (destination differs from source);
 6 the VM was lost: a failure after the switch to post-copy (the source stays paused, the destination is kept, waiting on the missing pages);
 130 / 143 interrupted by SIGINT / SIGTERM (the source is resumed, logging off, the destination removed).`;
+
+const SECURITY_HEADING = "Security (flags win over the variables):";
+
+export const COMMANDS: CommandSpec[] = [
+  {
+    name: "demo",
+    summary: "run the embedded default: two hypervisors on 127.0.0.1, a demo VM, a verified migration, a report",
+    groups: [
+      ["The guest:", GUEST],
+      ["Policy and link:", POLICY],
+      ["Output:", OUTPUT],
+    ],
+    after: MIGRATION_EXITS,
+    run: runDemo,
+  },
+  {
+    name: "migrate",
+    usage: "--vm <name> [options]",
+    summary: "migrate a VM between running hypervisors",
+    isDefault: true,
+    groups: [
+      ["The VM:", ["source", "destination", ["vm", "the VM to migrate (required)"], "dest-vm"]],
+      ["Policy and link:", POLICY],
+      [SECURITY_HEADING, SECURITY],
+      ["Output:", OUTPUT],
+    ],
+    after: MIGRATION_EXITS,
+    run: runMigrate,
+  },
+  COMPARE_COMMAND,
+  PREDICT_COMMAND,
+  RECORD_COMMAND,
+  {
+    name: "serve",
+    usage: "--hypervisor-a <addr> --hypervisor-b <addr> [options]",
+    summary: "keep a demo VM migrating back and forth between two hypervisors (real-time clock), metrics on /metrics",
+    groups: [
+      ["The service:", ["hypervisor-a", "hypervisor-b", "http-port", "grpc-port", "host", "realtime-speed", "pause-ms"]],
+      [
+        "The demo VM:",
+        [
+          ["vm", "its name (default: demo)"],
+          ["memory", "its memory (default: 1GiB)"],
+          ["vcpus", "its vCPUs, 1 to 512 (default: 2)"],
+          ["write-rate", "its writes per second per vCPU, hot-cold (default: 20000)"],
+          "hot-fraction",
+        ],
+      ],
+      ["Policy and link:", POLICY],
+      [SECURITY_HEADING, SECURITY],
+    ],
+    after: "env: LOG_LEVEL: fatal, error, warn, info (default), debug, trace or silent (serve's JSON log lines on stderr)\nexit codes: 0 stopped by SIGTERM or SIGINT; 1 failed; 2 bad usage",
+    run: runServe,
+  },
+  {
+    name: "estimate",
+    usage: "--vm <name> [options]",
+    summary: "measure a running VM's dirty rate (QEMU's calc-dirty-rate)",
+    groups: [
+      ["The measurement:", [["source", "the VM's hypervisor (env: MIGRATION_SOURCE; default: 127.0.0.1:50051)"], ["vm", "the VM to measure (required)"], "mode", "calc-time", "sample-pages"]],
+      [SECURITY_HEADING, SECURITY],
+      ["Output:", [["json", "write query-dirty-rate's answer as JSON (QEMU's names)"]]],
+    ],
+    after: "exit codes: 0 measured; 1 failed; 2 bad usage; 3 unreachable hypervisor, unknown VM or a precondition (dirty-ring mode without rings)",
+    run: runEstimate,
+  },
+];
+
+const PROGRAM: ProgramSpec = {
+  name: "migration-controller",
+  description: "Live migration of simulated VMs between hypervisors, with KVM's dirty-tracking mechanisms and QEMU's and KubeVirt's policies. Each command's --help lists its flags with their units, defaults and variables.",
+  after: "Durations take ms, s, m or h (a bare number is in the unit the flag's help names), sizes KiB to TiB, rates bit/s or B/s with SI or binary prefixes.",
+  commands: COMMANDS,
+  external: [{ name: "calibrate", summary: "measure this host's KVM (/dev/kvm) and write a cost model that HYPERVISOR_COST_MODEL loads", run: runCalibrate }],
+};
 
 export type { Io };
 
@@ -218,25 +179,13 @@ const DIRTY_RATE_MODES: Record<string, DirtyRateMode> = {
   "dirty-ring": DirtyRateMode.DIRTY_RATE_MODE_DIRTY_RING,
 };
 
-/** "1s", "500ms", or a bare number of seconds (QEMU's calc-time unit), to ms. */
-function calcTimeMs(text: string | undefined): number {
-  if (text === undefined) return 1000;
-  let ms = NaN;
-  try {
-    ms = parseDuration(text);
-  } catch {
-    // Said below, with the range.
-  }
-  if (!(ms >= 50 && ms <= 60_000) || !Number.isInteger(ms)) throw new UsageError(`--calc-time ${text}: must be a whole number of ms from 50ms to 60s (1s, 500ms, or seconds)`);
-  return ms;
-}
-
 /** QEMU's calc-dirty-rate then query-dirty-rate, on one VM. */
 async function runEstimate(v: Values, io: Io): Promise<number> {
   if (!v.vm) throw new UsageError("--vm NAME is required (the VM to measure)");
   const mode = DIRTY_RATE_MODES[v.mode ?? "page-sampling"];
   if (mode === undefined) throw new UsageError(`--mode ${v.mode}: must be one of ${Object.keys(DIRTY_RATE_MODES).join(", ")}`);
-  const ms = calcTimeMs(v["calc-time"]);
+  // QEMU's calc-time is in seconds.
+  const ms = duration(v, "calc-time", { fallbackMs: 1000, bare: "s", min: 50, max: 60_000, whole: true });
   const samplePages = number(v["sample-pages"], "sample-pages", 512, (n) => Number.isInteger(n) && n >= 128 && n <= 16384, "a whole number in [128, 16384]");
   checkOutputs(v);
   // The call lasts the measurement (a stepped VM simulates it, a real-time one waits it out): ten times it, and the usual timeout on top.
@@ -394,7 +343,7 @@ async function runServe(v: Values, io: Io): Promise<number> {
       writesPerSecond: number(v["write-rate"], "write-rate", 20_000, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]"),
       hotFraction: number(v["hot-fraction"], "hot-fraction", 0.05, (n) => n > 0 && n <= 1, "in (0, 1]"),
       realtimeSpeed: number(v["realtime-speed"], "realtime-speed", 1, (n) => n > 0 && n <= 1000, "in (0, 1000]"),
-      pauseMs: number(v["pause-ms"], "pause-ms", 2000, (n) => n >= 0, "a number of ms >= 0"),
+      pauseMs: duration(v, "pause-ms", { fallbackMs: 2000, bare: "ms", min: 0 }),
       policy: cfg,
       clientOptions: clientOptions(v, io, cfg),
       costs: loadCostModel(io.env.HYPERVISOR_COST_MODEL),
@@ -424,30 +373,8 @@ async function runServe(v: Values, io: Io): Promise<number> {
 }
 
 export async function runCli(argv: string[], io: Io): Promise<number> {
-  if (argv[0] === "calibrate") return runCalibrate(argv.slice(1), io);
-  let parsed;
   try {
-    parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true, strict: true });
-  } catch (e) {
-    io.err.write(`${(e as Error).message}\nrun with --help for usage\n`);
-    return EXIT.usage;
-  }
-  const { values: v, positionals } = parsed;
-  if (v.help) {
-    io.out.write(HELP + "\n");
-    return EXIT.ok;
-  }
-  const command = positionals[0] ?? "migrate";
-  try {
-    if (positionals.length > 1) throw new UsageError(`unexpected argument '${positionals[1]}'`);
-    if (command === "demo") return await runDemo(v, io);
-    if (command === "migrate") return await runMigrate(v, io);
-    if (command === "serve") return await runServe(v, io);
-    if (command === "estimate") return await runEstimate(v, io);
-    if (command === "compare") return await runCompare(v, io);
-    if (command === "predict") return await runPredict(v, io);
-    if (command === "record") return await runRecord(v, io);
-    throw new UsageError(`unknown command '${command}' (use demo, migrate, compare, predict, record, serve, estimate or calibrate)`);
+    return await runProgram(PROGRAM, argv, io);
   } catch (err) {
     if (err instanceof UsageError) {
       io.err.write(`${err.message}\nrun with --help for usage\n`);

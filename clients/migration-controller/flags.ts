@@ -5,7 +5,6 @@
  */
 import { accessSync, constants as fsConstants, existsSync, readFileSync, statSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import type { parseArgs } from "node:util";
 import type { Io } from "../../common/io.js";
 import { parseBytes } from "../../common/config.js";
 import type { ClientOptions } from "../../common/client.js";
@@ -13,7 +12,7 @@ import { securityFromEnv } from "../../common/security.js";
 import { DEFAULT_CONFIG, MigrationError, type FailureKind, type MigrationConfig } from "./migrate.js";
 import { archOf, MechanismError, parseMechanism, type MechanismSpec } from "./trackers/index.js";
 import { BACKINGS, type GuestSpec } from "./demo-vm.js";
-import { parseBandwidth, parseDuration } from "./units.js";
+import { formatDuration, parseBandwidth, parseDuration } from "./units.js";
 import { buildWorkload, WORKLOADS, type WorkloadName, type WorkloadParams } from "./workloads.js";
 import type { TraceFile } from "./trace/format.js";
 import { readTrace, TraceFileError, traceWorkloads } from "./trace/replay.js";
@@ -21,6 +20,7 @@ import { QEMU_AUTO_CONVERGE, type AutoConvergeConfig } from "./policies/auto-con
 import { QEMU_DIRTY_LIMIT, type DirtyLimitConfig } from "./policies/dirty-limit.js";
 import { applyMigrationPolicy, parseMigrationPolicy, PolicyFileError } from "./policies/kubevirt-policy.js";
 import type { PostcopyConfig } from "./types.js";
+import type { Values } from "./options.js";
 
 export const EXIT: Record<FailureKind | "ok", number> = {
   ok: 0,
@@ -45,92 +45,36 @@ export function exitFor(err: MigrationError, signal: AbortSignal): number {
 
 export class UsageError extends Error {}
 
-export const OPTIONS = {
-  source: { type: "string" },
-  destination: { type: "string" },
-  vm: { type: "string" },
-  "dest-vm": { type: "string" },
-  memory: { type: "string" },
-  vcpus: { type: "string" },
-  workload: { type: "string" },
-  "write-rate": { type: "string" },
-  "hot-fraction": { type: "string" },
-  "zipf-skew": { type: "string" },
-  mode: { type: "string" },
-  "calc-time": { type: "string" },
-  "sample-pages": { type: "string" },
-  "hot-write-fraction": { type: "string" },
-  "noisy-vcpu-rate": { type: "string" },
-  "checkpoint-every": { type: "string" },
-  "checkpoint-for": { type: "string" },
-  "checkpoint-rate": { type: "string" },
-  "checkpoint-fraction": { type: "string" },
-  "stream-for": { type: "string" },
-  "stream-rate": { type: "string" },
-  trace: { type: "string" },
-  interval: { type: "string" },
-  intervals: { type: "string" },
-  out: { type: "string" },
-  seed: { type: "string" },
-  "ring-entries": { type: "string" },
-  arch: { type: "string" },
-  policies: { type: "string" },
-  jobs: { type: "string" },
-  hypervisors: { type: "string" },
-  "rank-by": { type: "string" },
-  shard: { type: "string" },
-  "working-set": { type: "string" },
-  "dirty-rate": { type: "string" },
-  "from-estimate": { type: "string" },
-  check: { type: "boolean" },
-  backing: { type: "string" },
-  "hypervisor-a": { type: "string" },
-  "hypervisor-b": { type: "string" },
-  "http-port": { type: "string" },
-  "grpc-port": { type: "string" },
-  host: { type: "string" },
-  "realtime-speed": { type: "string" },
-  "pause-ms": { type: "string" },
-  mechanism: { type: "string" },
-  bandwidth: { type: "string" },
-  latency: { type: "string" },
-  "downtime-limit": { type: "string" },
-  "max-rounds": { type: "string" },
-  "progress-timeout": { type: "string" },
-  "completion-timeout-per-gib": { type: "string" },
-  "chunk-pages": { type: "string" },
-  "rpc-timeout": { type: "string" },
-  "auto-converge": { type: "boolean" },
-  "throttle-trigger-threshold": { type: "string" },
-  "cpu-throttle-initial": { type: "string" },
-  "cpu-throttle-increment": { type: "string" },
-  "cpu-throttle-tailslow": { type: "boolean" },
-  "max-cpu-throttle": { type: "string" },
-  "dirty-limit": { type: "boolean" },
-  "vcpu-dirty-limit": { type: "string" },
-  "vcpu-dirty-limit-period": { type: "string" },
-  postcopy: { type: "boolean" },
-  "postcopy-after-rounds": { type: "string" },
-  "postcopy-preempt": { type: "boolean" },
-  policy: { type: "string" },
-  "tls-ca": { type: "string" },
-  "tls-cert": { type: "string" },
-  "tls-key": { type: "string" },
-  token: { type: "string" },
-  json: { type: "string" },
-  report: { type: "string" },
-  "log-scale": { type: "boolean" },
-  quiet: { type: "boolean" },
-  help: { type: "boolean", short: "h" },
-} as const;
-
-export type Values = ReturnType<typeof parseArgs<{ options: typeof OPTIONS; allowPositionals: true }>>["values"];
+export type { Values } from "./options.js";
 
 export function number(v: string | undefined, name: string, fallback: number, check: (n: number) => boolean, what: string): number {
   if (v === undefined) return fallback;
   const n = Number(v);
   if (!Number.isFinite(n) || !check(n)) throw new UsageError(`--${name} ${v}: must be ${what}`);
   return n;
+}
+
+/** The flags that take a duration. */
+type DurationFlag = "latency" | "downtime-limit" | "progress-timeout" | "completion-timeout-per-gib" | "rpc-timeout" | "vcpu-dirty-limit-period" | "pause-ms" | "calc-time" | "checkpoint-every" | "checkpoint-for" | "stream-for" | "interval";
+
+/**
+ * A duration flag in ms: units ms, s, m or h, a bare number in `bare` (the unit its help names),
+ * within [min, max] (above min when `aboveMin`), whole ms when `whole`; the same message for every one.
+ */
+export function duration(v: Values, name: DurationFlag, o: { fallbackMs: number; bare: "ms" | "s"; min: number; max?: number; aboveMin?: boolean; whole?: boolean }): number {
+  const text = v[name];
+  if (text === undefined) return o.fallbackMs;
+  let ms = NaN;
+  try {
+    ms = parseDuration(text, o.bare);
+  } catch {
+    // Said below, with the range.
+  }
+  const max = o.max ?? Infinity;
+  if (Number.isFinite(ms) && (o.aboveMin ? ms > o.min : ms >= o.min) && ms <= max && (!o.whole || Number.isInteger(ms))) return ms;
+  const range = max === Infinity ? `${o.aboveMin ? ">" : ">="} ${formatDuration(o.min)}` : `from ${formatDuration(o.min)} to ${formatDuration(max)}`;
+  const examples = o.bare === "ms" ? "300ms, 1.5s; a bare number is ms" : "1.5s, 500ms, 2m; a bare number is seconds";
+  throw new UsageError(`--${name} ${text}: must be ${o.whole ? "a whole number of ms" : "a duration"} ${range} (${examples})`);
 }
 
 /** The configuration from the flags, then a KubeVirt MigrationPolicy file's spec over it (--policy). */
@@ -177,18 +121,17 @@ function flagPolicy(v: Values): Omit<MigrationConfig, "sourceVm" | "destinationV
       throw new UsageError(`--bandwidth: ${(e as Error).message}`);
     }
   }
-  const pos = (n: number) => n > 0;
   return {
     mechanism,
     bandwidthBitsPerSecond: bandwidth,
-    latencyNs: number(v.latency, "latency", DEFAULT_CONFIG.latencyNs / 1e6, (n) => n >= 0, "a number of ms >= 0") * 1e6,
-    downtimeLimitMs: number(v["downtime-limit"], "downtime-limit", DEFAULT_CONFIG.downtimeLimitMs, pos, "a number of ms > 0"),
+    latencyNs: duration(v, "latency", { fallbackMs: DEFAULT_CONFIG.latencyNs / 1e6, bare: "ms", min: 0 }) * 1e6,
+    downtimeLimitMs: duration(v, "downtime-limit", { fallbackMs: DEFAULT_CONFIG.downtimeLimitMs, bare: "ms", min: 0, aboveMin: true }),
     maxRounds: v["max-rounds"] === undefined ? null : number(v["max-rounds"], "max-rounds", 0, (n) => Number.isInteger(n) && n >= 1, "a whole number >= 1"),
-    progressTimeoutS: number(v["progress-timeout"], "progress-timeout", DEFAULT_CONFIG.progressTimeoutS, pos, "a number of seconds > 0"),
-    completionTimeoutPerGiBS: number(v["completion-timeout-per-gib"], "completion-timeout-per-gib", DEFAULT_CONFIG.completionTimeoutPerGiBS, pos, "a number of seconds > 0"),
+    progressTimeoutS: duration(v, "progress-timeout", { fallbackMs: DEFAULT_CONFIG.progressTimeoutS * 1e3, bare: "s", min: 0, aboveMin: true }) / 1e3,
+    completionTimeoutPerGiBS: duration(v, "completion-timeout-per-gib", { fallbackMs: DEFAULT_CONFIG.completionTimeoutPerGiBS * 1e3, bare: "s", min: 0, aboveMin: true }) / 1e3,
     completionTimeoutAction: DEFAULT_CONFIG.completionTimeoutAction,
     chunkPages: number(v["chunk-pages"], "chunk-pages", DEFAULT_CONFIG.chunkPages, (n) => Number.isInteger(n) && n >= 64 && n % 64 === 0 && n <= 1 << 20, "a multiple of 64 up to 1048576"),
-    rpcTimeoutMs: number(v["rpc-timeout"], "rpc-timeout", DEFAULT_CONFIG.rpcTimeoutMs / 1e3, (n) => n >= 0.1 && n <= 3600, "a number of seconds in [0.1, 3600]") * 1e3,
+    rpcTimeoutMs: duration(v, "rpc-timeout", { fallbackMs: DEFAULT_CONFIG.rpcTimeoutMs, bare: "s", min: 100, max: 3_600_000 }),
     autoConverge: autoConverge(v),
     dirtyLimit: dirtyLimit(v),
     postcopy: postcopy(v),
@@ -235,7 +178,7 @@ function dirtyLimit(v: Values): DirtyLimitConfig | null {
   return {
     throttleTriggerThreshold: triggerThreshold(v),
     vcpuDirtyLimitMBps: whole(v, "vcpu-dirty-limit", q.vcpuDirtyLimitMBps, 1, Number.MAX_SAFE_INTEGER, "number of MB/s"),
-    periodMs: whole(v, "vcpu-dirty-limit-period", q.periodMs, 1, 1000, "number of ms"),
+    periodMs: duration(v, "vcpu-dirty-limit-period", { fallbackMs: q.periodMs, bare: "ms", min: 1, max: 1000, whole: true }),
   };
 }
 
@@ -311,21 +254,10 @@ function workloadParams(v: Values, workload: WorkloadName): WorkloadParams {
   }
   const rate = number(v["write-rate"], "write-rate", 100_000, (n) => n >= 0 && n <= 1e9, "writes per second in [0, 1e9]");
   const positiveRate = (name: "checkpoint-rate" | "stream-rate", fallback: number) => number(v[name], name, fallback, (n) => n > 0 && n <= 1e9, "writes per second in (0, 1e9]");
-  const duration = (name: "checkpoint-every" | "checkpoint-for" | "stream-for", fallbackMs: number) => {
-    const text = v[name];
-    if (text === undefined) return fallbackMs * 1e6;
-    let ms = NaN;
-    try {
-      ms = parseDuration(text);
-    } catch {
-      // Said below.
-    }
-    if (!(ms >= 1 && ms <= 3_600_000)) throw new UsageError(`--${name} ${text}: must be a duration from 1ms to 1h (5s, 500ms, or seconds)`);
-    return ms * 1e6;
-  };
+  const phaseNs = (name: "checkpoint-every" | "checkpoint-for" | "stream-for", fallbackMs: number) => duration(v, name, { fallbackMs, bare: "s", min: 1, max: 3_600_000 }) * 1e6;
   const checkpoint = {
-    everyNs: duration("checkpoint-every", 5000),
-    forNs: duration("checkpoint-for", 500),
+    everyNs: phaseNs("checkpoint-every", 5000),
+    forNs: phaseNs("checkpoint-for", 500),
     writesPerSecond: workload === "bursty" ? positiveRate("checkpoint-rate", Math.max(1, 10 * rate)) : 1,
     fraction: number(v["checkpoint-fraction"], "checkpoint-fraction", 0.25, (n) => n > 0 && n <= 1, "in (0, 1]"),
   };
@@ -337,7 +269,7 @@ function workloadParams(v: Values, workload: WorkloadName): WorkloadParams {
     hotWriteFraction: number(v["hot-write-fraction"], "hot-write-fraction", 0.9, (n) => n > 0 && n <= 1, "in (0, 1]"),
     zipfSkew: number(v["zipf-skew"], "zipf-skew", 0.99, (n) => n > 0 && n <= 10, "in (0, 10]"),
     checkpoint,
-    stream: { forNs: duration("stream-for", 2000), writesPerSecond: workload === "training" ? positiveRate("stream-rate", rate) : 1 },
+    stream: { forNs: phaseNs("stream-for", 2000), writesPerSecond: workload === "training" ? positiveRate("stream-rate", rate) : 1 },
   };
 }
 

@@ -39,8 +39,8 @@ interface Container {
 }
 
 const ENTRIES = ["services/hypervisor/main.ts", "services/page-tracking-device/main.ts", "clients/migration-controller/main.ts"];
-/** An entry point's --help: the variables and flags it documents. */
-const helpOf = (entry: string) => execFileSync(process.execPath, ["--import", "tsx", join(ROOT, entry), "--help"], { cwd: ROOT, encoding: "utf8" });
+/** An entry point's --help (its subcommand's, given one): the variables and flags it documents. */
+const helpOf = (entry: string, command?: string) => execFileSync(process.execPath, ["--import", "tsx", join(ROOT, entry), ...(command ? [command] : []), "--help"], { cwd: ROOT, encoding: "utf8" });
 
 test("kubectl kustomize renders the fleet; every object passes its schema; images, commands, ports and variables are the project's", (t) => {
   if (spawnSync("kubectl", ["version", "--client"], { stdio: "ignore" }).status !== 0) {
@@ -80,7 +80,9 @@ test("kubectl kustomize renders the fleet; every object passes its schema; image
     assert.deepEqual(c.command.slice(0, 3), ["node", "--import", "tsx"], where);
     const entry = c.command[3];
     assert.ok(existsSync(join(ROOT, entry)) && ENTRIES.includes(entry), `${where}: ${entry} is an entry point`);
-    const help = helpOf(entry);
+    // The CLI's words after the entry point: a subcommand first (its --help is the one that counts), then flags.
+    const words = [...c.command.slice(4), ...(c.args ?? [])];
+    const help = helpOf(entry, words[0] !== undefined && !words[0].startsWith("-") ? words[0] : undefined);
     for (const e of c.env ?? []) assert.ok(help.includes(e.name), `${where}: ${e.name} is a variable ${entry} documents`);
     for (const p of c.ports ?? []) {
       const fromEnv = (c.env ?? []).find((e) => /_(GRPC|HTTP)_PORT$/.test(e.name) && Number(e.value) === p.containerPort);
@@ -91,7 +93,7 @@ test("kubectl kustomize renders the fleet; every object passes its schema; image
     }
     assert.ok(c.resources?.requests?.memory && c.resources?.limits?.memory, `${where}: memory requests and limits`);
     // The CLI's flags in args exist.
-    for (const a of c.args ?? []) {
+    for (const a of words) {
       const flag = /^--([a-z-]+)/.exec(a)?.[1];
       if (flag) assert.match(help, new RegExp(`--${flag}\\b`), `${where}: --${flag} is a flag of the CLI`);
     }

@@ -24,25 +24,41 @@ import {
   type Values,
 } from "../flags.js";
 import { DEFAULT_CONFIG } from "../migrate.js";
+import { GUEST, POLICY_PARAMETERS, SECURITY } from "../options.js";
+import type { CommandSpec } from "../program.js";
 import { mechanismsByArch, MatrixError, POLICIES, splitAxis, type Arch, type Cell, type CellConfig } from "./matrix.js";
 import { label, compareJson, compareTable, rank, RANK_BY, type RankBy } from "./table.js";
 import { checkBudget, runComparison } from "./run.js";
 import { compareHtml } from "./html.js";
 
-export const COMPARE_HELP = `compare options (each axis a comma-separated list; every cell migrates the same guest from the same seed):
-  --mechanism LIST           mechanisms, or all: every valid one of each architecture (default all)
-  --arch LIST                arm64, x86_64 (default: each mechanism on every architecture that has it;
-                             given, every mechanism must exist on every architecture listed)
-  --policies LIST            none, auto-converge, dirty-limit, postcopy, or KubeVirt MigrationPolicy files (default none;
-                             the policy flags such as --cpu-throttle-initial apply to the cells of their policy)
-  --bandwidth LIST, --latency LIST, --downtime-limit LIST   link axes (defaults 10Gbit, 0.1, 300)
-  --jobs N                   hypervisor processes started on 127.0.0.1, one cell at a time each (default: the cores, ${availableParallelism()} here)
-  --hypervisors LIST         run the cells on these running hypervisors instead (source and destination VM on each)
-  --rank-by KEY              ${Object.keys(RANK_BY).join(" | ")} (default downtime)
-  --shard K/N                run only the cells whose index is K modulo N (one task of a Kubernetes Indexed Job)
-  (the guest: --memory, --vcpus, --backing, --workload and its flags, --noisy-vcpu-rate, --seed, --ring-entries as for demo)
-  --json FILE, --report FILE.html, --quiet as for demo
-  exit codes: 0 every cell migrated and verified; 1 a cell failed (the table says why); 2 a matrix that cannot run; 130/143 interrupted`;
+export const COMPARE_COMMAND: CommandSpec = {
+  name: "compare",
+  summary: "run a matrix of mechanisms, policies and links on one guest and rank them",
+  description:
+    "Runs a matrix of mechanisms, policies and links on one guest and ranks them: every cell creates the same guest from the same seed, migrates it to a second VM on the same hypervisor, verifies it and removes both. The cells run in parallel on hypervisors started here (--jobs) or on running ones (--hypervisors).",
+  groups: [
+    [
+      "The matrix (each axis a comma-separated list):",
+      [
+        ["mechanism", "mechanisms as for demo, or all: every valid one of each architecture (default: all)"],
+        ["arch", "arm64, x86_64 (default: each mechanism on every architecture that has it; given, every mechanism must exist on every architecture listed)"],
+        "policies",
+        ["bandwidth", "link bandwidths as for demo (default: 10Gbit)"],
+        ["latency", "link latencies; a bare number is ms (default: 0.1ms)"],
+        ["downtime-limit", "downtime limits; a bare number is ms (default: 300ms)"],
+      ],
+    ],
+    ["Where the cells run:", ["jobs", "hypervisors", "shard", ["rank-by", `the figure the table ranks by: ${Object.keys(RANK_BY).join(" | ")} (default: downtime)`]]],
+    ["The guest (as for demo):", GUEST.filter((f) => f !== "arch")],
+    ["The policies' parameters (each applies to the cells of its policy):", POLICY_PARAMETERS],
+    ["Security:", SECURITY],
+    ["Output:", [["json", "write one record per cell as JSON (QEMU's names, units)"], ["report", "write an HTML page with the table and charts of every cell"], "quiet"]],
+  ],
+  // Accepted only to say that compare takes the policies as an axis.
+  hidden: ["auto-converge", "dirty-limit", "postcopy", "policy"],
+  after: "exit codes: 0 every cell migrated and verified; 1 a cell failed (the table says why); 2 a matrix that cannot run; 130/143 interrupted",
+  run: (v, io) => runCompare(v, io),
+};
 
 const POLICY_PARAMS: Record<string, readonly string[]> = {
   "auto-converge": AUTO_CONVERGE_FLAGS,

@@ -13,22 +13,38 @@ import { connectHypervisor } from "../../../services/hypervisor/client.js";
 import { loadCostModel } from "../../../services/hypervisor/model/cost-model.js";
 import { runComparison, type CellResult } from "../compare/run.js";
 import { checkOutputs, clientOptions, EXIT, number, policy, UsageError, type Values } from "../flags.js";
+import { POLICY, SECURITY } from "../options.js";
+import type { CommandSpec } from "../program.js";
 import { formatBytes } from "../report.js";
 import { archOf, parseMechanism } from "../trackers/index.js";
 import { predict, type Prediction, type PredictInput } from "./model.js";
 
-export const PREDICT_HELP = `predict options (the link, policy and --mechanism flags as for migrate):
-  --memory SIZE              guest memory (default 4GiB)
-  --vcpus N                  vCPUs (default 4)
-  --working-set SIZE         memory the guest writes to (default: all of it)
-  --dirty-rate MIBPS         distinct pages dirtied per second untracked, in MiB/s as QEMU's dirty-rate
-  --from-estimate FILE       take the dirty rate (and its calc-time) from \`estimate --json\`
-  --source ADDR --vm NAME    measure a running VM instead (page-sampling, 1 s; its memory and vCPUs from the hypervisor)
-  --ring-entries N           dirty-ring entries per vCPU with a ring mechanism (default 4096)
-  --check                    also migrate a guest built from the numbers (uniform writes over the working set) on two
-                             local hypervisors and print the prediction beside what happened, with the errors
-  --json FILE                write the prediction (and the check) as JSON
-  exit codes: 0 predicted (with --check: and converge-or-not matched); 1 --check disagreed on converging; 2 bad usage`;
+export const PREDICT_COMMAND: CommandSpec = {
+  name: "predict",
+  summary: "predict a migration's rounds, time, downtime and whether it converges (--check: and run it)",
+  description:
+    "Predicts a pre-copy migration's syncs, total time, downtime and whether it converges, from the guest's numbers, from `estimate --json`, or by measuring a running VM; the controller's own policies decide at each predicted sync.",
+  groups: [
+    [
+      "The guest and its writes:",
+      [
+        "memory",
+        "vcpus",
+        "working-set",
+        "dirty-rate",
+        "from-estimate",
+        ["source", "measure a running VM on this hypervisor instead, with --vm (env: MIGRATION_SOURCE; default: 127.0.0.1:50051)"],
+        ["vm", "the running VM to measure (page-sampling, 1 s; its memory and vCPUs from the hypervisor)"],
+        "ring-entries",
+      ],
+    ],
+    ["Policy and link (as for migrate):", POLICY],
+    ["Security:", SECURITY],
+    ["Output:", ["check", ["json", "write the prediction (and the check) as JSON"]]],
+  ],
+  after: "exit codes: 0 predicted (with --check: and converge-or-not matched); 1 --check disagreed on converging; 2 bad usage",
+  run: (v, io) => runPredict(v, io),
+};
 
 interface Numbers {
   memoryBytes: number;

@@ -7,7 +7,7 @@ import { spawnService } from "../../../common/spawn.js";
 import { WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { connectHypervisor } from "../../../services/hypervisor/client.js";
 import { GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
-import { EXIT } from "../cli.js";
+import { COMMANDS, EXIT } from "../cli.js";
 import { cli, noStack } from "./cli-harness.js";
 
 describe("migration controller CLI", () => {
@@ -58,10 +58,64 @@ describe("migration controller CLI", () => {
     assert.match(none.err, /nope/);
   });
 
-  test("--help documents the commands, options and exit codes", async () => {
-    const r = await cli(["--help"]);
-    assert.equal(r.code, 0);
-    for (const s of ["demo", "migrate", "--mechanism", "--bandwidth", "--downtime-limit", "--max-rounds", "--json", "--report", "exit codes"]) assert.ok(r.out.includes(s), s);
+  test("--help lists the commands; each command's --help lists every flag it takes, with its unit, default and variable", async () => {
+    const top = await cli(["--help"]);
+    assert.equal(top.code, 0);
+    for (const c of ["demo", "migrate", "compare", "predict", "record", "serve", "estimate", "calibrate"]) assert.match(top.out, new RegExp(`^  ${c}\\b`, "m"), c);
+    for (const spec of COMMANDS) {
+      for (const args of [[spec.name, "--help"], ["help", spec.name]]) {
+        const r = await cli(args);
+        assert.equal(r.code, 0, args.join(" "));
+        // Every flag the command reads is listed, and only those: a flag of another command is refused.
+        for (const [, flags] of spec.groups) for (const f of flags) assert.match(r.out, new RegExp(`^  --${typeof f === "string" ? f : f[0]}\\b`, "m"), `${spec.name} --help lists --${f}`);
+        assert.match(r.out, /exit codes: 0 /, `${spec.name} --help gives its exit codes`);
+      }
+    }
+    // Wrapped to the terminal: compare with single spaces.
+    const flat = async (cmd: string) => (await cli([cmd, "--help"])).out.replace(/\s+/g, " ");
+    const demo = await flat("demo");
+    for (const s of ["--latency <duration>", "a bare number is ms (default: 0.1ms)", "--memory <size>", "(default: 4GiB)", "(default: 10Gbit)", "--workload <name>", "bursty"]) assert.ok(demo.includes(s), s);
+    const migrate = await flat("migrate");
+    for (const s of ["(env: MIGRATION_SOURCE; default: 127.0.0.1:50051)", "(env: MIGRATION_DESTINATION", "(env: TLS_CA_FILE)", "(env: AUTH_TOKEN)"]) assert.ok(migrate.includes(s), s);
+    assert.match(await flat("serve"), /env: MIGRATION_HTTP_PORT; default: 9480.*LOG_LEVEL/);
+    const wrong = await cli(["demo", "--hypervisors", "a:1"]);
+    assert.equal(wrong.code, EXIT.usage);
+    assert.match(wrong.err, /unknown option '--hypervisors'/);
+  });
+
+  test("a negative number and a duration's units parse the same way in every spelling", async () => {
+    for (const args of [
+      ["--latency", "-1"],
+      ["--latency=-1"],
+    ]) {
+      const r = await cli(["migrate", "--vm", "web", "--source", h.address, ...args]);
+      assert.equal(r.code, EXIT.usage, args.join(" "));
+      assert.match(r.err, /--latency -1: must be a duration >= 0ms \(300ms, 1\.5s; a bare number is ms\)/);
+    }
+    for (const [flag, value, re] of [
+      ["--progress-timeout", "-5", /--progress-timeout -5: must be a duration > 0ms \(1\.5s, 500ms, 2m; a bare number is seconds\)/],
+      ["--rpc-timeout", "2h", /--rpc-timeout 2h: must be a duration from 100ms to 1h/],
+      ["--downtime-limit", "0", /--downtime-limit 0: must be a duration > 0ms/],
+      ["--downtime-limit", "fast", /--downtime-limit fast: must be a duration/],
+      ["--noisy-vcpu-rate", "-3", /unknown option '--noisy-vcpu-rate'/],
+    ] as const) {
+      const r = await cli(["migrate", "--vm", "web", "--source", h.address, flag, value]);
+      assert.equal(r.code, EXIT.usage, `${flag} ${value}`);
+      assert.match(r.err, re);
+    }
+    const neg = await cli(["demo", "--noisy-vcpu-rate", "-3"]);
+    assert.equal(neg.code, EXIT.usage);
+    assert.match(neg.err, /--noisy-vcpu-rate -3: must be writes per second in \[0, 1e9\]/);
+    // The same downtime limit in ms, in seconds and bare: the same switchover threshold.
+    const thresholds = [];
+    for (const limit of ["250", "250ms", "0.25s"]) {
+      const r = await cli(["migrate", "--source", h.address, "--vm", "web", "--dest-vm", `web-${thresholds.length}`, "--downtime-limit", limit, "--quiet"]);
+      assert.equal(r.code, 0, r.err);
+      thresholds.push(/threshold ([\d.]+ \w+)/.exec(r.out)?.[1]);
+      await h.client.destroyVm({ vm: `web-${thresholds.length - 1}` });
+      await h.client.resumeVm({ vm: "web" });
+    }
+    assert.equal(new Set(thresholds).size, 1, thresholds.join(", "));
   });
 
   test("migrate within one hypervisor writes JSON with QEMU's names and explicit units, and an HTML report", async () => {
@@ -120,7 +174,7 @@ describe("migration controller CLI", () => {
       [["demo", "--workload", "training", "--stream-rate", "0"], /--stream-rate 0: must be writes per second in \(0, 1e9\]/],
       [["demo", "--workload", "training", "--write-rate", "0"], /--write-rate 0: --workload training writes in every phase/],
       [["demo", "--backing", "3m"], /--backing 3m: must be one of 4k, 2m, 1g/],
-      [["--frobnicate"], /Unknown option '--frobnicate'/],
+      [["--frobnicate"], /unknown option '--frobnicate'/],
       [["migrate", "--vm", "web", "--cpu-throttle-initial", "30"], /--cpu-throttle-initial needs --auto-converge/],
       [["migrate", "--vm", "web", "--auto-converge", "--max-cpu-throttle", "100"], /--max-cpu-throttle 100: must be a whole percentage in \[1, 99\]/],
       [["migrate", "--vm", "web", "--auto-converge", "--throttle-trigger-threshold", "0"], /--throttle-trigger-threshold 0/],

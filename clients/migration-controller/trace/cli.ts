@@ -3,31 +3,30 @@ import { writeFile } from "node:fs/promises";
 import { status } from "@grpc/grpc-js";
 import type { Io } from "../../../common/io.js";
 import { connectHypervisor } from "../../../services/hypervisor/client.js";
-import { checkOutputs, clientOptions, EXIT, interruptOnSignals, number, SIGNAL_EXIT, UsageError, type Values } from "../flags.js";
+import { checkOutputs, clientOptions, duration, EXIT, interruptOnSignals, number, SIGNAL_EXIT, UsageError, type Values } from "../flags.js";
+import { SECURITY } from "../options.js";
+import type { CommandSpec } from "../program.js";
 import { formatBytes } from "../report.js";
-import { parseDuration } from "../units.js";
 import { encodeTrace } from "./format.js";
 import { recordTrace } from "./record.js";
 
-export const RECORD_HELP = `record options (the VM's dirtied pages per interval into a trace that --workload trace --trace FILE replays):
-  --source ADDR              the VM's hypervisor (env MIGRATION_SOURCE; default 127.0.0.1:50051)
-  --vm NAME                  the VM (required; not logging already)
-  --interval T               the interval, 1ms to 1h (default 100ms)
-  --intervals N              how many, 1 to 100000 (default 50)
-  --out FILE                 the trace file (required); per vCPU with dirty rings, per VM otherwise`;
+export const RECORD_COMMAND: CommandSpec = {
+  name: "record",
+  usage: "--vm <name> --out <file> [options]",
+  summary: "record a running VM's dirtied pages per interval (a trace to replay)",
+  description: "Records a running VM's dirtied pages per interval into a trace that --workload trace --trace FILE replays; logging is turned off again however it ends.",
+  groups: [
+    ["The VM and the trace:", [["source", "the VM's hypervisor (env: MIGRATION_SOURCE; default: 127.0.0.1:50051)"], ["vm", "the VM (required; not logging already)"], "interval", "intervals", "out"]],
+    ["Security:", SECURITY],
+  ],
+  after: "exit codes: 0 recorded; 1 failed; 2 bad usage; 3 unreachable hypervisor, unknown VM or one already logging; 130/143 interrupted",
+  run: (v, io) => runRecord(v, io),
+};
 
 export async function runRecord(v: Values, io: Io): Promise<number> {
   if (!v.vm) throw new UsageError("--vm NAME is required (the VM to record)");
   if (!v.out) throw new UsageError("--out FILE is required (where the trace goes)");
-  let intervalMs = 100;
-  if (v.interval !== undefined) {
-    try {
-      intervalMs = parseDuration(v.interval);
-    } catch {
-      intervalMs = NaN;
-    }
-    if (!(intervalMs >= 1 && intervalMs <= 3_600_000)) throw new UsageError(`--interval ${v.interval}: must be a duration from 1ms to 1h (100ms, 1s, or seconds)`);
-  }
+  const intervalMs = duration(v, "interval", { fallbackMs: 100, bare: "s", min: 1, max: 3_600_000 });
   const intervals = number(v.intervals, "intervals", 50, (n) => Number.isInteger(n) && n >= 1 && n <= 100_000, "a whole number in [1, 100000]");
   checkOutputs(v, ["out"]);
   const hv = connectHypervisor(v.source ?? io.env.MIGRATION_SOURCE ?? "127.0.0.1:50051", clientOptions(v, io, { rpcTimeoutMs: 10_000 }));
