@@ -91,7 +91,9 @@ async function runPostcopy(run: MigrationRun, resumed: VmInfo, missing: Map<numb
   const requests: WatchPageRequestsResponse[] = [];
   let streamError: unknown = null;
   const arrived: { wake: (() => void) | null } = { wake: null };
-  const watch = destination.watchPageRequests({ vm: cfg.destinationVm, fromSequence: 1n }, { signal: run.ep.signal });
+  // The stream lives as long as the phase, however long that takes on the wall clock: no call deadline (a deadline lost the VM
+  // whenever post-copy outlasted --rpc-timeout); a hung destination is caught by the channel's keepalive, an abort by the signal.
+  const watch = destination.watchPageRequests({ vm: cfg.destinationVm, fromSequence: 1n }, { signal: run.ep.signal, deadlineMs: Infinity });
   let ended = false;
   const reading = (async () => {
     for await (const r of watch) {

@@ -8,7 +8,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { ClockDrive, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
-import type { HypervisorClient } from "../../../services/hypervisor/client.js";
+import { connectHypervisor, type HypervisorClient } from "../../../services/hypervisor/client.js";
 import { GiB, hypervisorPair, MiB, startHypervisor } from "../../../tests/hypervisor-harness.js";
 import { EXIT, runCli } from "../cli.js";
 import { migrate, type MigrationError } from "../migrate.js";
@@ -65,6 +65,28 @@ describe("post-copy in a migration", () => {
     const [plain, preempt] = results;
     assert.ok(preempt.blocktimeMs < plain.blocktimeMs, `blocktime ${plain.blocktimeMs.toFixed(1)} ms -> ${preempt.blocktimeMs.toFixed(1)} ms with preempt`);
     assert.ok(preempt.requestedPages > plain.requestedPages, "with preempt more requested pages arrive before the push gets to them");
+  });
+
+  test("a post-copy that outlasts the deadline of ordinary calls completes: the page-request stream lives as long as the phase", async () => {
+    // Under load a post-copy took longer than the 10 s deadline of ordinary calls, the request stream hit it, and the VM was lost.
+    await busyVm(pair.src.client, "long-pc");
+    let switchedAt = 0;
+    const onProgress = (e: { phase: string }) => {
+      if (e.phase === "postcopy" && !switchedAt) switchedAt = Date.now();
+    };
+    // The CLI's clients: --rpc-timeout is the deadline of every call that names none.
+    const rpcTimeoutMs = 250;
+    const [source, destination] = [pair.src, pair.dst].map((h) => connectHypervisor(h.address, { deadlineMs: rpcTimeoutMs, hangTimeoutMs: 10_000 }));
+    try {
+      const r = await migrate({ ...cfg("long-pc"), bandwidthBitsPerSecond: 2e8, rpcTimeoutMs, postcopy: { afterRounds: 1, preempt: true } }, { source, destination, onProgress });
+      const postcopyWallMs = Date.now() - switchedAt;
+      assert.equal(r.status, "completed");
+      assert.equal(r.verification?.match, true);
+      assert.ok(switchedAt > 0 && postcopyWallMs > rpcTimeoutMs, `post-copy took ${postcopyWallMs} ms of wall time, more than the ${rpcTimeoutMs} ms deadline`);
+    } finally {
+      source.close();
+      destination.close();
+    }
   });
 
   test("after N rounds when asked, in the real-time drive too", async () => {
