@@ -74,15 +74,17 @@ export function vmHandlers(ctx: ApiContext): Pick<Handlers, "createVm" | "getVm"
       vm.pause(vcpuList(vm, req.vcpus, "pause"));
       return { vm: vmInfo(vm) };
     },
-    resumeVm(req) {
+    async resumeVm(req) {
       const vm = hv.vm(req.vm);
       const vcpus = vcpuList(vm, req.vcpus, "resume");
+      const at = vm.clockNs;
       if (req.snapshot) {
         vm.resumeSnapshot = null; // a new snapshot replaces the old one
         hv.checkBudget(resumeSnapshotBytes(vm), `the resume snapshot of VM '${vm.name}'`);
-        takeResumeSnapshot(vm);
+        await takeResumeSnapshot(vm, yieldToEventLoop);
       }
-      vm.resume(vcpus);
+      // At the guest time of the request: the real-time clock moved while the snapshot was copied, the guest did not.
+      vm.resume(vcpus, at);
       return { vm: vmInfo(vm) };
     },
     setCpuThrottle(req) {

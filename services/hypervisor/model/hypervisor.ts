@@ -4,7 +4,7 @@
  * (KVM_CHECK_EXTENSION / KVM_ENABLE_CAP). Validation here mirrors KVM's and
  * names KVM's errno.
  */
-import { alreadyExists, echo, failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../../../common/errors.js";
+import { alreadyExists, DomainError, echo, failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../../../common/errors.js";
 import { formatBytes } from "../../../common/config.js";
 import type { CostModel } from "./cost-model.js";
 import { PAGE_SIZE } from "./descriptor.js";
@@ -114,6 +114,7 @@ export class Hypervisor {
     if (!name) throw invalidArgument("vm name is empty");
     const vm = this.vms.get(name);
     if (!vm) throw notFound(`no VM named '${echo(name)}'`);
+    if (vm.busy) throw new DomainError("aborted", `VM '${vm.name}' is busy ${vm.busy}; retry when that is done`);
     return vm;
   }
 

@@ -185,6 +185,8 @@ export class Vm {
   hw: HardwareDirty | null = null;
   /** Each slot's content as it was at the last ResumeVm that asked for it (guest-memory.ts: the verifying digest hashes it). */
   resumeSnapshot: Map<number, Uint32Array> | null = null;
+  /** What the VM is busy with between turns of the event loop (a resume snapshot); RPCs on it are refused meanwhile. */
+  busy: string | null = null;
   /** QEMU's dirty-limit stat thread, while any vCPU is limited. */
   dirtyLimiter: DirtyLimiter | null = null;
   /** Post-copy on this (destination) VM while pages are missing; its figures stay in postcopyDone after. */
@@ -353,10 +355,11 @@ export class Vm {
   }
 
   /** A resumed vCPU picks up at the VM's present time; time spent paused is not owed. */
-  resume(indices: number[]): void {
+  /** Resumes the vCPUs at guest time atNs (default: now; a resume that took wall time to prepare resumes when it was asked for). */
+  resume(indices: number[], atNs = this.clockNs): void {
     for (const i of indices) {
       const v = this.vcpus[i];
-      if (v.paused) v.time = Math.max(v.time, this.clockNs);
+      if (v.paused) v.time = Math.max(v.time, atNs);
       v.paused = false;
     }
   }

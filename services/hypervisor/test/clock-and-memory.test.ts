@@ -2,7 +2,10 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { ClockDrive, MemslotFlag, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import type { HypervisorClient } from "../client.js";
+import { status } from "@grpc/grpc-js";
+import { rejects } from "../../../tests/grpc-assert.js";
 import { GiB, MiB, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
+import { takeResumeSnapshot } from "../model/guest-memory.js";
 
 /** Creates a VM, runs a fixed schedule of steps and syncs, and returns what a user would compare. */
 async function scenario(c: HypervisorClient, vm: string, seed: bigint, pattern: WorkloadPattern) {
@@ -69,6 +72,31 @@ describe("virtual clock and guest memory", () => {
     const w = await copy(log.bitmap);
     assert.equal(w.pagesWritten, log.dirtyPages, "only the dirty pages travel");
     assert.equal((await c.getMemoryDigest({ vm: "src" })).sha256Hex, (await c.getMemoryDigest({ vm: "dst" })).sha256Hex);
+  });
+
+  test("a resume snapshot is copied in pieces with the event loop free between them: the VM refuses RPCs meanwhile, other VMs are served, and it is memory at the resume", async () => {
+    // 64 GiB: 128 MiB of content words, two pieces (a 1 TiB guest's 2 GiB in one copy held the event loop for 6.7 s).
+    const slot = { slot: 0, guestPhysAddr: BigInt(GiB), memorySize: BigInt(64 * GiB) };
+    await h.client.createVm({ vm: "snap-big", vcpus: 2, memslots: [slot], workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 1e6 } });
+    await h.client.createVm({ vm: "snap-other", vcpus: 1, memslots: [{ ...slot, memorySize: BigInt(4 * MiB) }] });
+    await h.client.advanceVm({ vm: "snap-big", durationNs: 5_000_000n });
+    await h.client.pauseVm({ vm: "snap-big" });
+    const before = (await h.client.getMemoryDigest({ vm: "snap-big" })).sha256Hex;
+    const vm = h.hypervisor.vm("snap-big");
+    let pieces = 0;
+    await takeResumeSnapshot(vm, async () => {
+      pieces++;
+      await rejects(h.client.getVm({ vm: "snap-big" }), status.ABORTED, /VM 'snap-big' is busy taking its resume snapshot; retry when that is done/);
+      assert.equal((await h.client.getVm({ vm: "snap-other" })).vm!.vm, "snap-other", "the server answers for other VMs");
+    });
+    assert.equal(pieces, 2);
+    vm.resumeSnapshot = null;
+    // Over the API, as a migration's destination resumes: the guest runs on, the snapshot keeps memory as it was.
+    await h.client.resumeVm({ vm: "snap-big", snapshot: true });
+    await h.client.advanceVm({ vm: "snap-big", durationNs: 5_000_000n });
+    assert.notEqual((await h.client.getMemoryDigest({ vm: "snap-big" })).sha256Hex, before, "the guest wrote after the resume");
+    assert.equal((await h.client.getMemoryDigest({ vm: "snap-big", atResume: true })).sha256Hex, before, "the snapshot is memory at the resume");
+    for (const name of ["snap-big", "snap-other"]) await h.client.destroyVm({ vm: name });
   });
 
   test("real-time drive: the clock follows the wall clock times the speed factor", async () => {
