@@ -5,7 +5,6 @@
  * prints a stack trace for a user's mistake or a failed migration.
  */
 import { writeFile } from "node:fs/promises";
-import { status } from "@grpc/grpc-js";
 import type { Io } from "../../common/io.js";
 import { runCalibrate } from "../calibrate/calibrate.js";
 import { ConfigError, envHost, envPort, parseBytes } from "../../common/config.js";
@@ -23,7 +22,7 @@ import { createDemoVm } from "./demo-vm.js";
 import { COMPARE_COMMAND } from "./compare/cli.js";
 import { PREDICT_COMMAND } from "./predict/cli.js";
 import { RECORD_COMMAND } from "./trace/cli.js";
-import { checkOutputs, clientOptions, duration, EXIT, exitFor, guestSpec, interruptOnSignals, number, policy, SIGNAL_EXIT, UsageError, type Values } from "./flags.js";
+import { checkOutputs, clientOptions, duration, EXIT, exitFor, exitForRpcError, guestSpec, interruptOnSignals, number, policy, SIGNAL_EXIT, UsageError, type Values } from "./flags.js";
 import { GUEST, OUTPUT, POLICY, SECURITY } from "./options.js";
 import { runProgram, type CommandSpec, type ProgramSpec } from "./program.js";
 
@@ -199,19 +198,10 @@ async function runEstimate(v: Values, io: Io): Promise<number> {
     if (v.json) await writeFile(v.json, JSON.stringify(json, null, 2) + "\n");
     return EXIT.ok;
   } catch (err) {
-    const e = err as { code?: number; details?: string };
-    if (typeof e.code === "number") {
-      io.err.write(`estimate: ${e.details ?? String(err)}\n`);
-      const exit: Partial<Record<number, number>> = {
-        [status.UNAVAILABLE]: EXIT.unreachable,
-        [status.DEADLINE_EXCEEDED]: EXIT.unreachable,
-        [status.NOT_FOUND]: EXIT["not-found"],
-        [status.FAILED_PRECONDITION]: EXIT.precondition,
-        [status.INVALID_ARGUMENT]: EXIT.usage,
-      };
-      return exit[e.code] ?? EXIT.failed;
-    }
-    throw err;
+    const code = exitForRpcError(err);
+    if (code === null) throw err;
+    io.err.write(`estimate: ${(err as { details?: string }).details ?? String(err)}\n`);
+    return code;
   } finally {
     source.close();
   }

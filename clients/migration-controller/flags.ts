@@ -3,6 +3,7 @@
  * migration policy, the guest's description, security, output files), the
  * exit codes, and the signals that interrupt a run.
  */
+import { status } from "@grpc/grpc-js";
 import { accessSync, constants as fsConstants, existsSync, readFileSync, statSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import type { Io } from "../../common/io.js";
@@ -44,6 +45,20 @@ export function exitFor(err: MigrationError, signal: AbortSignal): number {
 }
 
 export class UsageError extends Error {}
+
+const RPC_EXIT: Partial<Record<number, number>> = {
+  [status.UNAVAILABLE]: EXIT.unreachable,
+  [status.DEADLINE_EXCEEDED]: EXIT.unreachable,
+  [status.NOT_FOUND]: EXIT["not-found"],
+  [status.FAILED_PRECONDITION]: EXIT.precondition,
+  [status.INVALID_ARGUMENT]: EXIT.usage,
+};
+
+/** The exit code of a hypervisor call that failed with a gRPC status; null when err is not such a failure. */
+export function exitForRpcError(err: unknown): number | null {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "number" ? (RPC_EXIT[code] ?? EXIT.failed) : null;
+}
 
 export type { Values } from "./options.js";
 

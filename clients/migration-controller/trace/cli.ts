@@ -1,9 +1,8 @@
 /** `migration-controller record`: a running VM's dirtied pages, per interval, into a trace file (format.ts). */
 import { writeFile } from "node:fs/promises";
-import { status } from "@grpc/grpc-js";
 import type { Io } from "../../../common/io.js";
 import { connectHypervisor } from "../../../services/hypervisor/client.js";
-import { checkOutputs, clientOptions, duration, EXIT, interruptOnSignals, number, SIGNAL_EXIT, UsageError, type Values } from "../flags.js";
+import { checkOutputs, clientOptions, duration, EXIT, exitForRpcError, interruptOnSignals, number, SIGNAL_EXIT, UsageError, type Values } from "../flags.js";
 import { SECURITY } from "../options.js";
 import type { CommandSpec } from "../program.js";
 import { formatBytes } from "../report.js";
@@ -49,10 +48,9 @@ export async function runRecord(v: Values, io: Io): Promise<number> {
     io.out.write(`recorded ${pages.toLocaleString("en-US")} dirtied pages in ${t.pages.length} intervals of ${intervalMs} ms, ${t.perVm ? "per VM (no dirty rings: from the bitmap)" : `per vCPU (${t.vcpus}, from the dirty rings)`}: ${v.out} (${formatBytes(bytes.byteLength)})\n`);
     return EXIT.ok;
   } catch (err) {
-    const e = err as { code?: number; details?: string; message?: string };
+    const e = err as { details?: string; message?: string };
     io.err.write(`record: ${e.details ?? e.message ?? String(err)}\n`);
-    if (e.code === status.UNAVAILABLE || e.code === status.DEADLINE_EXCEEDED || e.code === status.NOT_FOUND || e.code === status.FAILED_PRECONDITION) return EXIT.unreachable;
-    return typeof e.code === "number" ? EXIT.failed : EXIT.precondition;
+    return exitForRpcError(err) ?? EXIT.failed;
   } finally {
     interrupt.dispose();
     hv.close();
