@@ -8,31 +8,25 @@
  * the stack recovering by itself; and nothing left behind.
  */
 import assert from "node:assert/strict";
-import { spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { parse } from "yaml";
 import { connectHypervisor } from "../../services/hypervisor/client.js";
+import { missingCommands, needTools } from "../../tests/host-tools.js";
 import { freePort } from "../../tests/hypervisor-harness.js";
 import { provideBaseImages, run, startDockerEngine, type DockerEngine } from "./docker-engine.js";
 import { allTargetsUp, checkDashboards, checkRules, prometheusApi, queryValue, startMechanismLoad, waitFor } from "./stack-checks.js";
 
 const ROOT = new URL("../../", import.meta.url).pathname;
-const has = (bin: string) => spawnSync("sh", ["-c", `command -v ${bin}`]).status === 0;
 const NEEDS = ["dockerd", "docker", "docker-compose", "debootstrap"];
 const compose = parse(readFileSync(join(ROOT, "docker-compose.yml"), "utf8"), { merge: true }) as { services: Record<string, { image?: string }> };
 const SERVICES = Object.keys(compose.services).filter((s) => s !== "grafana");
 const COMPLETED = 'migration_migrations_total{result="completed",mechanism="bitmap+device"}';
 
 test("docker compose up brings the stack up from the project's own files, and it recovers from a hypervisor restart", { timeout: 900_000 }, async (t) => {
-  const missing = NEEDS.filter((b) => !has(b));
-  if (process.getuid?.() !== 0 || missing.length > 0) {
-    const why = process.getuid?.() !== 0 ? "dockerd needs root" : `missing ${missing.join(", ")}: apt-get install -y docker.io docker-compose debootstrap`;
-    if (process.env.CI) assert.fail(`the compose test cannot run in CI: ${why} (.ci/run installs them and runs as root)`);
-    t.skip(why);
-    return;
-  }
+  const missing = [...(process.getuid?.() === 0 ? [] : ["root (dockerd needs it)"]), ...missingCommands(NEEDS)];
+  if (!needTools(t, missing, "run as root, apt-get install -y docker.io docker-compose debootstrap")) return;
   const started = Date.now();
   const timings: string[] = [];
   const step = async <T>(name: string, fn: () => Promise<T>): Promise<T> => {

@@ -5,17 +5,12 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { parse } from "yaml";
 import { renderAll } from "../grafana/dashboards.js";
+import { missingCommands, needTools } from "../../tests/host-tools.js";
 
 const ROOT = new URL("../../", import.meta.url).pathname;
-const has = (bin: string) => spawnSync("sh", ["-c", `command -v ${bin}`]).status === 0;
 
 /** A tool CI installs (.ci/run); a developer without it is told how to get it. */
-function requireTool(bin: string, pkg: string, t: { skip(msg: string): void }): boolean {
-  if (has(bin)) return true;
-  if (process.env.CI) assert.fail(`${bin} is missing in CI: .ci/run must install Debian's ${pkg}`);
-  t.skip(`${bin} is not installed: apt-get install -y ${pkg}`);
-  return false;
-}
+const requireTool = (bin: string, pkg: string, t: { skip(msg: string): void }) => needTools(t, missingCommands([bin]), `apt-get install -y ${pkg}`);
 
 test("docker-compose.yml is valid for the compose specification (dclint) with no errors", () => {
   const r = spawnSync(join(ROOT, "node_modules/.bin/dclint"), ["docker-compose.yml", "-f", "json"], { cwd: ROOT, encoding: "utf8" });

@@ -14,18 +14,14 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { spawnService, type SpawnedService } from "../../common/spawn.js";
 import { connectHypervisor } from "../../services/hypervisor/client.js";
+import { missingCommands, needTools } from "../../tests/host-tools.js";
 import { freePort } from "../../tests/hypervisor-harness.js";
 import { allTargetsUp, checkDashboards, checkRules, prometheusApi, query, sleep, startMechanismLoad, waitFor } from "./stack-checks.js";
 
 const ROOT = new URL("../../", import.meta.url).pathname;
-const has = (bin: string) => spawnSync("sh", ["-c", `command -v ${bin}`]).status === 0;
 
 test("the stack under a real Prometheus feeds every dashboard query, rule and alert", { timeout: 180_000 }, async (t) => {
-  if (!has("prometheus") || !has("promtool")) {
-    if (process.env.CI) assert.fail("prometheus is missing in CI: .ci/run must apt-get install -y prometheus");
-    t.skip("prometheus is not installed: apt-get install -y prometheus (Debian's package) to run this test");
-    return;
-  }
+  if (!needTools(t, missingCommands(["prometheus", "promtool"]), "apt-get install -y prometheus (Debian's package)")) return;
   const services: SpawnedService[] = [];
   let prometheus: ChildProcess | null = null;
   let load: { stop(): Promise<void> } | null = null;

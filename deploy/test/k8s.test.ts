@@ -4,7 +4,7 @@
  * image, command, port and variable in them one the project has.
  */
 import assert from "node:assert/strict";
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
@@ -14,6 +14,7 @@ import { Deployment, StatefulSet } from "kubernetes-models/apps/v1";
 import { Job } from "kubernetes-models/batch/v1";
 import { PrometheusRule, ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
 import { prometheusRule } from "../k8s/generate.js";
+import { missingCommands, needTools } from "../../tests/host-tools.js";
 
 const ROOT = new URL("../../", import.meta.url).pathname;
 const KINDS: Record<string, new (o: never) => { validate(): void }> = {
@@ -43,11 +44,7 @@ const ENTRIES = ["services/hypervisor/main.ts", "services/page-tracking-device/m
 const helpOf = (entry: string, command?: string) => execFileSync(process.execPath, ["--import", "tsx", join(ROOT, entry), ...(command ? [command] : []), "--help"], { cwd: ROOT, encoding: "utf8" });
 
 test("kubectl kustomize renders the fleet; every object passes its schema; images, commands, ports and variables are the project's", (t) => {
-  if (spawnSync("kubectl", ["version", "--client"], { stdio: "ignore" }).status !== 0) {
-    if (process.env.CI) assert.fail("kubectl is missing in CI (it comes with this machine kind's image)");
-    t.skip("kubectl is not installed: it renders the kustomization offline (kubectl kustomize deploy)");
-    return;
-  }
+  if (!needTools(t, missingCommands(["kubectl"]), "it comes with this machine kind's image and renders the kustomization offline (kubectl kustomize deploy)")) return;
   const rendered = execFileSync("kubectl", ["kustomize", join(ROOT, "deploy")], { encoding: "utf8" });
   const objects = parseAllDocuments(rendered).map((d) => d.toJSON() as { apiVersion: string; kind: string; metadata: { name: string; labels?: Record<string, string> }; spec?: Record<string, unknown>; data?: Record<string, string> });
   const kinds = objects.map((o) => `${o.kind}/${o.metadata.name}`).sort();

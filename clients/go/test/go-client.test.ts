@@ -6,24 +6,20 @@
  * a real hypervisor server.
  */
 import assert from "node:assert/strict";
-import { execFile, execFileSync, spawnSync } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
 import { cpSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
+import { missingCommands, needTools } from "../../../tests/host-tools.js";
 import { startHypervisor } from "../../../tests/hypervisor-harness.js";
 
 const ROOT = new URL("../../../", import.meta.url).pathname;
 const PROTOS = ["dirtytrack/hypervisor/v1/hypervisor.proto", "dirtytrack/ptdevice/v1/ptdevice.proto", "dirtytrack/controller/v1/controller.proto"];
-const has = (bin: string) => spawnSync("sh", ["-c", `command -v ${bin}`]).status === 0;
 
 test("Go code generated from the protos with no flags builds, and a Go client's collections hold the dirty-log invariant", { timeout: 300_000 }, async (t) => {
-  const missing = ["go", "protoc", "protoc-gen-go", "protoc-gen-go-grpc"].filter((b) => !has(b));
-  if (missing.length > 0) {
-    if (process.env.CI) assert.fail(`missing ${missing.join(", ")} in CI: .ci/run must apt-get install them`);
-    t.skip(`needs ${missing.join(", ")}: apt-get install -y golang-go protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev`);
-    return;
-  }
+  const missing = missingCommands(["go", "protoc", "protoc-gen-go", "protoc-gen-go-grpc"]);
+  if (!needTools(t, missing, "apt-get install -y golang-go protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev")) return;
   const gopath = mkdtempSync(join(tmpdir(), "go-client-"));
   const h = await startHypervisor();
   try {

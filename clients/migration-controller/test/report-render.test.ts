@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Capability, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
+import { needTools } from "../../../tests/host-tools.js";
 import { GiB, hypervisorPair, MiB } from "../../../tests/hypervisor-harness.js";
 import { migrate } from "../migrate.js";
 import { QEMU_AUTO_CONVERGE } from "../policies/auto-converge.js";
@@ -44,10 +45,7 @@ describe("the HTML reports in headless Chromium", () => {
   });
 
   const need = (t: { skip(m: string): void }) => {
-    if (chromium) return true;
-    if (process.env.CI) assert.fail("chromium is missing in CI: .ci/run must apt-get install -y chromium");
-    t.skip("chromium is not installed: apt-get install -y chromium (Debian's package) to run this test");
-    return false;
+    return needTools(t, chromium ? [] : ["chromium"], "apt-get install -y chromium (Debian's package)");
   };
 
   test("a migration's report: every chart drawn as SVG, the threshold and the link rate as reference lines, a page that is not blank", async (t) => {

@@ -10,18 +10,15 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
+import { missingCommands, needTools } from "../../../tests/host-tools.js";
 import { startHypervisor } from "../../../tests/hypervisor-harness.js";
 
 const ROOT = new URL("../../../", import.meta.url).pathname;
-const has = (cmd: string, args: string[]) => spawnSync(cmd, args, { stdio: "ignore" }).status === 0;
 
 test("a Python client generated from the protos runs collections against a hypervisor and the dirty-log invariant holds", { timeout: 120_000 }, async (t) => {
-  const ready = has("protoc", ["--version"]) && has("/usr/bin/python3", ["-c", "import grpc, google.protobuf"]) && has("sh", ["-c", "command -v grpc_python_plugin"]);
-  if (!ready) {
-    if (process.env.CI) assert.fail("protoc, grpc_python_plugin or python3-grpcio is missing in CI: .ci/run must apt-get install them");
-    t.skip("needs Debian's protobuf-compiler, protobuf-compiler-grpc and python3-grpcio (apt-get install -y …)");
-    return;
-  }
+  const grpcio = spawnSync("/usr/bin/python3", ["-c", "import grpc, google.protobuf"], { stdio: "ignore" }).status === 0;
+  const missing = [...missingCommands(["protoc", "grpc_python_plugin"]), ...(grpcio ? [] : ["python3-grpcio"])];
+  if (!needTools(t, missing, "apt-get install -y protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf")) return;
   const out = mkdtempSync(join(tmpdir(), "py-stubs-"));
   const h = await startHypervisor();
   try {
