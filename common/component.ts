@@ -52,6 +52,8 @@ export function createComponentServer(opts: {
   protoFiles: string[];
   serviceNames: string[];
   health: () => { ok: boolean; detail?: unknown };
+  /** What /metrics serves, when more than the registry (see createOpsServer). */
+  metrics?: () => Promise<string>;
   /** Runs after both ports are bound, and before the servers close. */
   onListen?: () => void;
   onClose?: () => Promise<void> | void;
@@ -67,7 +69,7 @@ export function createComponentServer(opts: {
     "grpc.keepalive_timeout_ms": 10_000,
     interceptors: security.token ? [authInterceptor(security.token)] : [],
   });
-  const ops = createOpsServer({ registry, health: opts.health, https: httpsOptions(security) });
+  const ops = createOpsServer({ registry, metrics: opts.metrics, health: opts.health, https: httpsOptions(security) });
   let standard = false;
   return {
     grpc: server,

@@ -207,38 +207,59 @@ function boundedWriter(call: { write(m: unknown, cb: () => void): boolean }, sig
 /** A generated module's namespace: each message type by name, with its encode(). */
 export type Messages = Record<string, unknown>;
 
+export interface SerializerOptions {
+  messages?: Messages;
+  serializers?: Record<string, (v: unknown) => Buffer>;
+}
+
+/**
+ * Each method's response encoder, by method key: with the generated module's
+ * messages (buf's STANDARD lint names each method's response
+ * <Method>Response), responses are encoded into a Buffer that views the
+ * encoder's output instead of copying it, as the generated serializer does;
+ * serializers replace the encoding of some (by method key) outright.
+ */
+export function responseSerializers(definition: Record<string, MethodDef>, opts: SerializerOptions): Record<string, (v: unknown) => Buffer> {
+  return Object.fromEntries(
+    Object.entries(definition).map(([k, m]) => {
+      const [, , method] = /^\/(.+)\/([^/]+)$/.exec(m.path)!;
+      const type = opts.messages?.[`${method}Response`] as { encode(v: unknown): { finish(): Uint8Array } } | undefined;
+      const serialize =
+        opts.serializers?.[k] ??
+        (type
+          ? (v: unknown) => {
+              const u = type.encode(v).finish();
+              return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+            }
+          : (m.responseSerialize as (v: unknown) => Buffer));
+      return [k, serialize];
+    }),
+  );
+}
+
 /**
  * Adds a service to a server: the handlers become grpc-js handlers through
  * bindService, and streamed responses reach grpc-js already serialized (so
- * that the writer knows their size without encoding them twice). With the
- * generated module's messages (buf's STANDARD lint names each method's
- * response <Method>Response), responses are encoded into a Buffer that views
- * the encoder's output instead of copying it, as the generated serializer
- * does; serializers replace the encoding of some (by method key) outright.
+ * that the writer knows their size without encoding them twice), by
+ * responseSerializers. With raw, requests reach the handlers undecoded and
+ * responses are Buffers the handlers encoded (a router in front of workers).
  */
 export function addService<D extends Record<string, MethodDef>>(
   server: grpc.Server,
   definition: D,
   handlers: ServiceHandlers<D>,
-  opts: { metrics?: GrpcServerMetrics; logger?: Logger; messages?: Messages; serializers?: Record<string, (v: unknown) => Buffer> } = {},
+  opts: { metrics?: GrpcServerMetrics; logger?: Logger; raw?: boolean } & SerializerOptions = {},
 ): void {
+  const identity = (b: Buffer) => b;
+  const serialize = responseSerializers(definition, opts);
   const defs = Object.fromEntries(
-    Object.entries(definition).map(([k, m]) => {
-      const [, , method] = /^\/(.+)\/([^/]+)$/.exec(m.path)!;
-      const type = opts.messages?.[`${method}Response`] as { encode(v: unknown): { finish(): Uint8Array } } | undefined;
-      const responseSerialize =
-        opts.serializers?.[k] ??
-        (type
-          ? (v: unknown) => {
-            const u = type.encode(v).finish();
-              return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
-            }
-          : m.responseSerialize);
-      return [k, { ...m, responseSerialize }];
-    }),
+    Object.entries(definition).map(([k, m]) => [
+      k,
+      opts.raw ? { ...m, requestDeserialize: identity, responseSerialize: identity } : { ...m, responseSerialize: serialize[k] },
+    ]),
   ) as unknown as D;
   const wire = Object.fromEntries(
-    Object.entries(defs).map(([k, m]) => [k, m.responseStream ? { ...m, responseSerialize: (b: Buffer) => b } : m]),
+    Object.entries(defs).map(([k, m]) => [k, m.responseStream ? { ...m, responseSerialize: identity } : m]),
   );
   server.addService(wire as unknown as grpc.ServiceDefinition, bindService(defs, handlers, opts));
 }

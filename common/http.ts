@@ -4,6 +4,8 @@ import { collectDefaultMetrics, type Registry } from "prom-client";
 
 export function createOpsServer(opts: {
   registry: Registry;
+  /** The exposition /metrics serves (default: the registry's); a router adds its workers' metrics. */
+  metrics?: () => Promise<string>;
   health: () => { ok: boolean; detail?: unknown };
   /** HTTPS (and client certificates, with a CA) instead of plain HTTP. */
   https?: { cert: Buffer; key: Buffer; ca?: Buffer; requestCert: boolean; rejectUnauthorized: boolean } | null;
@@ -12,7 +14,7 @@ export function createOpsServer(opts: {
   const app = (opts.https ? Fastify({ logger: false, https: opts.https }) : Fastify({ logger: false })) as unknown as FastifyInstance;
   app.get("/metrics", async (_req, reply) => {
     reply.header("content-type", opts.registry.contentType);
-    return opts.registry.metrics();
+    return opts.metrics ? opts.metrics() : opts.registry.metrics();
   });
   app.get("/healthz", async (_req, reply) => {
     const h = opts.health();

@@ -55,9 +55,28 @@ export class DeviceRegistry implements PageTrackingDriver {
     }
     const raced = live();
     if (raced) return raced;
+    return this.open(address, `${this.instance}/${++this.links}`);
+  }
+
+  /**
+   * A VM worker's registration (shards.ts): the router registered the device
+   * in the first worker, which checked it and named the link; the others
+   * open their own link under that name, so the device sees one hypervisor.
+   * A link under another name (the device re-registered after a loss) is
+   * failed first, which marks its VMs' pages dirty.
+   */
+  adopt(address: string, id: string): string {
+    if (this.link && !this.link.lost && this.link.address === address && this.link.id === id) return id;
+    const old = this.link;
+    if (old && !old.lost && old.vmCount > 0) old.fail(`the device re-registered as link ${id}`);
+    else if (old && !old.lost) void old.close().catch(() => undefined);
+    return this.open(address, id);
+  }
+
+  private open(address: string, id: string): string {
     this.link = new DeviceLink(
       address,
-      `${this.instance}/${++this.links}`,
+      id,
       this.logger,
       {
         lost: () => {

@@ -34,6 +34,25 @@ export function hypervisorHandlers(ctx: ApiContext): Handlers {
   return { ...vmHandlers(ctx), ...dirtyLogHandlers(ctx), ...dirtyRateHandlers(ctx), ...memoryHandlers(ctx), ...postcopyHandlers(ctx), ...writeTrackingHandlers(ctx), ...deviceHandlers(ctx) };
 }
 
+export interface HypervisorApiDeps {
+  hypervisor: Hypervisor;
+  logger: Logger;
+  registry: Registry;
+  security: Security;
+  /** The largest message this server sends. */
+  maxMessageBytes: number;
+}
+
+/** The service's handlers over one model, with its metrics and device registry: a whole server's, or one VM worker's (shard.ts). */
+export function createHypervisorApi(deps: HypervisorApiDeps): { handlers: Handlers; devices: DeviceRegistry } {
+  const metrics = new HypervisorMetrics(deps.registry, deps.hypervisor);
+  const devices = new DeviceRegistry(deps.hypervisor, deps.logger, metrics, new GrpcClientMetrics(deps.registry), deps.security);
+  deps.hypervisor.pageTracking = devices;
+  metrics.watchDevice(() => devices.link);
+  const ctx: ApiContext = { hv: deps.hypervisor, metrics, devices, maxMessageBytes: deps.maxMessageBytes, lastGet: new SyncClock() };
+  return { handlers: hypervisorHandlers(ctx), devices };
+}
+
 export interface HypervisorServerDeps {
   hypervisor: Hypervisor;
   logger: Logger;
@@ -47,6 +66,7 @@ export interface HypervisorServerDeps {
 
 export type HypervisorServer = ComponentServer;
 
+/** The service with every VM on the gRPC thread. */
 export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorServer {
   const driver = new RealtimeDriver(() => deps.hypervisor.vms.values(), deps.realtimeTickMs ?? 20, SLICE_MS);
   const security = deps.security ?? INSECURE;
@@ -65,13 +85,9 @@ export function createHypervisorServer(deps: HypervisorServerDeps): HypervisorSe
       if (devices?.link) await devices.unregister(devices.link.address).catch(() => undefined);
     },
   });
-  const metrics = new HypervisorMetrics(app.registry, deps.hypervisor);
-  const registered = new DeviceRegistry(deps.hypervisor, deps.logger, metrics, new GrpcClientMetrics(app.registry), security);
-  devices = registered;
-  deps.hypervisor.pageTracking = registered;
-  metrics.watchDevice(() => registered.link);
-  const ctx: ApiContext = { hv: deps.hypervisor, metrics, devices: registered, maxMessageBytes: deps.maxMessageBytes ?? MAX_MESSAGE_BYTES, lastGet: new SyncClock() };
-  addService(app.grpc, HypervisorServiceService, hypervisorHandlers(ctx), {
+  const api = createHypervisorApi({ hypervisor: deps.hypervisor, logger: deps.logger, registry: app.registry, security, maxMessageBytes: deps.maxMessageBytes ?? MAX_MESSAGE_BYTES });
+  devices = api.devices;
+  addService(app.grpc, HypervisorServiceService, api.handlers, {
     metrics: app.rpcMetrics,
     logger: deps.logger,
     messages,

@@ -66,6 +66,22 @@ export interface HypervisorOptions {
   costs: CostModel;
   /** Allows SetFaultInjection (test-only bug switches). */
   allowFaultInjection: boolean;
+  /**
+   * One of several VM workers of a process (shards.ts): its VMIDs are
+   * first, first + stride, ... (unique in the process, as the device needs),
+   * and the budget is shared with the others through the ledger.
+   */
+  shard?: { firstVmid: number; vmidStride: number; ledger: BudgetLedger };
+}
+
+/** The memory the other VM workers of the process hold, counted against one budget. */
+export interface BudgetLedger {
+  /** Runs fn with no other worker checking or publishing. */
+  locked<T>(fn: () => T): T;
+  /** Bytes the other workers published. */
+  others(): number;
+  /** This worker's bytes in use (or reserved). */
+  publish(bytes: number): void;
 }
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
@@ -97,11 +113,13 @@ export class Hypervisor {
   deviceRegistered = false;
   /** The registered device's driver, while one is. */
   pageTracking: PageTrackingDriver | null = null;
-  private nextVmid = 1;
+  private nextVmid: number;
   /** Host physical addresses are handed out linearly; they only label descriptors. */
   private nextHostAddress = 0x80000000;
 
-  constructor(readonly options: HypervisorOptions) {}
+  constructor(readonly options: HypervisorOptions) {
+    this.nextVmid = options.shard?.firstVmid ?? 1;
+  }
 
   /** Bytes the VMs' typed arrays hold now. */
   get memoryInUse(): number {
@@ -171,7 +189,7 @@ export class Hypervisor {
       this.validateWorkload(vm, spec.workload);
       this.checkTraces(vm, undefined, spec.workload);
     }
-    this.nextVmid++;
+    this.nextVmid += this.options.shard?.vmidStride ?? 1;
     this.vms.set(vm.name, vm);
     if (spec.workload) vm.setWorkload(undefined, spec.workload);
     if (spec.startPaused) for (const v of vm.vcpus) v.paused = true;
@@ -262,15 +280,23 @@ export class Hypervisor {
 
   /** Refuses an allocation of extra bytes for what that would take this hypervisor past its budget. */
   checkBudget(extra: number, what: string): void {
-    const budget = this.options.memoryBudgetBytes;
-    const inUse = this.memoryInUse;
-    if (inUse + extra > budget) {
-      throw resourceExhausted(
-        `${what} needs ${formatBytes(extra)} of hypervisor memory, but ${formatBytes(Math.max(0, budget - inUse))} of this hypervisor's ` +
-          `${formatBytes(budget)} budget is left (HYPERVISOR_MEMORY_BUDGET; the model holds about 16 bytes per 4 KiB guest page)`,
-        "ENOMEM",
-      );
-    }
+    const ledger = this.options.shard?.ledger;
+    const check = () => {
+      const budget = this.options.memoryBudgetBytes;
+      const mine = this.memoryInUse;
+      const inUse = mine + (ledger?.others() ?? 0);
+      if (inUse + extra > budget) {
+        throw resourceExhausted(
+          `${what} needs ${formatBytes(extra)} of hypervisor memory, but ${formatBytes(Math.max(0, budget - inUse))} of this hypervisor's ` +
+            `${formatBytes(budget)} budget is left (HYPERVISOR_MEMORY_BUDGET; the model holds about 16 bytes per 4 KiB guest page)`,
+          "ENOMEM",
+        );
+      }
+      // Reserved until the worker publishes what its call allocated.
+      ledger?.publish(mine + extra);
+    };
+    if (ledger) ledger.locked(check);
+    else check();
   }
 
   /** KVM_SET_USER_MEMORY_REGION: create, change flags, or delete (size 0). Returns host ns. */
