@@ -2,7 +2,7 @@
  * npm run bench: wall-clock throughput of the simulator's hot paths, printed
  * as a table with the issue's targets. Not a test: figures vary by machine.
  *
- *   --only NAME[,NAME]   run only some sections (hypervisor, datapath, ring, hardware, migration, limits, scale, compare)
+ *   --only NAME[,NAME]   run only some sections (hypervisor, datapath, ring, hardware, migration, workers, limits, scale, compare)
  *   --gib N              guest size for the hypervisor section (default 64)
  */
 import { execFileSync, spawn } from "node:child_process";
@@ -36,7 +36,7 @@ const { values: args } = parseArgs({
   options: { only: { type: "string" }, gib: { type: "string", default: "64" }, "scale-gib": { type: "string", default: "4,16,64,256,1024" }, help: { type: "boolean" } },
 });
 if (args.help) {
-  console.log("usage: npm run bench -- [--only hypervisor,datapath,ring,hardware,migration,limits,scale,compare] [--gib 64] [--scale-gib 4,16,64,256,1024]");
+  console.log("usage: npm run bench -- [--only hypervisor,datapath,ring,hardware,migration,workers,limits,scale,compare] [--gib 64] [--scale-gib 4,16,64,256,1024]");
   process.exit(0);
 }
 const only = args.only?.split(",");
@@ -236,6 +236,54 @@ async function migrationBench() {
     destination.close();
     await Promise.all([a.stop(), b.stop()]);
   }
+}
+
+/**
+ * VM worker threads (HYPERVISOR_VM_WORKERS): one migration, and two at once
+ * between the same two hypervisors (two VMs on each), with the VMs on the
+ * gRPC thread and in two workers; the same populated guests and workload as
+ * the migration section, at 4 GiB, then the 16 GiB case alone. Every
+ * migration must verify, and each size's results must not depend on the
+ * threading (the same digest, syncs and simulated time).
+ */
+async function workersBench() {
+  console.log(`\nVM worker threads: migrations of 8-vCPU guests dirtying 1 GiB/s (hot/cold) over 10 Gbit/s, stepped clock, on ${availableParallelism()} CPUs`);
+  type Outcome = { wallMs: number; simulated: string };
+  const run = async (workers: number, gib: number, concurrent: number): Promise<Outcome> => {
+    const env = { HYPERVISOR_GRPC_PORT: "0", HYPERVISOR_HTTP_PORT: "0", HYPERVISOR_ANNOUNCE: "1", HYPERVISOR_VM_WORKERS: String(workers) };
+    const [a, b] = await Promise.all([spawnService("services/hypervisor/main.ts", env), spawnService("services/hypervisor/main.ts", env)]);
+    const source = connectHypervisor(a.address, { deadlineMs: 600_000 });
+    const destination = connectHypervisor(b.address, { deadlineMs: 600_000 });
+    try {
+      const names = Array.from({ length: concurrent }, (_, i) => `vm${i}`);
+      await Promise.all(names.map((n) => populatedGuest(source, n, gib * 2 ** 30, 2 ** 30 / 4096 / 8, 0.05)));
+      const t0 = performance.now();
+      const rs = await Promise.all(names.map((n) => migrate({ sourceVm: n, destinationVm: n }, { source, destination })));
+      const wallMs = performance.now() - t0;
+      const bad = rs.filter((r) => r.status !== "completed" || !r.verification?.match);
+      if (bad.length) throw new Error(`${bad.length} of ${rs.length} migrations did not complete and verify`);
+      return { wallMs, simulated: rs.map((r) => `${r.verification?.sourceSha256} ${r.dirtySyncCount} ${r.totalTimeMs}`).join(";") };
+    } finally {
+      source.close();
+      destination.close();
+      await Promise.all([a.stop(), b.stop()]);
+    }
+  };
+  const same = (x: Outcome, y: Outcome, what: string) => {
+    if (x.simulated.split(";")[0] !== y.simulated.split(";")[0]) throw new Error(`${what}: the results depend on the threading (${x.simulated} against ${y.simulated})`);
+  };
+  const one0 = await run(0, 4, 1);
+  const two0 = await run(0, 4, 2);
+  const one2 = await run(2, 4, 1);
+  const two2 = await run(2, 4, 2);
+  [two0, one2, two2].forEach((o) => same(one0, o, "4 GiB"));
+  report("4 GiB: one migration, VMs on the gRPC thread / in 2 workers", `${fmt(one0.wallMs / 1e3, 2)} / ${fmt(one2.wallMs / 1e3, 2)} s`);
+  report("4 GiB: two at once, VMs on the gRPC thread", `${fmt(two0.wallMs / 1e3, 2)} s`, `${fmt(two0.wallMs / one0.wallMs, 2)}x one`);
+  report("4 GiB: two at once, VMs in 2 workers", `${fmt(two2.wallMs / 1e3, 2)} s`, `${fmt(two2.wallMs / one2.wallMs, 2)}x one; target <= 1.2x`);
+  const big0 = await run(0, 16, 1);
+  const big2 = await run(2, 16, 1);
+  same(big0, big2, "16 GiB");
+  report("16 GiB alone: VMs on the gRPC thread / in 2 workers", `${fmt(big0.wallMs / 1e3, 2)} / ${fmt(big2.wallMs / 1e3, 2)} s`, `${fmt(big0.wallMs / big2.wallMs, 2)}x faster in workers; target > 1x`);
 }
 
 /**
@@ -792,6 +840,7 @@ if (want("datapath")) await datapathBench(16);
 if (want("ring")) await ringBench();
 if (want("hardware")) await hardwareBench(Number(args.gib));
 if (want("migration")) await migrationBench();
+if (want("workers")) await workersBench();
 if (want("limits")) await limitsBench(Number(args.gib));
 if (want("scale")) await scaleBench(String(args["scale-gib"]).split(",").map(Number));
 if (want("compare")) await compareBench();

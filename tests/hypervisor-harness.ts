@@ -5,6 +5,7 @@ import { connectHypervisor, type HypervisorClient } from "../services/hypervisor
 import { DEFAULT_COSTS, type CostModel } from "../services/hypervisor/model/cost-model.js";
 import { Hypervisor } from "../services/hypervisor/model/hypervisor.js";
 import { createHypervisorServer } from "../services/hypervisor/server.js";
+import { createShardedHypervisorServer } from "../services/hypervisor/shards.js";
 
 export interface RunningHypervisor {
   hypervisor: Hypervisor;
@@ -14,20 +15,33 @@ export interface RunningHypervisor {
   close(): Promise<void>;
 }
 
+/**
+ * A hypervisor server with its VMs on the gRPC thread, or, with workers (by
+ * default HYPERVISOR_VM_WORKERS, as the service reads it), in that many
+ * worker threads; then the model is not in this thread, and a test that
+ * reads it directly fails saying so.
+ */
 export async function startHypervisor(
-  opts: { memoryBudgetBytes?: number; allowFaultInjection?: boolean; costs?: Partial<CostModel>; realtimeTickMs?: number; maxMessageBytes?: number } = {},
+  opts: { memoryBudgetBytes?: number; allowFaultInjection?: boolean; costs?: Partial<CostModel>; realtimeTickMs?: number; maxMessageBytes?: number; workers?: number } = {},
 ): Promise<RunningHypervisor> {
-  const hypervisor = new Hypervisor({
+  const options = {
     memoryBudgetBytes: opts.memoryBudgetBytes ?? 2 ** 40,
     costs: { ...DEFAULT_COSTS, ...opts.costs },
     allowFaultInjection: opts.allowFaultInjection ?? true,
-  });
-  const app = createHypervisorServer({
-    hypervisor,
-    logger: createLogger("hypervisor", "silent"),
-    realtimeTickMs: opts.realtimeTickMs ?? 0,
-    maxMessageBytes: opts.maxMessageBytes,
-  });
+  };
+  const common = { logger: createLogger("hypervisor", "silent"), realtimeTickMs: opts.realtimeTickMs ?? 0, maxMessageBytes: opts.maxMessageBytes };
+  const workers = opts.workers ?? Number(process.env.HYPERVISOR_VM_WORKERS || 0);
+  if (workers > 0) {
+    const app = createShardedHypervisorServer({ ...options, ...common, workers, logLevel: "silent" });
+    const running = await listenLocal(app, connectHypervisor);
+    return Object.defineProperty(running, "hypervisor", {
+      get() {
+        throw new Error(`this test reads the hypervisor's model, which is in ${workers} worker threads (HYPERVISOR_VM_WORKERS)`);
+      },
+    }) as RunningHypervisor;
+  }
+  const hypervisor = new Hypervisor(options);
+  const app = createHypervisorServer({ hypervisor, ...common });
   return { hypervisor, ...(await listenLocal(app, connectHypervisor)) };
 }
 

@@ -41,6 +41,8 @@ export class HypervisorMetrics {
       name: "hypervisor_memory_budget_bytes",
       help: "Bytes this hypervisor may allocate for its VMs' state (HYPERVISOR_MEMORY_BUDGET).",
       registers,
+      // VM workers (shards.ts) share one budget: each reports it, the process has it once.
+      aggregator: "max",
       collect() {
         this.set(hv.options.memoryBudgetBytes);
       },
@@ -253,6 +255,7 @@ export class HypervisorMetrics {
       name: "hypervisor_page_tracking_device_registered",
       help: "1 while a page-tracking device is registered (ARM_PAGE_TRACKING_DEVICE available).",
       registers,
+      aggregator: "max",
       collect() {
         this.set(hv.deviceRegistered ? 1 : 0);
       },

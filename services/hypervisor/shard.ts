@@ -95,9 +95,16 @@ export class SharedBudgetLedger implements BudgetLedger {
 /** A Buffer over a view's bytes, without a copy. */
 export const bufferOf = (u: Uint8Array) => Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 
-/** Transferred when the frame is its memory's only view (a large allocation), copied when it shares a pool. */
+/**
+ * Bytes of a frame's memory that may lie outside it for the memory to be the
+ * frame's alone: grpc-js reads a large message into one allocation behind
+ * its 5-byte header (a smaller one shares a chunk or Buffer's pool).
+ */
+const GRPC_HEADER_BYTES = 5;
+
+/** Transferred when the frame's memory holds nothing else (a large message), copied when it shares a chunk or a pool. */
 export function transferable(frame: Uint8Array): { frame: Uint8Array; transfer: ArrayBuffer[] } {
-  const own = frame.byteOffset === 0 && frame.byteLength === frame.buffer.byteLength && !(frame.buffer instanceof SharedArrayBuffer);
+  const own = frame.buffer.byteLength - frame.byteLength <= GRPC_HEADER_BYTES && !(frame.buffer instanceof SharedArrayBuffer);
   return own ? { frame, transfer: [frame.buffer as ArrayBuffer] } : { frame: new Uint8Array(frame), transfer: [] };
 }
 
