@@ -238,7 +238,7 @@ export interface ShardedHypervisorDeps {
 }
 
 /** The same service as createHypervisorServer's, its VMs spread over worker threads. */
-export function createShardedHypervisorServer(deps: ShardedHypervisorDeps): HypervisorServer & { shards: { index: number; vms: number }[] } {
+export function createShardedHypervisorServer(deps: ShardedHypervisorDeps): HypervisorServer & { readonly shards: { index: number; vms: number; worker: Worker }[] } {
   const security = deps.security ?? INSECURE;
   const ledger = new SharedArrayBuffer(SharedBudgetLedger.bytesFor(deps.workers));
   const shards = Array.from({ length: deps.workers }, (_, index) =>
@@ -336,11 +336,9 @@ export function createShardedHypervisorServer(deps: ShardedHypervisorDeps): Hype
   };
 
   addService(app.grpc, HypervisorServiceService, handlers as never, { metrics: app.rpcMetrics, logger: deps.logger, raw: true });
-  return Object.assign(app, {
-    get shards() {
-      return shards.map((s) => ({ index: s.index, vms: s.vms }));
-    },
-  });
+  return Object.defineProperty(app, "shards", { get: () => shards.map((s) => ({ index: s.index, vms: s.vms, worker: s.worker })) }) as HypervisorServer & {
+    readonly shards: { index: number; vms: number; worker: Worker }[];
+  };
 }
 
 /** A stream's first message (none if it is empty) and an iterator over the rest: a client stream is routed by its first message. */

@@ -7,7 +7,10 @@ import type { MigrationReport } from "../../../clients/migration-controller/type
 import { parseMechanism } from "../../../clients/migration-controller/trackers/index.js";
 import { Capability, MemslotFlag, Workload, WorkloadPattern } from "../../../proto/gen/dirtytrack/hypervisor/v1/hypervisor.js";
 import { GiB, metric, MiB, startDevice, startHypervisor, type RunningHypervisor } from "../../../tests/hypervisor-harness.js";
-import { vmField } from "../shards.js";
+import { createLogger } from "../../../common/log.js";
+import { connectHypervisor } from "../client.js";
+import { DEFAULT_COSTS } from "../model/cost-model.js";
+import { createShardedHypervisorServer, vmField } from "../shards.js";
 
 const guest = (seed: number): GuestSpec => ({
   memoryBytes: 512 * MiB,
@@ -105,6 +108,31 @@ describe("VMs in worker threads (HYPERVISOR_VM_WORKERS)", () => {
       for (const n of ["ptd-a", "ptd-b"]) await Promise.all(sharded.map((h) => h.client.destroyVm({ vm: n })));
     } finally {
       await device.close();
+    }
+  });
+
+  test("each VM goes to the emptiest worker; a worker that dies takes only its own VMs, and says so", async () => {
+    const app = createShardedHypervisorServer({ workers: 2, memoryBudgetBytes: GiB, costs: DEFAULT_COSTS, allowFaultInjection: false, logger: createLogger("hypervisor", "silent"), logLevel: "silent", realtimeTickMs: 0 });
+    const { grpcPort, httpPort } = await app.listen({ host: "127.0.0.1", grpcPort: 0, httpPort: 0 });
+    const c = connectHypervisor(`127.0.0.1:${grpcPort}`);
+    try {
+      const slot = { slot: 0, guestPhysAddr: 0n, memorySize: BigInt(64 * MiB), flags: MemslotFlag.MEMSLOT_FLAG_LOG_DIRTY_PAGES };
+      for (const vm of ["a", "b", "c"]) await c.createVm({ vm, vcpus: 1, memslots: [slot] });
+      assert.deepEqual(app.shards.map((s) => s.vms), [2, 1]);
+      await c.destroyVm({ vm: "a" });
+      await c.createVm({ vm: "d", vcpus: 1, memslots: [slot] });
+      assert.deepEqual(app.shards.map((s) => s.vms), [2, 1], "d took a's place in worker 0");
+      assert.equal((await fetch(`http://127.0.0.1:${httpPort}/healthz`)).status, 200);
+      await app.shards[1].worker.terminate();
+      await assert.rejects(c.getVm({ vm: "b" }), (e: { code: number; details: string }) => e.code === status.UNAVAILABLE && /VM worker 1 of this hypervisor is gone .*its VMs are lost/.test(e.details));
+      assert.equal((await c.getVm({ vm: "c" })).vm?.vm, "c", "the other worker's VMs are served");
+      assert.deepEqual((await c.listVms({})).vms.map((v) => v.vm), ["c", "d"]);
+      const health = await fetch(`http://127.0.0.1:${httpPort}/healthz`);
+      assert.equal(health.status, 503);
+      assert.match(JSON.stringify(await health.json()), /worker 1: it exited/);
+    } finally {
+      c.close();
+      await app.close();
     }
   });
 

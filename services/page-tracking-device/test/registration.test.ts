@@ -39,7 +39,8 @@ describe("the device and its hypervisor survive each other", () => {
       hv = await spawnService("services/hypervisor/main.ts", hvEnv);
       // The new hypervisor knows no device until the device's heartbeat finds it.
       await until(async () => (await c.checkExtension({ capability: DEV }).catch(() => ({ value: 0n }))).value === 1n, "the device to re-register");
-      assert.equal(await metric(dev.httpPort, /^ptdevice_orphan_trackers_released_total /), 1);
+      // The device releases them once its registration's answer arrives, just after the hypervisor advertises the capability.
+      await until(async () => (await metric(dev.httpPort, /^ptdevice_orphan_trackers_released_total /)) === 1, "the old trackers to be released");
       assert.equal(await metric(dev.httpPort, /^ptdevice_trackers /), 0);
       // VMID 1 again, as the restarted hypervisor numbers its VMs from 1: the device takes it, and a migration verifies.
       await c.createVm({ vm: "b", vcpus: 1, memslots: [{ ...slot, flags: 0 }], workload: { pattern: WorkloadPattern.WORKLOAD_PATTERN_UNIFORM, writesPerSecond: 50_000 } });
