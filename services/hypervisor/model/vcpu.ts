@@ -74,6 +74,18 @@ export class Vcpu {
     }
   }
 
+  /** A run's writes, faults and tracking overhead (once per vCPU per quantum: no object, no walk over keys). */
+  ran(writes: number, faults: number, overheadNs: number): void {
+    const s = this.step;
+    const t = this.total;
+    s.writes += writes;
+    t.writes += writes;
+    s.writeFaults += faults;
+    t.writeFaults += faults;
+    s.overheadNs += overheadNs;
+    t.overheadNs += overheadNs;
+  }
+
   /** One page dirtied (on the fault and hardware-update paths: no allocation). */
   dirtied(): void {
     this.step.pagesDirtied++;

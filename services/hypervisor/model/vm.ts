@@ -568,7 +568,7 @@ export class Vm {
     gen.cursor = cur;
     this.writeSeq = seq;
     v.time = this.missBlocked ? Math.max(t, until) : t;
-    v.count({ writes, writeFaults: faults, overheadNs: overhead });
+    v.ran(writes, faults, overhead);
     if (v.ringFull) {
       // KVM_EXIT_DIRTY_RING_FULL returns to the VMM: the exit and the re-entry are the vCPU's time, then it waits for the reset.
       const exitNs = this.costs.userspaceExitNs;
