@@ -6,7 +6,9 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createServer, type Server } from "node:net";
+import { availableParallelism } from "node:os";
 import { after, before, describe, test } from "node:test";
+import { spawnService } from "../common/spawn.js";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 
@@ -80,6 +82,21 @@ describe("a bad environment: one line naming the variable, exit 1", () => {
     const r = await run("services/hypervisor/main.ts", { HYPERVISOR_GRPC_PORT: String(busyPort), HYPERVISOR_HTTP_PORT: "0" });
     assert.equal(r.code, 1);
     oneLine(r.err, new RegExp(`^hypervisor: HYPERVISOR_GRPC_PORT=${busyPort}: cannot listen on 127\\.0\\.0\\.1:${busyPort} for gRPC: the address is in use$`));
+  });
+
+  test("hypervisor: HYPERVISOR_VM_WORKERS is a count in [0, 64] or auto", async () => {
+    for (const bad of ["many", "65", "-1", "1.5"]) {
+      const r = await run("services/hypervisor/main.ts", { HYPERVISOR_GRPC_PORT: "0", HYPERVISOR_HTTP_PORT: "0", HYPERVISOR_VM_WORKERS: bad });
+      assert.equal(r.code, 1);
+      oneLine(r.err, new RegExp(`^hypervisor: HYPERVISOR_VM_WORKERS=${bad.replace(".", "\\.")}: not a count of worker threads in \\[0, 64\\] or "auto"$`));
+    }
+    const hv = await spawnService("services/hypervisor/main.ts", { HYPERVISOR_GRPC_PORT: "0", HYPERVISOR_HTTP_PORT: "0", HYPERVISOR_ANNOUNCE: "1", HYPERVISOR_VM_WORKERS: "auto" });
+    try {
+      const health = (await (await fetch(`http://127.0.0.1:${hv.httpPort}/healthz`)).json()) as { detail: { workers: number } };
+      assert.equal(health.detail.workers, availableParallelism(), "auto: one worker per CPU");
+    } finally {
+      assert.equal(await hv.stop(), 0);
+    }
   });
 
   test("an empty MIGRATION_HOST binds 127.0.0.1, as every component does", async () => {
