@@ -317,21 +317,22 @@ export function createShardedHypervisorServer(deps: ShardedHypervisorDeps): Hype
     }
     return out;
   };
+  // A call sent to several workers gets a copy for each: a frame may be transferred, which empties it here.
   handlers.listVms = async (frame: Buffer, ctx: CallContext) => {
-    const parts = await Promise.all(live().map((s) => s.unary("listVms", frame, ctx)));
+    const parts = await Promise.all(live().map((s) => s.unary("listVms", Buffer.from(frame), ctx)));
     const vms = parts.flatMap((p) => ListVmsResponse.decode(p).vms).sort((a, b) => a.vmid - b.vmid);
     return bufferOf(ListVmsResponse.encode({ vms }).finish());
   };
   handlers.registerPageTrackingDevice = async (frame: Buffer, ctx: CallContext) => {
+    const { address } = RegisterPageTrackingDeviceRequest.decode(frame);
     const out = await shards[0].unary("registerPageTrackingDevice", frame, ctx);
     const { linkId } = RegisterPageTrackingDeviceResponse.decode(out);
-    const { address } = RegisterPageTrackingDeviceRequest.decode(frame);
     await Promise.all(shards.slice(1).filter((s) => !s.dead).map((s) => s.start((id) => ({ t: "adopt", id, address, link: linkId })).done));
     return out;
   };
   handlers.unregisterPageTrackingDevice = async (frame: Buffer, ctx: CallContext) => {
     const [first, ...others] = shards;
-    await Promise.all(others.filter((s) => !s.dead).map((s) => s.unary("unregisterPageTrackingDevice", frame, ctx).catch(() => undefined)));
+    await Promise.all(others.filter((s) => !s.dead).map((s) => s.unary("unregisterPageTrackingDevice", Buffer.from(frame), ctx).catch(() => undefined)));
     return first.unary("unregisterPageTrackingDevice", frame, ctx);
   };
 

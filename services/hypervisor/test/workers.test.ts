@@ -10,6 +10,7 @@ import { GiB, metric, MiB, startDevice, startHypervisor, type RunningHypervisor 
 import { createLogger } from "../../../common/log.js";
 import { connectHypervisor } from "../client.js";
 import { DEFAULT_COSTS } from "../model/cost-model.js";
+import { transferable } from "../shard.js";
 import { createShardedHypervisorServer, vmField } from "../shards.js";
 
 const guest = (seed: number): GuestSpec => ({
@@ -134,6 +135,20 @@ describe("VMs in worker threads (HYPERVISOR_VM_WORKERS)", () => {
       c.close();
       await app.close();
     }
+  });
+
+  test("a frame moves between threads without a copy only when its memory holds nothing else", () => {
+    // As grpc-js reads a large message: one allocation, its 5-byte header first.
+    const alone = Buffer.alloc(5 + (1 << 20)).subarray(5);
+    const t = transferable(alone);
+    assert.equal(t.transfer.length, 1);
+    assert.equal(t.frame.byteOffset, 5, "the same view, header skipped");
+    // A small message shares Buffer's pool (or a chunk with others): it is copied, and the original stays usable.
+    const pooled = Buffer.from("vm-name");
+    const c = transferable(pooled);
+    assert.equal(c.transfer.length, 0);
+    assert.notEqual(c.frame.buffer, pooled.buffer);
+    assert.equal(Buffer.from(c.frame).toString(), "vm-name");
   });
 
   test("a request's VM is read off the wire without decoding the rest, whatever the field order", () => {
