@@ -61,7 +61,8 @@ export function vmField(frame: Buffer): string {
 }
 
 interface Pending {
-  resolve(frame: Buffer | null): void;
+  /** A frame (or none: a stream's end), or the worker's metrics. */
+  resolve(result: unknown): void;
   reject(err: unknown): void;
   /** Server streams: each message as it comes. */
   data?(frame: Buffer): void;
@@ -76,6 +77,8 @@ class Shard {
   private nextId = 1;
   /** Why the worker is gone, once it is: its VMs went with it. */
   dead: string | null = null;
+  /** Stopped on purpose: its exit is not a loss. */
+  stopping = false;
   vms = 0;
 
   constructor(
@@ -88,9 +91,6 @@ class Shard {
     this.worker.on("error", (err) => this.die(`it failed: ${err.message}`));
     this.worker.on("exit", (code) => this.die(`it exited with code ${code}`));
   }
-
-  /** Stopped on purpose: its exit is not a loss. */
-  stopping = false;
 
   private die(why: string) {
     if (this.dead) return;
@@ -112,19 +112,19 @@ class Shard {
     this.pending.delete(m.id);
     if (m.t === "ok") p.resolve(m.frame ? bufferOf(m.frame) : null);
     else if (m.t === "error") p.reject({ code: m.code, details: m.details });
-    else if (m.t === "metrics") p.resolve(Buffer.from(JSON.stringify(m.json)));
+    else if (m.t === "metrics") p.resolve(m.json);
   }
 
   send(m: ToShard, transfer: ArrayBuffer[] = []) {
     if (!this.dead) this.worker.postMessage(m, transfer);
   }
 
-  /** A request of the given shape; its id, and a promise of its result. */
-  start(make: (id: number) => ToShard, handlers: Omit<Pending, "resolve" | "reject"> = {}, transfer: ArrayBuffer[] = []): { id: number; done: Promise<Buffer | null> } {
+  /** A request of the given shape; its id, and a promise of its result (a frame, unless it asks for metrics). */
+  start<T = Buffer | null>(make: (id: number) => ToShard, handlers: Omit<Pending, "resolve" | "reject"> = {}, transfer: ArrayBuffer[] = []): { id: number; done: Promise<T> } {
     const id = this.nextId++;
-    const done = new Promise<Buffer | null>((resolve, reject) => {
+    const done = new Promise<T>((resolve, reject) => {
       if (this.dead) return reject(this.lost());
-      this.pending.set(id, { resolve, reject, ...handlers });
+      this.pending.set(id, { resolve: (r) => resolve(r as T), reject, ...handlers });
       this.send(make(id), transfer);
     });
     return { id, done };
@@ -270,7 +270,7 @@ export function createShardedHypervisorServer(deps: ShardedHypervisorDeps): Hype
       return { ok: dead.length === 0, detail: { vms: home.size, workers: shards.length, ...(dead.length ? { lost: dead.map((s) => `worker ${s.index}: ${s.dead}`) } : {}) } };
     },
     metrics: async () => {
-      const json = await Promise.all(live().map(async (s) => JSON.parse(String(await s.start((id) => ({ t: "metrics", id })).done))));
+      const json = await Promise.all(live().map((s) => s.start<Parameters<typeof AggregatorRegistry.aggregate>[0][number]>((id) => ({ t: "metrics", id })).done));
       return Registry.merge([app.registry, AggregatorRegistry.aggregate(json)]).metrics();
     },
     onClose: async () => {
