@@ -8,6 +8,7 @@
  * calls in the order they come, so a VM behaves as on a single thread.
  */
 import { parentPort, workerData } from "node:worker_threads";
+import { status } from "@grpc/grpc-js";
 import { Registry } from "prom-client";
 import { DomainError } from "../../common/errors.js";
 import { MAX_UNSENT_STREAM_BYTES, responseSerializers, toStatus, type CallContext } from "../../common/grpc.js";
@@ -129,7 +130,7 @@ function runShard(init: ShardInit): void {
   const handlers = api.handlers as unknown as Record<string, AnyHandler>;
   const methods = HypervisorServiceService as unknown as Record<string, Method>;
   const serialize = responseSerializers(methods, { messages, serializers: serverSerializers });
-  const driver = new RealtimeDriver(() => hypervisor.vms.values(), init.realtimeTickMs || 20, SLICE_MS);
+  const driver = new RealtimeDriver(() => hypervisor.vms.values(), init.realtimeTickMs, SLICE_MS);
   if (init.realtimeTickMs !== 0) driver.start();
 
   interface Call {
@@ -145,7 +146,7 @@ function runShard(init: ShardInit): void {
   const calls = new Map<number, Call>();
   const fail = (id: number, err: unknown) => {
     const s = toStatus(err);
-    if (s.code === 13) logger.error({ err }, "RPC failed with an internal error");
+    if (s.code === status.INTERNAL) logger.error({ err }, "RPC failed with an internal error");
     post({ t: "error", id, ...s });
   };
 
